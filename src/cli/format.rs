@@ -1,0 +1,390 @@
+//! Output of `chatctl`: plain lines for eyes, JSON lines for scripts (DESIGN "The chatctl
+//! contract": field names are a contract).
+//!
+//! Must never: print message text unescaped in plain output. Control characters, DEL, C1
+//! controls and bidirectional overrides are shown as escapes, so a message can neither forge a
+//! line nor move the cursor; `--json` keeps the exact text (JSON escapes what it must).
+
+use serde::Serialize;
+
+use crate::proto::control::{Dir, PeerView, Record, RecordBody, Sent, StatusView};
+use crate::proto::hex;
+
+/// Escape text for a terminal: `\` becomes `\\`, `\n` `\r` `\t` their escapes, other control
+/// characters `\xNN` or `\u{NNNN}`.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            // C1 controls (0x9b is a one-byte CSI on some terminals) and bidi overrides that
+            // could make a line read differently from what it is.
+            c if (0x80..0xa0).contains(&(c as u32))
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+                || c == '\u{200e}'
+                || c == '\u{200f}' =>
+            {
+                out.push_str(&format!("\\u{{{:04x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// RFC 3339 UTC with seconds, from milliseconds since the epoch.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[derive(Serialize)]
+struct JsonMessage<'a> {
+    kind: &'static str,
+    seq: u64,
+    id: String,
+    time: String,
+    from: &'a str,
+    to: &'a str,
+    dir: &'static str,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct JsonPresence<'a> {
+    kind: &'static str,
+    seq: u64,
+    time: String,
+    user: &'a str,
+    online: bool,
+}
+
+#[derive(Serialize)]
+struct JsonReceipt<'a> {
+    kind: &'static str,
+    seq: u64,
+    time: String,
+    id: String,
+    to: &'a str,
+    state: &'static str,
+    reason: Option<&'a str>,
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// One tail record as a JSON line.
+pub fn record_json(r: &Record) -> String {
+    let time = rfc3339(r.time_ms);
+    match &r.body {
+        RecordBody::Message {
+            id,
+            from,
+            to,
+            dir,
+            text,
+        } => json(&JsonMessage {
+            kind: "message",
+            seq: r.seq,
+            id: hex(id),
+            time,
+            from,
+            to,
+            dir: match dir {
+                Dir::In => "in",
+                Dir::Out => "out",
+            },
+            text,
+        }),
+        RecordBody::Presence { user, online } => json(&JsonPresence {
+            kind: "presence",
+            seq: r.seq,
+            time,
+            user,
+            online: *online,
+        }),
+        RecordBody::Receipt {
+            id,
+            to,
+            state,
+            reason,
+        } => json(&JsonReceipt {
+            kind: "receipt",
+            seq: r.seq,
+            time,
+            id: hex(id),
+            to,
+            state: state.as_str(),
+            reason: reason.as_deref(),
+        }),
+    }
+}
+
+/// One tail record as a plain line: time, seq, then what happened.
+pub fn record_plain(r: &Record) -> String {
+    let time = rfc3339(r.time_ms);
+    match &r.body {
+        RecordBody::Message {
+            from,
+            to,
+            dir,
+            text,
+            ..
+        } => {
+            let arrow = match dir {
+                Dir::In => "<-",
+                Dir::Out => "->",
+            };
+            let (me, peer) = match dir {
+                Dir::In => (to, from),
+                Dir::Out => (from, to),
+            };
+            format!("{time} #{} {me} {arrow} {peer}: {}", r.seq, escape(text))
+        }
+        RecordBody::Presence { user, online } => format!(
+            "{time} #{} * {} {}",
+            r.seq,
+            escape(user),
+            if *online { "joined" } else { "left" }
+        ),
+        RecordBody::Receipt {
+            id,
+            to,
+            state,
+            reason,
+        } => format!(
+            "{time} #{} message {} to {}: {}{}",
+            r.seq,
+            &hex(id)[..12],
+            escape(to),
+            state.as_str(),
+            reason
+                .as_deref()
+                .map(|w| format!(" ({})", escape(w)))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct JsonPeer<'a> {
+    user: &'a str,
+    online: bool,
+    trust: &'a str,
+    fingerprint: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presented: Option<&'a str>,
+}
+
+/// `who` lines.
+pub fn peers(list: &[PeerView], as_json: bool) -> Vec<String> {
+    list.iter()
+        .map(|p| {
+            if as_json {
+                json(&JsonPeer {
+                    user: &p.user,
+                    online: p.online,
+                    trust: &p.trust,
+                    fingerprint: &p.fingerprint,
+                    presented: p.presented.as_deref(),
+                })
+            } else {
+                let mut line = format!(
+                    "{:<16} {:<7} {:<8} {}",
+                    p.user,
+                    if p.online { "online" } else { "offline" },
+                    p.trust,
+                    p.fingerprint
+                );
+                if let Some(new) = &p.presented {
+                    line.push_str(&format!("  (relay now presents {new})"));
+                }
+                line
+            }
+        })
+        .collect()
+}
+
+/// `status` output.
+pub fn status(s: &StatusView, as_json: bool) -> Vec<String> {
+    if as_json {
+        return vec![json(s)];
+    }
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let mut v = vec![
+        format!("user:           {}", opt(&s.user)),
+        format!("fingerprint:    {}", s.fingerprint),
+        format!("roles:          {}", s.roles.join(", ")),
+        format!("relay:          {}", opt(&s.relay)),
+        format!("connected:      {}", s.connected),
+    ];
+    if let Some(e) = &s.relay_error {
+        v.push(format!("relay error:    {}", escape(e)));
+    }
+    v.extend([
+        format!("listen:         {}", opt(&s.listen)),
+        format!("peers online:   {}", s.peers_online),
+        format!("outbox pending: {}", s.outbox_pending),
+        format!("uptime:         {} s", s.uptime_s),
+        format!("version:        {}", s.version),
+        format!("state dir:      {}", s.state_dir),
+    ]);
+    v
+}
+
+#[derive(Serialize)]
+struct JsonSent<'a> {
+    id: String,
+    to: &'a str,
+    state: &'static str,
+}
+
+/// `send` lines.
+pub fn sent(list: &[Sent], as_json: bool) -> Vec<String> {
+    list.iter()
+        .map(|s| {
+            if as_json {
+                json(&JsonSent {
+                    id: hex(&s.id),
+                    to: &s.to,
+                    state: s.state.as_str(),
+                })
+            } else {
+                format!("{} {} {}", s.state.as_str(), s.to, hex(&s.id))
+            }
+        })
+        .collect()
+}
+
+/// `fingerprint` output.
+pub fn fingerprint(user: &str, fp: &str, as_json: bool) -> String {
+    if as_json {
+        serde_json::json!({ "user": user, "fingerprint": fp }).to_string()
+    } else {
+        fp.to_string()
+    }
+}
+
+/// Output of a request that changed state (`trust`, `forget`).
+pub fn done(message: &str, as_json: bool) -> String {
+    if as_json {
+        serde_json::json!({ "ok": true, "message": message }).to_string()
+    } else {
+        message.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::control::MsgState;
+
+    #[test]
+    fn escapes_terminal_controls() {
+        assert_eq!(escape("a\x1b[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(escape("line\r\nforged"), "line\\r\\nforged");
+        assert_eq!(escape("back\\slash"), "back\\\\slash");
+        assert_eq!(escape("\u{9b}31m"), "\\u{009b}31m");
+        assert_eq!(escape("\u{202e}txt"), "\\u{202e}txt");
+        assert_eq!(escape("héllo wörld ✓"), "héllo wörld ✓");
+    }
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_348_800_123), "2026-11-22T12:00:00Z");
+    }
+
+    #[test]
+    fn json_field_names_are_the_contract() {
+        let r = Record {
+            seq: 12,
+            time_ms: 0,
+            body: RecordBody::Message {
+                id: [0xab; 16],
+                from: "alice".into(),
+                to: "bob".into(),
+                dir: Dir::In,
+                text: "hi\n\x1b".into(),
+            },
+        };
+        assert_eq!(
+            record_json(&r),
+            format!(
+                r#"{{"kind":"message","seq":12,"id":"{}","time":"1970-01-01T00:00:00Z","from":"alice","to":"bob","dir":"in","text":"hi\n\u001b"}}"#,
+                "ab".repeat(16)
+            )
+        );
+        let r = Record {
+            seq: 14,
+            time_ms: 0,
+            body: RecordBody::Receipt {
+                id: [1; 16],
+                to: "bob".into(),
+                state: MsgState::Delivered,
+                reason: None,
+            },
+        };
+        assert!(record_json(&r).ends_with(r#""to":"bob","state":"delivered","reason":null}"#));
+        let r = Record {
+            seq: 13,
+            time_ms: 0,
+            body: RecordBody::Presence {
+                user: "carol".into(),
+                online: false,
+            },
+        };
+        assert_eq!(
+            record_json(&r),
+            r#"{"kind":"presence","seq":13,"time":"1970-01-01T00:00:00Z","user":"carol","online":false}"#
+        );
+    }
+
+    #[test]
+    fn plain_record_is_one_line() {
+        let r = Record {
+            seq: 1,
+            time_ms: 0,
+            body: RecordBody::Message {
+                id: [0; 16],
+                from: "mallory".into(),
+                to: "bob".into(),
+                dir: Dir::In,
+                text: "x\n1970-01-01T00:00:00Z #2 bob <- alice: forged\r\x1b[1A".into(),
+            },
+        };
+        let line = record_plain(&r);
+        assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\x1b'));
+    }
+}

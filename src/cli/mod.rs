@@ -1,0 +1,527 @@
+//! `chatctl`: commands and their output (plain and JSON), over the control socket.
+//!
+//! Owns the one definition of every chatctl flag (clap derives `--help`; man page and completions
+//! are checked against it) and the exit codes of the contract: 0 done, 1 failed, 2 bad usage,
+//! 3 chatd not reachable, 4 `--wait` timed out, 5 recipient key changed. Must never: read a key
+//! file, or print diagnostics on stdout.
+
+pub mod format;
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::{Client, ClientError};
+use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, Wait};
+use crate::proto::MAX_TEXT;
+
+/// chatctl: send and read end-to-end encrypted messages through chatd.
+#[derive(Parser, Debug)]
+#[command(name = "chatctl", version, about, long_about = None)]
+pub struct Args {
+    /// Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock,
+    /// else /run/chatd/control.sock]
+    #[arg(long, global = true, value_name = "PATH", env = "CHATD_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// One JSON object per line on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How long `send` waits.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitArg {
+    /// Until sealed and stored in the outbox
+    None,
+    /// Until the relay has taken custody
+    Relay,
+    /// Until the recipient's daemon has stored it
+    Delivered,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`;
+    /// without TEXT every line of stdin is one message
+    Send {
+        /// Send to every peer online now
+        #[arg(long)]
+        all: bool,
+        /// Wait for this state before exiting
+        #[arg(long, value_enum, default_value = "none", value_name = "STATE")]
+        wait: WaitArg,
+        /// Seconds to wait at most with --wait
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+        /// Recipients (then the text, unless `--` separates them)
+        #[arg(value_name = "USER", num_args = 0..)]
+        words: Vec<OsString>,
+        /// The text, after `--`
+        #[arg(last = true, value_name = "TEXT")]
+        text: Vec<OsString>,
+    },
+    /// Print history (last N records), then with -f new records as they come
+    Tail {
+        /// How many of the last records to print [default: 10; all newer than SEQ with --since]
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<u64>,
+        /// Keep printing new records until interrupted
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only records with a larger seq
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+        /// Only records to or from USER (and USER's presence)
+        #[arg(long, value_name = "USER")]
+        with: Option<String>,
+    },
+    /// List peers: name, online, trust (trusted|pinned|changed), fingerprint
+    Who,
+    /// Show own name and fingerprint, roles, relay, connection, outbox, uptime, version
+    Status,
+    /// Print own fingerprint, or USER's pinned one
+    Fingerprint {
+        /// The peer
+        #[arg(value_name = "USER")]
+        user: Option<String>,
+    },
+    /// Accept USER's current key after checking FINGERPRINT out of band
+    Trust {
+        /// The peer
+        #[arg(value_name = "USER")]
+        user: String,
+        /// SHA256:... as `chatctl fingerprint` prints it on USER's machine
+        #[arg(value_name = "FINGERPRINT")]
+        fingerprint: String,
+    },
+    /// On a relay: drop USER's name binding and queue so a new key may claim the name
+    Forget {
+        /// The name
+        #[arg(value_name = "USER")]
+        user: String,
+    },
+}
+
+/// Exit codes of the contract.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// The request failed.
+    pub const FAILED: u8 = 1;
+    /// Bad usage.
+    pub const USAGE: u8 = 2;
+    /// chatd not reachable.
+    pub const UNREACHABLE: u8 = 3;
+    /// `--wait` timed out.
+    pub const TIMEOUT: u8 = 4;
+    /// A recipient's key changed.
+    pub const KEY_CHANGED: u8 = 5;
+}
+
+/// A failure with its exit code and one line for stderr.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: u8,
+    /// The line (without the `chatctl: ` prefix).
+    pub message: String,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        fail(exit::UNREACHABLE, e.to_string())
+    }
+}
+
+/// Where output goes; a closed stdout (e.g. `| head`) ends the command quietly with exit 0.
+struct Out {
+    stdout: io::Stdout,
+}
+
+#[derive(Debug)]
+struct PipeClosed;
+
+impl Out {
+    fn line(&mut self, s: &str) -> Result<(), PipeClosed> {
+        let mut lock = self.stdout.lock();
+        writeln!(lock, "{s}")
+            .and_then(|_| lock.flush())
+            .map_err(|_| PipeClosed)
+    }
+}
+
+/// Run chatctl with these arguments; returns the exit code.
+pub fn run(argv: Vec<OsString>) -> u8 {
+    let args = match Args::try_parse_from(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+        }
+    };
+    // `--` matters for send: it separates several recipients from the text.
+    let dashdash = argv.iter().any(|a| a == "--");
+    match execute(args, dashdash) {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            let _ = writeln!(io::stderr(), "chatctl: {}", f.message);
+            f.code
+        }
+    }
+}
+
+fn socket_path(args: &Args) -> PathBuf {
+    args.socket
+        .clone()
+        .unwrap_or_else(crate::config::default_socket)
+}
+
+fn to_string(s: OsString, what: &str) -> Result<String, Failure> {
+    s.into_string().map_err(|_| {
+        fail(
+            exit::FAILED,
+            format!("{what} is not valid UTF-8; nothing was sent"),
+        )
+    })
+}
+
+fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
+    let path = socket_path(&args);
+    let as_json = args.json;
+    let mut out = Out {
+        stdout: io::stdout(),
+    };
+    let result = match args.command {
+        Command::Send {
+            all,
+            wait,
+            timeout,
+            words,
+            text,
+        } => {
+            let (users, text) = split_send(all, dashdash, words, text)?;
+            send(&path, as_json, &mut out, users, all, text, wait, timeout)
+        }
+        Command::Tail {
+            lines,
+            follow,
+            since,
+            with,
+        } => {
+            let last = match (lines, since) {
+                (Some(n), _) => Some(n),
+                (None, Some(_)) => None,
+                (None, None) => Some(10),
+            };
+            tail(&path, as_json, &mut out, last, since, with, follow)
+        }
+        Command::Who => simple(&path, as_json, &mut out, CtlRequest::Who),
+        Command::Status => simple(&path, as_json, &mut out, CtlRequest::Status),
+        Command::Fingerprint { user } => {
+            simple(&path, as_json, &mut out, CtlRequest::Fingerprint { user })
+        }
+        Command::Trust { user, fingerprint } => simple(
+            &path,
+            as_json,
+            &mut out,
+            CtlRequest::Trust { user, fingerprint },
+        ),
+        Command::Forget { user } => simple(&path, as_json, &mut out, CtlRequest::Forget { user }),
+    };
+    match result {
+        Err(Step::Pipe) => Ok(()),
+        Err(Step::Fail(f)) => Err(f),
+        Ok(()) => Ok(()),
+    }
+}
+
+enum Step {
+    Fail(Failure),
+    Pipe,
+}
+
+impl From<Failure> for Step {
+    fn from(f: Failure) -> Self {
+        Step::Fail(f)
+    }
+}
+
+impl From<ClientError> for Step {
+    fn from(e: ClientError) -> Self {
+        Step::Fail(e.into())
+    }
+}
+
+impl From<PipeClosed> for Step {
+    fn from(_: PipeClosed) -> Self {
+        Step::Pipe
+    }
+}
+
+/// `send USER [TEXT...]` / `send USER... -- [TEXT...]` / `send --all [TEXT...]`.
+fn split_send(
+    all: bool,
+    dashdash: bool,
+    words: Vec<OsString>,
+    text: Vec<OsString>,
+) -> Result<(Vec<String>, Option<String>), Failure> {
+    let words: Vec<String> = words
+        .into_iter()
+        .map(|w| to_string(w, "an argument"))
+        .collect::<Result<_, _>>()?;
+    let text: Vec<String> = text
+        .into_iter()
+        .map(|w| to_string(w, "the message text"))
+        .collect::<Result<_, _>>()?;
+    let (users, text_words) = if all {
+        if dashdash && !words.is_empty() {
+            return Err(fail(
+                exit::USAGE,
+                "send --all takes no recipients; put the text after --all",
+            ));
+        }
+        (Vec::new(), if dashdash { text } else { words })
+    } else if dashdash {
+        (words, text)
+    } else {
+        let mut it = words.into_iter();
+        let first: Vec<String> = it.next().into_iter().collect();
+        (first, it.collect())
+    };
+    if !all && users.is_empty() {
+        return Err(fail(
+            exit::USAGE,
+            "send needs a recipient: chatctl send USER [TEXT...] (or --all)",
+        ));
+    }
+    let text = (!text_words.is_empty()).then(|| text_words.join(" "));
+    Ok((users, text))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send(
+    path: &std::path::Path,
+    as_json: bool,
+    out: &mut Out,
+    users: Vec<String>,
+    all: bool,
+    text: Option<String>,
+    wait: WaitArg,
+    timeout: u64,
+) -> Result<(), Step> {
+    for u in &users {
+        if !crate::proto::valid_user(u) {
+            return Err(fail(
+                exit::FAILED,
+                format!(
+                    "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit; nothing was sent"
+                ),
+            )
+            .into());
+        }
+    }
+    let wait = match wait {
+        WaitArg::None => Wait::None,
+        WaitArg::Relay => Wait::Relay,
+        WaitArg::Delivered => Wait::Delivered,
+    };
+    let check = |t: &str| -> Result<(), Failure> {
+        if t.len() > MAX_TEXT {
+            Err(fail(
+                exit::FAILED,
+                format!(
+                    "message text is {} bytes; the limit is {MAX_TEXT} bytes; nothing was sent",
+                    t.len()
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let mut client = Client::connect(path)?;
+    let one = |client: &mut Client, text: String, out: &mut Out| -> Result<(), Step> {
+        check(&text)?;
+        let req = CtlRequest::Send {
+            to: users.clone(),
+            all,
+            text,
+            wait,
+            timeout_ms: timeout.saturating_mul(1000),
+        };
+        let spinner = (wait != Wait::None && io::stderr().is_terminal()).then(|| {
+            crate::progress::Spinner::start(match wait {
+                Wait::Relay => "waiting for the relay",
+                _ => "waiting for delivery",
+            })
+        });
+        let resp = client.request(&req);
+        if let Some(s) = spinner {
+            s.stop();
+        }
+        match resp? {
+            CtlResponse::Sent(list) => {
+                for l in format::sent(&list, as_json) {
+                    out.line(&l)?;
+                }
+                Ok(())
+            }
+            other => Err(error_of(other, as_json, out)),
+        }
+    };
+    match text {
+        Some(t) => one(&mut client, t, out),
+        None => {
+            let stdin = io::stdin();
+            let mut buf = Vec::new();
+            let mut lock = stdin.lock();
+            loop {
+                buf.clear();
+                let n = lock
+                    .read_until(b'\n', &mut buf)
+                    .map_err(|e| fail(exit::FAILED, format!("cannot read stdin: {e}")))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                    if buf.last() == Some(&b'\r') {
+                        buf.pop();
+                    }
+                }
+                if buf.is_empty() {
+                    continue;
+                }
+                let line = String::from_utf8(std::mem::take(&mut buf)).map_err(|_| {
+                    fail(
+                        exit::FAILED,
+                        "a line of stdin is not valid UTF-8; it and the lines after it were not sent",
+                    )
+                })?;
+                one(&mut client, line, out)?;
+            }
+        }
+    }
+}
+
+fn error_of(resp: CtlResponse, as_json: bool, out: &mut Out) -> Step {
+    match resp {
+        CtlResponse::Error {
+            kind,
+            message,
+            sent,
+        } => {
+            // A timed-out wait still says where each message got to, on stdout.
+            for l in format::sent(&sent, as_json) {
+                if out.line(&l).is_err() {
+                    break;
+                }
+            }
+            let code = match kind {
+                ErrorKind::Failed => exit::FAILED,
+                ErrorKind::Timeout => exit::TIMEOUT,
+                ErrorKind::KeyChanged => exit::KEY_CHANGED,
+            };
+            Step::Fail(fail(code, message))
+        }
+        other => Step::Fail(fail(
+            exit::FAILED,
+            format!("unexpected reply from chatd: {}", reply_name(&other)),
+        )),
+    }
+}
+
+fn reply_name(r: &CtlResponse) -> &'static str {
+    match r {
+        CtlResponse::Sent(_) => "Sent",
+        CtlResponse::Record(_) => "Record",
+        CtlResponse::End => "End",
+        CtlResponse::Peers(_) => "Peers",
+        CtlResponse::Status(_) => "Status",
+        CtlResponse::Fingerprint { .. } => "Fingerprint",
+        CtlResponse::Done(_) => "Done",
+        CtlResponse::Error { .. } => "Error",
+    }
+}
+
+fn tail(
+    path: &std::path::Path,
+    as_json: bool,
+    out: &mut Out,
+    last: Option<u64>,
+    since: Option<u64>,
+    with: Option<String>,
+    follow: bool,
+) -> Result<(), Step> {
+    let mut client = Client::connect(path)?;
+    client.send(&CtlRequest::Tail {
+        last,
+        since,
+        with,
+        follow,
+    })?;
+    loop {
+        let resp = match client.recv() {
+            Ok(r) => r,
+            Err(ClientError::Closed) if follow => {
+                return Err(fail(exit::UNREACHABLE, "chatd went away").into())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match resp {
+            CtlResponse::Record(r) => {
+                let line = if as_json {
+                    format::record_json(&r)
+                } else {
+                    format::record_plain(&r)
+                };
+                out.line(&line)?;
+            }
+            CtlResponse::End => return Ok(()),
+            other => return Err(error_of(other, as_json, out)),
+        }
+    }
+}
+
+fn simple(
+    path: &std::path::Path,
+    as_json: bool,
+    out: &mut Out,
+    req: CtlRequest,
+) -> Result<(), Step> {
+    let mut client = Client::connect(path)?;
+    match client.request(&req)? {
+        CtlResponse::Peers(list) => {
+            for l in format::peers(&list, as_json) {
+                out.line(&l)?;
+            }
+        }
+        CtlResponse::Status(s) => {
+            for l in format::status(&s, as_json) {
+                out.line(&l)?;
+            }
+        }
+        CtlResponse::Fingerprint { user, fingerprint } => {
+            out.line(&format::fingerprint(&user, &fingerprint, as_json))?
+        }
+        CtlResponse::Done(m) => out.line(&format::done(&m, as_json))?,
+        other => return Err(error_of(other, as_json, out)),
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! A buffered non-blocking connection: TCP (relay peers, the member's uplink) or Unix (control).
+//!
+//! Owns reading until `WouldBlock`, writing until `WouldBlock` (partial writes kept), and the
+//! per-turn watermark that lets the loop take back output produced by a turn whose database
+//! transaction failed to commit.
+
+use std::io::{self, Read, Write};
+
+use mio::net::{TcpStream, UnixStream};
+use mio::{Interest, Registry, Token};
+
+use crate::proto::frame::{self, Decoded, FrameError};
+
+/// Either kind of stream.
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What reading found.
+pub enum ReadOutcome {
+    /// Still open.
+    Open,
+    /// The peer closed its end (after the returned frames).
+    Eof,
+}
+
+/// One connection and its buffers.
+pub struct Conn {
+    /// The socket.
+    pub stream: Stream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    mark: usize,
+    writable: bool,
+    /// Close once the output is written.
+    pub closing: bool,
+}
+
+impl Conn {
+    /// Wrap a registered-for-reading stream.
+    pub fn new(stream: Stream) -> Conn {
+        Conn {
+            stream,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            mark: 0,
+            writable: false,
+            closing: false,
+        }
+    }
+
+    /// Register for reading.
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(self.stream.source(), token, Interest::READABLE)
+    }
+
+    /// Deregister before dropping.
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(self.stream.source());
+    }
+
+    /// Read everything available and return the whole frames in it (each capped at `max`).
+    pub fn read_frames(&mut self, max: usize) -> Result<(Vec<Vec<u8>>, ReadOutcome), FrameError> {
+        let mut chunk = [0u8; 16 * 1024];
+        let mut outcome = ReadOutcome::Open;
+        let mut frames = Vec::new();
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    outcome = ReadOutcome::Eof;
+                    break;
+                }
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    // Decode as we go so a peer cannot make us buffer more than one frame.
+                    self.take_frames(max, &mut frames)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+        if matches!(outcome, ReadOutcome::Eof) && !self.inbuf.is_empty() && frames.is_empty() {
+            return Err(FrameError::Truncated);
+        }
+        Ok((frames, outcome))
+    }
+
+    fn take_frames(&mut self, max: usize, frames: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {
+        let mut start = 0;
+        while let Decoded::Frame { payload, consumed } = frame::decode(&self.inbuf[start..], max)? {
+            frames.push(payload.to_vec());
+            start += consumed;
+        }
+        self.inbuf.drain(..start);
+        Ok(())
+    }
+
+    /// Queue bytes for writing.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.outbuf.extend_from_slice(bytes);
+    }
+
+    /// Output bytes not yet written.
+    pub fn pending(&self) -> usize {
+        self.outbuf.len()
+    }
+
+    /// Remember where this turn's output starts.
+    pub fn mark(&mut self) {
+        self.mark = self.outbuf.len();
+    }
+
+    /// Take back this turn's output.
+    pub fn rewind(&mut self) {
+        self.outbuf.truncate(self.mark);
+    }
+
+    /// Write until done or `WouldBlock`; then read interest, plus write interest while output
+    /// remains.
+    pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.outbuf.len() {
+            match self.stream.write(&self.outbuf[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbuf.drain(..written);
+        self.mark = self.outbuf.len();
+        let want = !self.outbuf.is_empty();
+        if want != self.writable {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(self.stream.source(), token, interest)?;
+            self.writable = want;
+        }
+        Ok(())
+    }
+
+    /// Register for both directions (an outgoing TCP connect reports completion as writable).
+    pub fn want_write(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        self.writable = true;
+        registry.reregister(
+            self.stream.source(),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+}

@@ -1,0 +1,251 @@
+//! Messages on the control socket between `chatctl` (or any local client) and `chatd`.
+//!
+//! Owns the control vocabulary: `CtlRequest` from the client, `CtlResponse` from the daemon. One
+//! request, one response, except `Tail` (a stream of `Record` then `End`, or with `follow` records
+//! until the client goes away). Same framing and encoding as the relay socket.
+
+use serde::{Deserialize, Serialize};
+
+/// How long `send` waits before answering.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Answer once the message is sealed and stored in the outbox.
+    None,
+    /// Answer once the relay has taken custody.
+    Relay,
+    /// Answer once the recipient's daemon has stored it and sent a receipt.
+    Delivered,
+}
+
+/// Client to daemon.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum CtlRequest {
+    /// Seal and queue one message to each recipient.
+    Send {
+        /// Recipients; empty with `all`.
+        to: Vec<String>,
+        /// Send to every peer online now.
+        all: bool,
+        /// The message text.
+        text: String,
+        /// When to answer.
+        wait: Wait,
+        /// How long to wait at most, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// History, then (with `follow`) new records as they come.
+    Tail {
+        /// How many of the last records to print first (all after `since` when None).
+        last: Option<u64>,
+        /// Only records with a larger seq.
+        since: Option<u64>,
+        /// Only records to or from this user (and their presence).
+        with: Option<String>,
+        /// Keep the stream open for new records.
+        follow: bool,
+    },
+    /// The peer directory.
+    Who,
+    /// Daemon status.
+    Status,
+    /// Own fingerprint, or a peer's pinned one.
+    Fingerprint {
+        /// The peer, or none for our own.
+        user: Option<String>,
+    },
+    /// Accept USER's current key after checking it out of band.
+    Trust {
+        /// The peer.
+        user: String,
+        /// The fingerprint the user checked, `SHA256:...`.
+        fingerprint: String,
+    },
+    /// On a relay: drop a name binding and its queue.
+    Forget {
+        /// The name.
+        user: String,
+    },
+}
+
+/// Direction of a message record.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Received.
+    In,
+    /// Sent.
+    Out,
+}
+
+/// State of a sent message.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MsgState {
+    /// Sealed and stored in the outbox.
+    Queued,
+    /// The relay took custody.
+    Relayed,
+    /// The recipient's daemon stored it.
+    Delivered,
+    /// The relay refused it.
+    Failed,
+}
+
+impl MsgState {
+    /// The contract's lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MsgState::Queued => "queued",
+            MsgState::Relayed => "relayed",
+            MsgState::Delivered => "delivered",
+            MsgState::Failed => "failed",
+        }
+    }
+}
+
+/// What a history record says.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum RecordBody {
+    /// A message, either direction.
+    Message {
+        /// Message id.
+        #[serde(with = "serde_bytes")]
+        id: [u8; 16],
+        /// Sender.
+        from: String,
+        /// Recipient.
+        to: String,
+        /// In or out.
+        dir: Dir,
+        /// The text, exactly as sent.
+        text: String,
+    },
+    /// A peer joined or left.
+    Presence {
+        /// The peer.
+        user: String,
+        /// Joined (true) or left (false).
+        online: bool,
+    },
+    /// A sent message changed state.
+    Receipt {
+        /// The message id.
+        #[serde(with = "serde_bytes")]
+        id: [u8; 16],
+        /// The message's recipient.
+        to: String,
+        /// The new state.
+        state: MsgState,
+        /// Why it failed, for `Failed`.
+        reason: Option<String>,
+    },
+}
+
+/// One history record.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Position in this daemon's history, increasing.
+    pub seq: u64,
+    /// When it was recorded (for an incoming message: the sender's time), ms since the epoch.
+    pub time_ms: u64,
+    /// What happened.
+    pub body: RecordBody,
+}
+
+/// One line of `who`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    /// User name.
+    pub user: String,
+    /// Connected to the relay now.
+    pub online: bool,
+    /// `trusted`, `pinned` or `changed` (on a relay: `bound`).
+    pub trust: String,
+    /// The pinned fingerprint (for `changed`: the pinned one; `presented` has the new one).
+    pub fingerprint: String,
+    /// For `changed`: the fingerprint the relay presents now.
+    pub presented: Option<String>,
+}
+
+/// The answer to `status`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StatusView {
+    /// Own user name (none on a relay).
+    pub user: Option<String>,
+    /// Own fingerprint.
+    pub fingerprint: String,
+    /// `relay`, `member`.
+    pub roles: Vec<String>,
+    /// Relay address a member connects to.
+    pub relay: Option<String>,
+    /// Logged in to the relay (a host's member is always connected; a relay is not a member).
+    pub connected: bool,
+    /// Why the member is not connected, if it is not.
+    pub relay_error: Option<String>,
+    /// The address the relay listens on.
+    pub listen: Option<String>,
+    /// Peers online now.
+    pub peers_online: u64,
+    /// Messages waiting for the relay to take custody.
+    pub outbox_pending: u64,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// chatd version.
+    pub version: String,
+    /// State directory.
+    pub state_dir: String,
+}
+
+/// What a failed request means, so `chatctl` can pick its exit code.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request failed (exit 1).
+    Failed,
+    /// A `--wait` timed out; the messages stay queued (exit 4).
+    Timeout,
+    /// A recipient's key changed and is not trusted (exit 5).
+    KeyChanged,
+}
+
+/// One message result of `send`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// Message id.
+    #[serde(with = "serde_bytes")]
+    pub id: [u8; 16],
+    /// Recipient.
+    pub to: String,
+    /// State reached when the daemon answered.
+    pub state: MsgState,
+}
+
+/// Daemon to client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum CtlResponse {
+    /// `send` result, one entry per recipient.
+    Sent(Vec<Sent>),
+    /// One `tail` record.
+    Record(Record),
+    /// End of a `tail` without `follow`.
+    End,
+    /// `who`.
+    Peers(Vec<PeerView>),
+    /// `status`.
+    Status(StatusView),
+    /// `fingerprint`.
+    Fingerprint {
+        /// Whose.
+        user: String,
+        /// `SHA256:...`.
+        fingerprint: String,
+    },
+    /// A request that changes state succeeded; the text says what happened.
+    Done(String),
+    /// The request failed.
+    Error {
+        /// Which exit code applies.
+        kind: ErrorKind,
+        /// One line for the user.
+        message: String,
+        /// For a timed-out `send`: where each message got to.
+        sent: Vec<Sent>,
+    },
+}

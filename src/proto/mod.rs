@@ -1,0 +1,126 @@
+//! Wire formats, with no I/O: the frame codec and the messages of both sockets.
+//!
+//! Owns: how bytes become typed messages and back. Every message is MessagePack as written by
+//! `rmp_serde::to_vec_named` (structs are maps keyed by field name; enums are externally tagged:
+//! a unit variant is its name as a string, any other variant a one-entry map from its name to its
+//! content; byte fields are MessagePack `bin`). `docs/PROTOCOL.md` is the prose version and the
+//! golden-byte tests below pin it. Must never: open a socket, read a file, or allocate a length a
+//! peer sent without checking it against a cap first.
+
+pub mod control;
+pub mod frame;
+pub mod relay;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Errors turning a payload into a typed message.
+#[derive(Debug)]
+pub enum ProtoError {
+    /// The payload is not a valid MessagePack encoding of the expected message.
+    Decode(rmp_serde::decode::Error),
+    /// A message could not be encoded (a bug, not a peer's fault).
+    Encode(rmp_serde::encode::Error),
+    /// The encoded message would exceed the frame cap.
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtoError::Decode(e) => write!(f, "malformed message: {e}"),
+            ProtoError::Encode(e) => write!(f, "cannot encode message: {e}"),
+            ProtoError::TooLarge(n) => write!(f, "message of {n} bytes exceeds the frame limit"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProtoError::Decode(e) => Some(e),
+            ProtoError::Encode(e) => Some(e),
+            ProtoError::TooLarge(_) => None,
+        }
+    }
+}
+
+/// Encode a message as a MessagePack payload (without the frame header).
+pub fn to_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
+    let v = rmp_serde::to_vec_named(msg).map_err(ProtoError::Encode)?;
+    if v.len() > frame::MAX_FRAME {
+        return Err(ProtoError::TooLarge(v.len()));
+    }
+    Ok(v)
+}
+
+/// Encode a message and append it as one frame to `out`.
+pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    let payload = to_payload(msg)?;
+    frame::encode(&payload, out).map_err(|_| ProtoError::TooLarge(payload.len()))
+}
+
+/// Decode a payload into a message.
+pub fn from_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
+    rmp_serde::from_slice(payload).map_err(ProtoError::Decode)
+}
+
+/// Random 16-byte identifiers (message ids, session ids) are shown as 32 lowercase hex digits.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parse 32 hex digits into a 16-byte id.
+pub fn parse_id(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (chunk[0] as char).to_digit(16)?;
+        let lo = (chunk[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// User names: 1 to 32 of `a-z 0-9 . _ -`, starting with a letter or digit (DESIGN, chatctl contract).
+pub fn valid_user(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+}
+
+/// The largest message text, in bytes of UTF-8 (DESIGN: "at most 64 KiB").
+pub const MAX_TEXT: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names() {
+        for ok in ["a", "alice", "0day", "a.b_c-d", &"x".repeat(32)] {
+            assert!(valid_user(ok), "{ok}");
+        }
+        for bad in ["", "Alice", ".a", "-a", "a b", "a/b", "é", &"x".repeat(33)] {
+            assert!(!valid_user(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hex_roundtrip() {
+        let id = [0xab; 16];
+        assert_eq!(parse_id(&hex(&id)), Some(id));
+        assert_eq!(parse_id("zz"), None);
+        assert_eq!(parse_id(&"g".repeat(32)), None);
+    }
+}

@@ -1,0 +1,563 @@
+//! The relay role as a sans-I/O state machine: registrations (name-to-key bindings), presence,
+//! routing and per-user queues.
+//!
+//! The daemon feeds it connection events and frame payloads with the current time; it answers
+//! with [`Out`] actions (messages to send, connections to close) and writes through the
+//! [`Store`]. Must never: touch a socket, read a message body (it only ever sees envelopes),
+//! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
+//! until the turn's transaction commits).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use log::{info, warn};
+use rand::RngCore;
+
+use crate::crypto::{login_transcript, PublicKey};
+use crate::proto::control::PeerView;
+use crate::proto::relay::{FromRelay, ItemKey, Peer, Routed, ToRelay};
+use crate::proto::{from_payload, to_payload, valid_user};
+use crate::store::{Store, StoreError};
+
+/// Identifies one connection to the relay (the daemon's token, or the host's in-process member).
+pub type ConnId = u64;
+
+/// Bounds the relay enforces itself (the daemon enforces connection counts and buffer sizes).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Items queued per user before new items for them are refused.
+    pub max_queue: usize,
+    /// A connection must log in within this long.
+    pub handshake_timeout_ms: u64,
+    /// A logged-in connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queue: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// What the daemon must do for the relay.
+#[derive(Debug, PartialEq)]
+pub enum Out {
+    /// Send a message on a connection.
+    Send(ConnId, FromRelay),
+    /// Close a connection once what is queued for it has been written.
+    Close(ConnId),
+}
+
+/// Protocol errors a client can commit. Each ends its connection with an `Error` frame.
+#[derive(Debug)]
+pub enum RelayError {
+    /// The frame is not a valid `ToRelay` message.
+    Malformed(String),
+    /// A valid message arrived in a state that does not expect it.
+    Unexpected {
+        /// What the state expects.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// The login is invalid (bad name, bad key, bad signature).
+    BadLogin(String),
+    /// The name is bound to another key.
+    NameTaken {
+        /// The name.
+        user: String,
+        /// The key it is bound to.
+        bound: String,
+        /// The key that tried.
+        offered: String,
+    },
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::Malformed(e) => write!(f, "malformed frame: {e}"),
+            RelayError::Unexpected { expected, got } => {
+                write!(f, "protocol violation: expected {expected}, got {got}")
+            }
+            RelayError::BadLogin(e) => write!(f, "login refused: {e}"),
+            RelayError::NameTaken {
+                user,
+                bound,
+                offered,
+            } => write!(
+                f,
+                "name {user} is bound to key {bound}; key {offered} cannot use it \
+                 (if the owner lost their key, the relay operator can run `chatctl forget {user}`)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RelayError {}
+
+impl RelayError {
+    fn code(&self) -> &'static str {
+        match self {
+            RelayError::Malformed(_) | RelayError::Unexpected { .. } => "protocol",
+            RelayError::BadLogin(_) => "bad_login",
+            RelayError::NameTaken { .. } => "name_taken",
+        }
+    }
+}
+
+enum State {
+    /// Challenge sent; the only acceptable frame is `Login`.
+    ExpectLogin { nonce: [u8; 32] },
+    /// Logged in as `user`.
+    Established { user: String },
+    /// An error was sent; everything else is ignored until the daemon closes it.
+    Closing,
+}
+
+struct Conn {
+    state: State,
+    since: u64,
+    last_seen: u64,
+}
+
+fn name_of(msg: &ToRelay) -> &'static str {
+    match msg {
+        ToRelay::Login { .. } => "Login",
+        ToRelay::Send(_) => "Send",
+        ToRelay::Ack(_) => "Ack",
+        ToRelay::Ping => "Ping",
+    }
+}
+
+/// The relay's state.
+pub struct Relay {
+    conns: HashMap<ConnId, Conn>,
+    bindings: BTreeMap<String, PublicKey>,
+    online: HashMap<String, ConnId>,
+    queues: HashMap<String, VecDeque<(ItemKey, Routed)>>,
+    out: VecDeque<Out>,
+    limits: Limits,
+}
+
+impl Relay {
+    /// Load bindings and queues from the store.
+    pub fn load(store: &Store, limits: Limits) -> Result<Relay, StoreError> {
+        let mut bindings = BTreeMap::new();
+        for (user, der) in store.bindings()? {
+            match PublicKey::from_der(&der) {
+                Ok(k) => {
+                    bindings.insert(user, k);
+                }
+                Err(e) => warn!("ignoring stored binding for {user}: {e}"),
+            }
+        }
+        let mut queues: HashMap<String, VecDeque<(ItemKey, Routed)>> = HashMap::new();
+        for q in store.queued()? {
+            match from_payload::<Routed>(&q.item) {
+                Ok(item) => queues.entry(q.user).or_default().push_back((q.key, item)),
+                Err(e) => warn!("ignoring unreadable queued item for {}: {e}", q.user),
+            }
+        }
+        Ok(Relay {
+            conns: HashMap::new(),
+            bindings,
+            online: HashMap::new(),
+            queues,
+            out: VecDeque::new(),
+            limits,
+        })
+    }
+
+    /// Replace the limits (config reload).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The next action for the daemon.
+    pub fn poll(&mut self) -> Option<Out> {
+        self.out.pop_front()
+    }
+
+    /// A new connection: send it a challenge.
+    pub fn connect(&mut self, id: ConnId, now: u64) {
+        let mut nonce = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        self.conns.insert(
+            id,
+            Conn {
+                state: State::ExpectLogin { nonce },
+                since: now,
+                last_seen: now,
+            },
+        );
+        self.out.push_back(Out::Send(
+            id,
+            FromRelay::Challenge {
+                nonce,
+                version: crate::VERSION.to_string(),
+            },
+        ));
+    }
+
+    /// A connection went away (closed by the peer, cut off, or closed after `Out::Close`).
+    pub fn disconnect(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        if let State::Established { user } = conn.state {
+            self.went_offline(id, &user, true);
+        }
+    }
+
+    /// `user`'s connection `id` is gone: take them offline and, if `announce`, tell everyone.
+    fn went_offline(&mut self, id: ConnId, user: &str, announce: bool) {
+        if self.online.get(user) != Some(&id) {
+            return;
+        }
+        self.online.remove(user);
+        if !announce {
+            return;
+        }
+        info!("{user} left");
+        if let Some(key) = self.bindings.get(user) {
+            let p = Peer {
+                user: user.to_string(),
+                key: key.der().to_vec(),
+                online: false,
+            };
+            self.broadcast(user, FromRelay::Presence(p));
+        }
+    }
+
+    /// One frame payload from a connection.
+    pub fn receive(&mut self, id: ConnId, payload: &[u8], now: u64, store: &mut Store) {
+        match from_payload::<ToRelay>(payload) {
+            Ok(msg) => self.handle(id, msg, now, store),
+            Err(e) => self.fail(id, RelayError::Malformed(e.to_string())),
+        }
+    }
+
+    /// One decoded message from a connection (the host's in-process member skips the codec).
+    pub fn handle(&mut self, id: ConnId, msg: ToRelay, now: u64, store: &mut Store) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.last_seen = now;
+        match &conn.state {
+            State::Closing => {}
+            State::ExpectLogin { nonce } => {
+                let nonce = *nonce;
+                match msg {
+                    ToRelay::Login {
+                        user,
+                        key,
+                        signature,
+                    } => {
+                        if let Err(e) = self.login(id, nonce, user, &key, &signature, store) {
+                            self.fail(id, e);
+                        }
+                    }
+                    other => self.fail(
+                        id,
+                        RelayError::Unexpected {
+                            expected: "Login",
+                            got: name_of(&other),
+                        },
+                    ),
+                }
+            }
+            State::Established { user } => {
+                let user = user.clone();
+                match msg {
+                    ToRelay::Send(item) => self.route(id, &user, item, store),
+                    ToRelay::Ack(key) => self.ack(&user, key, store),
+                    ToRelay::Ping => self.out.push_back(Out::Send(id, FromRelay::Pong)),
+                    ToRelay::Login { .. } => self.fail(
+                        id,
+                        RelayError::Unexpected {
+                            expected: "Send, Ack or Ping",
+                            got: "Login",
+                        },
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Close connections that did not log in in time or went quiet.
+    pub fn tick(&mut self, now: u64) {
+        let mut late = Vec::new();
+        for (id, c) in &self.conns {
+            match c.state {
+                State::ExpectLogin { .. }
+                    if now.saturating_sub(c.since) > self.limits.handshake_timeout_ms =>
+                {
+                    late.push((*id, "handshake timeout: no login"))
+                }
+                State::Established { .. }
+                    if now.saturating_sub(c.last_seen) > self.limits.idle_timeout_ms =>
+                {
+                    late.push((*id, "idle timeout"))
+                }
+                _ => {}
+            }
+        }
+        for (id, why) in late {
+            info!("connection {id}: {why}");
+            self.close_with(id, "timeout", why.to_string());
+        }
+    }
+
+    /// Drop a name's binding and queue so a new key may claim it. True if the name was bound.
+    pub fn forget(&mut self, user: &str, store: &mut Store) -> Result<bool, StoreError> {
+        if !self.bindings.contains_key(user) {
+            return Ok(false);
+        }
+        store.unbind(user)?;
+        if let Some(id) = self.online.get(user).copied() {
+            self.close_with(id, "forgotten", format!("the relay operator forgot {user}"));
+            self.disconnect(id);
+        }
+        self.bindings.remove(user);
+        self.queues.remove(user);
+        info!("forgot {user}: binding and queue dropped");
+        Ok(true)
+    }
+
+    /// Registered names, for `who` on a relay.
+    pub fn directory(&self) -> Vec<PeerView> {
+        self.bindings
+            .iter()
+            .map(|(user, key)| PeerView {
+                user: user.clone(),
+                online: self.online.contains_key(user),
+                trust: "bound".into(),
+                fingerprint: key.fingerprint().to_string(),
+                presented: None,
+            })
+            .collect()
+    }
+
+    /// How many names are online.
+    pub fn online_count(&self) -> usize {
+        self.online.len()
+    }
+
+    /// Total items queued, across users.
+    pub fn queued_count(&self) -> usize {
+        self.queues.values().map(|q| q.len()).sum()
+    }
+
+    fn login(
+        &mut self,
+        id: ConnId,
+        nonce: [u8; 32],
+        user: String,
+        key: &[u8],
+        signature: &[u8],
+        store: &mut Store,
+    ) -> Result<(), RelayError> {
+        if !valid_user(&user) {
+            return Err(RelayError::BadLogin(
+                "user names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit".into(),
+            ));
+        }
+        let key = PublicKey::from_der(key).map_err(|e| RelayError::BadLogin(e.to_string()))?;
+        key.verify(&login_transcript(&nonce, &user), signature)
+            .map_err(|_| RelayError::BadLogin("signature does not match the key".into()))?;
+        match self.bindings.get(&user) {
+            Some(bound) if *bound != key => {
+                warn!(
+                    "refused login as {user}: bound to {}, offered {}",
+                    bound.fingerprint(),
+                    key.fingerprint()
+                );
+                return Err(RelayError::NameTaken {
+                    user,
+                    bound: bound.fingerprint().to_string(),
+                    offered: key.fingerprint().to_string(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                store.bind(&user, key.der()).map_err(|e| {
+                    RelayError::BadLogin(format!("relay cannot store binding: {e}"))
+                })?;
+                info!("bound {user} to {}", key.fingerprint());
+                self.bindings.insert(user.clone(), key.clone());
+            }
+        }
+        let mut was_online = false;
+        if let Some(old) = self.online.get(&user).copied() {
+            if old != id {
+                info!("{user} logged in again; closing the older connection");
+                was_online = true;
+                self.close_quietly(
+                    old,
+                    "replaced",
+                    "logged in again from another connection".into(),
+                    false,
+                );
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.state = State::Established { user: user.clone() };
+        }
+        self.online.insert(user.clone(), id);
+        info!("{user} joined ({})", key.fingerprint());
+        let peers = self
+            .bindings
+            .iter()
+            .filter(|(name, _)| **name != user)
+            .map(|(name, k)| Peer {
+                user: name.clone(),
+                key: k.der().to_vec(),
+                online: self.online.contains_key(name),
+            })
+            .collect();
+        self.out.push_back(Out::Send(
+            id,
+            FromRelay::Welcome {
+                user: user.clone(),
+                peers,
+            },
+        ));
+        if !was_online {
+            let p = Peer {
+                user: user.clone(),
+                key: key.der().to_vec(),
+                online: true,
+            };
+            self.broadcast(&user, FromRelay::Presence(p));
+        }
+        if let Some(q) = self.queues.get(&user) {
+            for (_, item) in q {
+                self.out
+                    .push_back(Out::Send(id, FromRelay::Deliver(item.clone())));
+            }
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, id: ConnId, user: &str, item: Routed, store: &mut Store) {
+        let key = item.key();
+        let refuse = |code: &str, reason: String| {
+            Out::Send(
+                id,
+                FromRelay::Refused {
+                    key,
+                    code: code.into(),
+                    reason,
+                },
+            )
+        };
+        if item.from() != user {
+            let r = refuse(
+                "bad_sender",
+                format!("item claims to be from {} but you are {user}", item.from()),
+            );
+            self.out.push_back(r);
+            return;
+        }
+        let to = item.to().to_string();
+        if !self.bindings.contains_key(&to) {
+            self.out
+                .push_back(refuse("unknown_user", format!("no user named {to}")));
+            return;
+        }
+        let queue = self.queues.entry(to.clone()).or_default();
+        if queue.iter().any(|(k, _)| *k == key) {
+            // A retransmission of something we already hold: acknowledge again, store nothing.
+            self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
+            return;
+        }
+        if queue.len() >= self.limits.max_queue {
+            let r = refuse(
+                "queue_full",
+                format!(
+                    "{to}'s queue on the relay is full ({} items); try again when they have caught up",
+                    self.limits.max_queue
+                ),
+            );
+            self.out.push_back(r);
+            return;
+        }
+        let bytes = match to_payload(&item) {
+            Ok(b) => b,
+            Err(e) => {
+                self.out.push_back(refuse("too_large", e.to_string()));
+                return;
+            }
+        };
+        if let Err(e) = store.enqueue(&to, key, &bytes) {
+            warn!("cannot queue item for {to}: {e}");
+            self.out
+                .push_back(refuse("storage", format!("relay storage failed: {e}")));
+            return;
+        }
+        queue.push_back((key, item.clone()));
+        self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
+        if let Some(dest) = self.online.get(&to) {
+            self.out
+                .push_back(Out::Send(*dest, FromRelay::Deliver(item)));
+        }
+    }
+
+    fn ack(&mut self, user: &str, key: ItemKey, store: &mut Store) {
+        let Some(q) = self.queues.get_mut(user) else {
+            return;
+        };
+        if let Some(pos) = q.iter().position(|(k, _)| *k == key) {
+            if let Err(e) = store.dequeue(user, key) {
+                // The item stays queued and is delivered again; the member drops the duplicate.
+                warn!("cannot drop acknowledged item for {user}: {e}");
+                return;
+            }
+            q.remove(pos);
+        }
+    }
+
+    fn broadcast(&mut self, except: &str, msg: FromRelay) {
+        for (name, id) in &self.online {
+            if name != except {
+                self.out.push_back(Out::Send(*id, msg.clone()));
+            }
+        }
+    }
+
+    fn close_with(&mut self, id: ConnId, code: &str, reason: String) {
+        self.close_quietly(id, code, reason, true);
+    }
+
+    /// Send a final error and close. A logged-in user goes offline at once (announced unless
+    /// `announce` is false, for a connection replaced by a newer login of the same user).
+    fn close_quietly(&mut self, id: ConnId, code: &str, reason: String, announce: bool) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            let old = std::mem::replace(&mut c.state, State::Closing);
+            if let State::Established { user } = old {
+                self.went_offline(id, &user, announce);
+            }
+        }
+        self.out.push_back(Out::Send(
+            id,
+            FromRelay::Error {
+                code: code.into(),
+                reason,
+            },
+        ));
+        self.out.push_back(Out::Close(id));
+    }
+
+    fn fail(&mut self, id: ConnId, e: RelayError) {
+        info!("connection {id}: {e}");
+        let code = e.code();
+        self.close_with(id, code, e.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,705 @@
+//! SQLite persistence for both roles: the one storage interface of the crate.
+//!
+//! Owns the schema and every SQL statement. Member: history, message states, outbox, sending and
+//! receiving session keys, pins. Relay: name-to-key bindings and queued items. The daemon brackets
+//! each turn of its event loop with [`Store::begin`] and [`Store::commit`], so all writes of a
+//! turn share one transaction (group commit: one fsync per burst) and nothing is acknowledged to a
+//! peer before it is durable. Must never: decide protocol questions (the cores do), or log a
+//! message text or key.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::proto::control::{Dir, MsgState, Record, RecordBody};
+use crate::proto::relay::{ItemKey, Kind};
+use crate::proto::{from_payload, to_payload};
+
+/// Storage failures. Each says what the user can do about it.
+#[derive(Debug)]
+pub enum StoreError {
+    /// SQLite failed (disk full, read-only file system, corruption, ...).
+    Sqlite(rusqlite::Error),
+    /// The database file could not be created with safe permissions.
+    Io(std::io::Error),
+    /// A stored row could not be decoded (the database was edited or is from another version).
+    Corrupt(String),
+    /// A failure injected by a test through [`Store::fail_writes`].
+    Injected,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Sqlite(e) => write!(f, "database error: {e}"),
+            StoreError::Io(e) => write!(f, "cannot create database file: {e}"),
+            StoreError::Corrupt(e) => write!(f, "database holds an unreadable row: {e}"),
+            StoreError::Injected => write!(f, "database error: injected write failure"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Sqlite(e) => Some(e),
+            StoreError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    peer TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_peer ON history(peer, seq);
+CREATE TABLE IF NOT EXISTS messages (
+    id BLOB PRIMARY KEY,
+    peer TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    state TEXT NOT NULL,
+    session BLOB NOT NULL,
+    counter INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages(peer, session, counter) WHERE dir = 'in';
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    id BLOB NOT NULL,
+    item BLOB NOT NULL,
+    UNIQUE(kind, id)
+);
+CREATE TABLE IF NOT EXISTS recv_sessions (
+    peer TEXT NOT NULL, session BLOB NOT NULL, key BLOB NOT NULL, PRIMARY KEY(peer, session)
+);
+CREATE TABLE IF NOT EXISTS send_sessions (
+    peer TEXT NOT NULL, session BLOB NOT NULL, key BLOB NOT NULL, PRIMARY KEY(peer, session)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    user TEXT PRIMARY KEY,
+    key BLOB NOT NULL,
+    trust TEXT NOT NULL,
+    presented BLOB
+);
+CREATE TABLE IF NOT EXISTS bindings (
+    user TEXT PRIMARY KEY,
+    key BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    id BLOB NOT NULL,
+    item BLOB NOT NULL,
+    UNIQUE(user, kind, id)
+);
+";
+
+/// A pinned peer key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// Peer name.
+    pub user: String,
+    /// The pinned key, SPKI DER.
+    pub key: Vec<u8>,
+    /// `pinned` or `trusted`.
+    pub trust: String,
+    /// A different key the relay presented, not yet trusted.
+    pub presented: Option<Vec<u8>>,
+}
+
+/// One queued item on a relay.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Recipient.
+    pub user: String,
+    /// Ack key.
+    pub key: ItemKey,
+    /// The encoded `Routed` item.
+    pub item: Vec<u8>,
+}
+
+/// The database of one daemon.
+pub struct Store {
+    conn: Connection,
+    in_tx: bool,
+    fail_writes: bool,
+}
+
+fn kind_str(k: Kind) -> &'static str {
+    match k {
+        Kind::Message => "message",
+        Kind::Receipt => "receipt",
+    }
+}
+
+fn kind_parse(s: &str) -> Result<Kind> {
+    match s {
+        "message" => Ok(Kind::Message),
+        "receipt" => Ok(Kind::Receipt),
+        other => Err(StoreError::Corrupt(format!("unknown item kind {other:?}"))),
+    }
+}
+
+fn id16(v: Vec<u8>) -> Result<[u8; 16]> {
+    v.try_into()
+        .map_err(|_| StoreError::Corrupt("id is not 16 bytes".into()))
+}
+
+fn state_str(s: MsgState) -> &'static str {
+    s.as_str()
+}
+
+fn state_parse(s: &str) -> MsgState {
+    match s {
+        "relayed" => MsgState::Relayed,
+        "delivered" => MsgState::Delivered,
+        "failed" => MsgState::Failed,
+        _ => MsgState::Queued,
+    }
+}
+
+impl Store {
+    /// Open (or create, mode 0600) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        // Create the file ourselves so it is 0600 from its first byte; SQLite gives its -wal and
+        // -shm files the same mode as the database.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(StoreError::Io)?;
+        let conn = Connection::open(path)?;
+        Store::init(conn)
+    }
+
+    /// An in-memory database, for unit tests of the cores.
+    pub fn open_in_memory() -> Result<Store> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL: readers never block the writer; FULL: a commit survives power loss, and group
+        // commit keeps that to one fsync per event-loop turn.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn,
+            in_tx: false,
+            fail_writes: false,
+        })
+    }
+
+    /// Start the turn's transaction (no-op if one is open).
+    pub fn begin(&mut self) -> Result<()> {
+        if !self.in_tx {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    /// Commit the turn's transaction. On failure the transaction is rolled back: nothing of the
+    /// turn is stored, and the caller must not acknowledge anything from it.
+    pub fn commit(&mut self) -> Result<()> {
+        if !self.in_tx {
+            return Ok(());
+        }
+        self.in_tx = false;
+        if self.fail_writes {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(StoreError::Injected);
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Roll back the turn's transaction.
+    pub fn rollback(&mut self) {
+        if self.in_tx {
+            self.in_tx = false;
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Start a nested unit of work inside the turn (one control request), so a failure part-way
+    /// undoes only that request.
+    pub fn savepoint(&mut self) -> Result<()> {
+        self.check_write()?;
+        self.conn.execute_batch("SAVEPOINT request")?;
+        Ok(())
+    }
+
+    /// Keep the request's writes (they commit with the turn).
+    pub fn release_savepoint(&mut self) -> Result<()> {
+        self.conn.execute_batch("RELEASE request")?;
+        Ok(())
+    }
+
+    /// Undo the request's writes.
+    pub fn rollback_savepoint(&mut self) {
+        let _ = self
+            .conn
+            .execute_batch("ROLLBACK TO request; RELEASE request");
+    }
+
+    /// Make every write fail from now on (true) or work again (false). For fault-injection tests.
+    #[doc(hidden)]
+    pub fn fail_writes(&mut self, fail: bool) {
+        self.fail_writes = fail;
+    }
+
+    fn check_write(&self) -> Result<()> {
+        if self.fail_writes {
+            Err(StoreError::Injected)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ---- member: history ----
+
+    /// Append a history record and return it with its seq.
+    pub fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record> {
+        self.check_write()?;
+        let blob = to_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn
+            .prepare_cached("INSERT INTO history (time_ms, peer, body) VALUES (?1, ?2, ?3)")?
+            .execute(params![time_ms as i64, peer, blob])?;
+        let seq = self.conn.last_insert_rowid() as u64;
+        Ok(Record { seq, time_ms, body })
+    }
+
+    /// Records in seq order: those with seq > `since`, only `peer`'s if given, the last `last`
+    /// of them (all if `last` is None).
+    pub fn records(
+        &self,
+        since: u64,
+        peer: Option<&str>,
+        last: Option<u64>,
+    ) -> Result<Vec<Record>> {
+        let limit = last.map(|n| n.min(i64::MAX as u64) as i64).unwrap_or(-1);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, body FROM history
+             WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+             ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![since as i64, peer, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, time_ms, body) = row?;
+            let body: RecordBody =
+                from_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push(Record {
+                seq: seq as u64,
+                time_ms: time_ms as u64,
+                body,
+            });
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Highest seq in the history (0 when empty).
+    pub fn last_seq(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    // ---- member: messages ----
+
+    /// Remember a message id (both directions). Returns false if the id was already stored.
+    pub fn add_message(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        dir: Dir,
+        state: MsgState,
+        session: &[u8; 16],
+        counter: u64,
+    ) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                &id[..],
+                peer,
+                if dir == Dir::In { "in" } else { "out" },
+                state_str(state),
+                &session[..],
+                counter as i64
+            ])?;
+        Ok(n == 1)
+    }
+
+    /// Whether a message id is stored.
+    pub fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
+            .query_row(params![&id[..]], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Whether an incoming (peer, session, counter) was already accepted.
+    pub fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM messages WHERE dir = 'in' AND peer = ?1 AND session = ?2 AND counter = ?3",
+            )?
+            .query_row(params![peer, &session[..], counter as i64], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// A sent message's recipient, session and state.
+    pub fn outgoing(&self, id: &[u8; 16]) -> Result<Option<(String, [u8; 16], u64, MsgState)>> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT peer, session, counter, state FROM messages WHERE id = ?1 AND dir = 'out'",
+            )?
+            .query_row(params![&id[..]], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((peer, session, counter, state)) => Ok(Some((
+                peer,
+                id16(session)?,
+                counter as u64,
+                state_parse(&state),
+            ))),
+        }
+    }
+
+    /// Set a sent message's state.
+    pub fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("UPDATE messages SET state = ?2 WHERE id = ?1")?
+            .execute(params![&id[..], state_str(state)])?;
+        Ok(())
+    }
+
+    // ---- member: outbox ----
+
+    /// Add an encoded item to the outbox (idempotent).
+    pub fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO outbox (kind, id, item) VALUES (?1, ?2, ?3)")?
+            .execute(params![kind_str(key.kind), &key.id[..], item])?;
+        Ok(())
+    }
+
+    /// Remove an item from the outbox; true if it was there.
+    pub fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND id = ?2")?
+            .execute(params![kind_str(key.kind), &key.id[..]])?;
+        Ok(n > 0)
+    }
+
+    /// Every outbox item, oldest first.
+    pub fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, id, item FROM outbox ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, id, item) = row?;
+            out.push((
+                ItemKey {
+                    kind: kind_parse(&kind)?,
+                    id: id16(id)?,
+                },
+                item,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Number of messages (not receipts) waiting in the outbox.
+    pub fn outbox_messages(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE kind = 'message'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    // ---- member: sessions ----
+
+    /// Store a session key. `sending` selects the table.
+    pub fn put_session(
+        &mut self,
+        sending: bool,
+        peer: &str,
+        session: &[u8; 16],
+        key: &[u8; 32],
+    ) -> Result<()> {
+        self.check_write()?;
+        let sql = if sending {
+            "INSERT OR REPLACE INTO send_sessions (peer, session, key) VALUES (?1, ?2, ?3)"
+        } else {
+            "INSERT OR REPLACE INTO recv_sessions (peer, session, key) VALUES (?1, ?2, ?3)"
+        };
+        self.conn
+            .prepare_cached(sql)?
+            .execute(params![peer, &session[..], &key[..]])?;
+        Ok(())
+    }
+
+    /// Look up a session key.
+    pub fn session(
+        &self,
+        sending: bool,
+        peer: &str,
+        session: &[u8; 16],
+    ) -> Result<Option<Vec<u8>>> {
+        let sql = if sending {
+            "SELECT key FROM send_sessions WHERE peer = ?1 AND session = ?2"
+        } else {
+            "SELECT key FROM recv_sessions WHERE peer = ?1 AND session = ?2"
+        };
+        Ok(self
+            .conn
+            .prepare_cached(sql)?
+            .query_row(params![peer, &session[..]], |r| r.get::<_, Vec<u8>>(0))
+            .optional()?)
+    }
+
+    // ---- member: pins ----
+
+    /// Every pin.
+    pub fn pins(&self) -> Result<Vec<Pin>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user, key, trust, presented FROM pins ORDER BY user")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Pin {
+                user: r.get(0)?,
+                key: r.get(1)?,
+                trust: r.get(2)?,
+                presented: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+    }
+
+    /// Insert or replace a pin.
+    pub fn put_pin(&mut self, pin: &Pin) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pins (user, key, trust, presented) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![pin.user, pin.key, pin.trust, pin.presented])?;
+        Ok(())
+    }
+
+    // ---- relay: bindings ----
+
+    /// Every name binding.
+    pub fn bindings(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user, key FROM bindings ORDER BY user")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+    }
+
+    /// Bind a name to a key.
+    pub fn bind(&mut self, user: &str, key: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO bindings (user, key) VALUES (?1, ?2)")?
+            .execute(params![user, key])?;
+        Ok(())
+    }
+
+    /// Drop a name's binding and queue.
+    pub fn unbind(&mut self, user: &str) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("DELETE FROM bindings WHERE user = ?1")?
+            .execute(params![user])?;
+        self.conn
+            .prepare_cached("DELETE FROM queue WHERE user = ?1")?
+            .execute(params![user])?;
+        Ok(())
+    }
+
+    // ---- relay: queues ----
+
+    /// Queue an item for `user` (idempotent).
+    pub fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO queue (user, kind, id, item) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![user, kind_str(key.kind), &key.id[..], item])?;
+        Ok(())
+    }
+
+    /// Drop an acknowledged item.
+    pub fn dequeue(&mut self, user: &str, key: ItemKey) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("DELETE FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3")?
+            .execute(params![user, kind_str(key.kind), &key.id[..]])?;
+        Ok(())
+    }
+
+    /// Every queued item, in arrival order.
+    pub fn queued(&self) -> Result<Vec<Queued>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user, kind, id, item FROM queue ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (user, kind, id, item) = row?;
+            out.push(Queued {
+                user,
+                key: ItemKey {
+                    kind: kind_parse(&kind)?,
+                    id: id16(id)?,
+                },
+                item,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_filters_and_order() {
+        let mut s = Store::open_in_memory().unwrap();
+        for (i, peer) in ["bob", "carol", "bob", "dave"].iter().enumerate() {
+            s.append(
+                i as u64,
+                peer,
+                RecordBody::Presence {
+                    user: peer.to_string(),
+                    online: true,
+                },
+            )
+            .unwrap();
+        }
+        let all = s.records(0, None, None).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        let last2 = s.records(0, None, Some(2)).unwrap();
+        assert_eq!(last2.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
+        let bob = s.records(0, Some("bob"), None).unwrap();
+        assert_eq!(bob.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3]);
+        let since = s.records(2, None, None).unwrap();
+        assert_eq!(since.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    #[test]
+    fn message_ids_stored_once_and_replays_detected() {
+        let mut s = Store::open_in_memory().unwrap();
+        let id = [1; 16];
+        assert!(s
+            .add_message(&id, "bob", Dir::In, MsgState::Delivered, &[2; 16], 5)
+            .unwrap());
+        assert!(!s
+            .add_message(&id, "bob", Dir::In, MsgState::Delivered, &[2; 16], 5)
+            .unwrap());
+        assert!(s.seen_counter("bob", &[2; 16], 5).unwrap());
+        assert!(!s.seen_counter("bob", &[2; 16], 6).unwrap());
+    }
+
+    #[test]
+    fn rollback_discards_the_turn() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.begin().unwrap();
+        s.bind("alice", b"k").unwrap();
+        s.rollback();
+        assert!(s.bindings().unwrap().is_empty());
+        s.begin().unwrap();
+        s.bind("alice", b"k").unwrap();
+        s.fail_writes(true);
+        assert!(s.commit().is_err());
+        s.fail_writes(false);
+        assert!(s.bindings().unwrap().is_empty());
+    }
+
+    #[test]
+    fn queue_roundtrip() {
+        let mut s = Store::open_in_memory().unwrap();
+        let k = ItemKey {
+            kind: Kind::Receipt,
+            id: [9; 16],
+        };
+        s.enqueue("bob", k, b"x").unwrap();
+        s.enqueue("bob", k, b"x").unwrap();
+        assert_eq!(s.queued().unwrap().len(), 1);
+        s.dequeue("bob", k).unwrap();
+        assert!(s.queued().unwrap().is_empty());
+    }
+}
