@@ -378,10 +378,22 @@ pub fn resolve_with(
 }
 
 /// The control socket `chatctl` looks for when not told (DESIGN "The chatctl contract").
+///
+/// `$XDG_RUNTIME_DIR/chatd/control.sock`, else `/run/chatd/control.sock` for root, else
+/// `/tmp/chatd-UID/control.sock` (as tmux does; chatd creates that directory 0700 and refuses it
+/// if anyone else owns it or can enter it).
 pub fn default_socket() -> PathBuf {
     match env_path("XDG_RUNTIME_DIR") {
         Some(d) => d.join("chatd/control.sock"),
-        None => PathBuf::from("/run/chatd/control.sock"),
+        None => {
+            // SAFETY: geteuid has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            if uid == 0 {
+                PathBuf::from("/run/chatd/control.sock")
+            } else {
+                PathBuf::from(format!("/tmp/chatd-{uid}/control.sock"))
+            }
+        }
     }
 }
 

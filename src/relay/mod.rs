@@ -7,7 +7,7 @@
 //! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
 //! until the turn's transaction commits).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use log::{info, warn};
 use rand::RngCore;
@@ -17,6 +17,40 @@ use crate::proto::control::PeerView;
 use crate::proto::relay::{FromRelay, ItemKey, Peer, Routed, ToRelay};
 use crate::proto::{from_payload, to_payload, valid_user};
 use crate::store::{Store, StoreError};
+
+/// Deliveries a member may have unacknowledged at once. Bounds the relay's write buffer per
+/// member (a long queue is drained in windows, not dumped at login) and so keeps a member with a
+/// long backlog from being cut off as a slow reader.
+pub const DELIVERY_WINDOW: usize = 128;
+
+/// One user's queued items, oldest first. Items are delivered strictly in order, so the
+/// delivered-but-unacknowledged ones are always a prefix of `items` of length `sent`.
+#[derive(Default)]
+struct UserQueue {
+    items: VecDeque<(ItemKey, Routed)>,
+    keys: HashSet<ItemKey>,
+    sent: usize,
+}
+
+impl UserQueue {
+    fn push(&mut self, key: ItemKey, item: Routed) {
+        self.keys.insert(key);
+        self.items.push_back((key, item));
+    }
+
+    fn remove(&mut self, key: ItemKey) -> bool {
+        if !self.keys.remove(&key) {
+            return false;
+        }
+        if let Some(pos) = self.items.iter().position(|(k, _)| *k == key) {
+            self.items.remove(pos);
+            if pos < self.sent {
+                self.sent -= 1;
+            }
+        }
+        true
+    }
+}
 
 /// Identifies one connection to the relay (the daemon's token, or the host's in-process member).
 pub type ConnId = u64;
@@ -138,7 +172,7 @@ pub struct Relay {
     conns: HashMap<ConnId, Conn>,
     bindings: BTreeMap<String, PublicKey>,
     online: HashMap<String, ConnId>,
-    queues: HashMap<String, VecDeque<(ItemKey, Routed)>>,
+    queues: HashMap<String, UserQueue>,
     out: VecDeque<Out>,
     limits: Limits,
 }
@@ -155,10 +189,10 @@ impl Relay {
                 Err(e) => warn!("ignoring stored binding for {user}: {e}"),
             }
         }
-        let mut queues: HashMap<String, VecDeque<(ItemKey, Routed)>> = HashMap::new();
+        let mut queues: HashMap<String, UserQueue> = HashMap::new();
         for q in store.queued()? {
             match from_payload::<Routed>(&q.item) {
-                Ok(item) => queues.entry(q.user).or_default().push_back((q.key, item)),
+                Ok(item) => queues.entry(q.user).or_default().push(q.key, item),
                 Err(e) => warn!("ignoring unreadable queued item for {}: {e}", q.user),
             }
         }
@@ -349,7 +383,22 @@ impl Relay {
 
     /// Total items queued, across users.
     pub fn queued_count(&self) -> usize {
-        self.queues.values().map(|q| q.len()).sum()
+        self.queues.values().map(|q| q.items.len()).sum()
+    }
+
+    /// Deliver `user`'s next queued items, up to the window, if they are online.
+    fn fill(&mut self, user: &str) {
+        let Some(id) = self.online.get(user).copied() else {
+            return;
+        };
+        let Some(q) = self.queues.get_mut(user) else {
+            return;
+        };
+        while q.sent < q.items.len() && q.sent < DELIVERY_WINDOW {
+            let item = q.items[q.sent].1.clone();
+            q.sent += 1;
+            self.out.push_back(Out::Send(id, FromRelay::Deliver(item)));
+        }
     }
 
     fn login(
@@ -434,12 +483,11 @@ impl Relay {
             };
             self.broadcast(&user, FromRelay::Presence(p));
         }
-        if let Some(q) = self.queues.get(&user) {
-            for (_, item) in q {
-                self.out
-                    .push_back(Out::Send(id, FromRelay::Deliver(item.clone())));
-            }
+        // A new connection has seen none of the queue: start the window over.
+        if let Some(q) = self.queues.get_mut(&user) {
+            q.sent = 0;
         }
+        self.fill(&user);
         Ok(())
     }
 
@@ -470,12 +518,12 @@ impl Relay {
             return;
         }
         let queue = self.queues.entry(to.clone()).or_default();
-        if queue.iter().any(|(k, _)| *k == key) {
+        if queue.keys.contains(&key) {
             // A retransmission of something we already hold: acknowledge again, store nothing.
             self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
             return;
         }
-        if queue.len() >= self.limits.max_queue {
+        if queue.items.len() >= self.limits.max_queue {
             let r = refuse(
                 "queue_full",
                 format!(
@@ -499,26 +547,25 @@ impl Relay {
                 .push_back(refuse("storage", format!("relay storage failed: {e}")));
             return;
         }
-        queue.push_back((key, item.clone()));
+        queue.push(key, item);
         self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
-        if let Some(dest) = self.online.get(&to) {
-            self.out
-                .push_back(Out::Send(*dest, FromRelay::Deliver(item)));
-        }
+        self.fill(&to);
     }
 
     fn ack(&mut self, user: &str, key: ItemKey, store: &mut Store) {
         let Some(q) = self.queues.get_mut(user) else {
             return;
         };
-        if let Some(pos) = q.iter().position(|(k, _)| *k == key) {
-            if let Err(e) = store.dequeue(user, key) {
-                // The item stays queued and is delivered again; the member drops the duplicate.
-                warn!("cannot drop acknowledged item for {user}: {e}");
-                return;
-            }
-            q.remove(pos);
+        if !q.keys.contains(&key) {
+            return;
         }
+        if let Err(e) = store.dequeue(user, key) {
+            // The item stays queued and is delivered again; the member drops the duplicate.
+            warn!("cannot drop acknowledged item for {user}: {e}");
+            return;
+        }
+        q.remove(key);
+        self.fill(user);
     }
 
     fn broadcast(&mut self, except: &str, msg: FromRelay) {
