@@ -12,6 +12,7 @@
 mod conn;
 mod control;
 mod setup;
+pub mod systemd;
 
 use std::collections::HashMap;
 use std::io;
@@ -126,13 +127,23 @@ pub struct Daemon {
     stopping: bool,
     peer_count: usize,
     control_count: usize,
+    /// Notifications to systemd (`Type=notify`); a no-op without `$NOTIFY_SOCKET`.
+    sd: systemd::Notifier,
+    /// The control socket came from systemd (socket activation): systemd owns its file.
+    control_activated: bool,
 }
 
 /// Start the daemon with resolved config; returns when it is told to stop.
 pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
+    // First, before anything opens files or starts threads: take the sockets systemd passed.
+    let activated = systemd::listen_fds().map_err(DaemonError::Setup)?;
+    let mut sd = systemd::Notifier::from_env();
     setup::harden();
     setup::private_dir(&cfg.state_dir, "state directory")?;
-    setup::socket_path(&cfg.socket)?;
+    let _lock = setup::lock_state_dir(&cfg.state_dir)?;
+    if activated.control.is_none() {
+        setup::socket_path(&cfg.socket)?;
+    }
     let store = Store::open(&cfg.state_dir.join("chatd.db")).map_err(DaemonError::Store)?;
     let (user, listen, connect) = match &cfg.role {
         Role::Relay { listen } => (None, Some(listen.clone()), None),
@@ -141,17 +152,36 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     };
     // A relay needs an identity too: `status` and `fingerprint` show it, and a later TLS layer
     // will authenticate the relay with it.
+    if !cfg.state_dir.join("identity.pem").exists() {
+        sd.status(format!("generating an RSA-{} identity key", cfg.key_bits));
+    }
     let identity = setup::identity(&cfg.state_dir, cfg.key_bits)?;
     let poll = Poll::new().map_err(DaemonError::Poll)?;
     let mut listener = None;
     let mut listen_addr = None;
+    let mut activated_relay = activated.relay;
+    if listen.is_none() && activated_relay.take().is_some() {
+        warn!("closed the relay socket passed by systemd: this daemon is no relay (no --listen)");
+    }
     if let Some(l) = &listen {
-        let addr = l
-            .to_socket_addrs()
-            .map_err(|e| DaemonError::Bind(l.clone(), e))?
-            .next()
-            .ok_or_else(|| DaemonError::Bind(l.clone(), io::ErrorKind::NotFound.into()))?;
-        let mut lst = TcpListener::bind(addr).map_err(|e| DaemonError::Bind(l.clone(), e))?;
+        let mut lst = match activated_relay.take() {
+            Some(std_lst) => {
+                let what = "the relay socket passed by systemd".to_string();
+                std_lst
+                    .set_nonblocking(true)
+                    .map_err(|e| DaemonError::Bind(what.clone(), e))?;
+                info!("using the relay socket passed by systemd instead of binding {l}");
+                TcpListener::from_std(std_lst)
+            }
+            None => {
+                let addr = l
+                    .to_socket_addrs()
+                    .map_err(|e| DaemonError::Bind(l.clone(), e))?
+                    .next()
+                    .ok_or_else(|| DaemonError::Bind(l.clone(), io::ErrorKind::NotFound.into()))?;
+                TcpListener::bind(addr).map_err(|e| DaemonError::Bind(l.clone(), e))?
+            }
+        };
         listen_addr = Some(
             lst.local_addr()
                 .map_err(|e| DaemonError::Bind(l.clone(), e))?,
@@ -161,8 +191,26 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
             .map_err(DaemonError::Poll)?;
         listener = Some(lst);
     }
-    let mut control = UnixListener::bind(&cfg.socket)
-        .map_err(|e| DaemonError::Bind(cfg.socket.display().to_string(), e))?;
+    let control_activated = activated.control.is_some();
+    let mut control_path = cfg.socket.clone();
+    let mut control = match activated.control {
+        Some(std_lst) => {
+            let what = "the control socket passed by systemd".to_string();
+            std_lst
+                .set_nonblocking(true)
+                .map_err(|e| DaemonError::Bind(what, e))?;
+            if let Some(p) = std_lst
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Into::into))
+            {
+                control_path = p;
+            }
+            UnixListener::from_std(std_lst)
+        }
+        None => UnixListener::bind(&cfg.socket)
+            .map_err(|e| DaemonError::Bind(cfg.socket.display().to_string(), e))?,
+    };
     poll.registry()
         .register(&mut control, CONTROL, Interest::READABLE)
         .map_err(DaemonError::Poll)?;
@@ -208,6 +256,8 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         stopping: false,
         peer_count: 0,
         control_count: 0,
+        sd,
+        control_activated,
     };
     if d.relay.is_some() && d.member.is_some() {
         d.attach_local(now_ms());
@@ -219,8 +269,11 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         d.listen_addr
             .map(|a| format!(" listening on {a}"))
             .unwrap_or_default(),
-        d.cfg.socket.display()
+        control_path.display()
     );
+    // The sockets are bound and registered: connections made from now on are served.
+    let status = systemd::daemon_status(&d);
+    d.sd.ready(status);
     d.main_loop()?;
     d.shutdown();
     Ok(())
@@ -242,7 +295,10 @@ impl Daemon {
         let mut events = Events::with_capacity(1024);
         let mut last_tick = 0;
         while !self.stopping {
-            let timeout = self.poll_timeout();
+            let mut timeout = self.poll_timeout();
+            if let Some(due) = self.sd.watchdog_due_in(Instant::now()) {
+                timeout = timeout.min(due);
+            }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -280,6 +336,7 @@ impl Daemon {
                 Err(e) => self.commit_failed(e, now),
             }
             self.flush_all();
+            self.sd.watchdog(Instant::now());
         }
         Ok(())
     }
@@ -408,9 +465,17 @@ impl Daemon {
             match sig {
                 SIGTERM | SIGINT => {
                     info!("signal {sig}: shutting down");
+                    if !self.stopping {
+                        self.sd.stopping();
+                    }
                     self.stopping = true;
                 }
-                SIGHUP => self.reload(),
+                SIGHUP => {
+                    self.sd.reloading();
+                    self.reload();
+                    let status = systemd::daemon_status(self);
+                    self.sd.reloaded(status);
+                }
                 _ => {}
             }
         }
@@ -661,7 +726,7 @@ impl Daemon {
             r.tick(now);
         }
         if let Some(m) = self.member.as_mut() {
-            m.tick(now);
+            m.tick(now, &mut self.store);
             if m.connected() {
                 if let Some(up) = self.uplink.as_mut() {
                     up.attempt = 0;
@@ -673,6 +738,8 @@ impl Daemon {
             self.attach_local(now);
         }
         self.expire_waiters(now);
+        let status = systemd::daemon_status(self);
+        self.sd.status(status);
     }
 
     /// Drain the cores' outputs into buffers, passing frames between the host's two cores in
@@ -882,11 +949,14 @@ impl Daemon {
         for (t, e) in self.conns.iter_mut() {
             let _ = e.conn.flush(registry, *t);
         }
-        if let Err(e) = std::fs::remove_file(&self.cfg.socket) {
-            warn!(
-                "cannot remove control socket {}: {e}",
-                self.cfg.socket.display()
-            );
+        // An activated control socket belongs to systemd, which keeps listening on it.
+        if !self.control_activated {
+            if let Err(e) = std::fs::remove_file(&self.cfg.socket) {
+                warn!(
+                    "cannot remove control socket {}: {e}",
+                    self.cfg.socket.display()
+                );
+            }
         }
         info!("stopped");
     }

@@ -167,3 +167,27 @@ pub fn peer_uid(fd: std::os::fd::RawFd) -> Option<u32> {
     };
     (rc == 0).then_some(cred.uid)
 }
+
+/// Hold an exclusive lock on `state_dir/chatd.lock` for the life of the process, so two daemons
+/// never share one identity and database. The kernel drops it when the process dies, so a crash
+/// never leaves a stale lock.
+pub fn lock_state_dir(state_dir: &Path) -> Result<fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    let path = state_dir.join("chatd.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| DaemonError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock takes a valid open descriptor and flags.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(DaemonError::Setup(format!(
+            "another chatd is already using the state directory {}; stop it first or give another --state-dir",
+            state_dir.display()
+        )));
+    }
+    Ok(f)
+}

@@ -32,6 +32,8 @@ pub const SESSION_MESSAGES: u64 = 100_000;
 const PING_AFTER_MS: u64 = 30_000;
 /// Give up on a relay that has said nothing for this long (it pongs every ping).
 const SILENT_RELAY_MS: u64 = 90_000;
+/// Offer refused receipts again after this long.
+const RETRY_REFUSED_MS: u64 = 5_000;
 /// Give up on a login that has not completed in this long.
 const LOGIN_TIMEOUT_MS: u64 = 15_000;
 
@@ -191,8 +193,8 @@ pub struct Member {
     peers: BTreeMap<String, PeerState>,
     sending: HashMap<String, SendSession>,
     receiving: HashMap<(String, [u8; 16]), SessionKey>,
-    /// Envelopes from peers whose key changed, kept unacknowledged until the user decides.
-    held: Vec<Envelope>,
+    /// When to resend the outbox after the relay refused a receipt for a passing reason.
+    retry_at: Option<u64>,
     relay_error: Option<String>,
     out: VecDeque<Out>,
 }
@@ -218,7 +220,7 @@ impl Member {
             peers,
             sending: HashMap::new(),
             receiving: HashMap::new(),
-            held: Vec::new(),
+            retry_at: None,
             relay_error: None,
             out: VecDeque::new(),
         })
@@ -251,13 +253,12 @@ impl Member {
     }
 
     /// After a failed commit: forget everything the database may not hold (pins, sessions,
-    /// held envelopes) and reload pins. The link must be restarted by the caller.
+    /// retry timer) and reload pins. The link must be restarted by the caller.
     pub fn reload(&mut self, store: &Store) -> Result<(), StoreError> {
         let fresh_peers = Member::load_peers(store)?;
         self.peers = fresh_peers;
         self.sending.clear();
         self.receiving.clear();
-        self.held.clear();
         self.out.clear();
         self.link = Link::Down;
         Ok(())
@@ -319,8 +320,8 @@ impl Member {
         self.out.push_back(Out::Frame(msg));
     }
 
-    /// Keep-alive and timeouts.
-    pub fn tick(&mut self, now: u64) {
+    /// Keep-alive, timeouts, retries.
+    pub fn tick(&mut self, now: u64, store: &mut Store) {
         match self.link {
             Link::Down => {}
             Link::Established => {
@@ -333,6 +334,10 @@ impl Member {
                     self.out.push_back(Out::Close);
                 } else if now.saturating_sub(self.last_tx) > PING_AFTER_MS {
                     self.frame(ToRelay::Ping, now);
+                }
+                if self.retry_at.is_some_and(|t| now >= t) {
+                    self.retry_at = None;
+                    self.resend_receipts(now, store);
                 }
             }
             Link::ExpectChallenge | Link::ExpectWelcome => {
@@ -395,10 +400,16 @@ impl Member {
                     self.out.push_back(Out::Close);
                     return;
                 }
+                let mut introduced = Vec::new();
                 for p in peers {
-                    self.observe(&p, store);
+                    if self.observe(&p, store) {
+                        introduced.push(p.user);
+                    }
                 }
                 self.link = Link::Established;
+                for u in introduced {
+                    self.release_held(&u, now, store);
+                }
                 self.relay_error = None;
                 info!(
                     "logged in to relay as {} ({} peers online)",
@@ -426,7 +437,9 @@ impl Member {
                     return;
                 }
                 let was = self.peers.get(&p.user).map(|s| s.online);
-                self.observe(&p, store);
+                if self.observe(&p, store) {
+                    self.release_held(&p.user, now, store);
+                }
                 if was != Some(p.online) {
                     let body = RecordBody::Presence {
                         user: p.user.clone(),
@@ -452,18 +465,20 @@ impl Member {
         }
     }
 
-    /// Take note of a directory entry: pin on first sight (TOFU), flag a changed key.
-    fn observe(&mut self, p: &Peer, store: &mut Store) {
+    /// Take note of a directory entry: pin on first sight (TOFU), flag a changed key. True when
+    /// the peer just became someone we accept messages from (first sight, or a change undone).
+    fn observe(&mut self, p: &Peer, store: &mut Store) -> bool {
         if p.user == self.user || !valid_user(&p.user) {
-            return;
+            return false;
         }
         let key = match PublicKey::from_der(&p.key) {
             Ok(k) => k,
             Err(e) => {
                 warn!("relay presented an unusable key for {}: {e}", p.user);
-                return;
+                return false;
             }
         };
+        let mut acceptable = false;
         let changed = match self.peers.get_mut(&p.user) {
             None => {
                 info!("pinned {} to {} (first sight)", p.user, key.fingerprint());
@@ -476,12 +491,14 @@ impl Member {
                         online: p.online,
                     },
                 );
+                acceptable = true;
                 true
             }
             Some(st) => {
                 st.online = p.online;
                 if st.pinned == key {
-                    st.presented.take().is_some()
+                    acceptable = st.presented.take().is_some();
+                    acceptable
                 } else if st.presented.as_ref() != Some(&key) {
                     warn!(
                         "key for {} changed: pinned {}, relay presents {}; refusing to send to or \
@@ -503,6 +520,7 @@ impl Member {
         if changed {
             self.save_pin(&p.user, store);
         }
+        acceptable
     }
 
     fn save_pin(&mut self, user: &str, store: &mut Store) {
@@ -524,6 +542,23 @@ impl Member {
         match store.append(now, peer, body) {
             Ok(r) => self.out.push_back(Out::Record(r)),
             Err(e) => warn!("cannot store history record: {e}"),
+        }
+    }
+
+    /// Offer every receipt in the outbox again (the relay drops what it already holds).
+    fn resend_receipts(&mut self, now: u64, store: &mut Store) {
+        match store.outbox() {
+            Ok(items) => {
+                for (key, bytes) in items {
+                    if key.kind != Kind::Receipt {
+                        continue;
+                    }
+                    if let Ok(item) = from_payload::<Routed>(&bytes) {
+                        self.frame(ToRelay::Send(item), now);
+                    }
+                }
+            }
+            Err(e) => warn!("cannot read outbox: {e}"),
         }
     }
 
@@ -748,22 +783,20 @@ impl Member {
         }
         let Some(peer) = self.peers.get(&env.from) else {
             warn!(
-                "message {idh} from {}, whom the relay has not introduced; not accepted yet",
+                "holding message {idh} from {}, whom the relay has not introduced yet",
                 env.from
             );
-            return;
+            return self.hold(env, now, store);
         };
         if let Some(p) = &peer.presented {
             warn!(
-                "holding message {idh} from {}: their key changed (pinned {}, presented {})",
+                "holding message {idh} from {}: their key changed (pinned {}, presented {}); \
+                 it is opened if you `chatctl trust` a key that signed it",
                 env.from,
                 peer.pinned.fingerprint(),
                 p.fingerprint()
             );
-            if !self.held.iter().any(|h| h.id == env.id) {
-                self.held.push(env);
-            }
-            return;
+            return self.hold(env, now, store);
         }
         let sender = peer.pinned.clone();
         let session_key = match self.receiving_key(&env, &sender, store) {
@@ -855,6 +888,46 @@ impl Member {
             Err(e) => {
                 store.rollback_savepoint();
                 warn!("cannot store message {idh}: {e}; the relay keeps it for later");
+            }
+        }
+    }
+
+    /// Keep an envelope we cannot judge yet in our own database and acknowledge it, so it
+    /// neither clogs the relay's delivery window nor depends on the relay keeping it.
+    fn hold(&mut self, env: Envelope, now: u64, store: &mut Store) {
+        let key = ItemKey {
+            kind: Kind::Message,
+            id: env.id,
+        };
+        let item = Routed::Message(env);
+        let from = item.from().to_string();
+        let stored = to_payload(&item)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+            .and_then(|bytes| store.hold(&key.id, &from, &bytes));
+        match stored {
+            Ok(()) => self.ack(key, now),
+            // Not acknowledged: the relay keeps it and delivers it again.
+            Err(e) => warn!("cannot hold message {}: {e}", hex(&key.id)),
+        }
+    }
+
+    /// Judge again what we held from `user` (after `trust`, or when the relay introduces them).
+    fn release_held(&mut self, user: &str, now: u64, store: &mut Store) {
+        let items = match store.held(user) {
+            Ok(items) => items,
+            Err(e) => {
+                warn!("cannot read held messages from {user}: {e}");
+                return;
+            }
+        };
+        for (id, bytes) in items {
+            if let Err(e) = store.unhold(&id) {
+                warn!("cannot release held message {}: {e}", hex(&id));
+                continue;
+            }
+            match from_payload::<Routed>(&bytes) {
+                Ok(Routed::Message(env)) => self.accept_message(env, now, store),
+                _ => warn!("dropped unreadable held message {}", hex(&id)),
             }
         }
     }
@@ -1000,6 +1073,12 @@ impl Member {
     fn refused(&mut self, key: ItemKey, code: &str, reason: &str, now: u64, store: &mut Store) {
         let idh = hex(&key.id);
         warn!("relay refused {:?} {idh} ({code}): {reason}", key.kind);
+        if key.kind == Kind::Receipt && matches!(code, "queue_full" | "storage") {
+            // A passing condition at the relay: keep the receipt and offer it again later, so
+            // the sender still learns that its message was delivered.
+            self.retry_at = Some(now + RETRY_REFUSED_MS);
+            return;
+        }
         if let Err(e) = store.outbox_remove(key) {
             warn!("cannot update outbox: {e}");
             return;
@@ -1066,14 +1145,7 @@ impl Member {
         };
         self.sending.remove(user);
         self.save_pin(user, store);
-        let held: Vec<Envelope> = std::mem::take(&mut self.held);
-        for env in held {
-            if env.from == user {
-                self.accept_message(env, now, store);
-            } else {
-                self.held.push(env);
-            }
-        }
+        self.release_held(user, now, store);
         Ok(msg)
     }
 

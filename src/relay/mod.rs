@@ -269,6 +269,13 @@ impl Relay {
 
     /// One frame payload from a connection.
     pub fn receive(&mut self, id: ConnId, payload: &[u8], now: u64, store: &mut Store) {
+        // After our final Error a connection is only waiting to be closed: nothing it sends
+        // counts, not even garbage (which would otherwise earn a second Error and Close).
+        match self.conns.get(&id) {
+            None => return,
+            Some(c) if matches!(c.state, State::Closing) => return,
+            Some(_) => {}
+        }
         match from_payload::<ToRelay>(payload) {
             Ok(msg) => self.handle(id, msg, now, store),
             Err(e) => self.fail(id, RelayError::Malformed(e.to_string())),

@@ -94,6 +94,12 @@ CREATE TABLE IF NOT EXISTS pins (
     trust TEXT NOT NULL,
     presented BLOB
 );
+CREATE TABLE IF NOT EXISTS held (
+    id BLOB PRIMARY KEY,
+    peer TEXT NOT NULL,
+    item BLOB NOT NULL,
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bindings (
     user TEXT PRIMARY KEY,
     key BLOB NOT NULL
@@ -120,6 +126,9 @@ pub struct Pin {
     /// A different key the relay presented, not yet trusted.
     pub presented: Option<Vec<u8>>,
 }
+
+/// A sent message as stored: recipient, session, counter, state.
+pub type Outgoing = (String, [u8; 16], u64, MsgState);
 
 /// One queued item on a relay.
 #[derive(Debug, Clone)]
@@ -387,8 +396,8 @@ impl Store {
             .is_some())
     }
 
-    /// A sent message's recipient, session and state.
-    pub fn outgoing(&self, id: &[u8; 16]) -> Result<Option<(String, [u8; 16], u64, MsgState)>> {
+    /// A sent message's recipient, session, counter and state.
+    pub fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>> {
         let row = self
             .conn
             .prepare_cached(
@@ -477,6 +486,45 @@ impl Store {
             [],
             |r| r.get::<_, i64>(0),
         )? as u64)
+    }
+
+    // ---- member: held envelopes (sender changed key or not introduced yet) ----
+
+    /// Keep an envelope from `peer` for later (idempotent).
+    pub fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO held (id, peer, item, seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM held))",
+            )?
+            .execute(params![&id[..], peer, item])?;
+        Ok(())
+    }
+
+    /// Envelopes held from `peer`, oldest first.
+    pub fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, item FROM held WHERE peer = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![peer], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, item) = row?;
+            out.push((id16(id)?, item));
+        }
+        Ok(out)
+    }
+
+    /// Drop a held envelope.
+    pub fn unhold(&mut self, id: &[u8; 16]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("DELETE FROM held WHERE id = ?1")?
+            .execute(params![&id[..]])?;
+        Ok(())
     }
 
     // ---- member: sessions ----

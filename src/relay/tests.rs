@@ -1,0 +1,857 @@
+//! Unit tests of the relay core on its own: frames in, `Out` actions out, an in-memory store.
+//! The routed items are dummies (the relay never opens them); logins are real signatures.
+
+use super::*;
+use std::sync::OnceLock;
+
+use crate::crypto::Identity;
+use crate::proto::relay::{Envelope, Kind, Receipt};
+
+const ALICE: usize = 0;
+const BOB: usize = 1;
+const MALLORY: usize = 2;
+
+/// Test identities, generated once per test process (key generation is the slow part).
+fn identity(i: usize) -> Identity {
+    static PEMS: [OnceLock<String>; 3] = [const { OnceLock::new() }; 3];
+    let pem = PEMS[i].get_or_init(|| {
+        let id = Identity::generate(&mut rand::thread_rng(), 2048).expect("key generation");
+        id.to_pem().expect("pem").as_str().to_owned()
+    });
+    Identity::from_pem(pem).expect("stored pem parses")
+}
+
+/// One relay, its store and a clock.
+struct T {
+    relay: Relay,
+    store: Store,
+    now: u64,
+}
+
+impl T {
+    fn new() -> T {
+        T::with_limits(Limits::default())
+    }
+
+    fn with_limits(limits: Limits) -> T {
+        let store = Store::open_in_memory().unwrap();
+        let relay = Relay::load(&store, limits).unwrap();
+        T {
+            relay,
+            store,
+            now: 1_000,
+        }
+    }
+
+    /// Everything the relay wants done, in order.
+    fn drain(&mut self) -> Vec<Out> {
+        std::iter::from_fn(|| self.relay.poll()).collect()
+    }
+
+    /// Open connection `id` and return the challenge nonce it was sent.
+    fn connect(&mut self, id: ConnId) -> [u8; 32] {
+        self.relay.connect(id, self.now);
+        match self.drain().as_slice() {
+            [Out::Send(c, FromRelay::Challenge { nonce, version: _ })] if *c == id => *nonce,
+            other => panic!("expected one challenge, got {other:?}"),
+        }
+    }
+
+    fn handle(&mut self, id: ConnId, msg: ToRelay) -> Vec<Out> {
+        self.now += 1;
+        self.relay.handle(id, msg, self.now, &mut self.store);
+        self.drain()
+    }
+
+    /// Connect and log in as `user` with `key`; returns what the relay answered.
+    fn login(&mut self, id: ConnId, user: &str, key: usize) -> Vec<Out> {
+        let nonce = self.connect(id);
+        let me = identity(key);
+        let signature = me
+            .sign(&mut rand::thread_rng(), &login_transcript(&nonce, user))
+            .unwrap();
+        self.handle(
+            id,
+            ToRelay::Login {
+                user: user.into(),
+                key: me.public().der().to_vec(),
+                signature,
+            },
+        )
+    }
+
+    /// Log in and check it worked; the answers are dropped.
+    fn logged_in(&mut self, id: ConnId, user: &str, key: usize) {
+        let out = self.login(id, user, key);
+        assert!(
+            matches!(out.first(), Some(Out::Send(c, FromRelay::Welcome { .. })) if *c == id),
+            "{user} not welcomed: {out:?}"
+        );
+    }
+
+    fn send(&mut self, id: ConnId, item: Routed) -> Vec<Out> {
+        self.handle(id, ToRelay::Send(item))
+    }
+}
+
+/// The messages sent on one connection.
+fn to(out: &[Out], id: ConnId) -> Vec<FromRelay> {
+    out.iter()
+        .filter_map(|o| match o {
+            Out::Send(c, m) if *c == id => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(out: &[Out], id: ConnId) -> bool {
+    out.contains(&Out::Close(id))
+}
+
+/// The error code sent on `id`, if any, and checks the connection is closed after it.
+fn error_code(out: &[Out], id: ConnId) -> Option<String> {
+    let code = to(out, id).into_iter().find_map(|m| match m {
+        FromRelay::Error { code, .. } => Some(code),
+        _ => None,
+    })?;
+    let err_at = out
+        .iter()
+        .position(|o| matches!(o, Out::Send(c, FromRelay::Error { .. }) if *c == id));
+    let close_at = out.iter().position(|o| *o == Out::Close(id));
+    assert!(
+        close_at > err_at,
+        "connection {id} must be closed after its error: {out:?}"
+    );
+    Some(code)
+}
+
+/// A dummy message item; the relay never looks inside.
+fn message(from: &str, to: &str, n: u8) -> Routed {
+    Routed::Message(Envelope {
+        id: [n; 16],
+        from: from.into(),
+        to: to.into(),
+        time_ms: 1,
+        session: [0xee; 16],
+        counter: n as u64,
+        key_packet: None,
+        ciphertext: vec![n; 20],
+    })
+}
+
+fn receipt(from: &str, to: &str, n: u8) -> Routed {
+    Routed::Receipt(Receipt {
+        id: [n; 16],
+        from: from.into(),
+        to: to.into(),
+        session: [0xee; 16],
+        counter: n as u64,
+        tag: [0; 16],
+    })
+}
+
+fn msg_key(n: u8) -> ItemKey {
+    ItemKey {
+        kind: Kind::Message,
+        id: [n; 16],
+    }
+}
+
+fn ping_works(t: &mut T, id: ConnId) {
+    let out = t.handle(id, ToRelay::Ping);
+    assert_eq!(out, [Out::Send(id, FromRelay::Pong)], "connection {id}");
+}
+
+#[test]
+fn challenge_then_login_then_welcome() {
+    let mut t = T::new();
+    let nonce = t.connect(1);
+    let other = t.connect(2);
+    assert_ne!(nonce, other, "every connection gets its own challenge");
+    let me = identity(ALICE);
+    let signature = me
+        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, "alice"))
+        .unwrap();
+    let out = t.handle(
+        1,
+        ToRelay::Login {
+            user: "alice".into(),
+            key: me.public().der().to_vec(),
+            signature,
+        },
+    );
+    assert_eq!(
+        out,
+        [Out::Send(
+            1,
+            FromRelay::Welcome {
+                user: "alice".into(),
+                peers: vec![]
+            }
+        )]
+    );
+    assert_eq!(t.relay.online_count(), 1);
+    // The binding is durable.
+    assert_eq!(
+        t.store.bindings().unwrap(),
+        [("alice".to_string(), me.public().der().to_vec())]
+    );
+    let dir = t.relay.directory();
+    assert_eq!(dir.len(), 1);
+    assert_eq!(dir[0].user, "alice");
+    assert!(dir[0].online);
+    assert_eq!(dir[0].fingerprint, me.public().fingerprint().to_string());
+}
+
+#[test]
+fn welcome_lists_directory_and_presence_is_broadcast() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    let out = t.login(2, "bob", BOB);
+    let alice_key = identity(ALICE).public().der().to_vec();
+    let bob_key = identity(BOB).public().der().to_vec();
+    assert_eq!(
+        to(&out, 2),
+        [FromRelay::Welcome {
+            user: "bob".into(),
+            peers: vec![Peer {
+                user: "alice".into(),
+                key: alice_key.clone(),
+                online: true
+            }]
+        }]
+    );
+    assert_eq!(
+        to(&out, 1),
+        [FromRelay::Presence(Peer {
+            user: "bob".into(),
+            key: bob_key.clone(),
+            online: true
+        })]
+    );
+
+    t.relay.disconnect(2);
+    let out = t.drain();
+    assert_eq!(
+        out,
+        [Out::Send(
+            1,
+            FromRelay::Presence(Peer {
+                user: "bob".into(),
+                key: bob_key,
+                online: false
+            })
+        )]
+    );
+    assert_eq!(t.relay.online_count(), 1);
+
+    // Alice leaves; bob, offline but bound, is in her next welcome as offline.
+    t.relay.disconnect(1);
+    assert!(t.drain().is_empty(), "nobody online to tell");
+    let out = t.login(3, "alice", ALICE);
+    match &to(&out, 3)[..] {
+        [FromRelay::Welcome { peers, .. }] => {
+            assert_eq!(peers.len(), 1);
+            assert_eq!(peers[0].user, "bob");
+            assert!(!peers[0].online);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_login_signature_is_refused_and_binds_nothing() {
+    let mut t = T::new();
+    let nonce = t.connect(1);
+    let me = identity(ALICE);
+    // Signed over another challenge: a replayed login.
+    let mut wrong = nonce;
+    wrong[0] ^= 1;
+    let signature = me
+        .sign(&mut rand::thread_rng(), &login_transcript(&wrong, "alice"))
+        .unwrap();
+    let out = t.handle(
+        1,
+        ToRelay::Login {
+            user: "alice".into(),
+            key: me.public().der().to_vec(),
+            signature,
+        },
+    );
+    assert_eq!(error_code(&out, 1).as_deref(), Some("bad_login"));
+    assert!(t.store.bindings().unwrap().is_empty());
+    assert!(t.relay.directory().is_empty());
+    assert_eq!(t.relay.online_count(), 0);
+}
+
+#[test]
+fn login_signed_for_another_name_is_refused() {
+    let mut t = T::new();
+    let nonce = t.connect(1);
+    let me = identity(ALICE);
+    let signature = me
+        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, "bob"))
+        .unwrap();
+    let out = t.handle(
+        1,
+        ToRelay::Login {
+            user: "alice".into(),
+            key: me.public().der().to_vec(),
+            signature,
+        },
+    );
+    assert_eq!(error_code(&out, 1).as_deref(), Some("bad_login"));
+    assert!(t.relay.directory().is_empty());
+}
+
+#[test]
+fn invalid_name_and_garbage_key_are_refused() {
+    let mut t = T::new();
+    let out = t.login(1, "Alice", ALICE);
+    assert_eq!(error_code(&out, 1).as_deref(), Some("bad_login"));
+    t.connect(2);
+    let out = t.handle(
+        2,
+        ToRelay::Login {
+            user: "alice".into(),
+            key: b"not a key".to_vec(),
+            signature: vec![0; 256],
+        },
+    );
+    assert_eq!(error_code(&out, 2).as_deref(), Some("bad_login"));
+    assert!(t.relay.directory().is_empty());
+}
+
+#[test]
+fn impersonation_gets_name_taken_and_the_owner_stays_online() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let out = t.login(3, "alice", MALLORY);
+    assert_eq!(error_code(&out, 3).as_deref(), Some("name_taken"));
+    assert!(!closed(&out, 1), "the real alice is not touched");
+    assert!(to(&out, 1).is_empty());
+    assert!(to(&out, 2).is_empty(), "no presence change is announced");
+    assert_eq!(t.relay.online_count(), 2);
+    let alice = t
+        .relay
+        .directory()
+        .into_iter()
+        .find(|p| p.user == "alice")
+        .unwrap();
+    assert!(alice.online);
+    assert_eq!(
+        alice.fingerprint,
+        identity(ALICE).public().fingerprint().to_string()
+    );
+    // The Error names both fingerprints and the way out.
+    let reason = to(&out, 3)
+        .into_iter()
+        .find_map(|m| match m {
+            FromRelay::Error { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .unwrap();
+    assert!(reason.contains(&identity(MALLORY).public().fingerprint().to_string()));
+    assert!(reason.contains("forget"));
+    // The impostor's connection ignores anything further; the closed-out daemon disconnects it.
+    assert!(t.send(3, message("alice", "bob", 1)).is_empty());
+    t.relay.disconnect(3);
+    assert!(
+        t.drain().is_empty(),
+        "the impostor's disconnect is not alice leaving"
+    );
+    ping_works(&mut t, 1);
+    let out = t.send(1, message("alice", "bob", 2));
+    assert_eq!(to(&out, 1), [FromRelay::Accepted(msg_key(2))]);
+    assert_eq!(
+        to(&out, 2),
+        [FromRelay::Deliver(message("alice", "bob", 2))]
+    );
+}
+
+#[test]
+fn second_login_with_the_same_key_replaces_the_first_quietly() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let out = t.login(3, "alice", ALICE);
+    assert_eq!(error_code(&out, 1).as_deref(), Some("replaced"));
+    assert!(matches!(
+        to(&out, 3).first(),
+        Some(FromRelay::Welcome { .. })
+    ));
+    assert!(to(&out, 2).is_empty(), "alice never went offline: {out:?}");
+    // The old connection's disconnect does not take alice offline either.
+    t.relay.disconnect(1);
+    assert!(t.drain().is_empty());
+    assert_eq!(t.relay.online_count(), 2);
+    let out = t.send(2, message("bob", "alice", 1));
+    assert_eq!(
+        to(&out, 3),
+        [FromRelay::Deliver(message("bob", "alice", 1))]
+    );
+    assert!(to(&out, 1).is_empty());
+}
+
+#[test]
+fn send_before_login_is_a_protocol_error_and_others_are_unaffected() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.connect(2);
+    let out = t.send(2, message("bob", "alice", 1));
+    assert_eq!(error_code(&out, 2).as_deref(), Some("protocol"));
+    assert!(to(&out, 1).is_empty());
+    let reason = match &to(&out, 2)[0] {
+        FromRelay::Error { reason, .. } => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        reason.contains("Login") && reason.contains("Send"),
+        "{reason}"
+    );
+    assert_eq!(t.relay.queued_count(), 0);
+    // Closing: a login on the dead connection is ignored.
+    assert!(t.login_on_closing(2).is_empty());
+    ping_works(&mut t, 1);
+    // Ack and Ping before login are protocol errors too.
+    t.connect(3);
+    let out = t.handle(3, ToRelay::Ping);
+    assert_eq!(error_code(&out, 3).as_deref(), Some("protocol"));
+}
+
+impl T {
+    fn login_on_closing(&mut self, id: ConnId) -> Vec<Out> {
+        let me = identity(ALICE);
+        self.handle(
+            id,
+            ToRelay::Login {
+                user: "alice".into(),
+                key: me.public().der().to_vec(),
+                signature: vec![0; 256],
+            },
+        )
+    }
+}
+
+#[test]
+fn malformed_payload_closes_only_that_connection() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.relay.receive(2, b"garbage", t.now, &mut t.store);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 2).as_deref(), Some("protocol"));
+    // Bob's connection went offline with the error; alice hears he left.
+    assert_eq!(to(&out, 1).len(), 1);
+    assert!(matches!(&to(&out, 1)[0], FromRelay::Presence(p) if p.user == "bob" && !p.online));
+    assert!(!closed(&out, 1));
+    ping_works(&mut t, 1);
+    // A valid frame through `receive` still works on the other connection.
+    let payload = crate::proto::to_payload(&ToRelay::Ping).unwrap();
+    t.relay.receive(1, &payload, t.now, &mut t.store);
+    assert_eq!(t.drain(), [Out::Send(1, FromRelay::Pong)]);
+    // And a malformed first frame on a fresh connection.
+    t.connect(3);
+    t.relay.receive(3, &[0xc1], t.now, &mut t.store);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 3).as_deref(), Some("protocol"));
+}
+
+#[test]
+fn login_twice_is_a_protocol_error() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    let me = identity(ALICE);
+    let out = t.handle(
+        1,
+        ToRelay::Login {
+            user: "alice".into(),
+            key: me.public().der().to_vec(),
+            signature: vec![],
+        },
+    );
+    assert_eq!(error_code(&out, 1).as_deref(), Some("protocol"));
+    assert_eq!(t.relay.online_count(), 0);
+}
+
+#[test]
+fn routed_to_online_user_then_acknowledged() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let item = message("alice", "bob", 7);
+    let out = t.send(1, item.clone());
+    // Accepted only after it is in the store; delivered at once.
+    assert_eq!(
+        out,
+        [
+            Out::Send(1, FromRelay::Accepted(msg_key(7))),
+            Out::Send(2, FromRelay::Deliver(item.clone())),
+        ]
+    );
+    assert_eq!(t.store.queued().unwrap().len(), 1);
+    assert_eq!(t.relay.queued_count(), 1);
+    // Until bob acks, the item stays queued.
+    assert!(t.handle(2, ToRelay::Ack(msg_key(7))).is_empty());
+    assert_eq!(t.relay.queued_count(), 0);
+    assert!(t.store.queued().unwrap().is_empty());
+    // An ack for something not queued (or a second ack) is harmless.
+    assert!(t.handle(2, ToRelay::Ack(msg_key(7))).is_empty());
+    assert!(t.handle(1, ToRelay::Ack(msg_key(99))).is_empty());
+    // Receipts route the same way and are acked under their own kind.
+    let r = receipt("bob", "alice", 7);
+    let out = t.send(2, r.clone());
+    let rkey = ItemKey {
+        kind: Kind::Receipt,
+        id: [7; 16],
+    };
+    assert_eq!(
+        out,
+        [
+            Out::Send(2, FromRelay::Accepted(rkey)),
+            Out::Send(1, FromRelay::Deliver(r)),
+        ]
+    );
+    // A message ack does not drop the receipt with the same id.
+    t.handle(1, ToRelay::Ack(msg_key(7)));
+    assert_eq!(t.relay.queued_count(), 1);
+    t.handle(1, ToRelay::Ack(rkey));
+    assert_eq!(t.relay.queued_count(), 0);
+}
+
+#[test]
+fn offline_recipient_queue_survives_restart_and_is_delivered_on_login_in_order() {
+    let mut t = T::new();
+    t.logged_in(1, "bob", BOB);
+    t.relay.disconnect(1);
+    t.logged_in(2, "alice", ALICE);
+    for n in 1..=3 {
+        let out = t.send(2, message("alice", "bob", n));
+        assert_eq!(out, [Out::Send(2, FromRelay::Accepted(msg_key(n)))]);
+    }
+    assert_eq!(t.relay.queued_count(), 3);
+    // The relay restarts: bindings and queues come back from the store.
+    let mut t = T {
+        relay: Relay::load(&t.store, Limits::default()).unwrap(),
+        store: t.store,
+        now: t.now,
+    };
+    assert_eq!(t.relay.queued_count(), 3);
+    assert_eq!(t.relay.directory().len(), 2);
+    let out = t.login(5, "bob", BOB);
+    let got = to(&out, 5);
+    assert!(matches!(got[0], FromRelay::Welcome { .. }));
+    assert_eq!(
+        got[1..],
+        [
+            FromRelay::Deliver(message("alice", "bob", 1)),
+            FromRelay::Deliver(message("alice", "bob", 2)),
+            FromRelay::Deliver(message("alice", "bob", 3)),
+        ]
+    );
+    // Unacknowledged items are delivered again on the next login.
+    t.handle(5, ToRelay::Ack(msg_key(2)));
+    t.relay.disconnect(5);
+    let out = t.login(6, "bob", BOB);
+    assert_eq!(
+        to(&out, 6)[1..],
+        [
+            FromRelay::Deliver(message("alice", "bob", 1)),
+            FromRelay::Deliver(message("alice", "bob", 3)),
+        ]
+    );
+}
+
+#[test]
+fn retransmission_is_accepted_again_and_stored_once() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.relay.disconnect(2);
+    t.drain();
+    let out = t.send(1, message("alice", "bob", 1));
+    assert_eq!(out, [Out::Send(1, FromRelay::Accepted(msg_key(1)))]);
+    let out = t.send(1, message("alice", "bob", 1));
+    assert_eq!(out, [Out::Send(1, FromRelay::Accepted(msg_key(1)))]);
+    assert_eq!(t.relay.queued_count(), 1);
+    assert_eq!(t.store.queued().unwrap().len(), 1);
+}
+
+#[test]
+fn sender_must_be_the_logged_in_user() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let out = t.send(1, message("bob", "bob", 1));
+    match &out[..] {
+        [Out::Send(1, FromRelay::Refused { key, code, .. })] => {
+            assert_eq!(*key, msg_key(1));
+            assert_eq!(code, "bad_sender");
+        }
+        other => panic!("{other:?}"),
+    }
+    let out = t.send(1, receipt("bob", "alice", 2));
+    assert!(
+        matches!(&out[..], [Out::Send(1, FromRelay::Refused { code, .. })] if code == "bad_sender")
+    );
+    assert_eq!(t.relay.queued_count(), 0);
+}
+
+#[test]
+fn unknown_recipient_is_refused() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    let out = t.send(1, message("alice", "nobody", 1));
+    match &out[..] {
+        [Out::Send(1, FromRelay::Refused { key, code, reason })] => {
+            assert_eq!(*key, msg_key(1));
+            assert_eq!(code, "unknown_user");
+            assert!(reason.contains("nobody"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(t.relay.queued_count(), 0);
+    // The connection stays up.
+    ping_works(&mut t, 1);
+}
+
+#[test]
+fn per_user_queue_limit_refuses_the_fourth_item() {
+    let mut t = T::with_limits(Limits {
+        max_queue: 3,
+        ..Limits::default()
+    });
+    t.logged_in(1, "bob", BOB);
+    t.relay.disconnect(1);
+    t.logged_in(2, "alice", ALICE);
+    for n in 1..=3 {
+        let out = t.send(2, message("alice", "bob", n));
+        assert_eq!(out, [Out::Send(2, FromRelay::Accepted(msg_key(n)))]);
+    }
+    let out = t.send(2, message("alice", "bob", 4));
+    match &out[..] {
+        [Out::Send(2, FromRelay::Refused { key, code, reason })] => {
+            assert_eq!(*key, msg_key(4));
+            assert_eq!(code, "queue_full");
+            assert!(reason.contains("bob"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(t.relay.queued_count(), 3);
+    // A retransmission of a queued item is still accepted when full.
+    let out = t.send(2, message("alice", "bob", 2));
+    assert_eq!(out, [Out::Send(2, FromRelay::Accepted(msg_key(2)))]);
+    // Alice's own queue is separate.
+    let out = t.send(2, message("alice", "alice", 9));
+    assert_eq!(out[0], Out::Send(2, FromRelay::Accepted(msg_key(9))));
+    // Once bob acks one, there is room again.
+    let out = t.login(3, "bob", BOB);
+    assert_eq!(to(&out, 3).len(), 4, "welcome + three deliveries");
+    t.handle(3, ToRelay::Ack(msg_key(1)));
+    let out = t.send(2, message("alice", "bob", 4));
+    assert_eq!(out[0], Out::Send(2, FromRelay::Accepted(msg_key(4))));
+}
+
+#[test]
+fn handshake_timeout_closes_only_connections_that_did_not_log_in() {
+    let mut t = T::new();
+    t.now = 0;
+    t.logged_in(1, "alice", ALICE);
+    let start = t.now;
+    t.connect(2);
+    let limit = Limits::default().handshake_timeout_ms;
+    t.relay.tick(start + limit);
+    assert!(t.drain().is_empty(), "not late yet");
+    t.relay.tick(start + limit + 1);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 2).as_deref(), Some("timeout"));
+    assert!(!closed(&out, 1));
+    assert!(to(&out, 1).is_empty());
+    // Already closing: no second error.
+    t.relay.tick(start + limit + 2);
+    assert!(t.drain().is_empty());
+}
+
+#[test]
+fn idle_timeout_closes_a_silent_member_and_announces_it() {
+    let mut t = T::new();
+    t.now = 0;
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let idle = Limits::default().idle_timeout_ms;
+    // Alice pings at idle-1; bob stays silent.
+    t.now = idle - 1;
+    ping_works(&mut t, 1);
+    t.relay.tick(idle + 10);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 2).as_deref(), Some("timeout"));
+    assert!(!closed(&out, 1));
+    assert!(matches!(&to(&out, 1)[..], [FromRelay::Presence(p)] if p.user == "bob" && !p.online));
+    assert_eq!(t.relay.online_count(), 1);
+}
+
+#[test]
+fn forget_drops_binding_and_queue_and_lets_a_new_key_claim_the_name() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.relay.disconnect(2);
+    t.drain();
+    t.send(1, message("alice", "bob", 1));
+    // bob is offline with a queued item; alice is online. Forget alice: she is cut off.
+    assert!(t.relay.forget("alice", &mut t.store).unwrap());
+    let out = t.drain();
+    assert_eq!(error_code(&out, 1).as_deref(), Some("forgotten"));
+    assert!(t.relay.forget("bob", &mut t.store).unwrap());
+    assert!(!t.relay.forget("bob", &mut t.store).unwrap());
+    assert_eq!(t.relay.queued_count(), 0);
+    assert!(t.store.queued().unwrap().is_empty());
+    assert!(t.store.bindings().unwrap().is_empty());
+    // A new key may take the name.
+    let out = t.login(3, "bob", MALLORY);
+    assert!(matches!(
+        to(&out, 3).first(),
+        Some(FromRelay::Welcome { .. })
+    ));
+    assert_eq!(
+        t.relay.directory()[0].fingerprint,
+        identity(MALLORY).public().fingerprint().to_string()
+    );
+}
+
+#[test]
+fn forget_of_an_online_user_tells_the_others() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    assert!(t.relay.forget("bob", &mut t.store).unwrap());
+    let out = t.drain();
+    assert_eq!(error_code(&out, 2).as_deref(), Some("forgotten"));
+    assert!(matches!(&to(&out, 1)[..], [FromRelay::Presence(p)] if p.user == "bob" && !p.online));
+    // The daemon's later disconnect of the closed connection changes nothing.
+    t.relay.disconnect(2);
+    assert!(t.drain().is_empty());
+    assert_eq!(t.relay.online_count(), 1);
+    // Items for the forgotten name are now refused.
+    let out = t.send(1, message("alice", "bob", 1));
+    assert!(
+        matches!(&out[..], [Out::Send(1, FromRelay::Refused { code, .. })] if code == "unknown_user")
+    );
+}
+
+#[test]
+fn storage_failure_refuses_instead_of_accepting() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.store.fail_writes(true);
+    let out = t.send(1, message("alice", "bob", 1));
+    assert!(
+        matches!(&out[..], [Out::Send(1, FromRelay::Refused { code, .. })] if code == "storage"),
+        "never Accepted, never delivered: {out:?}"
+    );
+    assert_eq!(t.relay.queued_count(), 0);
+    // A first login cannot be bound either.
+    let out = t.login(3, "carol", MALLORY);
+    assert_eq!(error_code(&out, 3).as_deref(), Some("bad_login"));
+    t.store.fail_writes(false);
+    let out = t.send(1, message("alice", "bob", 1));
+    assert_eq!(out[0], Out::Send(1, FromRelay::Accepted(msg_key(1))));
+}
+
+#[test]
+fn unknown_connection_is_ignored() {
+    let mut t = T::new();
+    t.relay.handle(42, ToRelay::Ping, 0, &mut t.store);
+    t.relay.tick(1_000_000);
+    t.relay.disconnect(42);
+    assert!(t.drain().is_empty());
+}
+
+#[test]
+fn malformed_frame_on_a_closing_connection_is_ignored() {
+    let mut t = T::new();
+    t.connect(1);
+    let out = t.handle(1, ToRelay::Ping);
+    assert_eq!(error_code(&out, 1).as_deref(), Some("protocol"));
+    t.relay.receive(1, b"garbage", t.now, &mut t.store);
+    assert_eq!(t.drain(), [], "one error per connection");
+    t.relay.receive(42, b"garbage", t.now, &mut t.store);
+    assert_eq!(t.drain(), [], "no such connection");
+}
+
+#[test]
+fn a_long_queue_is_delivered_through_a_window() {
+    let mut t = T::new();
+    t.logged_in(1, "bob", BOB);
+    t.relay.disconnect(1);
+    t.logged_in(2, "alice", ALICE);
+    let total = DELIVERY_WINDOW + 2;
+    for n in 0..total {
+        let item = message("alice", "bob", 0);
+        let Routed::Message(mut e) = item else {
+            unreachable!()
+        };
+        e.id = (n as u128).to_be_bytes();
+        t.send(2, Routed::Message(e));
+    }
+    assert_eq!(t.relay.queued_count(), total);
+    let id_of = |n: usize| (n as u128).to_be_bytes();
+    let delivered = |msgs: &[FromRelay]| -> Vec<[u8; 16]> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                FromRelay::Deliver(Routed::Message(e)) => Some(e.id),
+                _ => None,
+            })
+            .collect()
+    };
+    let out = t.login(3, "bob", BOB);
+    let got = delivered(&to(&out, 3));
+    assert_eq!(got, (0..DELIVERY_WINDOW).map(id_of).collect::<Vec<_>>());
+    // A retransmission of a queued item is not delivered again.
+    let mut again = message("alice", "bob", 0);
+    if let Routed::Message(e) = &mut again {
+        e.id = id_of(5);
+    }
+    assert!(delivered(&to(&t.send(2, again), 3)).is_empty());
+    // Each ack lets one more through, in order.
+    let out = t.handle(
+        3,
+        ToRelay::Ack(ItemKey {
+            kind: Kind::Message,
+            id: id_of(7),
+        }),
+    );
+    assert_eq!(delivered(&to(&out, 3)), [id_of(DELIVERY_WINDOW)]);
+    let out = t.handle(
+        3,
+        ToRelay::Ack(ItemKey {
+            kind: Kind::Message,
+            id: id_of(0),
+        }),
+    );
+    assert_eq!(delivered(&to(&out, 3)), [id_of(DELIVERY_WINDOW + 1)]);
+    // Nothing left to send: an ack frees room but delivers nothing.
+    let out = t.handle(
+        3,
+        ToRelay::Ack(ItemKey {
+            kind: Kind::Message,
+            id: id_of(1),
+        }),
+    );
+    assert!(out.is_empty());
+    // A new item while there is room goes out at once.
+    let mut new = message("alice", "bob", 0);
+    if let Routed::Message(e) = &mut new {
+        e.id = id_of(1000);
+    }
+    assert_eq!(delivered(&to(&t.send(2, new), 3)), [id_of(1000)]);
+    // A new connection starts over from the oldest unacknowledged item.
+    t.relay.disconnect(3);
+    t.drain();
+    let out = t.login(4, "bob", BOB);
+    let got = delivered(&to(&out, 4));
+    assert_eq!(got.len(), DELIVERY_WINDOW);
+    assert_eq!(got[0], id_of(2));
+}
