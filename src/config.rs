@@ -443,6 +443,7 @@ mod tests {
                 connect: "example.org:9999".into()
             }
         );
+        assert_eq!(c.key_bits, 3072, "RSA-3072 unless --key-bits");
         let f = flags(&["--state-dir", "/x"]);
         assert!(matches!(
             resolve_with(&f, &File::default(), None),

@@ -388,6 +388,9 @@ fn send(
     match text {
         Some(t) => one(&mut client, t, out),
         None => {
+            // Check the recipients before waiting on stdin, so a typo fails at once even when
+            // no line ever comes.
+            check_recipients(&mut client, &users)?;
             let stdin = io::stdin();
             let mut buf = Vec::new();
             let mut lock = stdin.lock();
@@ -418,6 +421,46 @@ fn send(
             }
         }
     }
+}
+
+/// Fail as `send` would for an unknown recipient or one whose key changed.
+fn check_recipients(client: &mut Client, users: &[String]) -> Result<(), Step> {
+    let peers = match client.request(&CtlRequest::Who)? {
+        CtlResponse::Peers(p) => p,
+        CtlResponse::Error { message, .. } => return Err(fail(exit::FAILED, message).into()),
+        other => {
+            return Err(fail(
+                exit::FAILED,
+                format!("unexpected reply from chatd: {}", reply_name(&other)),
+            )
+            .into())
+        }
+    };
+    for u in users {
+        match peers.iter().find(|p| &p.user == u) {
+            None => {
+                return Err(fail(
+                    exit::FAILED,
+                    format!("unknown user {u}: the relay has no such name; nothing was sent"),
+                )
+                .into())
+            }
+            Some(p) if p.trust == "changed" => {
+                let new = p.presented.as_deref().unwrap_or("?");
+                return Err(fail(
+                    exit::KEY_CHANGED,
+                    format!(
+                        "{u}'s key changed: pinned {}, relay presents {new}; nothing was sent. \
+                         Check the new fingerprint with {u} out of band, then run: chatctl trust {u} {new}",
+                        p.fingerprint
+                    ),
+                )
+                .into());
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn error_of(resp: CtlResponse, as_json: bool, out: &mut Out) -> Step {

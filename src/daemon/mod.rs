@@ -837,7 +837,8 @@ impl Daemon {
                         }
                     }
                 }
-                if close_uplink {
+                // The same read may already have seen the relay hang up after its final frame.
+                if close_uplink && up.conn.is_some() {
                     let why = self
                         .member
                         .as_ref()
