@@ -20,7 +20,17 @@ fn main() -> ExitCode {
         // Everything passes env_logger; log::set_max_level decides, so SIGHUP can change it.
         logger.filter_level(log::LevelFilter::Trace);
     }
-    logger.format_timestamp_millis().init();
+    if chatd::daemon::systemd::stderr_is_journal() {
+        // journald adds the time and pid; the `<N>` prefix gives each line its priority.
+        use std::io::Write;
+        logger.format(|buf, rec| {
+            let prio = chatd::daemon::systemd::syslog_priority(rec.level());
+            writeln!(buf, "<{prio}>{}", rec.args())
+        });
+    } else {
+        logger.format_timestamp_millis();
+    }
+    logger.init();
     if std::env::var_os("RUST_LOG").is_none() {
         log::set_max_level(chatd::daemon::level_filter(cfg.log_level.as_deref()));
     }

@@ -9,6 +9,8 @@
 //!   when the connection state changes, `RELOADING=1`/`READY=1` around a SIGHUP reload,
 //!   `STOPPING=1` on SIGTERM/SIGINT, and `WATCHDOG=1` every half `WATCHDOG_USEC` from the event
 //!   loop (so a wedged loop stops the pings and systemd restarts the service).
+//! - [`stderr_is_journal`] tells `chatd` to prefix log lines with their syslog priority when
+//!   journald collects them, so `journalctl -p warning` works and errors show in colour.
 //! - [`listen_fds`] takes the sockets systemd passes (`LISTEN_PID`, `LISTEN_FDS`,
 //!   `LISTEN_FDNAMES`, fds from 3): a listening Unix stream socket named `control` becomes the
 //!   control socket, a listening TCP socket named `relay` the relay listener. Without those
@@ -244,6 +246,37 @@ impl Notifier {
 
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
+}
+
+/// Whether stderr is connected to the journal (`$JOURNAL_STREAM` names its device and inode),
+/// so log lines can carry a `<N>` syslog priority prefix instead of a timestamp of their own.
+pub fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let v = v.to_string_lossy();
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into st, which is valid and large enough; fd 2 may be closed,
+    // which yields an error.
+    let rc = unsafe { libc::fstat(libc::STDERR_FILENO, &mut st) };
+    rc == 0 && st.st_dev as u64 == dev && st.st_ino as u64 == ino
+}
+
+/// The syslog priority journald understands as a `<N>` line prefix (sd-daemon(3)).
+pub fn syslog_priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
 }
 
 /// What one part of the daemon shows in `STATUS=`.

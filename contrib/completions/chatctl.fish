@@ -1,0 +1,76 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_chatctl_global_optspecs
+    string join \n socket= json h/help V/version
+end
+
+function __fish_chatctl_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_chatctl_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_chatctl_using_subcommand
+    set -l cmd (__fish_chatctl_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c chatctl -n "__fish_chatctl_needs_command" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_needs_command" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_needs_command" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_needs_command" -s V -l version -d 'Print version'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "who" -d 'List peers: name, online, trust (trusted|pinned|changed), fingerprint'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l wait -d 'Wait for this state before exiting' -r -f -a "none\t'Until sealed and stored in the outbox'
+relay\t'Until the relay has taken custody'
+delivered\t'Until the recipient\'s daemon has stored it'"
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l timeout -d 'Seconds to wait at most with --wait' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l all -d 'Send to every peer online now'
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s n -l lines -d 'How many of the last records to print [default: 10; all newer than SEQ with --since]' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l since -d 'Only records with a larger seq' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand who" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand status" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand status" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "who" -d 'List peers: name, online, trust (trusted|pinned|changed), fingerprint'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
