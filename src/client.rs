@@ -86,8 +86,13 @@ impl Client {
 
     /// Send a request and read its (first) response.
     pub fn request(&mut self, req: &CtlRequest) -> Result<CtlResponse, ClientError> {
-        self.send(req)?;
-        self.recv()
+        // A daemon that refuses us (too many clients) answers and closes before reading, so a
+        // failed send may still leave its reason to read.
+        let sent = self.send(req);
+        match (sent, self.recv()) {
+            (_, Ok(resp)) => Ok(resp),
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
+        }
     }
 }
 

@@ -350,6 +350,16 @@ pub fn resolve_with(
         .unwrap_or(d.handshake_timeout_ms),
         idle_timeout_ms: secs("idle_timeout", flags.idle_timeout.or(file.idle_timeout))?
             .unwrap_or(d.idle_timeout_ms),
+        window_bytes: d.window_bytes,
+    };
+    let max_write_buffer = positive(
+        "max_write_buffer",
+        flags.max_write_buffer.or(file.max_write_buffer),
+    )?
+    .unwrap_or(16 << 20);
+    let limits = Limits {
+        window_bytes: max_write_buffer / 2,
+        ..limits
     };
     Ok(Config {
         role,
@@ -362,11 +372,7 @@ pub fn resolve_with(
             flags.max_connections.or(file.max_connections),
         )?
         .unwrap_or(1024),
-        max_write_buffer: positive(
-            "max_write_buffer",
-            flags.max_write_buffer.or(file.max_write_buffer),
-        )?
-        .unwrap_or(16 << 20),
+        max_write_buffer,
         max_control_clients: positive(
             "max_control_clients",
             flags.max_control_clients.or(file.max_control_clients),

@@ -49,13 +49,22 @@ impl Write for Stream {
     }
 }
 
-/// What reading found.
-pub enum ReadOutcome {
-    /// Still open.
-    Open,
-    /// The peer closed its end (after the returned frames).
-    Eof,
+/// What one read pass found.
+pub struct ReadResult {
+    /// Whole frames, in order (also those before an error).
+    pub frames: Vec<Vec<u8>>,
+    /// The peer closed its end.
+    pub eof: bool,
+    /// The stream failed or sent a bad frame; close after handling `frames`.
+    pub error: Option<FrameError>,
+    /// The read budget ran out before `WouldBlock`: read again next turn (readiness is
+    /// edge-triggered, so no new event will say so).
+    pub more: bool,
 }
+
+/// Bytes read from one connection per turn. Bounds the memory and time one fast peer can take
+/// from everyone else before the loop writes, runs timers and serves other connections.
+pub const READ_BUDGET: usize = 256 * 1024;
 
 /// One connection and its buffers.
 pub struct Conn {
@@ -92,31 +101,49 @@ impl Conn {
         let _ = registry.deregister(self.stream.source());
     }
 
-    /// Read everything available and return the whole frames in it (each capped at `max`).
-    pub fn read_frames(&mut self, max: usize) -> Result<(Vec<Vec<u8>>, ReadOutcome), FrameError> {
+    /// Read what is available, up to [`READ_BUDGET`] bytes, and return the whole frames in it
+    /// (each capped at `max`).
+    pub fn read_frames(&mut self, max: usize) -> ReadResult {
         let mut chunk = [0u8; 16 * 1024];
-        let mut outcome = ReadOutcome::Open;
-        let mut frames = Vec::new();
+        let mut r = ReadResult {
+            frames: Vec::new(),
+            eof: false,
+            error: None,
+            more: false,
+        };
+        let mut budget = READ_BUDGET;
         loop {
-            match self.stream.read(&mut chunk) {
+            if budget == 0 {
+                r.more = true;
+                break;
+            }
+            let want = chunk.len().min(budget);
+            match self.stream.read(&mut chunk[..want]) {
                 Ok(0) => {
-                    outcome = ReadOutcome::Eof;
+                    r.eof = true;
                     break;
                 }
                 Ok(n) => {
+                    budget -= n;
                     self.inbuf.extend_from_slice(&chunk[..n]);
                     // Decode as we go so a peer cannot make us buffer more than one frame.
-                    self.take_frames(max, &mut frames)?;
+                    if let Err(e) = self.take_frames(max, &mut r.frames) {
+                        r.error = Some(e);
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(FrameError::Io(e)),
+                Err(e) => {
+                    r.error = Some(FrameError::Io(e));
+                    break;
+                }
             }
         }
-        if matches!(outcome, ReadOutcome::Eof) && !self.inbuf.is_empty() && frames.is_empty() {
-            return Err(FrameError::Truncated);
+        if r.eof && r.error.is_none() && !self.inbuf.is_empty() {
+            r.error = Some(FrameError::Truncated);
         }
-        Ok((frames, outcome))
+        r
     }
 
     fn take_frames(&mut self, max: usize, frames: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {

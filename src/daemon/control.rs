@@ -20,9 +20,91 @@ use crate::store::StoreError;
 /// Per control connection.
 #[derive(Default)]
 pub struct Ctl {
+    /// A `tail` still sending history, page by page as the client reads.
+    cursor: Option<Cursor>,
     follow: Option<Follow>,
     /// Sent a request this turn (gets an error if the turn fails to commit).
     asked: bool,
+}
+
+struct Cursor {
+    after: u64,
+    with: Option<String>,
+    follow: bool,
+}
+
+/// Records read from the database at a time for a `tail`.
+const PAGE: u64 = 64;
+
+/// Whether some `tail` can send more now, given the output `limit` per client.
+pub fn tails_ready(conns: &HashMap<Token, Entry>, limit: usize) -> bool {
+    conns.values().any(|e| {
+        matches!(
+            &e.kind,
+            Kind::Control(Ctl {
+                cursor: Some(_),
+                ..
+            })
+        ) && e.conn.pending() < limit
+    })
+}
+
+/// Send more history to every `tail` in progress, record by record, while less than `limit`
+/// bytes wait to be written to it (half the write-buffer cap: a long history costs bounded
+/// memory, and a client that reads is never cut off as slow). Finish a `tail` (with `End`, or
+/// by turning it into a follower) when its history is sent.
+pub fn pump_tails(conns: &mut HashMap<Token, Entry>, store: &crate::store::Store, limit: usize) {
+    for e in conns.values_mut() {
+        let Kind::Control(c) = &mut e.kind else {
+            continue;
+        };
+        let Some(cur) = c.cursor.as_mut() else {
+            continue;
+        };
+        'pages: while e.conn.pending() < limit {
+            let page = match store.page(cur.after, cur.with.as_deref(), PAGE) {
+                Ok(p) => p,
+                Err(err) => {
+                    let mut buf = Vec::new();
+                    if encode_frame(&failed(format!("cannot read history: {err}")), &mut buf)
+                        .is_ok()
+                    {
+                        e.conn.queue(&buf);
+                    }
+                    c.cursor = None;
+                    break;
+                }
+            };
+            if page.is_empty() {
+                // No record can be appended between this read and the switch below: the loop
+                // is single-threaded. So a follower misses nothing and sees nothing twice.
+                if let Some(cur) = c.cursor.take() {
+                    if cur.follow {
+                        c.follow = Some(Follow {
+                            with: cur.with,
+                            last_seq: cur.after,
+                        });
+                    } else {
+                        let mut buf = Vec::new();
+                        if encode_frame(&CtlResponse::End, &mut buf).is_ok() {
+                            e.conn.queue(&buf);
+                        }
+                    }
+                }
+                break;
+            }
+            for r in page {
+                if e.conn.pending() >= limit {
+                    break 'pages;
+                }
+                cur.after = r.seq;
+                let mut buf = Vec::new();
+                if encode_frame(&CtlResponse::Record(r), &mut buf).is_ok() {
+                    e.conn.queue(&buf);
+                }
+            }
+        }
+    }
 }
 
 struct Follow {
@@ -231,8 +313,8 @@ pub(super) fn request(d: &mut Daemon, token: Token, payload: &[u8], now: u64) {
         ..
     }) = d.conns.get_mut(&token)
     {
-        if c.follow.is_some() {
-            // A follower only reads; ignore anything else it sends.
+        if c.follow.is_some() || c.cursor.is_some() {
+            // A tail only reads; ignore anything else it sends.
             return;
         }
         c.asked = true;
@@ -350,26 +432,25 @@ fn tail(
             return Some(failed(format!("invalid user name {w:?}")));
         }
     }
-    let records = match d.store.records(since.unwrap_or(0), with.as_deref(), last) {
-        Ok(r) => r,
+    let since = since.unwrap_or(0);
+    let after = match last {
+        Some(n) => d.store.start_of_last(since, with.as_deref(), n),
+        None => Ok(since),
+    };
+    let after = match after {
+        Ok(a) => a,
         Err(e) => return Some(failed(format!("cannot read history: {e}"))),
     };
-    let last_seq = match d.store.last_seq() {
-        Ok(s) => s,
-        Err(e) => return Some(failed(format!("cannot read history: {e}"))),
-    };
-    for r in records {
-        reply(&mut d.conns, token, &CtlResponse::Record(r));
-    }
-    if !follow {
-        return Some(CtlResponse::End);
-    }
     if let Some(Entry {
         kind: Kind::Control(c),
         ..
     }) = d.conns.get_mut(&token)
     {
-        c.follow = Some(Follow { with, last_seq });
+        c.cursor = Some(Cursor {
+            after,
+            with,
+            follow,
+        });
     }
     None
 }

@@ -35,7 +35,7 @@ use crate::proto::frame::MAX_FRAME;
 use crate::proto::relay::{FromRelay, ToRelay};
 use crate::relay::{self, ConnId, Relay};
 use crate::store::{Store, StoreError};
-use conn::{Conn, ReadOutcome, Stream};
+use conn::{Conn, ReadResult, Stream};
 use control::{Ctl, Waiter};
 
 const LISTENER: Token = Token(0);
@@ -122,6 +122,8 @@ pub struct Daemon {
     /// Host mode: when to re-attach the in-process member after the relay closed it.
     local_relink: Option<u64>,
     waiters: Vec<Waiter>,
+    /// Connections to read again next turn (their read budget ran out).
+    again: Vec<Token>,
     started: Instant,
     fingerprint: Fingerprint,
     stopping: bool,
@@ -251,6 +253,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         uplink,
         local_relink: None,
         waiters: Vec::new(),
+        again: Vec::new(),
         started: Instant::now(),
         fingerprint,
         stopping: false,
@@ -317,11 +320,20 @@ impl Daemon {
             if let Err(e) = &tx {
                 warn!("cannot start a database transaction: {e}");
             }
+            // Connections whose read budget ran out last turn are read again first.
+            let again = std::mem::take(&mut self.again);
+            for t in &again {
+                match *t {
+                    UPSTREAM => self.on_uplink(false, now),
+                    t => self.on_conn(t, now),
+                }
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_peers(now),
                     CONTROL => self.accept_control(),
                     SIGNALS => self.on_signals(),
+                    t if again.contains(&t) && !ev.is_writable() => {}
                     UPSTREAM => self.on_uplink(ev.is_writable(), now),
                     t => self.on_conn(t, now),
                 }
@@ -335,6 +347,9 @@ impl Daemon {
                 Ok(()) => {}
                 Err(e) => self.commit_failed(e, now),
             }
+            // After the commit: history pages only read, and must not be taken back by a
+            // failed commit's rewind.
+            control::pump_tails(&mut self.conns, &self.store, self.cfg.max_write_buffer / 2);
             self.flush_all();
             self.sd.watchdog(Instant::now());
         }
@@ -342,7 +357,13 @@ impl Daemon {
     }
 
     fn poll_timeout(&self) -> Duration {
-        TICK
+        if self.again.is_empty()
+            && !control::tails_ready(&self.conns, self.cfg.max_write_buffer / 2)
+        {
+            TICK
+        } else {
+            Duration::ZERO
+        }
     }
 
     fn attach_local(&mut self, now: u64) {
@@ -432,6 +453,22 @@ impl Daemon {
                             "refused control connection: at the limit of {} clients (max_control_clients)",
                             self.cfg.max_control_clients
                         );
+                        // Say why before closing, so chatctl reports the limit rather than an
+                        // unreachable daemon. One small frame fits any socket buffer.
+                        let mut buf = Vec::new();
+                        let refusal = crate::proto::control::CtlResponse::Error {
+                            kind: crate::proto::control::ErrorKind::Failed,
+                            message: format!(
+                                "chatd is serving its maximum of {} control clients \
+                                 (max_control_clients); try again later",
+                                self.cfg.max_control_clients
+                            ),
+                            sent: Vec::new(),
+                        };
+                        if encode_frame(&refusal, &mut buf).is_ok() {
+                            let mut stream = stream;
+                            let _ = std::io::Write::write(&mut stream, &buf);
+                        }
                         continue;
                     }
                     let token = self.token();
@@ -520,6 +557,7 @@ impl Daemon {
             };
         }
         apply!(max_queue, limits.max_queue);
+        apply!(window_bytes, limits.window_bytes);
         apply!(handshake_timeout_ms, limits.handshake_timeout_ms);
         apply!(idle_timeout_ms, limits.idle_timeout_ms);
         apply!(max_connections, max_connections);
@@ -556,11 +594,16 @@ impl Daemon {
             Kind::Peer => MAX_FRAME,
             Kind::Control(_) => MAX_FRAME,
         };
-        let (frames, eof, err) = match entry.conn.read_frames(cap) {
-            Ok((f, ReadOutcome::Open)) => (f, false, None),
-            Ok((f, ReadOutcome::Eof)) => (f, true, None),
-            Err(e) => (Vec::new(), true, Some(e)),
-        };
+        let ReadResult {
+            frames,
+            eof,
+            error: err,
+            more,
+        } = entry.conn.read_frames(cap);
+        let eof = eof || err.is_some();
+        if more && !eof {
+            self.again.push(token);
+        }
         let is_peer = matches!(entry.kind, Kind::Peer);
         for payload in frames {
             if is_peer {
@@ -642,19 +685,20 @@ impl Daemon {
                 return;
             }
         }
-        let (frames, outcome) = match conn.read_frames(MAX_FRAME) {
-            Ok(x) => x,
-            Err(e) => {
-                let why = format!("relay connection failed: {e}");
-                return self.uplink_down(why, now);
-            }
-        };
-        for payload in frames {
+        let r = conn.read_frames(MAX_FRAME);
+        if r.more && !r.eof && r.error.is_none() {
+            self.again.push(UPSTREAM);
+        }
+        for payload in r.frames {
             if let Some(m) = self.member.as_mut() {
                 m.receive(&payload, now, &mut self.store);
             }
         }
-        if let ReadOutcome::Eof = outcome {
+        if let Some(e) = r.error {
+            let why = format!("relay connection failed: {e}");
+            return self.uplink_down(why, now);
+        }
+        if r.eof {
             // Keep the relay's own reason (e.g. a refused login) if it gave one.
             let why = self
                 .member

@@ -448,6 +448,13 @@ impl Member {
                     self.record(now, &p.user, body, store);
                 }
             }
+            FromRelay::Directory(peers) => {
+                for p in peers {
+                    if self.observe(&p, store) {
+                        self.release_held(&p.user, now, store);
+                    }
+                }
+            }
             FromRelay::Deliver(Routed::Message(env)) => self.accept_message(env, now, store),
             FromRelay::Deliver(Routed::Receipt(r)) => self.accept_receipt(r, now, store),
             FromRelay::Accepted(key) => self.accepted(key, now, store),
@@ -1177,6 +1184,7 @@ fn msg_name(m: &FromRelay) -> &'static str {
     match m {
         FromRelay::Challenge { .. } => "Challenge",
         FromRelay::Welcome { .. } => "Welcome",
+        FromRelay::Directory(_) => "Directory",
         FromRelay::Presence(_) => "Presence",
         FromRelay::Deliver(_) => "Deliver",
         FromRelay::Accepted(_) => "Accepted",

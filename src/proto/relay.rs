@@ -174,6 +174,8 @@ pub enum FromRelay {
         /// Every other bound name.
         peers: Vec<Peer>,
     },
+    /// More of the directory, after `Welcome`, when it does not fit in one frame.
+    Directory(Vec<Peer>),
     /// Someone joined (with their key) or left.
     Presence(Peer),
     /// An item for you; answer `Ack` once it is stored.

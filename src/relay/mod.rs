@@ -23,19 +23,26 @@ use crate::store::{Store, StoreError};
 /// long backlog from being cut off as a slow reader.
 pub const DELIVERY_WINDOW: usize = 128;
 
+/// Directory entries per frame: 512 entries with 8192-bit keys (about 1.1 KB each) stay well
+/// under the 1 MiB frame cap.
+pub const DIRECTORY_CHUNK: usize = 512;
+
 /// One user's queued items, oldest first. Items are delivered strictly in order, so the
 /// delivered-but-unacknowledged ones are always a prefix of `items` of length `sent`.
 #[derive(Default)]
 struct UserQueue {
-    items: VecDeque<(ItemKey, Routed)>,
+    /// Items with their encoded size. The bodies stay in the store until delivered, so a long
+    /// queue costs a few dozen bytes per item of memory, not the items themselves.
+    items: VecDeque<(ItemKey, usize)>,
     keys: HashSet<ItemKey>,
     sent: usize,
+    sent_bytes: usize,
 }
 
 impl UserQueue {
-    fn push(&mut self, key: ItemKey, item: Routed) {
+    fn push(&mut self, key: ItemKey, size: usize) {
         self.keys.insert(key);
-        self.items.push_back((key, item));
+        self.items.push_back((key, size));
     }
 
     fn remove(&mut self, key: ItemKey) -> bool {
@@ -43,9 +50,11 @@ impl UserQueue {
             return false;
         }
         if let Some(pos) = self.items.iter().position(|(k, _)| *k == key) {
-            self.items.remove(pos);
-            if pos < self.sent {
-                self.sent -= 1;
+            if let Some((_, size)) = self.items.remove(pos) {
+                if pos < self.sent {
+                    self.sent -= 1;
+                    self.sent_bytes = self.sent_bytes.saturating_sub(size);
+                }
             }
         }
         true
@@ -64,6 +73,10 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// A logged-in connection that sends nothing for this long is closed.
     pub idle_timeout_ms: u64,
+    /// Encoded bytes delivered to one member and not yet acknowledged (at least one item is
+    /// always allowed). The daemon sets it to half its write-buffer cap, so a member that reads
+    /// is never cut off as a slow reader because of its own backlog.
+    pub window_bytes: usize,
 }
 
 impl Default for Limits {
@@ -72,6 +85,7 @@ impl Default for Limits {
             max_queue: 10_000,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
+            window_bytes: 8 << 20,
         }
     }
 }
@@ -190,11 +204,8 @@ impl Relay {
             }
         }
         let mut queues: HashMap<String, UserQueue> = HashMap::new();
-        for q in store.queued()? {
-            match from_payload::<Routed>(&q.item) {
-                Ok(item) => queues.entry(q.user).or_default().push(q.key, item),
-                Err(e) => warn!("ignoring unreadable queued item for {}: {e}", q.user),
-            }
+        for q in store.queued_sizes()? {
+            queues.entry(q.0).or_default().push(q.1, q.2);
         }
         Ok(Relay {
             conns: HashMap::new(),
@@ -394,7 +405,7 @@ impl Relay {
     }
 
     /// Deliver `user`'s next queued items, up to the window, if they are online.
-    fn fill(&mut self, user: &str) {
+    fn fill(&mut self, user: &str, store: &Store) {
         let Some(id) = self.online.get(user).copied() else {
             return;
         };
@@ -402,8 +413,30 @@ impl Relay {
             return;
         };
         while q.sent < q.items.len() && q.sent < DELIVERY_WINDOW {
-            let item = q.items[q.sent].1.clone();
+            let (key, size) = q.items[q.sent];
+            if q.sent > 0 && q.sent_bytes + size > self.limits.window_bytes {
+                break;
+            }
+            let item = match store.queued_item(user, key) {
+                Ok(Some(bytes)) => match from_payload::<Routed>(&bytes) {
+                    Ok(item) => item,
+                    Err(e) => {
+                        warn!("queued item for {user} is unreadable ({e}); delivery paused");
+                        break;
+                    }
+                },
+                Ok(None) => {
+                    warn!("queued item for {user} is missing from the store; delivery paused");
+                    break;
+                }
+                Err(e) => {
+                    // Tried again on the next acknowledgement, new item or login.
+                    warn!("cannot read queued item for {user}: {e}");
+                    break;
+                }
+            };
             q.sent += 1;
+            q.sent_bytes += size;
             self.out.push_back(Out::Send(id, FromRelay::Deliver(item)));
         }
     }
@@ -465,7 +498,7 @@ impl Relay {
         }
         self.online.insert(user.clone(), id);
         info!("{user} joined ({})", key.fingerprint());
-        let peers = self
+        let mut peers: Vec<Peer> = self
             .bindings
             .iter()
             .filter(|(name, _)| **name != user)
@@ -475,6 +508,8 @@ impl Relay {
                 online: self.online.contains_key(name),
             })
             .collect();
+        // A large directory goes out in chunks that each fit a frame whatever the key sizes.
+        let rest = peers.split_off(peers.len().min(DIRECTORY_CHUNK));
         self.out.push_back(Out::Send(
             id,
             FromRelay::Welcome {
@@ -482,6 +517,10 @@ impl Relay {
                 peers,
             },
         ));
+        for chunk in rest.chunks(DIRECTORY_CHUNK) {
+            self.out
+                .push_back(Out::Send(id, FromRelay::Directory(chunk.to_vec())));
+        }
         if !was_online {
             let p = Peer {
                 user: user.clone(),
@@ -493,8 +532,9 @@ impl Relay {
         // A new connection has seen none of the queue: start the window over.
         if let Some(q) = self.queues.get_mut(&user) {
             q.sent = 0;
+            q.sent_bytes = 0;
         }
-        self.fill(&user);
+        self.fill(&user, store);
         Ok(())
     }
 
@@ -554,9 +594,9 @@ impl Relay {
                 .push_back(refuse("storage", format!("relay storage failed: {e}")));
             return;
         }
-        queue.push(key, item);
+        queue.push(key, bytes.len());
         self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
-        self.fill(&to);
+        self.fill(&to, store);
     }
 
     fn ack(&mut self, user: &str, key: ItemKey, store: &mut Store) {
@@ -572,7 +612,7 @@ impl Relay {
             return;
         }
         q.remove(key);
-        self.fill(user);
+        self.fill(user, store);
     }
 
     fn broadcast(&mut self, except: &str, msg: FromRelay) {

@@ -335,6 +335,57 @@ impl Store {
         Ok(out)
     }
 
+    /// The seq after which the last `n` records newer than `since` (only `peer`'s, if given)
+    /// begin; `since` when there are fewer.
+    pub fn start_of_last(&self, since: u64, peer: Option<&str>, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Ok(self.last_seq()?.max(since));
+        }
+        let seq: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT seq FROM history WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+                 ORDER BY seq DESC LIMIT 1 OFFSET ?3",
+            )?
+            .query_row(
+                params![since as i64, peer, (n - 1).min(i64::MAX as u64) as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match seq {
+            Some(s) => (s as u64).saturating_sub(1).max(since),
+            None => since,
+        })
+    }
+
+    /// Up to `limit` records with seq > `after` (only `peer`'s, if given), oldest first.
+    pub fn page(&self, after: u64, peer: Option<&str>, limit: u64) -> Result<Vec<Record>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, body FROM history
+             WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+             ORDER BY seq ASC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after as i64, peer, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, time_ms, body) = row?;
+            let body: RecordBody =
+                from_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push(Record {
+                seq: seq as u64,
+                time_ms: time_ms as u64,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
     /// Highest seq in the history (0 when empty).
     pub fn last_seq(&self) -> Result<u64> {
         Ok(self
@@ -649,6 +700,45 @@ impl Store {
             .prepare_cached("DELETE FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3")?
             .execute(params![user, kind_str(key.kind), &key.id[..]])?;
         Ok(())
+    }
+
+    /// Every queued item's recipient, key and encoded size, in arrival order.
+    pub fn queued_sizes(&self) -> Result<Vec<(String, ItemKey, usize)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user, kind, id, length(item) FROM queue ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (user, kind, id, size) = row?;
+            out.push((
+                user,
+                ItemKey {
+                    kind: kind_parse(&kind)?,
+                    id: id16(id)?,
+                },
+                size.max(0) as usize,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// One queued item's encoded bytes.
+    pub fn queued_item(&self, user: &str, key: ItemKey) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT item FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3")?
+            .query_row(params![user, kind_str(key.kind), &key.id[..]], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?)
     }
 
     /// Every queued item, in arrival order.

@@ -1,0 +1,1514 @@
+//! Hostile input and limits (issue 3, points 4, 5 and 6), against the real `chatd` and `chatctl`.
+//!
+//! The attackers are raw sockets in this process: they speak the frame format and MessagePack
+//! messages of `chatd::proto` directly (and log in for real with an RSA identity where the attack
+//! needs a logged-in connection), so they can send what no honest client would. The victims are
+//! real daemons: a relay under attack keeps serving a real alice and bob, whose `chatctl send
+//! --wait delivered` must keep succeeding during and between the attacks.
+//!
+//! How "cut off" is seen: by the attacker, as end of stream or a reset on its socket (read with a
+//! read timeout and a deadline); by the operator, as a line in the daemon's log (each attack runs
+//! alone on its daemon, so "one more line matching X than before" belongs to it). Nothing sleeps
+//! to synchronise: every wait polls with a deadline.
+//!
+//! | point | tests |
+//! |---|---|
+//! | 4 relay port | `relay_port_hostile_input_is_cut_off_while_members_chat` (garbage, over-cap length, wrong frame type, truncated frame then silence, no handshake, hundreds of connections; RSS), `relay_cuts_off_a_client_that_sends_but_never_reads`, `relay_memory_stays_bounded_when_a_client_floods_small_frames`, `a_relay_with_a_large_directory_still_logs_members_in` |
+//! | 5 control socket | `control_socket_hostile_input_and_client_limit`, `control_socket_refuses_another_uid` |
+//! | 6 limits | max_connections: `max_connections_refuses_the_extra_connection_and_frees_slots`; frame size: the over-cap cases of points 4 and 5; max_queue: `max_queue_refuses_the_sender_with_a_clear_reason`; handshake_timeout, idle_timeout: `handshake_and_idle_timeouts_close_silent_connections`; max_write_buffer: `relay_cuts_off_a_client_that_sends_but_never_reads`, `max_write_buffer_cuts_off_a_slow_reader_and_its_messages_stay_queued`, `max_write_buffer_does_not_cut_off_a_prompt_tail_of_a_long_history`; max_control_clients: `control_socket_hostile_input_and_client_limit`; the config file: `limits_are_settable_in_chatd_toml` |
+//!
+//! Some of these fail today because of daemon bugs; each failure message says what went wrong
+//! and `docs/LIMITS.md` ("Known problems") lists them. They stay failing until the daemon is fixed.
+//!
+//! `docs/LIMITS.md` describes each limit and what a user sees when it is hit; these tests check
+//! those descriptions.
+
+mod common;
+
+use chatd::crypto::{login_transcript, Identity};
+use chatd::proto::control::{CtlRequest, CtlResponse};
+use chatd::proto::frame::{self, Decoded, MAX_FRAME};
+use chatd::proto::relay::{Envelope, FromRelay, ItemKey, Kind, Routed, ToRelay};
+use chatd::proto::{encode_frame, from_payload};
+use common::*;
+use rand::RngCore;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Raw frame clients
+// ---------------------------------------------------------------------------------------------
+
+/// A stream whose read timeout can be set (TCP to a relay, Unix to a control socket).
+trait Timed: Read + Write {
+    fn set_timeout(&self, d: Duration);
+}
+
+impl Timed for TcpStream {
+    fn set_timeout(&self, d: Duration) {
+        let _ = self.set_read_timeout(Some(d.max(Duration::from_millis(1))));
+        let _ = self.set_write_timeout(Some(Duration::from_secs(5)));
+    }
+}
+
+impl Timed for UnixStream {
+    fn set_timeout(&self, d: Duration) {
+        let _ = self.set_read_timeout(Some(d.max(Duration::from_millis(1))));
+        let _ = self.set_write_timeout(Some(Duration::from_secs(5)));
+    }
+}
+
+/// What the next read found.
+#[derive(Debug)]
+enum Next {
+    /// One whole frame's payload.
+    Frame(Vec<u8>),
+    /// End of stream or a reset: the other side closed the connection.
+    Closed,
+    /// Nothing (more) within the time given.
+    Quiet,
+}
+
+/// A raw, blocking frame connection an attacker controls completely.
+struct Raw<S: Timed> {
+    s: S,
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl Raw<TcpStream> {
+    fn tcp(addr: &str) -> Raw<TcpStream> {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect {addr}: {e}")));
+        Raw::new(s)
+    }
+}
+
+impl Raw<UnixStream> {
+    fn unix(path: &Path) -> Raw<UnixStream> {
+        let s = UnixStream::connect(path)
+            .unwrap_or_else(|e| fail(&format!("connect {}: {e}", path.display())));
+        Raw::new(s)
+    }
+}
+
+impl<S: Timed> Raw<S> {
+    fn new(s: S) -> Raw<S> {
+        s.set_timeout(Duration::from_secs(1));
+        Raw {
+            s,
+            buf: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Write bytes; false if the other side has already closed (EPIPE, reset). A write that
+    /// times out (the other side is not reading) counts as still open.
+    fn write(&mut self, bytes: &[u8]) -> bool {
+        match self.s.write_all(bytes).and_then(|_| self.s.flush()) {
+            Ok(()) => true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                true
+            }
+            Err(_) => {
+                self.closed = true;
+                false
+            }
+        }
+    }
+
+    /// Write one message as a frame.
+    fn send<T: serde::Serialize>(&mut self, msg: &T) -> bool {
+        let mut buf = Vec::new();
+        encode_frame(msg, &mut buf).expect("encode a frame");
+        self.write(&buf)
+    }
+
+    /// The next frame, waiting at most `timeout`.
+    fn next(&mut self, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            // The client side trusts nothing either: twice the cap is plenty for anything valid.
+            match frame::decode(&self.buf, 2 * MAX_FRAME) {
+                Ok(Decoded::Frame { payload, consumed }) => {
+                    let p = payload.to_vec();
+                    self.buf.drain(..consumed);
+                    return Next::Frame(p);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => fail(&format!("the daemon sent an invalid frame: {e}")),
+            }
+            if self.closed {
+                return Next::Closed;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Next::Quiet;
+            }
+            self.s.set_timeout(left);
+            match self.s.read(&mut chunk) {
+                Ok(0) => self.closed = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Next::Quiet
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A reset (the daemon closed with our bytes unread) is a close too.
+                Err(_) => self.closed = true,
+            }
+        }
+    }
+
+    /// Read until the other side closes; return the frames that came first. Fails the test if
+    /// the connection is still open at `timeout`.
+    fn wait_closed(&mut self, what: &str, timeout: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Next::Frame(p) => frames.push(p),
+                Next::Closed => return frames,
+                Next::Quiet => fail(&format!(
+                    "{what}: the connection was still open after {timeout:?} (frames seen: {})",
+                    frames.len()
+                )),
+            }
+        }
+    }
+
+    /// Whether the connection is still open: nothing arrives within `d` and it is not closed.
+    fn still_open(&mut self, d: Duration) -> bool {
+        matches!(self.next(d), Next::Quiet)
+    }
+}
+
+impl Raw<TcpStream> {
+    /// The next message from a relay.
+    fn recv_relay(&mut self, timeout: Duration) -> Option<FromRelay> {
+        match self.next(timeout) {
+            Next::Frame(p) => Some(
+                from_payload(&p)
+                    .unwrap_or_else(|e| fail(&format!("relay sent a non-FromRelay frame: {e}"))),
+            ),
+            Next::Closed | Next::Quiet => None,
+        }
+    }
+
+    /// Read the relay's first frame, which must be a challenge.
+    fn challenge(&mut self) -> [u8; 32] {
+        match self.recv_relay(DEADLINE) {
+            Some(FromRelay::Challenge { nonce, .. }) => nonce,
+            other => fail(&format!("expected a Challenge first, got {other:?}")),
+        }
+    }
+
+    /// Whether the relay sends this connection a challenge within `d` (it was accepted).
+    fn gets_challenge(&mut self, d: Duration) -> bool {
+        matches!(self.recv_relay(d), Some(FromRelay::Challenge { .. }))
+    }
+
+    /// Read until closed; the relay's `Error` frames among what came.
+    fn wait_closed_errors(&mut self, what: &str) -> Vec<(String, String)> {
+        self.wait_closed(what, DEADLINE)
+            .iter()
+            .filter_map(|p| match from_payload::<FromRelay>(p) {
+                Ok(FromRelay::Error { code, reason }) => Some((code, reason)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A fresh RSA identity for a raw client (2048 bits, as the test daemons use).
+fn identity() -> Identity {
+    Identity::generate(&mut rand::thread_rng(), 2048).expect("generate an identity")
+}
+
+/// Connect to the relay at `addr` and log in as `user` for real; returns after `Welcome`.
+fn login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+    let mut c = Raw::tcp(addr);
+    let nonce = c.challenge();
+    let signature = id
+        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, user))
+        .expect("sign the login transcript");
+    c.send(&ToRelay::Login {
+        user: user.to_string(),
+        key: id.public().der().to_vec(),
+        signature,
+    });
+    loop {
+        match c.recv_relay(DEADLINE) {
+            Some(FromRelay::Welcome { .. }) => return c,
+            // Presence of others may not come before Welcome, but be lenient.
+            Some(FromRelay::Presence(_)) => continue,
+            other => fail(&format!("{user}: expected Welcome, got {other:?}")),
+        }
+    }
+}
+
+/// An envelope the relay will route (it cannot read it, so junk ciphertext is as good as any).
+fn junk_envelope(from: &str, to: &str, counter: u64, size: usize) -> Routed {
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    let mut ciphertext = vec![0u8; size];
+    rand::thread_rng().fill_bytes(&mut ciphertext);
+    Routed::Message(Envelope {
+        id,
+        from: from.to_string(),
+        to: to.to_string(),
+        time_ms: 0,
+        session: [7u8; 16],
+        counter,
+        key_packet: None,
+        ciphertext,
+    })
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemon observation
+// ---------------------------------------------------------------------------------------------
+
+/// Lines of `d`'s log that satisfy `pred`.
+fn count_lines(d: &Daemon, pred: &dyn Fn(&str) -> bool) -> usize {
+    d.log().lines().filter(|l| pred(l)).count()
+}
+
+/// Wait until `d`'s log holds at least `n` lines satisfying `pred`; return the last such line.
+fn wait_lines(d: &Daemon, what: &str, n: usize, pred: &dyn Fn(&str) -> bool) -> String {
+    wait_for(DEADLINE, &format!("{} to log {what}", d.label()), || {
+        let log = d.log();
+        let hits: Vec<&str> = log.lines().filter(|l| pred(l)).collect();
+        (hits.len() >= n).then(|| hits.last().map(|s| s.to_string()).unwrap_or_default())
+    })
+}
+
+/// Run `attack`, then wait for one more log line matching `pred` than there was before it.
+fn expect_new_line(
+    d: &Daemon,
+    what: &str,
+    pred: &dyn Fn(&str) -> bool,
+    attack: impl FnOnce(),
+) -> String {
+    let before = count_lines(d, pred);
+    attack();
+    wait_lines(d, what, before + 1, pred)
+}
+
+/// Resident set size of a process, in KiB (`VmRSS` in `/proc/PID/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| fail(&format!("read /proc/{pid}/status: {e}")));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| fail(&format!("no VmRSS in /proc/{pid}/status")))
+}
+
+/// The most the relay's RSS may grow during an attack run: generous (buffers, SQLite cache,
+/// allocator slack), yet far below what unbounded buffering of the attacks would need.
+const RSS_GROWTH_LIMIT_KIB: u64 = 64 * 1024;
+
+fn assert_exit(out: &Output, code: i32, what: &str) {
+    if out.status.code() != Some(code) {
+        fail(&format!(
+            "{what}: expected exit {code}, got {}",
+            describe(out)
+        ));
+    }
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// `from` sends `text` to `to` and waits until it is delivered (exit 0 required).
+fn deliver(from: &Daemon, to: &str, text: &str) {
+    let out = from.ctl(&["send", "--wait", "delivered", to, text]);
+    assert_exit(&out, 0, &format!("{} send {text:?} to {to}", from.label()));
+}
+
+/// A relay with extra flags, ready.
+fn relay_with(flags: &[&str]) -> Daemon {
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    let mut d = Daemon::spawn("relay", Role::Relay, &args);
+    d.wait_ready();
+    d
+}
+
+fn incoming_texts(d: &Daemon) -> Vec<String> {
+    d.texts("in")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Point 4: hostile bytes on the relay port
+// ---------------------------------------------------------------------------------------------
+
+/// What each side's chatter sent and had confirmed, or why a send failed.
+type ChatResult = Result<(Vec<String>, Vec<String>), String>;
+
+/// Alice and bob chat in the background until told to stop; returns the texts each side's
+/// `send --wait delivered` confirmed.
+struct Chatter {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<ChatResult>>,
+}
+
+impl Chatter {
+    fn start(alice: &Daemon, bob: &Daemon) -> Chatter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let a_sock = alice.socket();
+        let b_sock = bob.socket();
+        let flag = Arc::clone(&stop);
+        let handle = thread::spawn(move || {
+            let mut a_sent = Vec::new();
+            let mut b_sent = Vec::new();
+            let mut i = 0;
+            while !flag.load(Ordering::SeqCst) {
+                for (sock, to, sent) in [
+                    (&a_sock, "bob", &mut a_sent),
+                    (&b_sock, "alice", &mut b_sent),
+                ] {
+                    let text = format!("during-attack-{to}-{i}");
+                    let mut cmd = chatctl_cmd();
+                    cmd.arg("--socket").arg(sock).args([
+                        "send",
+                        "--wait",
+                        "delivered",
+                        "--timeout",
+                        "15",
+                        to,
+                        &text,
+                    ]);
+                    let out = run_bounded(cmd, None, CTL_DEADLINE);
+                    if !out.status.success() {
+                        return Err(format!(
+                            "send {text:?} during the attacks failed: {}",
+                            describe(&out)
+                        ));
+                    }
+                    sent.push(text);
+                }
+                i += 1;
+            }
+            Ok((a_sent, b_sent))
+        });
+        Chatter {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.handle.take().expect("chatter running").join() {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => fail(&e),
+            Err(_) => fail("the chatter thread panicked"),
+        }
+    }
+}
+
+impl Drop for Chatter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A relay log line about cutting off a connection for bad bytes.
+fn cut_for_bad_bytes(l: &str) -> bool {
+    l.contains("connection ")
+        && (l.contains("exceeds the")
+            || l.contains("malformed frame")
+            || l.contains("protocol violation")
+            || l.contains("handshake timeout"))
+}
+
+#[test]
+fn relay_port_hostile_input_is_cut_off_while_members_chat() {
+    let relay = relay_with(&["--handshake-timeout", "1", "--max-write-buffer", "65536"]);
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let bob = Daemon::member("bob", &addr);
+    alice.wait_peer_online("bob", true);
+    bob.wait_peer_online("alice", true);
+    deliver(&alice, "bob", "before the attacks");
+    deliver(&bob, "alice", "before the attacks, back");
+    let rss_before = rss_kib(relay.pid());
+    let chatter = Chatter::start(&alice, &bob);
+    let mut round = 0;
+    let mut between = |what: &str| {
+        round += 1;
+        deliver(&alice, "bob", &format!("after {what} {round}"));
+        deliver(&bob, "alice", &format!("after {what} {round}, back"));
+    };
+
+    // 1. Random garbage instead of frames.
+    expect_new_line(&relay, "a cut-off for garbage", &cut_for_bad_bytes, || {
+        let mut c = Raw::tcp(&addr);
+        c.write(&random_bytes(4096));
+        c.wait_closed("garbage", DEADLINE);
+    });
+    between("garbage");
+
+    // 2. A length prefix above the 1 MiB cap: refused before anything is allocated for it.
+    let line = expect_new_line(
+        &relay,
+        "a cut-off for an over-cap length",
+        &|l| l.contains("connection ") && l.contains("frame of 1048577 bytes exceeds"),
+        || {
+            let mut c = Raw::tcp(&addr);
+            c.challenge();
+            let mut bytes = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&[0u8; 64]);
+            c.write(&bytes);
+            c.wait_closed("over-cap length prefix", DEADLINE);
+        },
+    );
+    assert!(line.contains("1048576-byte limit"), "{line}");
+    between("over-cap length");
+
+    // 3. A well-formed frame of the wrong type for the state: Send before Login.
+    expect_new_line(
+        &relay,
+        "a protocol violation",
+        &|l| l.contains("protocol violation: expected Login, got Send"),
+        || {
+            let mut c = Raw::tcp(&addr);
+            c.challenge();
+            c.send(&ToRelay::Send(junk_envelope("alice", "bob", 0, 32)));
+            let errors = c.wait_closed_errors("Send before Login");
+            assert!(
+                errors.iter().any(|(code, _)| code == "protocol"),
+                "the relay says why it closes: {errors:?}"
+            );
+        },
+    );
+    between("wrong frame type");
+
+    // 4. A truncated frame, then silence: the handshake timeout ends it.
+    expect_new_line(
+        &relay,
+        "a handshake timeout for a truncated frame",
+        &|l| l.contains("handshake timeout: no login"),
+        || {
+            let mut c = Raw::tcp(&addr);
+            c.challenge();
+            let mut bytes = 100u32.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&[0x81; 10]);
+            c.write(&bytes);
+            let errors = c.wait_closed_errors("truncated frame then silence");
+            assert!(
+                errors.iter().any(|(code, _)| code == "timeout"),
+                "the relay says why it closes: {errors:?}"
+            );
+        },
+    );
+    between("truncated frame");
+
+    // 5. A client that never finishes the handshake.
+    expect_new_line(
+        &relay,
+        "a handshake timeout",
+        &|l| l.contains("handshake timeout: no login"),
+        || {
+            let mut c = Raw::tcp(&addr);
+            c.challenge();
+            let errors = c.wait_closed_errors("no login");
+            assert!(
+                errors.iter().any(|(code, _)| code == "timeout"),
+                "the relay says why it closes: {errors:?}"
+            );
+        },
+    );
+    between("no handshake");
+
+    // 6. Hundreds of connections opened and dropped; half of them leave a truncated frame.
+    let truncated = |l: &str| l.contains("connection ") && l.contains("middle of a frame");
+    let before = count_lines(&relay, &truncated);
+    let mut half = 0;
+    for wave in 0..15 {
+        let mut conns = Vec::new();
+        for i in 0..20 {
+            let mut c = Raw::tcp(&addr);
+            if i % 2 == 0 {
+                // Read the challenge first so the close is a clean FIN, not a reset.
+                c.challenge();
+                c.write(&[0, 0, 0, 50, 1, 2, 3]);
+                half += 1;
+            }
+            conns.push(c);
+        }
+        drop(conns);
+        if wave == 7 {
+            between("half the connection storm");
+        }
+    }
+    wait_lines(
+        &relay,
+        "a line per truncated connection of the storm",
+        before + half,
+        &truncated,
+    );
+    between("connection storm");
+
+    check_chat_and_rss(chatter, &alice, &bob, &relay, rss_before);
+}
+
+/// Stop the chatter; every message it confirmed delivered is in the history exactly once; the
+/// relay's RSS grew less than the limit since `rss_before`.
+fn check_chat_and_rss(
+    chatter: Chatter,
+    alice: &Daemon,
+    bob: &Daemon,
+    relay: &Daemon,
+    rss_before: u64,
+) {
+    let (a_sent, b_sent) = chatter.finish();
+    assert!(
+        !a_sent.is_empty() && !b_sent.is_empty(),
+        "the members chatted during the attacks"
+    );
+    for (d, sent) in [(bob, &a_sent), (alice, &b_sent)] {
+        let got = incoming_texts(d);
+        for t in sent.iter() {
+            let n = got.iter().filter(|g| *g == t).count();
+            assert_eq!(n, 1, "{} has {t:?} {n} times", d.label());
+        }
+    }
+    let rss_after = rss_kib(relay.pid());
+    assert!(
+        rss_after.saturating_sub(rss_before) < RSS_GROWTH_LIMIT_KIB,
+        "relay RSS grew from {rss_before} KiB to {rss_after} KiB during the attacks"
+    );
+    eprintln!(
+        "relay RSS {rss_before} KiB before, {rss_after} KiB after the attacks; \
+         {} + {} messages delivered during them",
+        a_sent.len(),
+        b_sent.len()
+    );
+}
+
+/// Fail at once if `relay`'s RSS grew by the limit or more since `before` (so a leaking relay is
+/// caught long before it can hurt the machine).
+fn guard_rss(relay: &Daemon, before: u64, what: &str) {
+    let now = rss_kib(relay.pid());
+    if now.saturating_sub(before) >= RSS_GROWTH_LIMIT_KIB {
+        fail(&format!(
+            "relay RSS grew from {before} KiB to {now} KiB {what}; memory is not bounded"
+        ));
+    }
+}
+
+#[test]
+fn relay_cuts_off_a_client_that_sends_but_never_reads() {
+    let relay = relay_with(&["--max-write-buffer", "65536"]);
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let bob = Daemon::member("bob", &addr);
+    alice.wait_peer_online("bob", true);
+    deliver(&alice, "bob", "before the slow reader");
+    let slow_id = identity();
+    let rss_before = rss_kib(relay.pid());
+    let chatter = Chatter::start(&alice, &bob);
+
+    // `slowpoke` logs in, then floods Pings and never reads anything: every Ping earns a Pong,
+    // so the relay soon has more to write to it than the 64 KiB cap plus the kernel's socket
+    // buffers. (Deliveries alone cannot do it: the relay's delivery window is bounded in bytes
+    // to half the cap, so a member that does not read never has much more than that waiting.)
+    let cut =
+        |l: &str| l.contains("cutting off connection") && l.contains("max_write_buffer 65536");
+    let line = expect_new_line(&relay, "the slow reader cut off", &cut, || {
+        let mut slow = login(&addr, "slowpoke", &slow_id);
+        let mut ping = Vec::new();
+        encode_frame(&ToRelay::Ping, &mut ping).expect("encode Ping");
+        let burst: Vec<u8> = ping
+            .iter()
+            .copied()
+            .cycle()
+            .take(ping.len() * 20_000)
+            .collect();
+        let start = Instant::now();
+        let mut bursts = 0;
+        while !relay.log().contains("max_write_buffer 65536") {
+            if start.elapsed() > DEADLINE {
+                fail(&format!(
+                    "the relay never cut off a client that does not read ({bursts} bursts of \
+                     20,000 Pings sent)"
+                ));
+            }
+            guard_rss(&relay, rss_before, "while a client did not read");
+            if !slow.write(&burst) {
+                break;
+            }
+            bursts += 1;
+        }
+        slow.wait_closed("the slow reader", DEADLINE);
+    });
+    assert!(line.contains("its messages stay queued"), "{line}");
+    deliver(&alice, "bob", "after the slow reader");
+    check_chat_and_rss(chatter, &alice, &bob, &relay, rss_before);
+}
+
+#[test]
+fn relay_memory_stays_bounded_when_a_client_floods_small_frames() {
+    // A client that has not logged in streams 9-byte Ping frames as fast as it can. The first one
+    // is a protocol violation (only Login is allowed before login), so the relay should cut it off
+    // at once; whatever it does, its memory must stay bounded while the flood lasts.
+    let relay = relay_with(&[]);
+    let addr = relay.addr();
+    let rss_before = rss_kib(relay.pid());
+    let mut batch = Vec::new();
+    for _ in 0..8192 {
+        encode_frame(&ToRelay::Ping, &mut batch).expect("encode Ping");
+    }
+    let violation = |l: &str| l.contains("protocol violation: expected Login, got Ping");
+    expect_new_line(&relay, "the flooding client cut off", &violation, || {
+        let mut c = Raw::tcp(&addr);
+        c.challenge();
+        let start = Instant::now();
+        let mut sent = 0usize;
+        while c.write(&batch) {
+            sent += batch.len();
+            if sent % (batch.len() * 16) == 0 {
+                guard_rss(
+                    &relay,
+                    rss_before,
+                    &format!(
+                        "while one connection streamed {} MiB of Ping frames before login, \
+                         {:?} after it started, without being cut off",
+                        sent >> 20,
+                        start.elapsed()
+                    ),
+                );
+            }
+            if start.elapsed() > DEADLINE {
+                fail(&format!(
+                    "the relay did not cut off a client that sent {} MiB of frames before login",
+                    sent >> 20
+                ));
+            }
+        }
+        c.wait_closed("the flooding client", DEADLINE);
+    });
+    guard_rss(&relay, rss_before, "after a flood of small frames");
+    status_works(&relay, "after a flood of small frames");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Point 5: hostile bytes on the control socket
+// ---------------------------------------------------------------------------------------------
+
+fn status_works(d: &Daemon, what: &str) {
+    let out = d.ctl(&["--json", "status"]);
+    if !out.status.success() {
+        fail(&format!(
+            "{}: `chatctl status` failed {what}: {}",
+            d.label(),
+            describe(&out)
+        ));
+    }
+}
+
+/// A control connection that asked `status` and got the answer: it is accepted and counted.
+fn held_control_client(d: &Daemon) -> Raw<UnixStream> {
+    let mut c = Raw::unix(&d.socket());
+    c.send(&CtlRequest::Status);
+    match c.next(DEADLINE) {
+        Next::Frame(p) => match from_payload::<CtlResponse>(&p) {
+            Ok(CtlResponse::Status(_)) => c,
+            other => fail(&format!("expected a status answer, got {other:?}")),
+        },
+        other => fail(&format!("expected a status answer, got {other:?}")),
+    }
+}
+
+fn control_cut(l: &str) -> bool {
+    l.contains("control client ") && (l.contains("exceeds the") || l.contains("malformed request"))
+}
+
+#[test]
+fn control_socket_hostile_input_and_client_limit() {
+    let max = 8;
+    let d = relay_with(&["--max-control-clients", &max.to_string()]);
+    let sock = d.socket();
+    let rss_before = rss_kib(d.pid());
+
+    // Random garbage.
+    expect_new_line(&d, "a cut-off for control garbage", &control_cut, || {
+        let mut c = Raw::unix(&sock);
+        c.write(&random_bytes(4096));
+        c.wait_closed("control garbage", DEADLINE);
+    });
+    status_works(&d, "after garbage");
+
+    // A length prefix above the cap.
+    expect_new_line(
+        &d,
+        "a cut-off for an over-cap control frame",
+        &|l| l.contains("control client ") && l.contains("frame of 1048577 bytes exceeds"),
+        || {
+            let mut c = Raw::unix(&sock);
+            c.write(&((MAX_FRAME + 1) as u32).to_be_bytes());
+            c.wait_closed("over-cap control frame", DEADLINE);
+        },
+    );
+    status_works(&d, "after an over-cap length");
+
+    // A valid frame that is not a CtlRequest (a relay-protocol Ping): answered with an error
+    // naming the problem, then closed.
+    expect_new_line(
+        &d,
+        "a malformed control request",
+        &|l| l.contains("control client ") && l.contains("malformed request"),
+        || {
+            let mut c = Raw::unix(&sock);
+            c.send(&ToRelay::Ping);
+            let frames = c.wait_closed("a non-request frame", DEADLINE);
+            let said = frames
+                .iter()
+                .filter_map(|p| from_payload::<CtlResponse>(p).ok())
+                .any(|r| {
+                    matches!(r, CtlResponse::Error { ref message, .. }
+                        if message.contains("malformed request"))
+                });
+            assert!(
+                said,
+                "the daemon answers a malformed request with an error first"
+            );
+        },
+    );
+    status_works(&d, "after a malformed request");
+
+    // A truncated frame, then the client goes away.
+    expect_new_line(
+        &d,
+        "a truncated control frame",
+        &|l| l.contains("control client ") && l.contains("middle of a frame"),
+        || {
+            let mut c = Raw::unix(&sock);
+            c.write(&[0, 0, 0, 40, 0x81]);
+            c.s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            c.wait_closed("truncated control frame", DEADLINE);
+        },
+    );
+    status_works(&d, "after a truncated frame");
+
+    // A truncated frame, then silence: it holds one slot (there is no control timeout) but the
+    // daemon keeps answering everyone else.
+    let mut stuck = Raw::unix(&sock);
+    stuck.write(&[0, 0, 0, 40, 0x81, 0x82]);
+    status_works(&d, "while a client sits on a truncated frame");
+    assert!(stuck.still_open(Duration::from_millis(200)));
+    drop(stuck);
+
+    // Hundreds of connections opened and dropped, some mid-frame.
+    for i in 0..300 {
+        let mut c = Raw::unix(&sock);
+        if i % 3 == 0 {
+            c.write(&[0, 0]);
+        }
+    }
+    // Until the daemon has seen those closes they count against --max-control-clients, so a
+    // chatctl right after the storm may be refused: poll.
+    wait_until(
+        DEADLINE,
+        "status to answer after 300 connections opened and dropped",
+        || d.ctl(&["status"]).status.success(),
+    );
+    // None of them still holds a slot: max-1 held clients leave room for chatctl (polled, since
+    // the daemon may not have seen every close yet).
+    wait_until(
+        DEADLINE,
+        "the dropped control connections to free their slots",
+        || {
+            let held: Vec<_> = (0..max - 1).map(|_| held_control_client(&d)).collect();
+            let ok = d.ctl(&["--json", "status"]).status.success();
+            drop(held);
+            ok
+        },
+    );
+
+    // More than --max-control-clients at once: the extra one is refused with a log line, and the
+    // user running chatctl is told why.
+    let held: Vec<_> = (0..max).map(|_| held_control_client(&d)).collect();
+    let mut refused = None;
+    let line = expect_new_line(
+        &d,
+        "a refused control client",
+        &|l| l.contains("refused control connection") && l.contains("max_control_clients"),
+        || refused = Some(d.ctl(&["status"])),
+    );
+    assert!(line.contains(&format!("limit of {max} clients")), "{line}");
+    let out = refused.expect("ran chatctl");
+    assert!(!out.status.success(), "over the limit: {}", describe(&out));
+    drop(held);
+    wait_until(DEADLINE, "chatctl status to work again", || {
+        d.ctl(&["status"]).status.success()
+    });
+    let rss_after = rss_kib(d.pid());
+    assert!(
+        rss_after.saturating_sub(rss_before) < RSS_GROWTH_LIMIT_KIB,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // The user over the limit must learn that a limit was hit (DESIGN "Bounded everything":
+    // hitting a bound gives a clear error, never a silent drop).
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("max_control_clients") || err.contains("too many"),
+        "chatctl over the control-client limit exits {:?} saying only {err:?}: \
+         nothing says a limit was hit",
+        out.status.code()
+    );
+}
+
+/// Restores the modes changed for the other-uid test.
+struct ModeGuard(Vec<(std::path::PathBuf, u32)>);
+
+impl Drop for ModeGuard {
+    fn drop(&mut self) {
+        for (p, m) in &self.0 {
+            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(*m));
+        }
+    }
+}
+
+/// A command that runs `argv` as uid/gid 65534 (nobody), if this test can switch uid.
+fn as_nobody() -> Result<Command, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root, cannot switch to another uid".into());
+    }
+    let usable = |c: &mut Command| {
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut probe = Command::new("setpriv");
+    probe.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        CHATCTL,
+        "--version",
+    ]);
+    if usable(&mut probe) {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        return Ok(c);
+    }
+    let mut probe = Command::new("runuser");
+    probe.args(["-u", "nobody", "--", CHATCTL, "--version"]);
+    if usable(&mut probe) {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]);
+        return Ok(c);
+    }
+    Err(format!(
+        "neither setpriv nor runuser can run {CHATCTL} as uid 65534"
+    ))
+}
+
+#[test]
+fn control_socket_refuses_another_uid() {
+    let mut cmd = match as_nobody() {
+        Ok(c) => c,
+        Err(why) => {
+            println!("SKIP: control_socket_refuses_another_uid: {why}");
+            return;
+        }
+    };
+    let d = relay_with(&[]);
+    let sock = d.socket();
+    // chatd keeps its socket in a 0700 directory, so another uid cannot even reach it: the
+    // file system is the first line of defence. To test the second one (the SO_PEERCRED check
+    // in the daemon), open the directory and the socket to everyone for this test only.
+    let dir = sock.parent().expect("socket dir").to_path_buf();
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| fail(&format!("stat {}: {e}", p.display())))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let _guard = ModeGuard(vec![(sock.clone(), mode(&sock)), (dir.clone(), mode(&dir))]);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).expect("chmod dir");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod sock");
+
+    cmd.arg(CHATCTL)
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--json", "status"])
+        .env_remove("CHATD_SOCKET");
+    let mut out = None;
+    expect_new_line(
+        &d,
+        "the refusal of uid 65534",
+        &|l| l.contains("refused control connection from uid 65534"),
+        || out = Some(run_bounded(cmd, None, CTL_DEADLINE)),
+    );
+    let out = out.expect("ran chatctl as nobody");
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "another uid gets no answer: {}",
+        describe(&out)
+    );
+    status_works(&d, "for its own uid after refusing another");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Point 6: limits
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn max_connections_refuses_the_extra_connection_and_frees_slots() {
+    // The held connections never log in: a long handshake timeout keeps them for the test.
+    let relay = relay_with(&["--max-connections", "2", "--handshake-timeout", "60"]);
+    let addr = relay.addr();
+    let full = |l: &str| l.contains("refused connection from") && l.contains("max_connections");
+
+    let mut c1 = Raw::tcp(&addr);
+    assert!(c1.gets_challenge(DEADLINE), "first connection accepted");
+    let mut c2 = Raw::tcp(&addr);
+    assert!(c2.gets_challenge(DEADLINE), "second connection accepted");
+    let line = expect_new_line(&relay, "the third connection refused", &full, || {
+        let mut c3 = Raw::tcp(&addr);
+        let frames = c3.wait_closed("the connection over the limit", DEADLINE);
+        assert!(frames.is_empty(), "the extra connection gets nothing");
+    });
+    assert!(line.contains("limit of 2 connections"), "{line}");
+
+    // A member that comes while the relay is full is told it is not connected, and gets in
+    // once a slot frees up.
+    let carol = Daemon::member_unconnected("carol", &addr);
+    wait_lines(&relay, "carol refused", 2, &full);
+    let st = carol.status();
+    assert_eq!(st["connected"], false, "{st}");
+    eprintln!(
+        "a member refused for max_connections sees relay_error {}",
+        st["relay_error"]
+    );
+    drop(c1);
+    carol.wait_connected();
+
+    // Connections opened and dropped do not leak slots.
+    drop(carol);
+    drop(c2);
+    for _ in 0..100 {
+        let _ = TcpStream::connect(&addr);
+    }
+    wait_until(
+        DEADLINE,
+        "two connections to be accepted after the storm",
+        || {
+            let mut a = Raw::tcp(&addr);
+            let mut b = Raw::tcp(&addr);
+            a.gets_challenge(Duration::from_secs(2)) && b.gets_challenge(Duration::from_secs(2))
+        },
+    );
+}
+
+#[test]
+fn max_queue_refuses_the_sender_with_a_clear_reason() {
+    let relay = relay_with(&["--max-queue", "3"]);
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let mut bob = Daemon::member("bob", &addr);
+    alice.wait_peer_online("bob", true);
+    bob.stop();
+    alice.wait_peer_online("bob", false);
+    for i in 1..=3 {
+        let out = alice.ctl(&["send", "--wait", "relay", "bob", &format!("queued {i}")]);
+        assert_exit(&out, 0, &format!("send {i} of 3 to offline bob"));
+    }
+    let out = alice.ctl(&["send", "--wait", "relay", "bob", "queued 4"]);
+    assert_exit(&out, 1, "the 4th send to a full queue");
+    let err = stderr_of(&out);
+    assert!(
+        err.starts_with("chatctl: ") && err.contains("queue") && err.contains("full"),
+        "the reason names the full queue: {err:?}"
+    );
+    assert!(
+        err.contains("bob"),
+        "the reason names the recipient: {err:?}"
+    );
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+    // The failure is in the history as a `failed` receipt with its reason.
+    let failed: Vec<Value> = alice
+        .tail(&[])
+        .into_iter()
+        .filter(|r| r["kind"] == "receipt" && r["state"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "one failed receipt: {failed:?}");
+    let reason = failed[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("queue_full"), "receipt reason: {reason:?}");
+    let line = wait_lines(&alice, "the refusal", 1, &|l| l.contains("queue_full"));
+    eprintln!("sender's stderr: {err}\nsender's log: {line}");
+
+    // Without --wait the send is accepted into the outbox (exit 0, as the contract says), and
+    // the refusal arrives later as a `failed` receipt naming the reason: never a silent drop.
+    let sent = alice.ctl_json(&["send", "bob", "queued 5"]);
+    let id = sent[0]["id"]
+        .as_str()
+        .expect("send --json has an id")
+        .to_string();
+    assert_eq!(sent[0]["state"], "queued", "{sent:?}");
+    let receipt = wait_for(DEADLINE, "a failed receipt for the 5th message", || {
+        alice
+            .tail(&[])
+            .into_iter()
+            .find(|r| r["kind"] == "receipt" && r["id"] == id.as_str() && r["state"] == "failed")
+    });
+    let reason = receipt["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("queue_full"), "receipt reason: {reason:?}");
+    let plain = alice.ctl(&["tail", "-n", "1"]);
+    eprintln!(
+        "plain tail of the failed receipt: {}",
+        String::from_utf8_lossy(&plain.stdout).trim()
+    );
+
+    bob.start_stopped();
+    for i in 1..=3 {
+        bob.wait_message(&format!("queued {i}"));
+    }
+    // The refused one never arrives; the queue has room again.
+    deliver(&alice, "bob", "after the queue drained");
+    let got = incoming_texts(&bob);
+    assert_eq!(
+        got,
+        [
+            "queued 1",
+            "queued 2",
+            "queued 3",
+            "after the queue drained"
+        ],
+        "bob's history"
+    );
+}
+
+#[test]
+fn handshake_and_idle_timeouts_close_silent_connections() {
+    let relay = relay_with(&["--handshake-timeout", "1", "--idle-timeout", "1"]);
+    let addr = relay.addr();
+    let (id_quiet, id_pinger) = (identity(), identity());
+
+    // Handshake: a connection that reads its challenge and says nothing.
+    let line = expect_new_line(
+        &relay,
+        "a handshake timeout",
+        &|l| l.contains("handshake timeout: no login"),
+        || {
+            let mut c = Raw::tcp(&addr);
+            c.challenge();
+            let start = Instant::now();
+            let errors = c.wait_closed_errors("a silent new connection");
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(900),
+                "closed after {took:?}, before the 1 s handshake timeout"
+            );
+            assert!(
+                errors.iter().any(|(code, _)| code == "timeout"),
+                "{errors:?}"
+            );
+        },
+    );
+    eprintln!("handshake timeout log line: {line}");
+
+    // Idle: a logged-in connection that goes silent is closed after about a second, while one
+    // that keeps pinging stays.
+    let mut pinger = login(&addr, "pinger", &id_pinger);
+    let line = expect_new_line(
+        &relay,
+        "an idle timeout",
+        &|l| l.contains("idle timeout"),
+        || {
+            let mut quiet = login(&addr, "quiet", &id_quiet);
+            let start = Instant::now();
+            loop {
+                // Pace the pinger with a read timeout (it expects only its Pong back).
+                pinger.send(&ToRelay::Ping);
+                let mut ponged = false;
+                while !ponged {
+                    match pinger.recv_relay(Duration::from_secs(5)) {
+                        Some(FromRelay::Pong) => ponged = true,
+                        Some(FromRelay::Presence(_)) => {}
+                        other => fail(&format!("the pinging connection got {other:?}")),
+                    }
+                }
+                match quiet.next(Duration::from_millis(300)) {
+                    Next::Quiet => {}
+                    Next::Frame(p) => match from_payload::<FromRelay>(&p) {
+                        Ok(FromRelay::Error { code, .. }) => {
+                            assert_eq!(code, "timeout");
+                        }
+                        Ok(FromRelay::Presence(_)) => {}
+                        other => fail(&format!("the quiet connection got {other:?}")),
+                    },
+                    Next::Closed => break,
+                }
+                if start.elapsed() > DEADLINE {
+                    fail("the idle connection was never closed");
+                }
+            }
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(900),
+                "closed after {took:?}, before the 1 s idle timeout"
+            );
+        },
+    );
+    eprintln!("idle timeout log line: {line}");
+    pinger.send(&ToRelay::Ping);
+    assert!(
+        matches!(pinger.recv_relay(DEADLINE), Some(FromRelay::Pong)),
+        "a connection that keeps talking is not idle"
+    );
+}
+
+#[test]
+fn a_backlog_larger_than_the_write_buffer_drains_without_cutting_off_the_member() {
+    // 1 MiB: as large as one frame, so any single message fits. 40 queued items of 512 KiB are
+    // 20 MiB: more than the cap plus what the kernel's socket buffers take at once.
+    let relay = relay_with(&["--max-write-buffer", "1048576"]);
+    let addr = relay.addr();
+    let (id_victim, id_sender) = (identity(), identity());
+    let cut = |l: &str| l.contains("cutting off connection") && l.contains("max_write_buffer");
+
+    let victim = login(&addr, "victim", &id_victim);
+    let mut sender = login(&addr, "sender", &id_sender);
+    let count = 40u64;
+    let mut keys = Vec::new();
+    // The relay delivers in a window bounded in bytes (half of max_write_buffer), so a member
+    // that does not read never has more than about one window waiting: it is not cut off, and
+    // nothing piles up in the relay's memory. (A reader that never reads while the relay has to
+    // write to it anyway is cut off: see the Ping flood in the slow-reader test.)
+    let cuts_at_start = count_lines(&relay, &cut);
+    {
+        for i in 0..count {
+            let item = junk_envelope("sender", "victim", i, 512 * 1024);
+            keys.push(item.key());
+            sender.send(&ToRelay::Send(item));
+            // Every item is taken into custody (stored) before the relay says so.
+            loop {
+                match sender.recv_relay(DEADLINE) {
+                    Some(FromRelay::Accepted(k)) if k == *keys.last().expect("key") => break,
+                    Some(FromRelay::Presence(_)) => {}
+                    other => fail(&format!("sending item {i}: got {other:?}")),
+                }
+            }
+        }
+    }
+    assert_eq!(
+        count_lines(&relay, &cut),
+        cuts_at_start,
+        "a member with a backlog was cut off although the window is bounded in bytes"
+    );
+    drop(victim);
+
+    // The victim comes back and reads promptly, acknowledging each item, reconnecting if it is
+    // cut off (as chatd does): every item arrives, in order, exactly once.
+    let cuts_before = count_lines(&relay, &cut);
+    let mut got: Vec<ItemKey> = Vec::new();
+    let mut seen = HashSet::new();
+    let start = Instant::now();
+    let mut logins = 0;
+    // 20 MiB over loopback to a prompt reader takes well under a second; allow ten.
+    while got.len() < keys.len() {
+        if start.elapsed() > Duration::from_secs(10) {
+            fail(&format!(
+                "the victim, reading promptly and acknowledging every item, got {} of {} queued \
+                 items in {logins} logins: the relay cut it off as a slow reader {} times (the \
+                 whole delivery window is queued for writing at login, far above \
+                 max_write_buffer, and the acks of a cut-off connection are lost)",
+                got.len(),
+                keys.len(),
+                count_lines(&relay, &cut) - cuts_before
+            ));
+        }
+        let mut c = login(&addr, "victim", &id_victim);
+        logins += 1;
+        loop {
+            match c.recv_relay(Duration::from_secs(5)) {
+                Some(FromRelay::Deliver(item)) => {
+                    let k = item.key();
+                    if seen.insert(k) {
+                        got.push(k);
+                    }
+                    c.send(&ToRelay::Ack(k));
+                    if got.len() == keys.len() {
+                        break;
+                    }
+                }
+                Some(FromRelay::Presence(_)) => {}
+                Some(FromRelay::Error { .. }) | None => break,
+                other => fail(&format!("victim got {other:?}")),
+            }
+        }
+    }
+    assert_eq!(got, keys, "every queued item, in order");
+    assert!(keys.iter().all(|k| k.kind == Kind::Message));
+    let cuts_after = count_lines(&relay, &cut);
+    assert_eq!(
+        cuts_after,
+        cuts_before,
+        "a member that reads promptly is not cut off as a slow reader when it drains its \
+         queue, but it was cut off {} times and needed {logins} logins for {count} items",
+        cuts_after - cuts_before
+    );
+}
+
+#[test]
+fn max_write_buffer_does_not_cut_off_a_prompt_tail_of_a_long_history() {
+    // The write buffer cap applies to control clients too (a `tail -f` that stops reading is cut
+    // off). A `chatctl tail` that reads as fast as it can is not a slow reader, however long the
+    // history it asks for.
+    let relay = relay_with(&[]);
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let mut bob = Daemon::spawn(
+        "bob",
+        Role::Member,
+        &[
+            "--user",
+            "bob",
+            "--connect",
+            &addr,
+            "--max-write-buffer",
+            "262144",
+        ],
+    );
+    bob.wait_ready();
+    bob.wait_connected();
+    alice.wait_peer_online("bob", true);
+    // 64 messages of 60,000 bytes: about 3.8 MB of history, 15 times the cap.
+    let lines: String = (0..64)
+        .map(|i| format!("{i:02} {}\n", "x".repeat(60_000 - 3)))
+        .collect();
+    let out = alice.ctl_stdin(&["send", "--wait", "delivered", "bob"], lines.as_bytes());
+    assert_exit(&out, 0, "alice sends 64 long messages");
+    let out = bob.ctl(&["--json", "tail", "-n", "1000"]);
+    let cut = bob
+        .log()
+        .lines()
+        .filter(|l| l.contains("cutting off connection"))
+        .count();
+    if !out.status.success() {
+        fail(&format!(
+            "bob's `chatctl tail -n 1000`, reading promptly, failed ({} cut-off lines in bob's \
+             log: the daemon queues the whole history for writing in one turn, far above \
+             max_write_buffer): {}",
+            cut,
+            describe(&Output {
+                status: out.status,
+                stdout: Vec::new(),
+                stderr: out.stderr.clone(),
+            })
+        ));
+    }
+    let got = parse_json_lines(&out.stdout)
+        .into_iter()
+        .filter(|r| r["kind"] == "message" && r["dir"] == "in")
+        .count();
+    assert_eq!(got, 64, "every message in the tail");
+}
+
+#[test]
+fn a_relay_with_a_large_directory_still_logs_members_in() {
+    // Anyone may claim names on a relay (one key can claim any number of them), and `Welcome`
+    // lists every bound name with its key. Claim enough names that the directory is larger than
+    // one frame (1 MiB; about 350 bytes per name with a 2048-bit key and a 32-byte name), then
+    // check that a new member can still log in.
+    let relay = relay_with(&[]);
+    let addr = relay.addr();
+    let key = Arc::new(identity());
+    let names = 3100;
+    let t0 = Instant::now();
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let (addr, key) = (addr.clone(), Arc::clone(&key));
+            thread::spawn(move || {
+                for i in (w..names).step_by(16) {
+                    let user = format!("n{i:05}-{}", "x".repeat(25));
+                    let mut c = Raw::tcp(&addr);
+                    let nonce = c.challenge();
+                    let signature = key
+                        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, &user))
+                        .expect("sign");
+                    c.send(&ToRelay::Login {
+                        user,
+                        key: key.public().der().to_vec(),
+                        signature,
+                    });
+                    // Leave at once: the binding stays, the Welcome need not be read.
+                    let _ = c.s.shutdown(std::net::Shutdown::Write);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        if w.join().is_err() {
+            fail("a name-claiming worker panicked");
+        }
+    }
+    wait_until(DEADLINE, "the relay to bind every claimed name", || {
+        relay.who().len() >= names
+    });
+    eprintln!("{names} names bound in {:?}", t0.elapsed());
+    // A newcomer logs in (a raw client, so the wait is short and exact: chatd would retry for
+    // ever): it must get its Welcome.
+    let too_large = |l: &str| l.contains("cannot encode frame");
+    let before = count_lines(&relay, &too_large);
+    let carol_id = identity();
+    let mut c = Raw::tcp(&addr);
+    let nonce = c.challenge();
+    let signature = carol_id
+        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, "carol"))
+        .expect("sign");
+    c.send(&ToRelay::Login {
+        user: "carol".into(),
+        key: carol_id.public().der().to_vec(),
+        signature,
+    });
+    match c.recv_relay(Duration::from_secs(10)) {
+        Some(FromRelay::Welcome { peers, .. }) => {
+            // The rest of a large directory follows in `Directory` frames.
+            let mut seen = peers.len();
+            while seen < names {
+                match c.recv_relay(Duration::from_secs(10)) {
+                    Some(FromRelay::Directory(more)) => {
+                        assert!(!more.is_empty(), "empty Directory frame");
+                        seen += more.len();
+                    }
+                    other => fail(&format!(
+                        "directory incomplete after {seen} of {names} names: got {other:?}"
+                    )),
+                }
+            }
+            assert_eq!(seen, names, "every other bound name exactly once");
+        }
+        other => {
+            let log = relay.log();
+            let line = log.lines().rfind(|l| too_large(l)).unwrap_or("(none)");
+            fail(&format!(
+                "a new member cannot log in to a relay with {names} bound names: instead of a \
+                 Welcome it got {other:?} within 10 s; the relay logged {} new \
+                 `cannot encode frame` lines, the last: {line}",
+                count_lines(&relay, &too_large) - before
+            ))
+        }
+    }
+}
+
+#[test]
+fn limits_are_settable_in_chatd_toml() {
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfg_dir.path().join("chatd.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\n\
+         max_connections = 1\n\
+         max_queue = 5\n\
+         handshake_timeout = 3\n\
+         idle_timeout = 60\n\
+         max_write_buffer = 2097152\n\
+         max_control_clients = 2\n",
+    )
+    .expect("write chatd.toml");
+    let cfg_s = cfg.to_str().expect("utf-8 path").to_string();
+    let mut relay = Daemon::spawn("relay (config file)", Role::Relay, &["-c", &cfg_s]);
+    relay.wait_ready();
+    let addr = relay.addr();
+
+    // max_connections = 1 and handshake_timeout = 3 from the file.
+    let mut c1 = Raw::tcp(&addr);
+    assert!(c1.gets_challenge(DEADLINE));
+    let start = Instant::now();
+    expect_new_line(
+        &relay,
+        "max_connections from the file",
+        &|l| l.contains("limit of 1 connections (max_connections)"),
+        || {
+            let mut c2 = Raw::tcp(&addr);
+            assert!(c2.wait_closed("second connection", DEADLINE).is_empty());
+        },
+    );
+    let errors = c1.wait_closed_errors("handshake_timeout from the file");
+    assert!(
+        errors.iter().any(|(code, _)| code == "timeout"),
+        "{errors:?}"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(10),
+        "closed after {took:?}: not the file's 3 s (the default is 10 s)"
+    );
+
+    // max_control_clients = 2 from the file.
+    let held: Vec<_> = (0..2).map(|_| held_control_client(&relay)).collect();
+    expect_new_line(
+        &relay,
+        "max_control_clients from the file",
+        &|l| l.contains("limit of 2 clients (max_control_clients)"),
+        || {
+            let out = relay.ctl(&["status"]);
+            assert!(!out.status.success(), "{}", describe(&out));
+        },
+    );
+    drop(held);
+    status_works(&relay, "after the held control clients left");
+    relay.stop();
+
+    // A bad limit in the file stops chatd at start with a message naming the key.
+    for (text, key) in [
+        ("listen = \"127.0.0.1:0\"\nmax_queue = 0\n", "max_queue"),
+        (
+            "listen = \"127.0.0.1:0\"\nmax_connexions = 5\n",
+            "max_connexions",
+        ),
+        (
+            "listen = \"127.0.0.1:0\"\nidle_timeout = \"soon\"\n",
+            "idle_timeout",
+        ),
+    ] {
+        std::fs::write(&cfg, text).expect("write chatd.toml");
+        let mut cmd = Command::new(CHATD);
+        cmd.args(["-c", &cfg_s, "--state-dir"])
+            .arg(cfg_dir.path().join("state"))
+            .arg("--socket")
+            .arg(cfg_dir.path().join("ctl.sock"));
+        let out = run_bounded(cmd, None, CTL_DEADLINE);
+        assert_exit(&out, 2, &format!("chatd with {text:?}"));
+        let err = stderr_of(&out);
+        assert!(err.contains(key), "the error names {key}: {err:?}");
+    }
+}
