@@ -52,10 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut delivered = 0usize;
     let pump = |relay: &mut Relay,
-                    rstore: &mut Store,
-                    nodes: &mut Vec<Node>,
-                    now: u64,
-                    delivered: &mut usize| {
+                rstore: &mut Store,
+                nodes: &mut Vec<Node>,
+                now: u64,
+                delivered: &mut usize| {
         loop {
             let mut moved = false;
             let mut down: VecDeque<(u64, FromRelay)> = VecDeque::new();
