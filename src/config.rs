@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -20,9 +21,10 @@ pub const DEFAULT_PORT: u16 = 9999;
 /// Roles: `--listen ADDR` alone is a relay; `--user NAME --connect HOST:PORT` is a member;
 /// `--user NAME --listen ADDR` is a host (relay plus a member in one process).
 #[derive(Parser, Debug, Clone, Default)]
-#[command(name = "chatd", version, about, long_about = None)]
+#[command(name = "chatd", version, long_about = None)]
 pub struct Flags {
-    /// Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else ~/.config/chatd/chatd.toml)
+    /// Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else
+    /// $XDG_CONFIG_HOME/chatd/chatd.toml, else ~/.config/chatd/chatd.toml)
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Your user name (1-32 of a-z 0-9 . _ -); makes this daemon a member
@@ -41,7 +43,7 @@ pub struct Flags {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// RSA key size for a new identity
-    #[arg(long, value_name = "N", value_parser = parse_key_bits)]
+    #[arg(long, value_name = "N", value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"]).map(|s| s.parse::<usize>().unwrap_or(3072)))]
     pub key_bits: Option<usize>,
     /// Relay: most simultaneous member connections
     #[arg(long, value_name = "N")]
@@ -61,13 +63,6 @@ pub struct Flags {
     /// Most simultaneous control-socket clients
     #[arg(long, value_name = "N")]
     pub max_control_clients: Option<usize>,
-}
-
-fn parse_key_bits(s: &str) -> Result<usize, String> {
-    match s {
-        "2048" | "3072" | "4096" => s.parse().map_err(|_| s.to_string()),
-        _ => Err("must be 2048, 3072 or 4096".into()),
-    }
 }
 
 /// The config file: every flag has a key of the same name with `_` for `-`.
@@ -224,7 +219,13 @@ fn default_config_file() -> Option<PathBuf> {
     } else {
         home()?.join(".config/chatd/chatd.toml")
     };
-    p.exists().then_some(p)
+    // Present but unreadable (e.g. a 0700 directory of another user) must not be mistaken for
+    // absent: `resolve` then reports why it cannot be read instead of running without it.
+    match std::fs::metadata(&p) {
+        Ok(_) => Some(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(_) => Some(p),
+    }
 }
 
 fn positive<T: PartialOrd + Default + std::fmt::Display>(
@@ -335,6 +336,15 @@ pub fn resolve_with(
         return Err(ConfigError::Invalid(format!(
             "key_bits must be 2048, 3072 or 4096 (got {key_bits})"
         )));
+    }
+    if let Some(l) = &file.log_level {
+        if !["error", "warn", "info", "debug", "trace", "off"]
+            .contains(&l.to_ascii_lowercase().as_str())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "log_level must be one of error, warn, info, debug, trace, off (got {l:?})"
+            )));
+        }
     }
     let d = Limits::default();
     let secs = |name: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {

@@ -58,7 +58,7 @@ _chatd() {
                     return 0
                     ;;
                 --key-bits)
-                    COMPREPLY=($(compgen -f "${cur}"))
+                    COMPREPLY=($(compgen -W "2048 3072 4096" -- "${cur}"))
                     return 0
                     ;;
                 --max-connections)

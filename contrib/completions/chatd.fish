@@ -1,10 +1,12 @@
-complete -c chatd -s c -l config -d 'Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else ~/.config/chatd/chatd.toml)' -r -F
+complete -c chatd -s c -l config -d 'Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else $XDG_CONFIG_HOME/chatd/chatd.toml, else ~/.config/chatd/chatd.toml)' -r -F
 complete -c chatd -l user -d 'Your user name (1-32 of a-z 0-9 . _ -); makes this daemon a member' -r
 complete -c chatd -l connect -d 'Relay to connect to as a member (port defaults to 9999)' -r
 complete -c chatd -l listen -d 'Address to serve the relay on (e.g. 0.0.0.0:9999; port 0 picks a free one)' -r
 complete -c chatd -l state-dir -d 'State directory for the identity key and database (mode 0700)' -r -F
 complete -c chatd -l socket -d 'Control socket path' -r -F
-complete -c chatd -l key-bits -d 'RSA key size for a new identity' -r
+complete -c chatd -l key-bits -d 'RSA key size for a new identity' -r -f -a "2048\t''
+3072\t''
+4096\t''"
 complete -c chatd -l max-connections -d 'Relay: most simultaneous member connections' -r
 complete -c chatd -l max-queue -d 'Relay: most items queued per user before new ones are refused' -r
 complete -c chatd -l handshake-timeout -d 'Relay: seconds a new connection has to log in' -r

@@ -19,7 +19,7 @@ use crate::proto::MAX_TEXT;
 
 /// chatctl: send and read end-to-end encrypted messages through chatd.
 #[derive(Parser, Debug)]
-#[command(name = "chatctl", version, about, long_about = None)]
+#[command(name = "chatctl", version, long_about = None)]
 pub struct Args {
     /// Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock,
     /// else /run/chatd/control.sock]
@@ -142,7 +142,12 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
-        fail(exit::UNREACHABLE, e.to_string())
+        // A reply we cannot read is a failed request, not an unreachable daemon.
+        let code = match e {
+            ClientError::Proto(_) => exit::FAILED,
+            _ => exit::UNREACHABLE,
+        };
+        fail(code, e.to_string())
     }
 }
 

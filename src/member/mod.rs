@@ -146,6 +146,14 @@ impl From<StoreError> for MemberError {
     }
 }
 
+/// Why a receiving session key could not be had.
+enum KeyFail {
+    /// The envelope can never be opened (bad signature, no key packet): reject it.
+    Reject(String),
+    /// The store failed: leave the envelope for a later delivery.
+    Store(StoreError),
+}
+
 /// The state of the link to the relay, named for what it expects next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Link {
@@ -455,7 +463,9 @@ impl Member {
                     }
                 }
             }
-            FromRelay::Deliver(Routed::Message(env)) => self.accept_message(env, now, store),
+            FromRelay::Deliver(Routed::Message(env)) => {
+                self.accept_message(env, now, store);
+            }
             FromRelay::Deliver(Routed::Receipt(r)) => self.accept_receipt(r, now, store),
             FromRelay::Accepted(key) => self.accepted(key, now, store),
             FromRelay::Refused { key, code, reason } => {
@@ -638,6 +648,12 @@ impl Member {
                 }
             }
         }
+        // Sessions as they were, so a failed request can forget sessions it made whose keys the
+        // rollback takes out of the store (a receipt for them could never be checked).
+        let prior: HashMap<String, [u8; 16]> = recipients
+            .iter()
+            .filter_map(|u| self.sending.get(u).map(|s| (u.clone(), s.id)))
+            .collect();
         store.savepoint()?;
         let mut frames = Vec::new();
         let mut records = Vec::new();
@@ -651,6 +667,11 @@ impl Member {
                 }
                 Err(e) => {
                     store.rollback_savepoint();
+                    for u in &recipients {
+                        if self.sending.get(u).map(|s| s.id) != prior.get(u).copied() {
+                            self.sending.remove(u);
+                        }
+                    }
                     return Err(e);
                 }
             }
@@ -769,7 +790,9 @@ impl Member {
     /// Handle a delivered message. Anything we will never be able to accept is acknowledged
     /// (and logged) so the relay stops redelivering it; anything that may become acceptable
     /// (a sender whose key changed) is held unacknowledged.
-    fn accept_message(&mut self, env: Envelope, now: u64, store: &mut Store) {
+    /// True when the envelope is settled (stored, held, or rejected and acknowledged); false
+    /// when a storage error left it for a later delivery.
+    fn accept_message(&mut self, env: Envelope, now: u64, store: &mut Store) -> bool {
         let key = ItemKey {
             kind: Kind::Message,
             id: env.id,
@@ -777,15 +800,21 @@ impl Member {
         let idh = hex(&env.id);
         if env.to != self.user {
             warn!("dropped message {idh}: addressed to {}, not to us", env.to);
-            return self.ack(key, now);
+            {
+                self.ack(key, now);
+                return true;
+            }
         }
         match store.has_message(&env.id) {
-            Ok(true) => return self.ack(key, now),
+            Ok(true) => {
+                self.ack(key, now);
+                return true;
+            }
             Ok(false) => {}
             Err(e) => {
                 // Not acknowledged: the relay delivers it again later.
                 warn!("cannot check message {idh}: {e}");
-                return;
+                return false;
             }
         }
         let Some(peer) = self.peers.get(&env.from) else {
@@ -808,9 +837,15 @@ impl Member {
         let sender = peer.pinned.clone();
         let session_key = match self.receiving_key(&env, &sender, store) {
             Ok(k) => k,
-            Err(why) => {
+            Err(KeyFail::Reject(why)) => {
                 warn!("rejected message {idh} from {}: {why}", env.from);
-                return self.ack(key, now);
+                self.ack(key, now);
+                return true;
+            }
+            Err(KeyFail::Store(e)) => {
+                // Not acknowledged: the relay delivers it again later.
+                warn!("cannot look up the session of message {idh}: {e}");
+                return false;
             }
         };
         match store.seen_counter(&env.from, &env.session, env.counter) {
@@ -820,18 +855,24 @@ impl Member {
                     "rejected message {idh} from {}: replayed session counter",
                     env.from
                 );
-                return self.ack(key, now);
+                {
+                    self.ack(key, now);
+                    return true;
+                }
             }
             Err(e) => {
                 warn!("cannot check message {idh}: {e}");
-                return;
+                return false;
             }
         }
         let text = match open_envelope(&session_key, &env) {
             Ok(t) => t,
             Err(e) => {
                 warn!("rejected message {idh} from {}: {e}", env.from);
-                return self.ack(key, now);
+                {
+                    self.ack(key, now);
+                    return true;
+                }
             }
         };
         let text = match String::from_utf8(text) {
@@ -841,7 +882,10 @@ impl Member {
                     "rejected message {idh} from {}: text is not UTF-8 of at most 64 KiB",
                     env.from
                 );
-                return self.ack(key, now);
+                {
+                    self.ack(key, now);
+                    return true;
+                }
             }
         };
         let receipt = Receipt {
@@ -891,17 +935,19 @@ impl Member {
                 self.out.push_back(Out::Record(r));
                 self.frame(ToRelay::Send(receipt), now);
                 self.ack(key, now);
+                true
             }
             Err(e) => {
                 store.rollback_savepoint();
                 warn!("cannot store message {idh}: {e}; the relay keeps it for later");
+                false
             }
         }
     }
 
     /// Keep an envelope we cannot judge yet in our own database and acknowledge it, so it
     /// neither clogs the relay's delivery window nor depends on the relay keeping it.
-    fn hold(&mut self, env: Envelope, now: u64, store: &mut Store) {
+    fn hold(&mut self, env: Envelope, now: u64, store: &mut Store) -> bool {
         let key = ItemKey {
             kind: Kind::Message,
             id: env.id,
@@ -912,9 +958,15 @@ impl Member {
             .map_err(|e| StoreError::Corrupt(e.to_string()))
             .and_then(|bytes| store.hold(&key.id, &from, &bytes));
         match stored {
-            Ok(()) => self.ack(key, now),
+            Ok(()) => {
+                self.ack(key, now);
+                true
+            }
             // Not acknowledged: the relay keeps it and delivers it again.
-            Err(e) => warn!("cannot hold message {}: {e}", hex(&key.id)),
+            Err(e) => {
+                warn!("cannot hold message {}: {e}", hex(&key.id));
+                false
+            }
         }
     }
 
@@ -933,7 +985,12 @@ impl Member {
                 continue;
             }
             match from_payload::<Routed>(&bytes) {
-                Ok(Routed::Message(env)) => self.accept_message(env, now, store),
+                Ok(Routed::Message(env)) => {
+                    if !self.accept_message(env, now, store) {
+                        // Not settled (a storage error): keep it held for the next chance.
+                        let _ = store.hold(&id, user, &bytes);
+                    }
+                }
                 _ => warn!("dropped unreadable held message {}", hex(&id)),
             }
         }
@@ -944,28 +1001,29 @@ impl Member {
         env: &Envelope,
         sender: &PublicKey,
         store: &mut Store,
-    ) -> Result<SessionKey, String> {
+    ) -> Result<SessionKey, KeyFail> {
         let cache_key = (env.from.clone(), env.session);
         if let Some(k) = self.receiving.get(&cache_key) {
             return Ok(k.clone());
         }
         if let Some(raw) = store
             .session(false, &env.from, &env.session)
-            .map_err(|e| e.to_string())?
+            .map_err(KeyFail::Store)?
         {
-            let k = SessionKey::from_bytes(&raw).ok_or("stored session key is corrupt")?;
+            let k = SessionKey::from_bytes(&raw)
+                .ok_or_else(|| KeyFail::Reject("stored session key is corrupt".into()))?;
             self.receiving.insert(cache_key, k.clone());
             return Ok(k);
         }
         let Some(kp) = &env.key_packet else {
-            return Err("unknown session and no key packet".into());
+            return Err(KeyFail::Reject("unknown session and no key packet".into()));
         };
         // Signature first, private key second: see crypto::unwrap_key_packet.
         let k = unwrap_key_packet(&mut OsRng, &self.identity, sender, env, kp)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| KeyFail::Reject(e.to_string()))?;
         store
             .put_session(false, &env.from, &env.session, k.expose())
-            .map_err(|e| e.to_string())?;
+            .map_err(KeyFail::Store)?;
         self.receiving.insert(cache_key, k.clone());
         Ok(k)
     }

@@ -113,6 +113,8 @@ pub enum RelayError {
     },
     /// The login is invalid (bad name, bad key, bad signature).
     BadLogin(String),
+    /// The relay could not store something the login needs; try again later.
+    Storage(String),
     /// The name is bound to another key.
     NameTaken {
         /// The name.
@@ -132,6 +134,7 @@ impl std::fmt::Display for RelayError {
                 write!(f, "protocol violation: expected {expected}, got {got}")
             }
             RelayError::BadLogin(e) => write!(f, "login refused: {e}"),
+            RelayError::Storage(e) => write!(f, "login failed: {e}"),
             RelayError::NameTaken {
                 user,
                 bound,
@@ -152,6 +155,7 @@ impl RelayError {
         match self {
             RelayError::Malformed(_) | RelayError::Unexpected { .. } => "protocol",
             RelayError::BadLogin(_) => "bad_login",
+            RelayError::Storage(_) => "storage",
             RelayError::NameTaken { .. } => "name_taken",
         }
     }
@@ -473,9 +477,9 @@ impl Relay {
             }
             Some(_) => {}
             None => {
-                store.bind(&user, key.der()).map_err(|e| {
-                    RelayError::BadLogin(format!("relay cannot store binding: {e}"))
-                })?;
+                store
+                    .bind(&user, key.der())
+                    .map_err(|e| RelayError::Storage(format!("relay cannot store binding: {e}")))?;
                 info!("bound {user} to {}", key.fingerprint());
                 self.bindings.insert(user.clone(), key.clone());
             }

@@ -754,7 +754,7 @@ fn storage_failure_refuses_instead_of_accepting() {
     assert_eq!(t.relay.queued_count(), 0);
     // A first login cannot be bound either.
     let out = t.login(3, "carol", MALLORY);
-    assert_eq!(error_code(&out, 3).as_deref(), Some("bad_login"));
+    assert_eq!(error_code(&out, 3).as_deref(), Some("storage"));
     t.store.fail_writes(false);
     let out = t.send(1, message("alice", "bob", 1));
     assert_eq!(out[0], Out::Send(1, FromRelay::Accepted(msg_key(1))));
