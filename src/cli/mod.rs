@@ -331,6 +331,17 @@ fn send(
     wait: WaitArg,
     timeout: u64,
 ) -> Result<(), Step> {
+    if users.len() > crate::proto::MAX_RECIPIENTS {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "{} recipients; one send takes at most {}; nothing was sent",
+                users.len(),
+                crate::proto::MAX_RECIPIENTS
+            ),
+        )
+        .into());
+    }
     for u in &users {
         if !crate::proto::valid_user(u) {
             return Err(fail(

@@ -22,7 +22,10 @@ pub enum Wait {
 pub enum CtlRequest {
     /// Seal and queue one message to each recipient.
     Send {
-        /// Recipients; empty with `all`.
+        /// Recipients; empty with `all`. At most `MAX_RECIPIENTS`.
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::MAX_RECIPIENTS }>"
+        )]
         to: Vec<String>,
         /// Send to every peer online now.
         all: bool,

@@ -64,6 +64,42 @@ pub fn from_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError
     rmp_serde::from_slice(payload).map_err(ProtoError::Decode)
 }
 
+/// Decode a list of at most `MAX` entries. A list entry can take far more memory than its bytes
+/// on the wire (an empty `Peer` is 5 bytes of MessagePack and 56 in memory), so the frame cap
+/// alone does not bound what decoding a list allocates; a count cap does.
+pub fn bounded_vec<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct Bounded<T, const MAX: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de>
+        for Bounded<T, MAX>
+    {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX} entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX).min(64));
+            while let Some(x) = seq.next_element()? {
+                if v.len() == MAX {
+                    return Err(serde::de::Error::invalid_length(MAX + 1, &self));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, MAX>(std::marker::PhantomData))
+}
+
+/// Most recipients of one `send`.
+pub const MAX_RECIPIENTS: usize = 256;
+
+/// Most directory entries in one `Welcome` or `Directory` frame (the relay sends this many).
+pub const DIRECTORY_CHUNK: usize = 512;
+
 /// Random 16-byte identifiers (message ids, session ids) are shown as 32 lowercase hex digits.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

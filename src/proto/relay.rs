@@ -171,11 +171,19 @@ pub enum FromRelay {
     Welcome {
         /// The name that is now logged in.
         user: String,
-        /// Every other bound name.
+        /// Every other bound name (the first `DIRECTORY_CHUNK`; `Directory` frames follow).
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::DIRECTORY_CHUNK }>"
+        )]
         peers: Vec<Peer>,
     },
     /// More of the directory, after `Welcome`, when it does not fit in one frame.
-    Directory(Vec<Peer>),
+    Directory(
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::DIRECTORY_CHUNK }>"
+        )]
+        Vec<Peer>,
+    ),
     /// Someone joined (with their key) or left.
     Presence(Peer),
     /// An item for you; answer `Ack` once it is stored.

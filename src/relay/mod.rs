@@ -24,8 +24,8 @@ use crate::store::{Store, StoreError};
 pub const DELIVERY_WINDOW: usize = 128;
 
 /// Directory entries per frame: 512 entries with 8192-bit keys (about 1.1 KB each) stay well
-/// under the 1 MiB frame cap.
-pub const DIRECTORY_CHUNK: usize = 512;
+/// under the 1 MiB frame cap, and a member refuses longer lists.
+pub use crate::proto::DIRECTORY_CHUNK;
 
 /// One user's queued items, oldest first. Items are delivered strictly in order, so the
 /// delivered-but-unacknowledged ones are always a prefix of `items` of length `sent`.
