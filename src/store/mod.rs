@@ -181,6 +181,22 @@ fn state_parse(s: &str) -> MsgState {
     }
 }
 
+/// Decode `SELECT seq, time_ms, body FROM history` rows.
+fn history_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let (seq, time_ms, body): (i64, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let body: RecordBody =
+            from_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        out.push(Record {
+            seq: seq as u64,
+            time_ms: time_ms as u64,
+            body,
+        });
+    }
+    Ok(out)
+}
+
 impl Store {
     /// Open (or create, mode 0600) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
@@ -313,24 +329,7 @@ impl Store {
              WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
              ORDER BY seq DESC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![since as i64, peer, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, time_ms, body) = row?;
-            let body: RecordBody =
-                from_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push(Record {
-                seq: seq as u64,
-                time_ms: time_ms as u64,
-                body,
-            });
-        }
+        let mut out = history_rows(stmt.query(params![since as i64, peer, limit])?)?;
         out.reverse();
         Ok(out)
     }
@@ -365,24 +364,7 @@ impl Store {
              WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
              ORDER BY seq ASC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![after as i64, peer, limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, time_ms, body) = row?;
-            let body: RecordBody =
-                from_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push(Record {
-                seq: seq as u64,
-                time_ms: time_ms as u64,
-                body,
-            });
-        }
+        let out = history_rows(stmt.query(params![after as i64, peer, limit as i64])?)?;
         Ok(out)
     }
 
