@@ -575,6 +575,10 @@ impl Relay {
             return;
         }
         if queue.items.len() >= self.limits.max_queue {
+            info!(
+                "refused an item from {user} for {to}: queue full ({} items, max_queue)",
+                self.limits.max_queue
+            );
             let r = refuse(
                 "queue_full",
                 format!(
