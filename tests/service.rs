@@ -3,9 +3,8 @@
 //! a group- or world-accessible state directory or identity key, a second daemon on a live
 //! control socket; a stale socket left by a crash is replaced.
 //!
-//! Not tested here: that the daemon is non-dumpable. `prctl(PR_SET_DUMPABLE, 0)` is observable
-//! from outside only as a non-root user (root may ptrace and read /proc of anything), and the
-//! tests run as root in CI; `daemon::setup::harden` makes the call unconditionally at start-up.
+//! Also: the control socket's directory must be private, and the daemon is non-dumpable (seen
+//! from outside by running it as another uid: its /proc files then stay root's).
 
 mod common;
 
@@ -194,4 +193,112 @@ fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
     let status = first.stop();
     assert!(status.success(), "exit 0 on SIGTERM: {status}");
     assert!(!first.socket().exists(), "socket removed on clean exit");
+}
+
+#[test]
+fn refuses_a_control_socket_directory_others_can_enter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    let run = dir.path().join("run");
+    fs::create_dir(&run).expect("mkdir");
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let state = dir.path().join("state").display().to_string();
+    let sock = run.join("ctl.sock").display().to_string();
+    let (code, err) = refused(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &state,
+        "--socket",
+        &sock,
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("control socket directory") && err.contains("chmod 700"),
+        "{err}"
+    );
+    assert!(
+        !run.join("ctl.sock").exists(),
+        "no socket in an open directory"
+    );
+}
+
+/// A non-dumpable process's /proc/PID files belong to root whatever its uid, which is visible
+/// from outside only when chatd runs as another user: so this runs chatd as uid 65534 through
+/// `setpriv`, and skips (saying so) when the test is not root or setpriv is missing.
+#[test]
+fn the_daemon_is_not_dumpable() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: not root, cannot run chatd as another uid");
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: setpriv is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("nobody");
+    fs::create_dir(&base).expect("mkdir");
+    // SAFETY: chown on a path we own, with a valid C string.
+    let c = std::ffi::CString::new(base.display().to_string()).expect("path");
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0, "chown");
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o700)).expect("chmod");
+    // The temporary directory itself must let uid 65534 through to `nobody/`.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    let sock = base.join("ctl.sock");
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", CHATD])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--key-bits",
+            "2048",
+            "--state-dir",
+        ])
+        .arg(base.join("state"))
+        .arg("--socket")
+        .arg(&sock)
+        .env("HOME", &base)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("CHATD_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn setpriv chatd");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let mut guard = Kill(child);
+    wait_until(DEADLINE, "chatd (as uid 65534) to bind its socket", || {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = guard.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            fail(&format!("chatd as uid 65534 exited {status}: {err}"));
+        }
+        sock.exists()
+    });
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default();
+    assert!(uid_line.contains("65534"), "runs as 65534: {uid_line}");
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &fs::metadata(format!("/proc/{pid}/status")).expect("stat"),
+    );
+    assert_eq!(
+        owner, 0,
+        "/proc/{pid} belongs to uid {owner}: the daemon is dumpable (PR_SET_DUMPABLE not cleared)"
+    );
+    drop(guard);
 }
