@@ -590,16 +590,12 @@ impl Daemon {
         if entry.conn.closing {
             return;
         }
-        let cap = match entry.kind {
-            Kind::Peer => MAX_FRAME,
-            Kind::Control(_) => MAX_FRAME,
-        };
         let ReadResult {
             frames,
             eof,
             error: err,
             more,
-        } = entry.conn.read_frames(cap);
+        } = entry.conn.read_frames(MAX_FRAME);
         let eof = eof || err.is_some();
         if more && !eof {
             self.again.push(token);
@@ -611,7 +607,7 @@ impl Daemon {
                     r.receive(token.0 as ConnId, &payload, now, &mut self.store);
                 }
             } else {
-                self.control_request(token, &payload, now);
+                control::request(self, token, &payload, now);
             }
         }
         if let Some(e) = err {
@@ -1004,10 +1000,6 @@ impl Daemon {
             }
         }
         info!("stopped");
-    }
-
-    fn control_request(&mut self, token: Token, payload: &[u8], now: u64) {
-        control::request(self, token, payload, now);
     }
 }
 

@@ -316,22 +316,18 @@ impl Store {
     }
 
     /// Records in seq order: those with seq > `since`, only `peer`'s if given, the last `last`
-    /// of them (all if `last` is None).
+    /// of them (all if `last` is None). The same selection `tail` pages through.
     pub fn records(
         &self,
         since: u64,
         peer: Option<&str>,
         last: Option<u64>,
     ) -> Result<Vec<Record>> {
-        let limit = last.map(|n| n.min(i64::MAX as u64) as i64).unwrap_or(-1);
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, time_ms, body FROM history
-             WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
-             ORDER BY seq DESC LIMIT ?3",
-        )?;
-        let mut out = history_rows(stmt.query(params![since as i64, peer, limit])?)?;
-        out.reverse();
-        Ok(out)
+        let after = match last {
+            Some(n) => self.start_of_last(since, peer, n)?,
+            None => since,
+        };
+        self.page(after, peer, i64::MAX as u64)
     }
 
     /// The seq after which the last `n` records newer than `since` (only `peer`'s, if given)
