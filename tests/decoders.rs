@@ -343,11 +343,14 @@ fn from_relay() -> impl Strategy<Value = FromRelay> {
         item_key().prop_map(FromRelay::Accepted),
         (item_key(), text(), text()).prop_map(|(key, code, reason)| FromRelay::Refused {
             key,
-            code,
+            code: code.into(),
             reason
         }),
         Just(FromRelay::Pong),
-        (text(), text()).prop_map(|(code, reason)| FromRelay::Error { code, reason }),
+        (text(), text()).prop_map(|(code, reason)| FromRelay::Error {
+            code: code.into(),
+            reason
+        }),
     ]
 }
 
@@ -442,7 +445,7 @@ fn peer_view() -> impl Strategy<Value = PeerView> {
         |(user, online, trust, fingerprint, presented)| PeerView {
             user,
             online,
-            trust,
+            trust: trust.into(),
             fingerprint,
             presented,
         },

@@ -748,3 +748,39 @@ fn protocol_md_holds_the_fingerprint_vector() {
         "docs/PROTOCOL.md lacks the fingerprint vector {FP}"
     );
 }
+
+/// The codes in the tables of PROTOCOL.md section 5, in order: `(error codes, refusal codes)`.
+fn documented_codes() -> (Vec<String>, Vec<String>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md");
+    let doc = std::fs::read_to_string(path).expect("docs/PROTOCOL.md");
+    let table = |head: &str| -> Vec<String> {
+        let start = doc
+            .find(head)
+            .unwrap_or_else(|| panic!("PROTOCOL.md lacks {head}"));
+        doc[start..]
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| {
+                let cell = l.split('|').nth(1)?.trim();
+                Some(cell.strip_prefix('`')?.strip_suffix('`')?.to_string())
+            })
+            .collect()
+    };
+    (table("**`Error` codes**"), table("**`Refused` codes**"))
+}
+
+/// Every code the relay can send is documented, and the document names no code the code lacks:
+/// the protocol words are enums, and this keeps the enums and section 5 the same list.
+#[test]
+fn protocol_md_lists_exactly_the_known_codes() {
+    use chatd::proto::codes::{ErrorCode, RefuseCode};
+    let (errors, refusals) = documented_codes();
+    let known_errors: Vec<String> = ErrorCode::KNOWN.iter().map(|c| c.to_string()).collect();
+    let known_refusals: Vec<String> = RefuseCode::KNOWN.iter().map(|c| c.to_string()).collect();
+    assert_eq!(errors, known_errors, "PROTOCOL.md section 5, Error codes");
+    assert_eq!(
+        refusals, known_refusals,
+        "PROTOCOL.md section 5, Refused codes"
+    );
+}

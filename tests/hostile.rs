@@ -233,7 +233,7 @@ impl Raw<TcpStream> {
         self.wait_closed(what, DEADLINE)
             .iter()
             .filter_map(|p| match from_payload::<FromRelay>(p) {
-                Ok(FromRelay::Error { code, reason }) => Some((code, reason)),
+                Ok(FromRelay::Error { code, reason }) => Some((code.to_string(), reason)),
                 _ => None,
             })
             .collect()

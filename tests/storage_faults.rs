@@ -36,7 +36,7 @@ fn alice_knowing_bob(path: &Path) -> (Store, Member) {
         .put_pin(&Pin {
             user: "bob".into(),
             key: bob.public().der().to_vec(),
-            trust: "pinned".into(),
+            trust: chatd::store::PinTrust::Pinned,
             presented: None,
         })
         .expect("pin bob");

@@ -214,7 +214,7 @@ pub fn peers(list: &[PeerView], as_json: bool) -> Vec<String> {
                 json(&JsonPeer {
                     user: &p.user,
                     online: p.online,
-                    trust: &p.trust,
+                    trust: p.trust.as_str(),
                     fingerprint: &p.fingerprint,
                     presented: p.presented.as_deref(),
                 })

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{Client, ClientError};
-use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, Wait};
+use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, TrustState, Wait};
 use crate::proto::MAX_TEXT;
 
 /// chatctl: send and read end-to-end encrypted messages through chatd.
@@ -461,7 +461,7 @@ fn check_recipients(client: &mut Client, users: &[String]) -> Result<(), Step> {
                 )
                 .into())
             }
-            Some(p) if p.trust == "changed" => {
+            Some(p) if p.trust == TrustState::Changed => {
                 let new = p.presented.as_deref().unwrap_or("?");
                 return Err(fail(
                     exit::KEY_CHANGED,

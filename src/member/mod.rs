@@ -19,12 +19,12 @@ use crate::crypto::{
     unwrap_key_packet, verify_receipt, CryptoError, Fingerprint, Header, Identity, PublicKey,
     SessionKey,
 };
-use crate::proto::control::{Dir, MsgState, PeerView, Record, RecordBody, Sent};
+use crate::proto::control::{Dir, MsgState, PeerView, Record, RecordBody, Sent, TrustState};
 use crate::proto::relay::{
-    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, Routed, ToRelay,
+    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, RefuseCode, Routed, ToRelay,
 };
 use crate::proto::{from_payload, hex, to_payload, valid_user, MAX_TEXT};
-use crate::store::{Pin, Store, StoreError};
+use crate::store::{Pin, PinTrust, Store, StoreError};
 
 /// A sending session is retired after this many messages, so (key, counter) never repeats.
 pub const SESSION_MESSAGES: u64 = 100_000;
@@ -207,10 +207,10 @@ pub struct Member {
     out: VecDeque<Out>,
 }
 
-fn trust_str(t: Trust) -> &'static str {
+fn trust_state(t: Trust) -> TrustState {
     match t {
-        Trust::Pinned => "pinned",
-        Trust::Trusted => "trusted",
+        Trust::Pinned => TrustState::Pinned,
+        Trust::Trusted => TrustState::Trusted,
     }
 }
 
@@ -242,10 +242,9 @@ impl Member {
                 continue;
             };
             let presented = pin.presented.and_then(|d| PublicKey::from_der(&d).ok());
-            let trust = if pin.trust == "trusted" {
-                Trust::Trusted
-            } else {
-                Trust::Pinned
+            let trust = match pin.trust {
+                PinTrust::Trusted => Trust::Trusted,
+                PinTrust::Pinned => Trust::Pinned,
             };
             peers.insert(
                 pin.user,
@@ -547,7 +546,10 @@ impl Member {
         let pin = Pin {
             user: user.to_string(),
             key: st.pinned.der().to_vec(),
-            trust: trust_str(st.trust).into(),
+            trust: match st.trust {
+                Trust::Trusted => PinTrust::Trusted,
+                Trust::Pinned => PinTrust::Pinned,
+            },
             presented: st.presented.as_ref().map(|k| k.der().to_vec()),
         };
         if let Err(e) = store.put_pin(&pin) {
@@ -1135,10 +1137,17 @@ impl Member {
         }
     }
 
-    fn refused(&mut self, key: ItemKey, code: &str, reason: &str, now: u64, store: &mut Store) {
+    fn refused(
+        &mut self,
+        key: ItemKey,
+        code: &RefuseCode,
+        reason: &str,
+        now: u64,
+        store: &mut Store,
+    ) {
         let idh = hex(&key.id);
         warn!("relay refused {:?} {idh} ({code}): {reason}", key.kind);
-        if key.kind == Kind::Receipt && matches!(code, "queue_full" | "storage") {
+        if key.kind == Kind::Receipt && code.is_transient() {
             // A passing condition at the relay: keep the receipt and offer it again later, so
             // the sender still learns that its message was delivered.
             self.retry_at = Some(now + RETRY_REFUSED_MS);
@@ -1222,9 +1231,9 @@ impl Member {
                 user: user.clone(),
                 online: st.online,
                 trust: if st.presented.is_some() {
-                    "changed".into()
+                    TrustState::Changed
                 } else {
-                    trust_str(st.trust).into()
+                    trust_state(st.trust)
                 },
                 fingerprint: st.pinned.fingerprint().to_string(),
                 presented: st.presented.as_ref().map(|k| k.fingerprint().to_string()),

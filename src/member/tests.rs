@@ -385,7 +385,7 @@ impl Net {
             .iter()
             .filter(|(who, _)| who == name)
             .filter_map(|(_, m)| match m {
-                Msg::Down(FromRelay::Error { code, .. }) => Some(code.clone()),
+                Msg::Down(FromRelay::Error { code, .. }) => Some(code.to_string()),
                 _ => None,
             })
             .collect()

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::proto::codes::TrustState;
+
 /// How long `send` waits before answering.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -161,7 +163,7 @@ pub struct PeerView {
     /// Connected to the relay now.
     pub online: bool,
     /// `trusted`, `pinned` or `changed` (on a relay: `bound`).
-    pub trust: String,
+    pub trust: TrustState,
     /// The pinned fingerprint (for `changed`: the pinned one; `presented` has the new one).
     pub fingerprint: String,
     /// For `changed`: the fingerprint the relay presents now.

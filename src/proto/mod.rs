@@ -7,6 +7,7 @@
 //! golden-byte tests below pin it. Must never: open a socket, read a file, or allocate a length a
 //! peer sent without checking it against a cap first.
 
+pub mod codes;
 pub mod control;
 pub mod frame;
 pub mod relay;

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::proto::codes::{ErrorCode, RefuseCode};
+
 /// A sealed message as it travels: a header the relay routes on, and a body only the recipient
 /// can open. The header is the AEAD's associated data, so the relay cannot alter it either.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -194,8 +196,8 @@ pub enum FromRelay {
     Refused {
         /// Which item.
         key: ItemKey,
-        /// Machine-readable reason (`unknown_user`, `queue_full`, `bad_sender`, `storage`).
-        code: String,
+        /// Machine-readable reason (docs/PROTOCOL.md section 5).
+        code: RefuseCode,
         /// Human-readable reason.
         reason: String,
     },
@@ -203,8 +205,8 @@ pub enum FromRelay {
     Pong,
     /// A fatal error; the relay closes the connection after it.
     Error {
-        /// Machine-readable reason (`name_taken`, `bad_login`, `protocol`, `replaced`, `forgotten`, ...).
-        code: String,
+        /// Machine-readable reason (docs/PROTOCOL.md section 5).
+        code: ErrorCode,
         /// Human-readable reason.
         reason: String,
     },

@@ -13,8 +13,8 @@ use log::{info, warn};
 use rand::RngCore;
 
 use crate::crypto::{login_transcript, PublicKey};
-use crate::proto::control::PeerView;
-use crate::proto::relay::{FromRelay, ItemKey, Peer, Routed, ToRelay};
+use crate::proto::control::{PeerView, TrustState};
+use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Routed, ToRelay};
 use crate::proto::{from_payload, to_payload, valid_user};
 use crate::store::{Store, StoreError};
 
@@ -151,12 +151,12 @@ impl std::fmt::Display for RelayError {
 impl std::error::Error for RelayError {}
 
 impl RelayError {
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ErrorCode {
         match self {
-            RelayError::Malformed(_) | RelayError::Unexpected { .. } => "protocol",
-            RelayError::BadLogin(_) => "bad_login",
-            RelayError::Storage(_) => "storage",
-            RelayError::NameTaken { .. } => "name_taken",
+            RelayError::Malformed(_) | RelayError::Unexpected { .. } => ErrorCode::Protocol,
+            RelayError::BadLogin(_) => ErrorCode::BadLogin,
+            RelayError::Storage(_) => ErrorCode::Storage,
+            RelayError::NameTaken { .. } => ErrorCode::NameTaken,
         }
     }
 }
@@ -364,7 +364,7 @@ impl Relay {
         }
         for (id, why) in late {
             info!("connection {id}: {why}");
-            self.close_with(id, "timeout", why.to_string());
+            self.close_with(id, ErrorCode::Timeout, why.to_string());
         }
     }
 
@@ -375,7 +375,11 @@ impl Relay {
         }
         store.unbind(user)?;
         if let Some(id) = self.online.get(user).copied() {
-            self.close_with(id, "forgotten", format!("the relay operator forgot {user}"));
+            self.close_with(
+                id,
+                ErrorCode::Forgotten,
+                format!("the relay operator forgot {user}"),
+            );
             self.disconnect(id);
         }
         self.bindings.remove(user);
@@ -391,7 +395,7 @@ impl Relay {
             .map(|(user, key)| PeerView {
                 user: user.clone(),
                 online: self.online.contains_key(user),
-                trust: "bound".into(),
+                trust: TrustState::Bound,
                 fingerprint: key.fingerprint().to_string(),
                 presented: None,
             })
@@ -491,7 +495,7 @@ impl Relay {
                 was_online = true;
                 self.close_quietly(
                     old,
-                    "replaced",
+                    ErrorCode::Replaced,
                     "logged in again from another connection".into(),
                     false,
                 );
@@ -544,19 +548,12 @@ impl Relay {
 
     fn route(&mut self, id: ConnId, user: &str, item: Routed, store: &mut Store) {
         let key = item.key();
-        let refuse = |code: &str, reason: String| {
-            Out::Send(
-                id,
-                FromRelay::Refused {
-                    key,
-                    code: code.into(),
-                    reason,
-                },
-            )
+        let refuse = |code: RefuseCode, reason: String| {
+            Out::Send(id, FromRelay::Refused { key, code, reason })
         };
         if item.from() != user {
             let r = refuse(
-                "bad_sender",
+                RefuseCode::BadSender,
                 format!("item claims to be from {} but you are {user}", item.from()),
             );
             self.out.push_back(r);
@@ -564,8 +561,10 @@ impl Relay {
         }
         let to = item.to().to_string();
         if !self.bindings.contains_key(&to) {
-            self.out
-                .push_back(refuse("unknown_user", format!("no user named {to}")));
+            self.out.push_back(refuse(
+                RefuseCode::UnknownUser,
+                format!("no user named {to}"),
+            ));
             return;
         }
         let queue = self.queues.entry(to.clone()).or_default();
@@ -580,7 +579,7 @@ impl Relay {
                 self.limits.max_queue
             );
             let r = refuse(
-                "queue_full",
+                RefuseCode::QueueFull,
                 format!(
                     "{to}'s queue on the relay is full ({} items); try again when they have caught up",
                     self.limits.max_queue
@@ -592,14 +591,17 @@ impl Relay {
         let bytes = match to_payload(&item) {
             Ok(b) => b,
             Err(e) => {
-                self.out.push_back(refuse("too_large", e.to_string()));
+                self.out
+                    .push_back(refuse(RefuseCode::TooLarge, e.to_string()));
                 return;
             }
         };
         if let Err(e) = store.enqueue(&to, key, &bytes) {
             warn!("cannot queue item for {to}: {e}");
-            self.out
-                .push_back(refuse("storage", format!("relay storage failed: {e}")));
+            self.out.push_back(refuse(
+                RefuseCode::Storage,
+                format!("relay storage failed: {e}"),
+            ));
             return;
         }
         queue.push(key, bytes.len());
@@ -631,26 +633,21 @@ impl Relay {
         }
     }
 
-    fn close_with(&mut self, id: ConnId, code: &str, reason: String) {
+    fn close_with(&mut self, id: ConnId, code: ErrorCode, reason: String) {
         self.close_quietly(id, code, reason, true);
     }
 
     /// Send a final error and close. A logged-in user goes offline at once (announced unless
     /// `announce` is false, for a connection replaced by a newer login of the same user).
-    fn close_quietly(&mut self, id: ConnId, code: &str, reason: String, announce: bool) {
+    fn close_quietly(&mut self, id: ConnId, code: ErrorCode, reason: String, announce: bool) {
         if let Some(c) = self.conns.get_mut(&id) {
             let old = std::mem::replace(&mut c.state, State::Closing);
             if let State::Established { user } = old {
                 self.went_offline(id, &user, announce);
             }
         }
-        self.out.push_back(Out::Send(
-            id,
-            FromRelay::Error {
-                code: code.into(),
-                reason,
-            },
-        ));
+        self.out
+            .push_back(Out::Send(id, FromRelay::Error { code, reason }));
         self.out.push_back(Out::Close(id));
     }
 

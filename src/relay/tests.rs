@@ -122,7 +122,7 @@ fn error_code(out: &[Out], id: ConnId) -> Option<String> {
         close_at > err_at,
         "connection {id} must be closed after its error: {out:?}"
     );
-    Some(code)
+    Some(code.to_string())
 }
 
 /// A dummy message item; the relay never looks inside.

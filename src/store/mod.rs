@@ -121,10 +121,36 @@ pub struct Pin {
     pub user: String,
     /// The pinned key, SPKI DER.
     pub key: Vec<u8>,
-    /// `pinned` or `trusted`.
-    pub trust: String,
+    /// Whether the user checked the key.
+    pub trust: PinTrust,
     /// A different key the relay presented, not yet trusted.
     pub presented: Option<Vec<u8>>,
+}
+
+/// The trust column of a pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinTrust {
+    /// Pinned on first sight.
+    Pinned,
+    /// The user checked the fingerprint.
+    Trusted,
+}
+
+impl PinTrust {
+    fn as_str(self) -> &'static str {
+        match self {
+            PinTrust::Pinned => "pinned",
+            PinTrust::Trusted => "trusted",
+        }
+    }
+
+    fn parse(s: &str) -> Result<PinTrust> {
+        match s {
+            "pinned" => Ok(PinTrust::Pinned),
+            "trusted" => Ok(PinTrust::Trusted),
+            other => Err(StoreError::Corrupt(format!("unknown pin trust {other:?}"))),
+        }
+    }
 }
 
 /// A sent message as stored: recipient, session, counter, state.
@@ -172,12 +198,15 @@ fn state_str(s: MsgState) -> &'static str {
     s.as_str()
 }
 
-fn state_parse(s: &str) -> MsgState {
+fn state_parse(s: &str) -> Result<MsgState> {
     match s {
-        "relayed" => MsgState::Relayed,
-        "delivered" => MsgState::Delivered,
-        "failed" => MsgState::Failed,
-        _ => MsgState::Queued,
+        "queued" => Ok(MsgState::Queued),
+        "relayed" => Ok(MsgState::Relayed),
+        "delivered" => Ok(MsgState::Delivered),
+        "failed" => Ok(MsgState::Failed),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown message state {other:?}"
+        ))),
     }
 }
 
@@ -447,7 +476,7 @@ impl Store {
                 peer,
                 id16(session)?,
                 counter as u64,
-                state_parse(&state),
+                state_parse(&state)?,
             ))),
         }
     }
@@ -605,14 +634,24 @@ impl Store {
             .conn
             .prepare_cached("SELECT user, key, trust, presented FROM pins ORDER BY user")?;
         let rows = stmt.query_map([], |r| {
-            Ok(Pin {
-                user: r.get(0)?,
-                key: r.get(1)?,
-                trust: r.get(2)?,
-                presented: r.get(3)?,
-            })
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+            ))
         })?;
-        Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+        let mut pins = Vec::new();
+        for row in rows {
+            let (user, key, trust, presented) = row?;
+            pins.push(Pin {
+                user,
+                key,
+                trust: PinTrust::parse(&trust)?,
+                presented,
+            });
+        }
+        Ok(pins)
     }
 
     /// Insert or replace a pin.
@@ -622,7 +661,12 @@ impl Store {
             .prepare_cached(
                 "INSERT OR REPLACE INTO pins (user, key, trust, presented) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![pin.user, pin.key, pin.trust, pin.presented])?;
+            .execute(params![
+                pin.user,
+                pin.key,
+                pin.trust.as_str(),
+                pin.presented
+            ])?;
         Ok(())
     }
 
@@ -774,6 +818,35 @@ mod tests {
         assert_eq!(bob.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3]);
         let since = s.records(2, None, None).unwrap();
         assert_eq!(since.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    #[test]
+    fn an_unknown_stored_word_is_corrupt_data_not_a_guess() {
+        let mut s = Store::open_in_memory().unwrap();
+        let id = [7; 16];
+        s.add_message(&id, "bob", Dir::Out, MsgState::Relayed, &[2; 16], 1)
+            .unwrap();
+        assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Relayed);
+        s.conn
+            .execute(
+                "UPDATE messages SET state = 'lost' WHERE id = ?1",
+                params![&id[..]],
+            )
+            .unwrap();
+        assert!(matches!(s.outgoing(&id), Err(StoreError::Corrupt(m)) if m.contains("lost")));
+
+        let pin = Pin {
+            user: "bob".into(),
+            key: b"k".to_vec(),
+            trust: PinTrust::Trusted,
+            presented: None,
+        };
+        s.put_pin(&pin).unwrap();
+        assert_eq!(s.pins().unwrap(), [pin]);
+        s.conn
+            .execute("UPDATE pins SET trust = 'maybe'", [])
+            .unwrap();
+        assert!(matches!(s.pins(), Err(StoreError::Corrupt(m)) if m.contains("maybe")));
     }
 
     #[test]
