@@ -3,7 +3,7 @@
 //!
 //! The daemon feeds it connection events and frame payloads with the current time; it answers
 //! with [`Out`] actions (messages to send, connections to close) and writes through the
-//! [`Store`]. Must never: touch a socket, read a message body (it only ever sees envelopes),
+//! [`RelayStore`]. Must never: touch a socket, read a message body (it only ever sees envelopes),
 //! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
 //! until the turn's transaction commits).
 
@@ -16,7 +16,7 @@ use crate::crypto::{login_transcript, PublicKey};
 use crate::proto::control::{PeerView, TrustState};
 use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Routed, ToRelay};
 use crate::proto::{from_payload, to_payload, valid_user};
-use crate::store::{Store, StoreError};
+use crate::store::{RelayStore, StoreError};
 
 /// Deliveries a member may have unacknowledged at once. Bounds the relay's write buffer per
 /// member (a long queue is drained in windows, not dumped at login) and so keeps a member with a
@@ -197,7 +197,7 @@ pub struct Relay {
 
 impl Relay {
     /// Load bindings and queues from the store.
-    pub fn load(store: &Store, limits: Limits) -> Result<Relay, StoreError> {
+    pub fn load(store: &dyn RelayStore, limits: Limits) -> Result<Relay, StoreError> {
         let mut bindings = BTreeMap::new();
         for (user, der) in store.bindings()? {
             match PublicKey::from_der(&der) {
@@ -283,7 +283,7 @@ impl Relay {
     }
 
     /// One frame payload from a connection.
-    pub fn receive(&mut self, id: ConnId, payload: &[u8], now: u64, store: &mut Store) {
+    pub fn receive(&mut self, id: ConnId, payload: &[u8], now: u64, store: &mut dyn RelayStore) {
         // After our final Error a connection is only waiting to be closed: nothing it sends
         // counts, not even garbage (which would otherwise earn a second Error and Close).
         match self.conns.get(&id) {
@@ -298,7 +298,7 @@ impl Relay {
     }
 
     /// One decoded message from a connection (the host's in-process member skips the codec).
-    pub fn handle(&mut self, id: ConnId, msg: ToRelay, now: u64, store: &mut Store) {
+    pub fn handle(&mut self, id: ConnId, msg: ToRelay, now: u64, store: &mut dyn RelayStore) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -369,7 +369,7 @@ impl Relay {
     }
 
     /// Drop a name's binding and queue so a new key may claim it. True if the name was bound.
-    pub fn forget(&mut self, user: &str, store: &mut Store) -> Result<bool, StoreError> {
+    pub fn forget(&mut self, user: &str, store: &mut dyn RelayStore) -> Result<bool, StoreError> {
         if !self.bindings.contains_key(user) {
             return Ok(false);
         }
@@ -413,7 +413,7 @@ impl Relay {
     }
 
     /// Deliver `user`'s next queued items, up to the window, if they are online.
-    fn fill(&mut self, user: &str, store: &Store) {
+    fn fill(&mut self, user: &str, store: &dyn RelayStore) {
         let Some(id) = self.online.get(user).copied() else {
             return;
         };
@@ -456,7 +456,7 @@ impl Relay {
         user: String,
         key: &[u8],
         signature: &[u8],
-        store: &mut Store,
+        store: &mut dyn RelayStore,
     ) -> Result<(), RelayError> {
         if !valid_user(&user) {
             return Err(RelayError::BadLogin(
@@ -546,7 +546,7 @@ impl Relay {
         Ok(())
     }
 
-    fn route(&mut self, id: ConnId, user: &str, item: Routed, store: &mut Store) {
+    fn route(&mut self, id: ConnId, user: &str, item: Routed, store: &mut dyn RelayStore) {
         let key = item.key();
         let refuse = |code: RefuseCode, reason: String| {
             Out::Send(id, FromRelay::Refused { key, code, reason })
@@ -609,7 +609,7 @@ impl Relay {
         self.fill(&to, store);
     }
 
-    fn ack(&mut self, user: &str, key: ItemKey, store: &mut Store) {
+    fn ack(&mut self, user: &str, key: ItemKey, store: &mut dyn RelayStore) {
         let Some(q) = self.queues.get_mut(user) else {
             return;
         };

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use crate::crypto::Identity;
 use crate::proto::relay::{Envelope, Kind, Receipt};
+use crate::store::Store;
 
 const ALICE: usize = 0;
 const BOB: usize = 1;
@@ -854,4 +855,88 @@ fn a_long_queue_is_delivered_through_a_window() {
     let got = delivered(&to(&out, 4));
     assert_eq!(got.len(), DELIVERY_WINDOW);
     assert_eq!(got[0], id_of(2));
+}
+
+/// A store that forwards every call to SQLite but fails the calls a test picks: a fault in one
+/// place instead of every write (what `Store::fail_writes` does).
+struct FailOne {
+    inner: Store,
+    fail_dequeue: bool,
+}
+
+impl RelayStore for FailOne {
+    fn bindings(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.bindings()
+    }
+    fn bind(&mut self, user: &str, key: &[u8]) -> Result<(), StoreError> {
+        self.inner.bind(user, key)
+    }
+    fn unbind(&mut self, user: &str) -> Result<(), StoreError> {
+        self.inner.unbind(user)
+    }
+    fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<(), StoreError> {
+        self.inner.enqueue(user, key, item)
+    }
+    fn dequeue(&mut self, user: &str, key: ItemKey) -> Result<(), StoreError> {
+        if self.fail_dequeue {
+            return Err(StoreError::Injected);
+        }
+        self.inner.dequeue(user, key)
+    }
+    fn queued_sizes(&self) -> Result<Vec<(String, ItemKey, usize)>, StoreError> {
+        self.inner.queued_sizes()
+    }
+    fn queued_item(&self, user: &str, key: ItemKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.queued_item(user, key)
+    }
+}
+
+/// An acknowledgement the store could not apply leaves the item queued, in memory and on disk,
+/// so a restarted relay delivers it again (the member drops the duplicate by id).
+#[test]
+fn a_failed_dequeue_keeps_the_item_for_redelivery() {
+    fn login(relay: &mut Relay, store: &mut FailOne, id: ConnId, user: &str, key: usize) {
+        while relay.poll().is_some() {}
+        relay.connect(id, 1);
+        let nonce = match relay.poll() {
+            Some(Out::Send(_, FromRelay::Challenge { nonce, .. })) => nonce,
+            other => panic!("expected a challenge, got {other:?}"),
+        };
+        let me = identity(key);
+        let signature = me
+            .sign(&mut rand::thread_rng(), &login_transcript(&nonce, user))
+            .unwrap();
+        let login = ToRelay::Login {
+            user: user.into(),
+            key: me.public().der().to_vec(),
+            signature,
+        };
+        relay.handle(id, login, 2, store);
+    }
+    let mut store = FailOne {
+        inner: Store::open_in_memory().unwrap(),
+        fail_dequeue: true,
+    };
+    let mut relay = Relay::load(&store, Limits::default()).unwrap();
+    login(&mut relay, &mut store, 1, "alice", ALICE);
+    login(&mut relay, &mut store, 2, "bob", BOB);
+    relay.handle(1, ToRelay::Send(message("alice", "bob", 1)), 3, &mut store);
+    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
+    assert!(to(&out, 2).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
+    relay.handle(2, ToRelay::Ack(msg_key(1)), 4, &mut store);
+    assert_eq!(
+        relay.queued_count(),
+        1,
+        "the failed dequeue must not drop the item"
+    );
+
+    // A relay restarted from the same store still holds it and delivers it to bob again.
+    store.fail_dequeue = false;
+    let mut relay = Relay::load(&store, Limits::default()).unwrap();
+    assert_eq!(relay.queued_count(), 1);
+    login(&mut relay, &mut store, 3, "bob", BOB);
+    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
+    assert!(to(&out, 3).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
+    relay.handle(3, ToRelay::Ack(msg_key(1)), 5, &mut store);
+    assert_eq!(relay.queued_count(), 0);
 }

@@ -16,6 +16,9 @@ use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::{ItemKey, Kind};
 use crate::proto::{from_payload, to_payload};
 
+mod traits;
+pub use traits::{MemberStore, RelayStore};
+
 /// Storage failures. Each says what the user can do about it.
 #[derive(Debug)]
 pub enum StoreError {

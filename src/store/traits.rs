@@ -1,0 +1,192 @@
+//! The narrow storage interfaces the cores see: [`RelayStore`] for the relay role and
+//! [`MemberStore`] for the member role.
+//!
+//! Why traits: the cores decide protocol questions and must not care which database holds their
+//! state. The SQLite [`Store`] implements both today; a second relay backend (several relay
+//! machines sharing one PostgreSQL) implements [`RelayStore`] without touching the relay core, and
+//! a core test can wrap a store to fail one chosen call instead of every write (as rustls's
+//! `StoresServerSessions` lets a test inject a session cache). Turn boundaries (`begin`,
+//! `commit`) are not here: the daemon owns the turn, the cores only write inside it.
+//!
+//! Must never: grow a method a core does not call, or decide anything (the implementations only
+//! read and write what they are told).
+
+use crate::proto::control::{Dir, MsgState, Record, RecordBody};
+use crate::proto::relay::ItemKey;
+
+use super::{Outgoing, Pin, Result, Store};
+
+/// What the relay core reads and writes: name bindings and queued items.
+pub trait RelayStore {
+    /// Every name binding, `(user, SPKI DER)`.
+    fn bindings(&self) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Bind a name to a key.
+    fn bind(&mut self, user: &str, key: &[u8]) -> Result<()>;
+    /// Drop a name's binding and its queue.
+    fn unbind(&mut self, user: &str) -> Result<()>;
+    /// Queue an item for `user` (idempotent).
+    fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()>;
+    /// Drop an acknowledged item.
+    fn dequeue(&mut self, user: &str, key: ItemKey) -> Result<()>;
+    /// Every queued item's recipient, key and encoded size, in arrival order.
+    fn queued_sizes(&self) -> Result<Vec<(String, ItemKey, usize)>>;
+    /// One queued item's encoded bytes.
+    fn queued_item(&self, user: &str, key: ItemKey) -> Result<Option<Vec<u8>>>;
+}
+
+/// What the member core reads and writes: history, message states, outbox, held envelopes,
+/// session keys and pins.
+pub trait MemberStore {
+    /// Append a history record stamped `time_ms` (wall clock).
+    fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record>;
+    /// Remember a message id with its session and counter; false if the id is known already.
+    fn add_message(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        dir: Dir,
+        state: MsgState,
+        session: &[u8; 16],
+        counter: u64,
+    ) -> Result<bool>;
+    /// Whether a message id is known.
+    fn has_message(&self, id: &[u8; 16]) -> Result<bool>;
+    /// Whether a (peer, session, counter) was seen already (replay check).
+    fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool>;
+    /// A sent message's recipient, session, counter and state.
+    fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>>;
+    /// Set a sent message's state.
+    fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()>;
+    /// Add an item to the outbox.
+    fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()>;
+    /// Remove an item from the outbox; true if it was there.
+    fn outbox_remove(&mut self, key: ItemKey) -> Result<bool>;
+    /// Every outbox item, oldest first.
+    fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>>;
+    /// Hold an envelope that cannot be opened yet.
+    fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()>;
+    /// Every envelope held from `peer`.
+    fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>>;
+    /// Drop a held envelope.
+    fn unhold(&mut self, id: &[u8; 16]) -> Result<()>;
+    /// Store a session key; `sending` selects sending or receiving sessions.
+    fn put_session(
+        &mut self,
+        sending: bool,
+        peer: &str,
+        session: &[u8; 16],
+        key: &[u8; 32],
+    ) -> Result<()>;
+    /// Look up a session key.
+    fn session(&self, sending: bool, peer: &str, session: &[u8; 16]) -> Result<Option<Vec<u8>>>;
+    /// Every pin.
+    fn pins(&self) -> Result<Vec<Pin>>;
+    /// Insert or replace a pin.
+    fn put_pin(&mut self, pin: &Pin) -> Result<()>;
+    /// Start a unit of work inside the turn, so a failure part-way undoes only that unit.
+    fn savepoint(&mut self) -> Result<()>;
+    /// Keep the unit's writes (they commit with the turn).
+    fn release_savepoint(&mut self) -> Result<()>;
+    /// Undo the unit's writes.
+    fn rollback_savepoint(&mut self);
+}
+
+// Each method forwards to the inherent method of the same name (inherent methods win method
+// resolution, so these are not recursive).
+impl RelayStore for Store {
+    fn bindings(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Store::bindings(self)
+    }
+    fn bind(&mut self, user: &str, key: &[u8]) -> Result<()> {
+        Store::bind(self, user, key)
+    }
+    fn unbind(&mut self, user: &str) -> Result<()> {
+        Store::unbind(self, user)
+    }
+    fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()> {
+        Store::enqueue(self, user, key, item)
+    }
+    fn dequeue(&mut self, user: &str, key: ItemKey) -> Result<()> {
+        Store::dequeue(self, user, key)
+    }
+    fn queued_sizes(&self) -> Result<Vec<(String, ItemKey, usize)>> {
+        Store::queued_sizes(self)
+    }
+    fn queued_item(&self, user: &str, key: ItemKey) -> Result<Option<Vec<u8>>> {
+        Store::queued_item(self, user, key)
+    }
+}
+
+impl MemberStore for Store {
+    fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record> {
+        Store::append(self, time_ms, peer, body)
+    }
+    fn add_message(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        dir: Dir,
+        state: MsgState,
+        session: &[u8; 16],
+        counter: u64,
+    ) -> Result<bool> {
+        Store::add_message(self, id, peer, dir, state, session, counter)
+    }
+    fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
+        Store::has_message(self, id)
+    }
+    fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool> {
+        Store::seen_counter(self, peer, session, counter)
+    }
+    fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>> {
+        Store::outgoing(self, id)
+    }
+    fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
+        Store::set_state(self, id, state)
+    }
+    fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
+        Store::outbox_push(self, key, item)
+    }
+    fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
+        Store::outbox_remove(self, key)
+    }
+    fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>> {
+        Store::outbox(self)
+    }
+    fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()> {
+        Store::hold(self, id, peer, item)
+    }
+    fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        Store::held(self, peer)
+    }
+    fn unhold(&mut self, id: &[u8; 16]) -> Result<()> {
+        Store::unhold(self, id)
+    }
+    fn put_session(
+        &mut self,
+        sending: bool,
+        peer: &str,
+        session: &[u8; 16],
+        key: &[u8; 32],
+    ) -> Result<()> {
+        Store::put_session(self, sending, peer, session, key)
+    }
+    fn session(&self, sending: bool, peer: &str, session: &[u8; 16]) -> Result<Option<Vec<u8>>> {
+        Store::session(self, sending, peer, session)
+    }
+    fn pins(&self) -> Result<Vec<Pin>> {
+        Store::pins(self)
+    }
+    fn put_pin(&mut self, pin: &Pin) -> Result<()> {
+        Store::put_pin(self, pin)
+    }
+    fn savepoint(&mut self) -> Result<()> {
+        Store::savepoint(self)
+    }
+    fn release_savepoint(&mut self) -> Result<()> {
+        Store::release_savepoint(self)
+    }
+    fn rollback_savepoint(&mut self) {
+        Store::rollback_savepoint(self)
+    }
+}
