@@ -1,7 +1,8 @@
 //! The relay role as a sans-I/O state machine: registrations (name-to-key bindings), presence,
 //! routing and per-user queues.
 //!
-//! The daemon feeds it connection events and frame payloads with the current time; it answers
+//! The daemon feeds it connection events and frame payloads with the current time (a monotonic
+//! clock in milliseconds: the relay stamps nothing, so it never needs the wall clock); it answers
 //! with [`Out`] actions (messages to send, connections to close) and writes through the
 //! [`RelayStore`]. Must never: touch a socket, read a message body (it only ever sees envelopes),
 //! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
@@ -10,7 +11,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use log::{info, warn};
-use rand::RngCore;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 
 use crate::crypto::{login_transcript, PublicKey};
 use crate::proto::control::{PeerView, TrustState};
@@ -193,6 +195,9 @@ pub struct Relay {
     queues: HashMap<String, UserQueue>,
     out: VecDeque<Out>,
     limits: Limits,
+    /// Challenge nonces come from here: seeded from the OS, or from a fixed seed in a test so a
+    /// run repeats exactly.
+    rng: StdRng,
 }
 
 impl Relay {
@@ -218,7 +223,31 @@ impl Relay {
             queues,
             out: VecDeque::new(),
             limits,
+            rng: StdRng::from_entropy(),
         })
+    }
+
+    /// Draw challenge nonces from a fixed seed from now on (deterministic tests only: the
+    /// nonces become predictable).
+    pub fn seed_rng(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which `tick` has
+    /// something to do, so the daemon can sleep until then instead of waking on a fixed tick.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.conns
+            .values()
+            .filter_map(|c| match c.state {
+                State::ExpectLogin { .. } => {
+                    Some(c.since.saturating_add(self.limits.handshake_timeout_ms + 1))
+                }
+                State::Established { .. } => {
+                    Some(c.last_seen.saturating_add(self.limits.idle_timeout_ms + 1))
+                }
+                State::Closing => None,
+            })
+            .min()
     }
 
     /// Replace the limits (config reload).
@@ -234,7 +263,7 @@ impl Relay {
     /// A new connection: send it a challenge.
     pub fn connect(&mut self, id: ConnId, now: u64) {
         let mut nonce = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut nonce);
+        self.rng.fill_bytes(&mut nonce);
         self.conns.insert(
             id,
             Conn {
@@ -362,6 +391,8 @@ impl Relay {
                 _ => {}
             }
         }
+        // Map order is random per process; close in id order so a seeded run repeats.
+        late.sort_unstable_by_key(|(id, _)| *id);
         for (id, why) in late {
             info!("connection {id}: {why}");
             self.close_with(id, ErrorCode::Timeout, why.to_string());

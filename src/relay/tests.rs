@@ -940,3 +940,38 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     relay.handle(3, ToRelay::Ack(msg_key(1)), 5, &mut store);
     assert_eq!(relay.queued_count(), 0);
 }
+
+/// `next_deadline` names the first instant at which `tick` closes someone: nothing closes a
+/// millisecond before it, the late connection closes at it, and an established one moves it to
+/// its idle timeout.
+#[test]
+fn next_deadline_is_when_tick_acts() {
+    let mut t = T::new();
+    assert_eq!(t.relay.next_deadline(), None);
+    t.logged_in(1, "alice", ALICE);
+    let idle = t.relay.next_deadline().unwrap();
+    assert_eq!(idle, t.now + Limits::default().idle_timeout_ms + 1);
+    t.now += 10;
+    t.connect(2);
+    let handshake = t.now + Limits::default().handshake_timeout_ms + 1;
+    assert_eq!(t.relay.next_deadline(), Some(handshake.min(idle)));
+    t.relay.tick(handshake - 1);
+    assert!(t.drain().is_empty());
+    t.relay.tick(handshake);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 2).as_deref(), Some("timeout"));
+    assert!(!closed(&out, 1));
+}
+
+/// The same seed gives the same challenge nonces.
+#[test]
+fn seeded_relays_repeat_their_challenges() {
+    let nonces = || {
+        let mut t = T::new();
+        t.relay.seed_rng(7);
+        [t.connect(1), t.connect(2)]
+    };
+    let first = nonces();
+    assert_eq!(first, nonces());
+    assert_ne!(first[0], first[1]);
+}
