@@ -1,8 +1,10 @@
 //! chatd's settings: command-line flags, the `chatd.toml` file, environment, defaults.
 //!
-//! Owns the one definition of every chatd flag (clap derives `--help` from it, the man page and
-//! completions are checked against it) and the rule "flags beat environment beat config file beat
-//! defaults". Must never: open sockets or the database, or read key files.
+//! Owns the one definition of every chatd setting, `settings!`: its flag (clap derives `--help`
+//! and the completions from it), its file key, default and check, and what SIGHUP does with it
+//! ([`apply_reload`]); the man pages are checked against it and its table [`SETTINGS`]. Also the
+//! rule "flags beat environment beat config file beat defaults". Must never: open sockets or the
+//! database, or read key files.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,85 +18,370 @@ use crate::relay::Limits;
 /// Default relay port (DESIGN "chatd").
 pub const DEFAULT_PORT: u16 = 9999;
 
-/// chatd: end-to-end encrypted chat daemon (relay, member, or both).
-///
-/// Roles: `--listen ADDR` alone is a relay; `--user NAME --connect HOST:PORT` is a member;
-/// `--user NAME --listen ADDR` is a host (relay plus a member in one process).
-#[derive(Parser, Debug, Clone, Default)]
-#[command(name = "chatd", version, long_about = None)]
-pub struct Flags {
-    /// Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else
-    /// $XDG_CONFIG_HOME/chatd/chatd.toml, else ~/.config/chatd/chatd.toml)
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Your user name (1-32 of a-z 0-9 . _ -); makes this daemon a member
-    #[arg(long, value_name = "NAME")]
-    pub user: Option<String>,
-    /// Relay to connect to as a member (port defaults to 9999)
-    #[arg(long, value_name = "HOST:PORT")]
-    pub connect: Option<String>,
-    /// Address to serve the relay on (e.g. 0.0.0.0:9999; port 0 picks a free one)
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// State directory for the identity key and database (mode 0700)
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Control socket path
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// RSA key size for a new identity
-    #[arg(long, value_name = "N", value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"]).map(|s| s.parse::<usize>().unwrap_or(3072)))]
-    pub key_bits: Option<usize>,
-    /// Relay: most simultaneous member connections
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Relay: most items queued per user before new ones are refused
-    #[arg(long, value_name = "N")]
-    pub max_queue: Option<usize>,
-    /// Relay: seconds a new connection has to log in
-    #[arg(long, value_name = "SECS")]
-    pub handshake_timeout: Option<u64>,
-    /// Relay: seconds of silence before a connection is closed
-    #[arg(long, value_name = "SECS")]
-    pub idle_timeout: Option<u64>,
-    /// Bytes queued for one connection before it is cut off as a slow reader
-    #[arg(long, value_name = "BYTES")]
-    pub max_write_buffer: Option<usize>,
-    /// Most simultaneous control-socket clients
-    #[arg(long, value_name = "N")]
-    pub max_control_clients: Option<usize>,
+// Each setting is one entry of `settings!` below; the macro makes from it the clap flag (so
+// `--help` and the completions), the `chatd.toml` key, the layered lookup with its default and
+// check, the row of `SETTINGS` that tests/docs.rs holds the man pages to, and what SIGHUP does
+// with it. Five hand-kept copies of each (flags, file, lookup, reload, docs) could disagree.
+//
+// Entry grammar (every clause is present, empty brackets mean "none"):
+//
+//   /// help line (`--help`, the table)
+//   key: Type {
+//       flag: [clap `arg` attributes after `long`],   (only in the `flags` group)
+//       env: ["VAR", "VAR" / "file joined to it"],    (paths only; after the flag, before the file)
+//       default: [] | [value] | [from computed_value],
+//       check: [] | [fn(&'static str, T) -> Result<T, ConfigError>],
+//       sighup: [restart(config.path)] | [unused] | [apply(rank label = config.path, ...)],
+//   }
+//
+// `rank` is the change's place in the `reloaded config:` log line: that order predates the
+// table and does not follow it, and log readers and tests know the line as it is.
+macro_rules! settings {
+    (
+        $(#[doc = $flags_doc:tt])*
+        flags {
+            $(
+                #[doc = $help:tt]
+                $key:ident: $ty:ty {
+                    flag: [$($arg:tt)*],
+                    env: [$($var:literal $(/ $join:literal)?),*],
+                    default: [$($default:tt)*],
+                    check: [$($check:ident)?],
+                    sighup: [$($sighup:tt)*],
+                }
+            )*
+        }
+        file_only {
+            $(
+                #[doc = $fhelp:tt]
+                $fkey:ident: $fty:ty {
+                    default: [$($fdefault:tt)*],
+                    check: [$($fcheck:ident)?],
+                    sighup: [$($fsighup:tt)*],
+                }
+            )*
+        }
+    ) => {
+        $(#[doc = $flags_doc])*
+        #[derive(Parser, Debug, Clone, Default)]
+        #[command(name = "chatd", version, long_about = None)]
+        pub struct Flags {
+            /// Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else
+            /// $XDG_CONFIG_HOME/chatd/chatd.toml, else ~/.config/chatd/chatd.toml)
+            #[arg(short = 'c', long = "config", value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = $help]
+                #[arg(long, $($arg)*)]
+                pub $key: Option<$ty>,
+            )*
+        }
+
+        /// The config file: a key per setting, named as the setting (its flag has `-` for `_`).
+        #[derive(Deserialize, Debug, Clone, Default, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        pub struct File {
+            $(
+                #[doc = $help]
+                pub $key: Option<$ty>,
+            )*
+            $(
+                #[doc = $fhelp]
+                pub $fkey: Option<$fty>,
+            )*
+        }
+
+        /// Every setting, in the order of `--help` and of the file's keys.
+        pub const SETTINGS: &[Setting] = &[
+            $(
+                Setting {
+                    key: stringify!($key),
+                    flag: true,
+                    env: &[$($var),*],
+                    help: $help,
+                    default: settings!(@shown $ty; $($default)*),
+                    sighup: settings!(@sighup $($sighup)*),
+                },
+            )*
+            $(
+                Setting {
+                    key: stringify!($fkey),
+                    flag: false,
+                    env: &[],
+                    help: $fhelp,
+                    default: settings!(@shown $fty; $($fdefault)*),
+                    sighup: settings!(@sighup $($fsighup)*),
+                },
+            )*
+        ];
+
+        impl Layers<'_> {
+            $(
+                fn $key(&self) -> Result<settings!(@out $ty; $($default)*), ConfigError> {
+                    let raw: Option<$ty> = self.flags.$key.clone()
+                        $(.or_else(|| env_path($var)$(.map(|d| d.join($join)))?))*
+                        .or_else(|| self.file.$key.clone());
+                    let checked = match raw {
+                        Some(v) => Some(settings!(@check $key, v; $($check)?)),
+                        None => None,
+                    };
+                    Ok(settings!(@default checked; $($default)*))
+                }
+            )*
+            $(
+                fn $fkey(&self) -> Result<settings!(@out $fty; $($fdefault)*), ConfigError> {
+                    let raw: Option<$fty> = self.file.$fkey.clone();
+                    let checked = match raw {
+                        Some(v) => Some(settings!(@check $fkey, v; $($fcheck)?)),
+                        None => None,
+                    };
+                    Ok(settings!(@default checked; $($fdefault)*))
+                }
+            )*
+        }
+
+        /// Apply to `running` what SIGHUP may change at once, and say what changed.
+        ///
+        /// Restart-only settings are compared, never applied; the caller sets the log level
+        /// and hands the relay its new limits.
+        pub fn apply_reload(running: &mut Config, new: &Config) -> Reload {
+            let mut ranked: Vec<(u8, String)> = Vec::new();
+            let mut restart_needed = false;
+            let log_level = running.log_level != new.log_level;
+            $(settings!(@apply running, new, ranked, restart_needed; $($sighup)*);)*
+            $(settings!(@apply running, new, ranked, restart_needed; $($fsighup)*);)*
+            ranked.sort_by_key(|(rank, _)| *rank);
+            Reload {
+                changes: ranked.into_iter().map(|(_, change)| change).collect(),
+                restart_needed,
+                log_level,
+            }
+        }
+    };
+
+    (@check $key:ident, $v:ident;) => { $v };
+    (@check $key:ident, $v:ident; $check:ident) => { $check(stringify!($key), $v)? };
+
+    // The lookup's result: a value when there is a default, else whether one was given.
+    (@out $ty:ty;) => { Option<$ty> };
+    (@out $ty:ty; $($default:tt)+) => { $ty };
+    (@default $v:ident;) => { $v };
+    (@default $v:ident; from $default:expr) => { match $v { Some(v) => v, None => $default } };
+    (@default $v:ident; $default:expr) => { $v.unwrap_or_else(|| $default) };
+
+    // The default as the documentation states it; computed ones are described in prose.
+    (@shown $ty:ty;) => { None };
+    (@shown $ty:ty; from $default:expr) => { None };
+    (@shown $ty:ty; $default:expr) => {
+        Some(|| {
+            let v: $ty = $default;
+            v.to_string()
+        })
+    };
+
+    (@sighup restart($($path:ident).+)) => { Sighup::Restart };
+    (@sighup unused) => { Sighup::Unused };
+    (@sighup apply($($rest:tt)*)) => { Sighup::Apply };
+
+    (@apply $run:ident, $new:ident, $ranked:ident, $restart:ident; restart($($path:ident).+)) => {
+        $restart |= $new.$($path).+ != $run.$($path).+
+    };
+    (@apply $run:ident, $new:ident, $ranked:ident, $restart:ident; unused) => {};
+    (@apply $run:ident, $new:ident, $ranked:ident, $restart:ident;
+        apply($($rank:literal $label:ident = $($path:ident).+),+)) => {
+        $(
+            if $new.$($path).+ != $run.$($path).+ {
+                $ranked.push((
+                    $rank,
+                    format!(
+                        "{} {:?} -> {:?}",
+                        stringify!($label),
+                        $run.$($path).+,
+                        $new.$($path).+
+                    ),
+                ));
+                $run.$($path).+ = $new.$($path).+.clone();
+            }
+        )+
+    };
 }
 
-/// The config file: every flag has a key of the same name with `_` for `-`.
-#[derive(Deserialize, Debug, Clone, Default, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct File {
-    /// `user`
-    pub user: Option<String>,
-    /// `connect`
-    pub connect: Option<String>,
-    /// `listen`
-    pub listen: Option<String>,
-    /// `state_dir`
-    pub state_dir: Option<PathBuf>,
-    /// `socket`
-    pub socket: Option<PathBuf>,
-    /// `key_bits`
-    pub key_bits: Option<usize>,
-    /// `max_connections`
-    pub max_connections: Option<usize>,
-    /// `max_queue`
-    pub max_queue: Option<usize>,
-    /// `handshake_timeout`
-    pub handshake_timeout: Option<u64>,
-    /// `idle_timeout`
-    pub idle_timeout: Option<u64>,
-    /// `max_write_buffer`
-    pub max_write_buffer: Option<usize>,
-    /// `max_control_clients`
-    pub max_control_clients: Option<usize>,
-    /// `log_level`: error, warn, info, debug, trace (RUST_LOG, when set, wins)
-    pub log_level: Option<String>,
+settings! {
+    /// chatd: end-to-end encrypted chat daemon (relay, member, or both).
+    ///
+    /// Roles: `--listen ADDR` alone is a relay; `--user NAME --connect HOST:PORT` is a member;
+    /// `--user NAME --listen ADDR` is a host (relay plus a member in one process).
+    flags {
+        /// Your user name (1-32 of a-z 0-9 . _ -); makes this daemon a member
+        user: String {
+            flag: [value_name = "NAME"],
+            env: [],
+            default: [],
+            check: [user_name],
+            sighup: [restart(role)],
+        }
+        /// Relay to connect to as a member (port defaults to 9999)
+        connect: String {
+            flag: [value_name = "HOST:PORT"],
+            env: [],
+            default: [],
+            check: [],
+            sighup: [restart(role)],
+        }
+        /// Address to serve the relay on (e.g. 0.0.0.0:9999; port 0 picks a free one)
+        listen: String {
+            flag: [value_name = "ADDR"],
+            env: [],
+            default: [],
+            check: [],
+            sighup: [restart(role)],
+        }
+        /// State directory for the identity key and database (mode 0700)
+        state_dir: PathBuf {
+            flag: [value_name = "DIR"],
+            env: ["STATE_DIRECTORY"],
+            default: [from default_state_dir()?],
+            check: [],
+            sighup: [restart(state_dir)],
+        }
+        /// Control socket path
+        socket: PathBuf {
+            flag: [value_name = "PATH"],
+            env: ["CHATD_SOCKET", "RUNTIME_DIRECTORY" / "control.sock"],
+            default: [from default_socket()],
+            check: [],
+            sighup: [restart(socket)],
+        }
+        /// RSA key size for a new identity
+        key_bits: usize {
+            flag: [
+                value_name = "N",
+                value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"])
+                    .map(|s| s.parse::<usize>().unwrap_or(3072)),
+            ],
+            env: [],
+            default: [3072],
+            check: [rsa_size],
+            // Read only when a key is generated, at start-up.
+            sighup: [unused],
+        }
+        /// Relay: most simultaneous member connections
+        max_connections: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [1024],
+            check: [positive],
+            sighup: [apply(4 max_connections = max_connections)],
+        }
+        /// Relay: most items queued per user before new ones are refused
+        max_queue: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [Limits::default().max_queue],
+            check: [positive],
+            sighup: [apply(0 max_queue = limits.max_queue)],
+        }
+        /// Relay: seconds a new connection has to log in
+        handshake_timeout: u64 {
+            flag: [value_name = "SECS"],
+            env: [],
+            default: [Limits::default().handshake_timeout_ms / 1000],
+            check: [positive],
+            sighup: [apply(2 handshake_timeout_ms = limits.handshake_timeout_ms)],
+        }
+        /// Relay: seconds of silence before a connection is closed
+        idle_timeout: u64 {
+            flag: [value_name = "SECS"],
+            env: [],
+            default: [Limits::default().idle_timeout_ms / 1000],
+            check: [positive],
+            sighup: [apply(3 idle_timeout_ms = limits.idle_timeout_ms)],
+        }
+        /// Bytes queued for one connection before it is cut off as a slow reader
+        max_write_buffer: usize {
+            flag: [value_name = "BYTES"],
+            env: [],
+            default: [16 << 20],
+            check: [positive],
+            sighup: [apply(
+                1 window_bytes = limits.window_bytes,
+                5 max_write_buffer = max_write_buffer
+            )],
+        }
+        /// Most simultaneous control-socket clients
+        max_control_clients: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [64],
+            check: [positive],
+            sighup: [apply(6 max_control_clients = max_control_clients)],
+        }
+    }
+    file_only {
+        /// Log level: error, warn, info, debug, trace or off; unset is info (RUST_LOG wins)
+        log_level: String {
+            default: [],
+            check: [log_level_name],
+            sighup: [apply(7 log_level = log_level)],
+        }
+    }
+}
+
+/// One row of [`SETTINGS`]: what the documentation of a setting must say.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The `chatd.toml` key.
+    pub key: &'static str,
+    /// Whether it has a flag (`--key` with `-` for `_`).
+    pub flag: bool,
+    /// Environment variables that win over the file (the flag still wins over them).
+    pub env: &'static [&'static str],
+    help: &'static str,
+    /// The default, when it is a plain value (path defaults depend on the environment).
+    pub default: Option<fn() -> String>,
+    /// What SIGHUP does with a change.
+    pub sighup: Sighup,
+}
+
+impl Setting {
+    /// The long flag without its dashes, if the setting has one.
+    pub fn long(&self) -> Option<String> {
+        self.flag.then(|| self.key.replace('_', "-"))
+    }
+
+    /// The help line `--help` shows.
+    pub fn help(&self) -> &'static str {
+        // Doc comments keep the space after `///`; clap trims it too.
+        self.help.trim()
+    }
+}
+
+/// What a SIGHUP reload does with a changed setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sighup {
+    /// Applied at once, and the change logged.
+    Apply,
+    /// Takes effect at the next start; a reload warns and ignores it.
+    Restart,
+    /// Only read when something happens once (a key is generated); nothing to apply.
+    Unused,
+}
+
+/// What [`apply_reload`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reload {
+    /// `name old -> new` for each value applied, in the order the log line has always had.
+    pub changes: Vec<String>,
+    /// A restart-only setting (role, state_dir, socket) differs; it was left as it runs.
+    pub restart_needed: bool,
+    /// `log_level` changed; setting the logger is the caller's.
+    pub log_level: bool,
+}
+
+/// A setting's layers, searched flag first, then environment, then file.
+struct Layers<'a> {
+    flags: &'a Flags,
+    file: &'a File,
 }
 
 /// Configuration errors: each names what to fix.
@@ -228,15 +515,55 @@ fn default_config_file() -> Option<PathBuf> {
     }
 }
 
+// The checks of the table: each gets the key, to name it in the error.
+
 fn positive<T: PartialOrd + Default + std::fmt::Display>(
     name: &str,
-    v: Option<T>,
-) -> Result<Option<T>, ConfigError> {
-    match v {
-        Some(x) if x <= T::default() => Err(ConfigError::Invalid(format!(
-            "{name} must be greater than 0 (got {x})"
-        ))),
-        other => Ok(other),
+    v: T,
+) -> Result<T, ConfigError> {
+    if v <= T::default() {
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be greater than 0 (got {v})"
+        )));
+    }
+    Ok(v)
+}
+
+fn user_name(_: &str, u: String) -> Result<String, ConfigError> {
+    if !crate::proto::valid_user(&u) {
+        return Err(ConfigError::Invalid(format!(
+            "invalid user name {u:?}: use 1 to 32 of a-z 0-9 . _ - starting with a letter or digit"
+        )));
+    }
+    Ok(u)
+}
+
+fn rsa_size(name: &str, bits: usize) -> Result<usize, ConfigError> {
+    if ![2048, 3072, 4096].contains(&bits) {
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be 2048, 3072 or 4096 (got {bits})"
+        )));
+    }
+    Ok(bits)
+}
+
+fn log_level_name(name: &str, l: String) -> Result<String, ConfigError> {
+    if !["error", "warn", "info", "debug", "trace", "off"]
+        .contains(&l.to_ascii_lowercase().as_str())
+    {
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be one of error, warn, info, debug, trace, off (got {l:?})"
+        )));
+    }
+    Ok(l)
+}
+
+fn default_state_dir() -> Result<PathBuf, ConfigError> {
+    match env_path("XDG_STATE_HOME") {
+        Some(x) => Ok(x.join("chatd")),
+        None => Ok(home()
+            .ok_or(ConfigError::NoHome("state directory"))?
+            .join(".local/state/chatd")),
     }
 }
 
@@ -254,21 +581,49 @@ pub fn resolve(flags: &Flags) -> Result<Config, ConfigError> {
 }
 
 /// Resolve with an already-read file (SIGHUP reload uses this).
+///
+/// The settings are looked up in the order their errors have always been reported, so that
+/// of two mistakes the same one is named first.
 pub fn resolve_with(
     flags: &Flags,
     file: &File,
     file_path: Option<PathBuf>,
 ) -> Result<Config, ConfigError> {
-    let user = flags.user.clone().or_else(|| file.user.clone());
-    let connect = flags.connect.clone().or_else(|| file.connect.clone());
-    let listen = flags.listen.clone().or_else(|| file.listen.clone());
-    if let Some(u) = &user {
-        if !crate::proto::valid_user(u) {
-            return Err(ConfigError::Invalid(format!(
-                "invalid user name {u:?}: use 1 to 32 of a-z 0-9 . _ - starting with a letter or digit"
-            )));
-        }
-    }
+    let s = Layers { flags, file };
+    let role = role(s.user()?, s.connect()?, s.listen()?)?;
+    let state_dir = s.state_dir()?;
+    let socket = s.socket()?;
+    let key_bits = s.key_bits()?;
+    let log_level = s.log_level()?;
+    let max_queue = s.max_queue()?;
+    let handshake_timeout_ms = s.handshake_timeout()?.saturating_mul(1000);
+    let idle_timeout_ms = s.idle_timeout()?.saturating_mul(1000);
+    let max_write_buffer = s.max_write_buffer()?;
+    Ok(Config {
+        role,
+        state_dir,
+        socket,
+        key_bits,
+        limits: Limits {
+            max_queue,
+            handshake_timeout_ms,
+            idle_timeout_ms,
+            window_bytes: max_write_buffer / 2,
+        },
+        max_connections: s.max_connections()?,
+        max_write_buffer,
+        max_control_clients: s.max_control_clients()?,
+        file_path,
+        log_level,
+    })
+}
+
+/// The role that `user`, `connect` and `listen` together choose.
+fn role(
+    user: Option<String>,
+    connect: Option<String>,
+    listen: Option<String>,
+) -> Result<Role, ConfigError> {
     let with_port = |a: String| {
         if a.rsplit_once(':')
             .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -278,119 +633,29 @@ pub fn resolve_with(
             format!("{a}:{DEFAULT_PORT}")
         }
     };
-    let role = match (user, connect, listen) {
-        (None, None, Some(l)) => Role::Relay {
+    match (user, connect, listen) {
+        (None, None, Some(l)) => Ok(Role::Relay {
             listen: with_port(l),
-        },
-        (Some(u), Some(c), None) => Role::Member {
+        }),
+        (Some(u), Some(c), None) => Ok(Role::Member {
             user: u,
             connect: with_port(c),
-        },
-        (Some(u), None, Some(l)) => Role::Host {
+        }),
+        (Some(u), None, Some(l)) => Ok(Role::Host {
             user: u,
             listen: with_port(l),
-        },
-        (_, Some(_), Some(_)) => {
-            return Err(ConfigError::Conflict(
-                "give either --connect (member) or --listen (relay or host), not both".into(),
-            ))
-        }
-        (None, Some(_), None) => {
-            return Err(ConfigError::Conflict(
-                "--connect needs --user NAME: the name to chat as".into(),
-            ))
-        }
-        (Some(_), None, None) => {
-            return Err(ConfigError::Conflict(
-                "--user needs --connect HOST:PORT (member) or --listen ADDR (host)".into(),
-            ))
-        }
-        (None, None, None) => return Err(ConfigError::NoRole),
-    };
-    let state_dir = match flags
-        .state_dir
-        .clone()
-        .or_else(|| env_path("STATE_DIRECTORY"))
-        .or_else(|| file.state_dir.clone())
-    {
-        Some(p) => p,
-        None => match env_path("XDG_STATE_HOME") {
-            Some(x) => x.join("chatd"),
-            None => home()
-                .ok_or(ConfigError::NoHome("state directory"))?
-                .join(".local/state/chatd"),
-        },
-    };
-    let socket = match flags
-        .socket
-        .clone()
-        .or_else(|| env_path("CHATD_SOCKET"))
-        .or_else(|| env_path("RUNTIME_DIRECTORY").map(|d| d.join("control.sock")))
-        .or_else(|| file.socket.clone())
-    {
-        Some(p) => p,
-        None => default_socket(),
-    };
-    let key_bits = flags.key_bits.or(file.key_bits).unwrap_or(3072);
-    if ![2048, 3072, 4096].contains(&key_bits) {
-        return Err(ConfigError::Invalid(format!(
-            "key_bits must be 2048, 3072 or 4096 (got {key_bits})"
-        )));
+        }),
+        (_, Some(_), Some(_)) => Err(ConfigError::Conflict(
+            "give either --connect (member) or --listen (relay or host), not both".into(),
+        )),
+        (None, Some(_), None) => Err(ConfigError::Conflict(
+            "--connect needs --user NAME: the name to chat as".into(),
+        )),
+        (Some(_), None, None) => Err(ConfigError::Conflict(
+            "--user needs --connect HOST:PORT (member) or --listen ADDR (host)".into(),
+        )),
+        (None, None, None) => Err(ConfigError::NoRole),
     }
-    if let Some(l) = &file.log_level {
-        if !["error", "warn", "info", "debug", "trace", "off"]
-            .contains(&l.to_ascii_lowercase().as_str())
-        {
-            return Err(ConfigError::Invalid(format!(
-                "log_level must be one of error, warn, info, debug, trace, off (got {l:?})"
-            )));
-        }
-    }
-    let d = Limits::default();
-    let secs = |name: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {
-        positive(name, v).map(|o| o.map(|s| s.saturating_mul(1000)))
-    };
-    let limits = Limits {
-        max_queue: positive("max_queue", flags.max_queue.or(file.max_queue))?
-            .unwrap_or(d.max_queue),
-        handshake_timeout_ms: secs(
-            "handshake_timeout",
-            flags.handshake_timeout.or(file.handshake_timeout),
-        )?
-        .unwrap_or(d.handshake_timeout_ms),
-        idle_timeout_ms: secs("idle_timeout", flags.idle_timeout.or(file.idle_timeout))?
-            .unwrap_or(d.idle_timeout_ms),
-        window_bytes: d.window_bytes,
-    };
-    let max_write_buffer = positive(
-        "max_write_buffer",
-        flags.max_write_buffer.or(file.max_write_buffer),
-    )?
-    .unwrap_or(16 << 20);
-    let limits = Limits {
-        window_bytes: max_write_buffer / 2,
-        ..limits
-    };
-    Ok(Config {
-        role,
-        state_dir,
-        socket,
-        key_bits,
-        limits,
-        max_connections: positive(
-            "max_connections",
-            flags.max_connections.or(file.max_connections),
-        )?
-        .unwrap_or(1024),
-        max_write_buffer,
-        max_control_clients: positive(
-            "max_control_clients",
-            flags.max_control_clients.or(file.max_control_clients),
-        )?
-        .unwrap_or(64),
-        file_path,
-        log_level: file.log_level.clone(),
-    })
 }
 
 /// The control socket `chatctl` looks for when not told (DESIGN "The chatctl contract").
@@ -483,6 +748,110 @@ mod tests {
                 listen: "0.0.0.0:1".into()
             }
         );
+    }
+
+    fn relay(file: &str) -> Config {
+        let f = flags(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "/x",
+            "--socket",
+            "/s",
+        ]);
+        let file = parse_file(Path::new("t.toml"), file).unwrap();
+        resolve_with(&f, &file, None).unwrap()
+    }
+
+    #[test]
+    fn reload_applies_the_limits_and_lists_them_as_the_log_always_has() {
+        let mut running = relay("");
+        let new = relay(
+            "max_connections = 2\nmax_queue = 1\nhandshake_timeout = 5\nidle_timeout = 7\n\
+             max_write_buffer = 1000\nmax_control_clients = 3\nlog_level = \"debug\"\n",
+        );
+        let done = apply_reload(&mut running, &new);
+        assert_eq!(
+            done.changes,
+            [
+                "max_queue 10000 -> 1",
+                "window_bytes 8388608 -> 500",
+                "handshake_timeout_ms 10000 -> 5000",
+                "idle_timeout_ms 120000 -> 7000",
+                "max_connections 1024 -> 2",
+                "max_write_buffer 16777216 -> 1000",
+                "max_control_clients 64 -> 3",
+                "log_level None -> Some(\"debug\")",
+            ]
+        );
+        assert!(done.log_level && !done.restart_needed);
+        assert_eq!(format!("{:?}", running.limits), format!("{:?}", new.limits));
+        assert_eq!(
+            (
+                running.max_connections,
+                running.max_write_buffer,
+                running.max_control_clients,
+                running.log_level.as_deref()
+            ),
+            (2, 1000, 3, Some("debug"))
+        );
+        assert_eq!(apply_reload(&mut running, &new), Reload::default());
+    }
+
+    #[test]
+    fn reload_leaves_restart_only_settings_and_key_bits_as_they_run() {
+        let mut running = relay("");
+        let mut new = relay("key_bits = 4096\nmax_queue = 9\n");
+        new.role = Role::Relay {
+            listen: "127.0.0.1:1".into(),
+        };
+        new.state_dir = "/y".into();
+        new.socket = "/t".into();
+        let done = apply_reload(&mut running, &new);
+        assert_eq!(done.changes, ["max_queue 10000 -> 9"]);
+        assert!(done.restart_needed && !done.log_level);
+        assert_eq!(
+            (
+                &running.role,
+                running.state_dir.as_path(),
+                running.socket.as_path()
+            ),
+            (
+                &Role::Relay {
+                    listen: "127.0.0.1:0".into()
+                },
+                Path::new("/x"),
+                Path::new("/s")
+            )
+        );
+        assert_eq!(running.key_bits, 3072, "only read when a key is generated");
+
+        let mut running = relay("");
+        let new = relay("key_bits = 4096\n");
+        let done = apply_reload(&mut running, &new);
+        assert_eq!(
+            done,
+            Reload::default(),
+            "a key_bits change needs no restart"
+        );
+    }
+
+    #[test]
+    fn every_flag_and_key_is_a_row_of_the_table() {
+        let cmd = <Flags as clap::CommandFactory>::command();
+        let longs: Vec<&str> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| *l != "config")
+            .collect();
+        let rows: Vec<String> = SETTINGS.iter().filter_map(Setting::long).collect();
+        assert_eq!(longs, rows);
+        for row in SETTINGS.iter().filter(|r| r.flag) {
+            let long = row.long().unwrap_or_default();
+            let arg = cmd.get_arguments().find(|a| a.get_long() == Some(&long));
+            let help = arg.and_then(|a| a.get_help()).map(|h| h.to_string());
+            assert_eq!(help.as_deref(), Some(row.help()), "--{long}");
+        }
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! - Every key of the config file (a key per chatd flag, with `_` for `-`, plus `log_level`)
 //!   must be documented with its default in `man/chatd.toml.5` and appear, commented out with
 //!   its default, in `contrib/chatd.toml.example`.
+//! - What the pages and the example say of each setting's environment variables, default and
+//!   SIGHUP treatment (applied, or needs a restart) must be what its row of
+//!   `chatd::config::SETTINGS`, the one definition of chatd's settings, says.
 //! - Every `--json` object `src/cli/format.rs` prints is shown in `man/chatctl.1` with the same
 //!   keys in the same order.
 //!
@@ -673,4 +676,178 @@ fn chatctl_page_shows_the_json_keys_format_rs_prints() {
         "man/chatctl.1 must show each --json object with its keys in order:\n  {}",
         missing.join("\n  ")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The settings table: what each page says about a setting, checked against its one definition
+// (`chatd::config::SETTINGS`) rather than against what resolving happens to give.
+
+use chatd::config::{Sighup, SETTINGS};
+
+/// The lines of `page` from the first that `start` accepts up to (not with) the next that `end`
+/// accepts.
+fn span<'a>(page: &'a str, start: &str, end: &[&str]) -> Vec<&'a str> {
+    let mut lines = page.lines().skip_while(|l| !l.starts_with(start));
+    let Some(first) = lines.next() else {
+        panic!("no line starting with {start:?}");
+    };
+    std::iter::once(first)
+        .chain(lines.take_while(|l| !end.iter().any(|e| l.starts_with(e))))
+        .collect()
+}
+
+/// The settings named with `Cm` in `lines`, split at the sentence "Changes to ...": those before
+/// (what SIGHUP applies) and those after (what it does not).
+fn sighup_keys(lines: &[&str]) -> (BTreeSet<String>, BTreeSet<String>) {
+    let keys: BTreeSet<&str> = SETTINGS.iter().map(|s| s.key).collect();
+    let (mut before, mut after) = (BTreeSet::new(), BTreeSet::new());
+    let mut seen_changes = false;
+    for line in lines {
+        if line.starts_with("Changes to") {
+            seen_changes = true;
+        }
+        let Some(macros) = line.strip_prefix('.') else {
+            continue;
+        };
+        // `.Pq Cm user , connect , listen ,`: mdoc keeps `Cm` on after the commas.
+        let words = macros.split_whitespace().skip_while(|w| *w != "Cm");
+        for w in words {
+            if keys.contains(w) {
+                let side = if seen_changes {
+                    &mut after
+                } else {
+                    &mut before
+                };
+                side.insert(w.to_string());
+            }
+        }
+    }
+    assert!(seen_changes, "no sentence \"Changes to ...\" in {lines:?}");
+    (before, after)
+}
+
+fn keys_where(f: impl Fn(Sighup) -> bool) -> BTreeSet<String> {
+    SETTINGS
+        .iter()
+        .filter(|s| f(s.sighup))
+        .map(|s| s.key.to_string())
+        .collect()
+}
+
+#[test]
+fn man_pages_say_what_sighup_does_with_each_setting() {
+    let applied = keys_where(|s| s == Sighup::Apply);
+    let restart = keys_where(|s| s == Sighup::Restart);
+    let toml5 = read("man/chatd.toml.5");
+    let chatd8 = read("man/chatd.8");
+    let pages = [
+        (
+            "man/chatd.toml.5 SIGNALS",
+            span(&toml5, ".Sh SIGNALS", &[".Sh"]),
+        ),
+        (
+            "man/chatd.8 SIGHUP",
+            span(&chatd8, ".It Dv SIGHUP", &[".It", ".El"]),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, lines) in &pages {
+        let (before, after) = sighup_keys(lines);
+        if before != applied {
+            wrong.push(format!(
+                "{what}: says SIGHUP applies {before:?}; the table applies {applied:?}"
+            ));
+        }
+        if !restart.is_subset(&after) || !after.is_disjoint(&applied) {
+            wrong.push(format!(
+                "{what}: says changes to {after:?} need a restart; the table says {restart:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn example_config_groups_the_keys_as_sighup_treats_them() {
+    let example = read("contrib/chatd.toml.example");
+    let mut header = "";
+    let mut wrong = Vec::new();
+    for line in example.lines() {
+        if line.starts_with("# ---") {
+            header = line;
+            continue;
+        }
+        let Some(key) = line
+            .strip_prefix("# ")
+            .and_then(|rest| rest.split_once(" = "))
+            .map(|(k, _)| k)
+        else {
+            continue;
+        };
+        let Some(setting) = SETTINGS.iter().find(|s| s.key == key) else {
+            continue; // an unknown key is every_flag_has_a_config_key's to report
+        };
+        let says = if header.contains("needs a restart") {
+            Some(Sighup::Restart)
+        } else if header.contains("applied again on SIGHUP") {
+            Some(Sighup::Apply)
+        } else {
+            None
+        };
+        let fits = match setting.sighup {
+            Sighup::Unused => says.is_none(),
+            other => says == Some(other),
+        };
+        if !fits {
+            wrong.push(format!(
+                "contrib/chatd.toml.example: `{key}` ({:?} on SIGHUP) sits under {header:?}",
+                setting.sighup
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn man_pages_give_each_setting_its_environment_and_default() {
+    let toml5 = read("man/chatd.toml.5");
+    let chatd8 = read("man/chatd.8");
+    let example = read("contrib/chatd.toml.example");
+    let mut wrong = Vec::new();
+    for s in SETTINGS {
+        for var in s.env {
+            for (path, page) in [("man/chatd.8", &chatd8), ("man/chatd.toml.5", &toml5)] {
+                let listed = item_heads(page).iter().any(|h| {
+                    h.first().map(String::as_str) == Some("Ev") && h.contains(&var.to_string())
+                });
+                if !listed {
+                    wrong.push(format!(
+                        "{path}: `{}` reads ${var}, which ENVIRONMENT has no item for",
+                        s.key
+                    ));
+                }
+            }
+        }
+        let Some(default) = s.default.map(|f| f()) else {
+            continue;
+        };
+        let said =
+            item_text(&toml5, s.key).is_some_and(|t| t.contains(&format!("Default: {default}")));
+        if !said {
+            wrong.push(format!(
+                "man/chatd.toml.5: `{}` does not say `Default: {default}`",
+                s.key
+            ));
+        }
+        if !example
+            .lines()
+            .any(|l| l == format!("# {} = {default}", s.key))
+        {
+            wrong.push(format!(
+                "contrib/chatd.toml.example: no line `# {} = {default}`",
+                s.key
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

@@ -541,45 +541,20 @@ impl Daemon {
                 return;
             }
         };
-        let mut changed = Vec::new();
-        if new.role != self.cfg.role
-            || new.state_dir != self.cfg.state_dir
-            || new.socket != self.cfg.socket
-        {
+        let done = config::apply_reload(&mut self.cfg, &new);
+        if done.restart_needed {
             warn!("reload: role, state_dir and socket changes need a restart; ignoring them");
         }
-        macro_rules! apply {
-            ($field:ident, $($path:tt)+) => {
-                if new.$($path)+ != self.cfg.$($path)+ {
-                    changed.push(format!("{} {:?} -> {:?}", stringify!($field), self.cfg.$($path)+, new.$($path)+));
-                    self.cfg.$($path)+ = new.$($path)+.clone();
-                }
-            };
-        }
-        apply!(max_queue, limits.max_queue);
-        apply!(window_bytes, limits.window_bytes);
-        apply!(handshake_timeout_ms, limits.handshake_timeout_ms);
-        apply!(idle_timeout_ms, limits.idle_timeout_ms);
-        apply!(max_connections, max_connections);
-        apply!(max_write_buffer, max_write_buffer);
-        apply!(max_control_clients, max_control_clients);
-        if new.log_level != self.cfg.log_level {
-            changed.push(format!(
-                "log_level {:?} -> {:?}",
-                self.cfg.log_level, new.log_level
-            ));
-            self.cfg.log_level = new.log_level.clone();
-            if std::env::var_os("RUST_LOG").is_none() {
-                log::set_max_level(level_filter(self.cfg.log_level.as_deref()));
-            }
+        if done.log_level && std::env::var_os("RUST_LOG").is_none() {
+            log::set_max_level(level_filter(self.cfg.log_level.as_deref()));
         }
         if let Some(r) = self.relay.as_mut() {
             r.set_limits(self.cfg.limits.clone());
         }
-        if changed.is_empty() {
+        if done.changes.is_empty() {
             info!("reloaded config: nothing changed");
         } else {
-            info!("reloaded config: {}", changed.join(", "));
+            info!("reloaded config: {}", done.changes.join(", "));
         }
     }
 
