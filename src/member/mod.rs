@@ -74,7 +74,9 @@ impl Member {
     /// retry timer) and reload pins. The link must be restarted by the caller.
     pub fn reload(&mut self, store: &Store) -> Result<(), StoreError> {
         self.peers = Peers::from_pins(store.pins()?);
-        self.sending.clear();
+        // Sessions and the receipt retry timer together: the outbox the timer would resend may
+        // be rolled back, and the next login offers whatever it still holds.
+        self.sending = Sending::new();
         self.receiving = Receiving::new();
         self.out.clear();
         self.link = Link::Down;

@@ -25,7 +25,7 @@ use crate::store::Store;
 /// A sending session is retired after this many messages, so (key, counter) never repeats.
 pub const SESSION_MESSAGES: u64 = 100_000;
 /// Offer refused receipts again after this long.
-const RETRY_REFUSED_MS: u64 = 5_000;
+pub(super) const RETRY_REFUSED_MS: u64 = 5_000;
 
 struct SendSession {
     id: [u8; 16],
@@ -398,7 +398,8 @@ impl Sending {
         out
     }
 
-    /// Forget every session; the retry timer stays.
+    /// Forget every session (tests: force a fresh session on the next send).
+    #[cfg(test)]
     pub(super) fn clear(&mut self) {
         self.sessions.clear();
     }

@@ -7,6 +7,7 @@
 //! as it would be on TCP.
 
 use super::link::{LOGIN_TIMEOUT_MS, PING_AFTER_MS, SILENT_RELAY_MS};
+use super::send::RETRY_REFUSED_MS;
 use super::*;
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -18,7 +19,7 @@ use crate::crypto::{
 };
 use crate::proto::control::{Dir, MsgState, Record};
 use crate::proto::relay::{ItemKey, Kind, Receipt};
-use crate::proto::MAX_TEXT;
+use crate::proto::{to_payload, MAX_TEXT};
 
 use crate::relay::{ConnId, Limits, Out as RelayOut, Relay};
 
@@ -1600,6 +1601,68 @@ fn timers_ping_then_give_up_on_a_silent_relay() {
     m.link_down();
     m.tick(u64::MAX, &mut s);
     assert!(drain(&mut m).is_empty());
+}
+
+#[test]
+fn reload_forgets_the_receipt_retry_timer() {
+    // Issue 7, point 8: `reload`'s doc promises that the retry timer is forgotten with the rest
+    // of what the database may not hold.
+    let (mut m, mut s) = lone("bob", BOB);
+    let login = |m: &mut Member, s: &mut Store, t: u64| {
+        m.link_up(t);
+        let challenge = FromRelay::Challenge {
+            nonce: [1; 32],
+            version: "x".into(),
+        };
+        m.handle(challenge, t, s);
+        let alice = Peer {
+            user: "alice".into(),
+            key: public(ALICE).der().to_vec(),
+            online: true,
+        };
+        let welcome = FromRelay::Welcome {
+            user: "bob".into(),
+            peers: vec![alice],
+        };
+        m.handle(welcome, t, s);
+        assert!(m.connected());
+        drain(m);
+    };
+    let refused = |key| FromRelay::Refused {
+        key,
+        code: "queue_full".into(),
+        reason: "alice's queue is full".into(),
+    };
+    let receipt = Routed::Receipt(Receipt {
+        id: [9; 16],
+        from: "bob".into(),
+        to: "alice".into(),
+        session: [1; 16],
+        counter: 0,
+        tag: [0; 16],
+    });
+    s.outbox_push(receipt.key(), &to_payload(&receipt).unwrap())
+        .unwrap();
+    login(&mut m, &mut s, 0);
+
+    // Control: a refused receipt is offered again when the timer fires.
+    m.handle(refused(receipt.key()), 1, &mut s);
+    assert!(drain(&mut m).is_empty());
+    m.tick(1 + RETRY_REFUSED_MS, &mut s);
+    assert!(matches!(
+        drain(&mut m)[..],
+        [Out::Frame(ToRelay::Send(Routed::Receipt(_)))]
+    ));
+
+    // Armed again, then a failed commit: the reload forgets the timer (the login after it
+    // offers the whole outbox anyway).
+    let t = 2 + RETRY_REFUSED_MS;
+    m.handle(refused(receipt.key()), t, &mut s);
+    m.reload(&s).unwrap();
+    login(&mut m, &mut s, t + 1);
+    m.tick(t + RETRY_REFUSED_MS, &mut s);
+    let out = drain(&mut m);
+    assert!(out.is_empty(), "the timer outlived the reload: {out:?}");
 }
 
 #[test]
