@@ -20,7 +20,8 @@ pub(super) const LOGIN_TIMEOUT_MS: u64 = 15_000;
 pub(super) struct Login {
     /// When the connection came up: the login must complete within [`LOGIN_TIMEOUT_MS`].
     since: u64,
-    /// When we last sent a frame; carried into [`Live`] so the first ping is not early.
+    /// When we last sent a frame; carried into [`Live`], as the keepalive counts from the last
+    /// frame sent, whichever state sent it.
     last_tx: u64,
 }
 

@@ -130,7 +130,8 @@ impl Member {
     }
 
     fn frame(&mut self, msg: ToRelay, now: u64) {
-        self.emit(now, vec![Out::Frame(msg)]);
+        self.link.sent(now);
+        self.out.push_back(Out::Frame(msg));
     }
 
     /// Queue what a sub-state returned, in order; a frame restarts the link's send timer.

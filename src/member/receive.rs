@@ -89,13 +89,37 @@ pub(super) enum HoldWhy {
     },
 }
 
-/// Which read failed.
+impl HoldWhy {
+    fn log(&self, idh: &str, env: &Envelope) {
+        let from = &env.from;
+        match self {
+            HoldWhy::Unknown => {
+                warn!("holding message {idh} from {from}, whom the relay has not introduced yet")
+            }
+            HoldWhy::Changed { pinned, presented } => warn!(
+                "holding message {idh} from {from}: their key changed (pinned {pinned}, \
+                 presented {presented}); it is opened if you `chatctl trust` a key that signed it"
+            ),
+        }
+    }
+}
+
+/// Which store operation failed.
 #[derive(Debug)]
 pub(super) enum Retry {
     /// Whether we have the message, or its counter.
     Check(StoreError),
-    /// The session key.
+    /// Reading or storing the session key.
     Session(StoreError),
+}
+
+impl Retry {
+    fn log(&self, idh: &str) {
+        match self {
+            Retry::Check(e) => warn!("cannot check message {idh}: {e}"),
+            Retry::Session(e) => warn!("cannot look up the session of message {idh}: {e}"),
+        }
+    }
 }
 
 /// An envelope that opened.
@@ -240,7 +264,7 @@ impl Receiving {
             if l.unwrapped {
                 if let Err(e) = store.put_session(false, &env.from, &env.session, l.key.expose()) {
                     // Not acknowledged: the relay delivers it again later.
-                    warn!("cannot look up the session of message {idh}: {e}");
+                    Retry::Session(e).log(&idh);
                     return false;
                 }
             }
@@ -250,27 +274,12 @@ impl Receiving {
             Verdict::Duplicate => {}
             Verdict::Reject(why) => why.log(&idh, &env),
             Verdict::Hold(why) => {
-                match why {
-                    HoldWhy::Unknown => warn!(
-                        "holding message {idh} from {}, whom the relay has not introduced yet",
-                        env.from
-                    ),
-                    HoldWhy::Changed { pinned, presented } => warn!(
-                        "holding message {idh} from {}: their key changed (pinned {pinned}, \
-                         presented {presented}); it is opened if you `chatctl trust` a key that \
-                         signed it",
-                        env.from
-                    ),
-                }
+                why.log(&idh, &env);
                 return hold(env, store, out);
             }
-            Verdict::Retry(Retry::Check(e)) => {
+            Verdict::Retry(why) => {
                 // Not acknowledged: the relay delivers it again later.
-                warn!("cannot check message {idh}: {e}");
-                return false;
-            }
-            Verdict::Retry(Retry::Session(e)) => {
-                warn!("cannot look up the session of message {idh}: {e}");
+                why.log(&idh);
                 return false;
             }
             Verdict::Open(opened) => {
