@@ -1237,6 +1237,49 @@ fn key_packet_signed_by_another_key_is_rejected_before_any_private_key_operation
 }
 
 #[test]
+fn judging_writes_nothing_and_settling_writes_it_all() {
+    let (mut net, _a, b) = pair();
+    let env = hand_sealed(&identity(ALICE), "alice", "bob", &public(BOB), "judge me");
+    let node = &mut net.nodes[b];
+    let m = &mut node.member;
+    let judged = m
+        .receiving
+        .judge(&m.user, &m.identity, &m.peers, &env, &node.store);
+    assert!(matches!(judged.verdict, super::receive::Verdict::Open(_)));
+    // Judged only: the session key is not stored or cached, the message is not stored.
+    assert!(node
+        .store
+        .session(false, "alice", &env.session)
+        .unwrap()
+        .is_none());
+    assert!(!node.store.has_message(&env.id).unwrap());
+    assert!(node.store.outbox().unwrap().is_empty());
+    assert!(m.receiving.is_empty());
+    assert!(drain(m).is_empty());
+
+    let mut out = Vec::new();
+    assert!(m
+        .receiving
+        .settle(env.clone(), judged, net.now, &mut node.store, &mut out));
+    assert!(node
+        .store
+        .session(false, "alice", &env.session)
+        .unwrap()
+        .is_some());
+    assert!(node.store.has_message(&env.id).unwrap());
+    assert_eq!(node.store.outbox().unwrap().len(), 1, "the receipt");
+    assert!(!m.receiving.is_empty());
+    assert!(matches!(
+        out[..],
+        [
+            Out::Record(_),
+            Out::Frame(ToRelay::Send(Routed::Receipt(_))),
+            Out::Frame(ToRelay::Ack(_))
+        ]
+    ));
+}
+
+#[test]
 fn message_without_key_packet_for_an_unknown_session_is_rejected() {
     let (mut net, _a, b) = pair();
     let mut e = hand_sealed(&identity(ALICE), "alice", "bob", &public(BOB), "x");
