@@ -90,6 +90,9 @@ mod tests {
         let b = c.now();
         assert!(a.mono < 60_000, "counts from the clock's creation: {a:?}");
         assert!(b.mono >= a.mono);
-        assert!(a.wall > 1_600_000_000_000, "wall time is epoch milliseconds: {a:?}");
+        assert!(
+            a.wall > 1_600_000_000_000,
+            "wall time is epoch milliseconds: {a:?}"
+        );
     }
 }

@@ -7,265 +7,77 @@
 //! [`Store`]. Must never: touch a socket, log a message text or key, seal to or accept from a peer
 //! whose key changed and is not trusted yet, or run a private-key operation on a key packet before
 //! the pinned sender's signature on it has verified.
+//!
+//! As quinn-proto splits its connection, each concern is a sub-state in its own file that owns
+//! its data and answers through narrow methods: [`peers`] (pins, trust, presence), [`link`] (the
+//! login states and their timers), [`send`] (sessions, sealing, the outbox), [`receive`] (judge,
+//! then settle, what the relay delivers). This file holds them together: loading, dispatching
+//! what the relay sends, and queueing what the sub-states return, so that every frame that
+//! leaves passes [`Member::emit`] and the link's send timer sees it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod error;
+mod link;
+mod out;
+mod peers;
+mod receive;
+mod send;
+
+use std::collections::VecDeque;
 
 use log::{info, warn};
 use rand::rngs::OsRng;
-use rand::RngCore;
 
-use crate::crypto::{
-    login_transcript, make_key_packet, open_envelope, receipt_tag, seal_envelope,
-    unwrap_key_packet, verify_receipt, CryptoError, Fingerprint, Header, Identity, PublicKey,
-    SessionKey,
-};
-use crate::proto::control::{Dir, MsgState, PeerView, Record, RecordBody, Sent, TrustState};
-use crate::proto::relay::{
-    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, RefuseCode, Routed, ToRelay,
-};
-use crate::proto::{from_payload, hex, to_payload, valid_user, MAX_TEXT};
-use crate::store::{Pin, PinTrust, Store, StoreError};
+use crate::crypto::{login_transcript, Fingerprint, Identity};
+use crate::proto::control::{PeerView, RecordBody, Sent};
+use crate::proto::relay::{Envelope, FromRelay, Peer, Routed, ToRelay};
+use crate::proto::{from_payload, hex};
+use crate::store::{Store, StoreError};
 
-/// A sending session is retired after this many messages, so (key, counter) never repeats.
-pub const SESSION_MESSAGES: u64 = 100_000;
-/// Send a `Ping` when nothing was sent for this long.
-const PING_AFTER_MS: u64 = 30_000;
-/// Give up on a relay that has said nothing for this long (it pongs every ping).
-const SILENT_RELAY_MS: u64 = 90_000;
-/// Offer refused receipts again after this long.
-const RETRY_REFUSED_MS: u64 = 5_000;
-/// Give up on a login that has not completed in this long.
-const LOGIN_TIMEOUT_MS: u64 = 15_000;
+pub use error::MemberError;
+pub use out::Out;
+pub use send::SESSION_MESSAGES;
 
-/// What the daemon must do for the member.
-#[derive(Debug)]
-pub enum Out {
-    /// Send a frame to the relay.
-    Frame(ToRelay),
-    /// Close the link to the relay (protocol error, refusal, or silence); reconnect later.
-    Close,
-    /// A new history record, for `tail -f` clients.
-    Record(Record),
-    /// A sent message reached a new state (with the reason for `Failed`), for `send --wait`.
-    State([u8; 16], MsgState, Option<String>),
-}
-
-/// Errors a `chatctl` request can get from the member. Each message says what to do.
-#[derive(Debug)]
-pub enum MemberError {
-    /// No recipient given.
-    NoRecipient,
-    /// A recipient name is not a valid user name.
-    BadUser(String),
-    /// The relay has never bound this name.
-    UnknownUser(String),
-    /// Sending to oneself is refused (the copy would collide with the sent one).
-    SelfSend,
-    /// `--all` with nobody online.
-    NoPeersOnline,
-    /// The text is larger than 64 KiB.
-    TextTooLong(usize),
-    /// The recipient's key changed and is not trusted yet.
-    KeyChanged {
-        /// The peer.
-        user: String,
-        /// The pinned fingerprint.
-        pinned: Fingerprint,
-        /// The fingerprint the relay presents now.
-        presented: Fingerprint,
-    },
-    /// `trust` with a fingerprint that is neither the pinned nor the presented key.
-    FingerprintMismatch {
-        /// The peer.
-        user: String,
-        /// What the user typed.
-        given: Fingerprint,
-        /// The key the relay presents (or the pinned one if nothing changed).
-        current: Fingerprint,
-    },
-    /// A fingerprint argument could not be parsed.
-    BadFingerprint(CryptoError),
-    /// Sealing failed.
-    Crypto(CryptoError),
-    /// The store failed; nothing was queued.
-    Store(StoreError),
-}
-
-impl std::fmt::Display for MemberError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MemberError::NoRecipient => write!(f, "give at least one recipient, or --all"),
-            MemberError::BadUser(u) => write!(
-                f,
-                "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit"
-            ),
-            MemberError::UnknownUser(u) => write!(f, "unknown user {u}: the relay has no such name"),
-            MemberError::SelfSend => write!(f, "cannot send a message to yourself"),
-            MemberError::NoPeersOnline => write!(f, "no peer is online; nothing was sent"),
-            MemberError::TextTooLong(n) => write!(
-                f,
-                "message text is {n} bytes; the limit is {MAX_TEXT} bytes; nothing was sent"
-            ),
-            MemberError::KeyChanged {
-                user,
-                pinned,
-                presented,
-            } => write!(
-                f,
-                "{user}'s key changed: pinned {pinned}, relay presents {presented}; nothing was sent. \
-                 Check the new fingerprint with {user} out of band, then run: chatctl trust {user} {presented}"
-            ),
-            MemberError::FingerprintMismatch {
-                user,
-                given,
-                current,
-            } => write!(
-                f,
-                "{given} is not {user}'s key: the relay presents {current}; nothing was changed"
-            ),
-            MemberError::BadFingerprint(e) => write!(f, "{e}"),
-            MemberError::Crypto(e) => write!(f, "cannot seal the message: {e}"),
-            MemberError::Store(e) => write!(f, "cannot store the message, nothing was sent: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for MemberError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            MemberError::Store(e) => Some(e),
-            MemberError::Crypto(e) | MemberError::BadFingerprint(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<StoreError> for MemberError {
-    fn from(e: StoreError) -> Self {
-        MemberError::Store(e)
-    }
-}
-
-/// Why a receiving session key could not be had.
-enum KeyFail {
-    /// The envelope can never be opened (bad signature, no key packet): reject it.
-    Reject(String),
-    /// The store failed: leave the envelope for a later delivery.
-    Store(StoreError),
-}
-
-/// The state of the link to the relay, named for what it expects next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    /// No connection.
-    Down,
-    /// Connected; waiting for the relay's `Challenge`.
-    ExpectChallenge,
-    /// `Login` sent; waiting for `Welcome`.
-    ExpectWelcome,
-    /// Logged in.
-    Established,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trust {
-    Pinned,
-    Trusted,
-}
-
-struct PeerState {
-    pinned: PublicKey,
-    trust: Trust,
-    /// A different key the relay presents; while set, the peer is `changed`.
-    presented: Option<PublicKey>,
-    online: bool,
-}
-
-struct SendSession {
-    id: [u8; 16],
-    key: SessionKey,
-    peer: Fingerprint,
-    next: u64,
-    /// The wrapped, signed key; dropped once a receipt proves the peer holds the key.
-    key_packet: Option<KeyPacket>,
-}
+use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
+use peers::{Observed, Peers, Trusted};
+use receive::Receiving;
+use send::Sending;
 
 /// The member's state.
 pub struct Member {
     user: String,
     identity: Identity,
     link: Link,
-    link_since: u64,
-    last_rx: u64,
-    last_tx: u64,
-    peers: BTreeMap<String, PeerState>,
-    sending: HashMap<String, SendSession>,
-    receiving: HashMap<(String, [u8; 16]), SessionKey>,
-    /// When to resend the outbox after the relay refused a receipt for a passing reason.
-    retry_at: Option<u64>,
+    peers: Peers,
+    sending: Sending,
+    receiving: Receiving,
     relay_error: Option<String>,
     out: VecDeque<Out>,
-}
-
-fn trust_state(t: Trust) -> TrustState {
-    match t {
-        Trust::Pinned => TrustState::Pinned,
-        Trust::Trusted => TrustState::Trusted,
-    }
 }
 
 impl Member {
     /// Load pins from the store.
     pub fn load(user: String, identity: Identity, store: &Store) -> Result<Member, StoreError> {
-        let peers = Member::load_peers(store)?;
+        let peers = Peers::from_pins(store.pins()?);
         Ok(Member {
             user,
             identity,
             link: Link::Down,
-            link_since: 0,
-            last_rx: 0,
-            last_tx: 0,
             peers,
-            sending: HashMap::new(),
-            receiving: HashMap::new(),
-            retry_at: None,
+            sending: Sending::new(),
+            receiving: Receiving::new(),
             relay_error: None,
             out: VecDeque::new(),
         })
     }
 
-    fn load_peers(store: &Store) -> Result<BTreeMap<String, PeerState>, StoreError> {
-        let mut peers = BTreeMap::new();
-        for pin in store.pins()? {
-            let Ok(pinned) = PublicKey::from_der(&pin.key) else {
-                warn!("ignoring unreadable pin for {}", pin.user);
-                continue;
-            };
-            let presented = pin.presented.and_then(|d| PublicKey::from_der(&d).ok());
-            let trust = match pin.trust {
-                PinTrust::Trusted => Trust::Trusted,
-                PinTrust::Pinned => Trust::Pinned,
-            };
-            peers.insert(
-                pin.user,
-                PeerState {
-                    pinned,
-                    trust,
-                    presented,
-                    online: false,
-                },
-            );
-        }
-        Ok(peers)
-    }
-
     /// After a failed commit: forget everything the database may not hold (pins, sessions,
     /// retry timer) and reload pins. The link must be restarted by the caller.
     pub fn reload(&mut self, store: &Store) -> Result<(), StoreError> {
-        let fresh_peers = Member::load_peers(store)?;
-        self.peers = fresh_peers;
-        self.sending.clear();
-        self.receiving.clear();
+        self.peers = Peers::from_pins(store.pins()?);
+        // Sessions and the receipt retry timer together: the outbox the timer would resend may
+        // be rolled back, and the next login offers whatever it still holds.
+        self.sending = Sending::new();
+        self.receiving = Receiving::new();
         self.out.clear();
         self.link = Link::Down;
         Ok(())
@@ -288,7 +100,7 @@ impl Member {
 
     /// Logged in to the relay.
     pub fn connected(&self) -> bool {
-        self.link == Link::Established
+        self.link.established()
     }
 
     /// Why the member is not connected (the relay's last refusal, or the daemon's last error).
@@ -303,56 +115,62 @@ impl Member {
 
     /// Peers online now.
     pub fn peers_online(&self) -> usize {
-        self.peers.values().filter(|p| p.online).count()
+        self.peers.online_count()
     }
 
     /// A connection to the relay is open; expect its challenge.
     pub fn link_up(&mut self, now: u64) {
-        self.link = Link::ExpectChallenge;
-        self.link_since = now;
-        self.last_rx = now;
-        self.last_tx = now;
+        self.link = Link::up(now);
     }
 
     /// The connection to the relay is gone.
     pub fn link_down(&mut self) {
         self.link = Link::Down;
-        for p in self.peers.values_mut() {
-            p.online = false;
-        }
+        self.peers.all_offline();
     }
 
     fn frame(&mut self, msg: ToRelay, now: u64) {
-        self.last_tx = now;
+        self.link.sent(now);
         self.out.push_back(Out::Frame(msg));
+    }
+
+    /// Queue what a sub-state returned, in order; a frame restarts the link's send timer.
+    fn emit(&mut self, now: u64, outs: Vec<Out>) {
+        for o in outs {
+            if matches!(o, Out::Frame(_)) {
+                self.link.sent(now);
+            }
+            self.out.push_back(o);
+        }
+    }
+
+    fn close(&mut self) {
+        self.out.push_back(Out::Close);
     }
 
     /// Keep-alive, timeouts, retries.
     pub fn tick(&mut self, now: u64, store: &mut Store) {
-        match self.link {
-            Link::Down => {}
-            Link::Established => {
-                if now.saturating_sub(self.last_rx) > SILENT_RELAY_MS {
-                    self.relay_error = Some("relay stopped answering".into());
-                    warn!(
-                        "relay silent for {} s; reconnecting",
-                        SILENT_RELAY_MS / 1000
-                    );
-                    self.out.push_back(Out::Close);
-                } else if now.saturating_sub(self.last_tx) > PING_AFTER_MS {
-                    self.frame(ToRelay::Ping, now);
-                }
-                if self.retry_at.is_some_and(|t| now >= t) {
-                    self.retry_at = None;
-                    self.resend_receipts(now, store);
-                }
+        match self.link.due(now) {
+            None => {}
+            Some(Due::Ping) => self.frame(ToRelay::Ping, now),
+            Some(Due::Silent) => {
+                self.relay_error = Some("relay stopped answering".into());
+                warn!(
+                    "relay silent for {} s; reconnecting",
+                    SILENT_RELAY_MS / 1000
+                );
+                self.close();
             }
-            Link::ExpectChallenge | Link::ExpectWelcome => {
-                if now.saturating_sub(self.link_since) > LOGIN_TIMEOUT_MS {
-                    self.relay_error = Some("relay did not complete the login in time".into());
-                    warn!("login to relay timed out; reconnecting");
-                    self.out.push_back(Out::Close);
-                }
+            Some(Due::LoginLate) => {
+                self.relay_error = Some("relay did not complete the login in time".into());
+                warn!("login to relay timed out; reconnecting");
+                self.close();
+            }
+        }
+        if self.link.established() && self.sending.retry_due(now) {
+            // Offer every receipt in the outbox again (the relay drops what it already holds).
+            for item in send::outbox(store, true) {
+                self.frame(ToRelay::Send(item), now);
             }
         }
     }
@@ -364,76 +182,101 @@ impl Member {
             Err(e) => {
                 warn!("relay sent a malformed frame ({e}); reconnecting");
                 self.relay_error = Some(format!("relay sent a malformed frame: {e}"));
-                self.out.push_back(Out::Close);
+                self.close();
             }
         }
     }
 
     /// One decoded message from the relay (the host's in-process relay skips the codec).
     pub fn handle(&mut self, msg: FromRelay, now: u64, store: &mut Store) {
-        self.last_rx = now;
+        self.link.heard(now);
         if let FromRelay::Error { code, reason } = &msg {
             warn!("relay refused us ({code}): {reason}");
             self.relay_error = Some(format!("relay refused: {reason}"));
-            self.out.push_back(Out::Close);
+            self.close();
             return;
         }
-        match (self.link, msg) {
-            (Link::ExpectChallenge, FromRelay::Challenge { nonce, .. }) => {
-                let t = login_transcript(&nonce, &self.user);
-                match self.identity.sign(&mut OsRng, &t) {
-                    Ok(signature) => {
-                        let key = self.identity.public().der().to_vec();
-                        let user = self.user.clone();
-                        self.frame(
-                            ToRelay::Login {
-                                user,
-                                key,
-                                signature,
-                            },
-                            now,
-                        );
-                        self.link = Link::ExpectWelcome;
-                    }
-                    Err(e) => {
-                        warn!("cannot sign login: {e}");
-                        self.out.push_back(Out::Close);
-                    }
-                }
+        // Each arm puts back the state it took: the next one, or the same one.
+        match (self.link.take(), msg) {
+            (Link::ExpectChallenge(login), FromRelay::Challenge { nonce, .. }) => {
+                self.challenged(login, &nonce, now)
             }
-            (Link::ExpectWelcome, FromRelay::Welcome { user, peers }) => {
-                if user != self.user {
-                    warn!("relay welcomed {user}, but we are {}", self.user);
-                    self.out.push_back(Out::Close);
-                    return;
-                }
-                let mut introduced = Vec::new();
-                for p in peers {
-                    if self.observe(&p, store) {
-                        introduced.push(p.user);
-                    }
-                }
-                self.link = Link::Established;
-                for u in introduced {
-                    self.release_held(&u, now, store);
-                }
-                self.relay_error = None;
-                info!(
-                    "logged in to relay as {} ({} peers online)",
-                    self.user,
-                    self.peers_online()
-                );
-                self.flush_outbox(now, store);
+            (Link::ExpectWelcome(login), FromRelay::Welcome { user, peers }) => {
+                self.welcomed(login, user, peers, now, store)
             }
-            (Link::Established, msg) => self.established(msg, now, store),
+            (link @ Link::Established(_), msg) => {
+                self.link = link;
+                self.established(msg, now, store)
+            }
             (link, msg) => {
                 warn!(
-                    "relay protocol violation: in state {link:?} got {}; reconnecting",
+                    "relay protocol violation: in state {} got {}; reconnecting",
+                    link.name(),
                     msg_name(&msg)
                 );
+                self.link = link;
                 self.relay_error = Some(format!("relay protocol violation ({})", msg_name(&msg)));
-                self.out.push_back(Out::Close);
+                self.close();
             }
+        }
+    }
+
+    fn challenged(&mut self, login: Login, nonce: &[u8; 32], now: u64) {
+        let t = login_transcript(nonce, &self.user);
+        match self.identity.sign(&mut OsRng, &t) {
+            Ok(signature) => {
+                self.link = Link::ExpectWelcome(login.login_sent(now));
+                let key = self.identity.public().der().to_vec();
+                let user = self.user.clone();
+                self.frame(
+                    ToRelay::Login {
+                        user,
+                        key,
+                        signature,
+                    },
+                    now,
+                );
+            }
+            Err(e) => {
+                self.link = Link::ExpectChallenge(login);
+                warn!("cannot sign login: {e}");
+                self.close();
+            }
+        }
+    }
+
+    fn welcomed(
+        &mut self,
+        login: Login,
+        user: String,
+        peers: Vec<Peer>,
+        now: u64,
+        store: &mut Store,
+    ) {
+        if user != self.user {
+            self.link = Link::ExpectWelcome(login);
+            warn!("relay welcomed {user}, but we are {}", self.user);
+            self.close();
+            return;
+        }
+        let mut introduced = Vec::new();
+        for p in peers {
+            if self.observe(&p, store) {
+                introduced.push(p.user);
+            }
+        }
+        self.link = Link::Established(login.welcomed(now));
+        for u in introduced {
+            self.release_held(&u, now, store);
+        }
+        self.relay_error = None;
+        info!(
+            "logged in to relay as {} ({} peers online)",
+            self.user,
+            self.peers_online()
+        );
+        for item in send::outbox(store, false) {
+            self.frame(ToRelay::Send(item), now);
         }
     }
 
@@ -443,7 +286,7 @@ impl Member {
                 if p.user == self.user {
                     return;
                 }
-                let was = self.peers.get(&p.user).map(|s| s.online);
+                let was = self.peers.online(&p.user);
                 if self.observe(&p, store) {
                     self.release_held(&p.user, now, store);
                 }
@@ -452,7 +295,9 @@ impl Member {
                         user: p.user.clone(),
                         online: p.online,
                     };
-                    self.record(now, &p.user, body, store);
+                    let mut outs = Vec::new();
+                    out::record(store, now, &p.user, body, &mut outs);
+                    self.emit(now, outs);
                 }
             }
             FromRelay::Directory(peers) => {
@@ -463,12 +308,21 @@ impl Member {
                 }
             }
             FromRelay::Deliver(Routed::Message(env)) => {
-                self.accept_message(env, now, store);
+                self.accept(env, now, store);
             }
-            FromRelay::Deliver(Routed::Receipt(r)) => self.accept_receipt(r, now, store),
-            FromRelay::Accepted(key) => self.accepted(key, now, store),
+            FromRelay::Deliver(Routed::Receipt(r)) => {
+                let verdict = receive::judge_receipt(&self.user, &self.sending, &r, store);
+                let mut outs = Vec::new();
+                receive::settle_receipt(&mut self.sending, &r, verdict, now, store, &mut outs);
+                self.emit(now, outs);
+            }
+            FromRelay::Accepted(key) => {
+                let outs = self.sending.accepted(key, now, store);
+                self.emit(now, outs);
+            }
             FromRelay::Refused { key, code, reason } => {
-                self.refused(key, &code, &reason, now, store)
+                let outs = self.sending.refused(key, &code, &reason, now, store);
+                self.emit(now, outs);
             }
             FromRelay::Pong => {}
             other => {
@@ -476,500 +330,52 @@ impl Member {
                     "relay protocol violation: got {} after login; reconnecting",
                     msg_name(&other)
                 );
-                self.out.push_back(Out::Close);
+                self.close();
             }
         }
     }
 
-    /// Take note of a directory entry: pin on first sight (TOFU), flag a changed key. True when
-    /// the peer just became someone we accept messages from (first sight, or a change undone).
+    /// Take note of a directory entry (see [`Peers::observe`]), log it, and save a changed pin.
+    /// True when the peer just became someone we accept messages from.
     fn observe(&mut self, p: &Peer, store: &mut Store) -> bool {
-        if p.user == self.user || !valid_user(&p.user) {
-            return false;
+        let seen = self.peers.observe(&self.user, p);
+        match &seen {
+            Observed::Unusable(e) => {
+                warn!("relay presented an unusable key for {}: {e}", p.user)
+            }
+            Observed::FirstSight(fp) => info!("pinned {} to {fp} (first sight)", p.user),
+            Observed::Changed { pinned, presented } => warn!(
+                "key for {} changed: pinned {pinned}, relay presents {presented}; refusing to \
+                 send to or accept from {} until `chatctl trust {} {presented}`",
+                p.user, p.user, p.user
+            ),
+            Observed::Ignored | Observed::Restored | Observed::Same => {}
         }
-        let key = match PublicKey::from_der(&p.key) {
-            Ok(k) => k,
-            Err(e) => {
-                warn!("relay presented an unusable key for {}: {e}", p.user);
-                return false;
-            }
-        };
-        let mut acceptable = false;
-        let changed = match self.peers.get_mut(&p.user) {
-            None => {
-                info!("pinned {} to {} (first sight)", p.user, key.fingerprint());
-                self.peers.insert(
-                    p.user.clone(),
-                    PeerState {
-                        pinned: key,
-                        trust: Trust::Pinned,
-                        presented: None,
-                        online: p.online,
-                    },
-                );
-                acceptable = true;
-                true
-            }
-            Some(st) => {
-                st.online = p.online;
-                if st.pinned == key {
-                    acceptable = st.presented.take().is_some();
-                    acceptable
-                } else if st.presented.as_ref() != Some(&key) {
-                    warn!(
-                        "key for {} changed: pinned {}, relay presents {}; refusing to send to or \
-                         accept from {} until `chatctl trust {} {}`",
-                        p.user,
-                        st.pinned.fingerprint(),
-                        key.fingerprint(),
-                        p.user,
-                        p.user,
-                        key.fingerprint()
-                    );
-                    st.presented = Some(key);
-                    true
-                } else {
-                    false
-                }
-            }
-        };
-        if changed {
+        if seen.changed() {
             self.save_pin(&p.user, store);
         }
-        acceptable
+        seen.acceptable()
     }
 
     fn save_pin(&mut self, user: &str, store: &mut Store) {
-        let Some(st) = self.peers.get(user) else {
+        let Some(pin) = self.peers.pin(user) else {
             return;
-        };
-        let pin = Pin {
-            user: user.to_string(),
-            key: st.pinned.der().to_vec(),
-            trust: match st.trust {
-                Trust::Trusted => PinTrust::Trusted,
-                Trust::Pinned => PinTrust::Pinned,
-            },
-            presented: st.presented.as_ref().map(|k| k.der().to_vec()),
         };
         if let Err(e) = store.put_pin(&pin) {
             warn!("cannot store pin for {user}: {e}");
         }
     }
 
-    fn record(&mut self, now: u64, peer: &str, body: RecordBody, store: &mut Store) {
-        match store.append(now, peer, body) {
-            Ok(r) => self.out.push_back(Out::Record(r)),
-            Err(e) => warn!("cannot store history record: {e}"),
-        }
-    }
-
-    /// Offer every receipt in the outbox again (the relay drops what it already holds).
-    fn resend_receipts(&mut self, now: u64, store: &mut Store) {
-        match store.outbox() {
-            Ok(items) => {
-                for (key, bytes) in items {
-                    if key.kind != Kind::Receipt {
-                        continue;
-                    }
-                    if let Ok(item) = from_payload::<Routed>(&bytes) {
-                        self.frame(ToRelay::Send(item), now);
-                    }
-                }
-            }
-            Err(e) => warn!("cannot read outbox: {e}"),
-        }
-    }
-
-    fn flush_outbox(&mut self, now: u64, store: &mut Store) {
-        let items = match store.outbox() {
-            Ok(items) => items,
-            Err(e) => {
-                warn!("cannot read outbox: {e}");
-                return;
-            }
-        };
-        for (_, bytes) in items {
-            match from_payload::<Routed>(&bytes) {
-                Ok(item) => self.frame(ToRelay::Send(item), now),
-                Err(e) => warn!("skipping unreadable outbox item: {e}"),
-            }
-        }
-    }
-
-    /// Seal `text` to each recipient and queue it. Every check happens before anything is
-    /// stored, and a store failure rolls back the whole request: it is all or nothing.
-    pub fn send(
-        &mut self,
-        to: &[String],
-        all: bool,
-        text: &str,
-        now: u64,
-        store: &mut Store,
-    ) -> Result<Vec<Sent>, MemberError> {
-        if text.len() > MAX_TEXT {
-            return Err(MemberError::TextTooLong(text.len()));
-        }
-        let mut recipients: Vec<String> = Vec::new();
-        if all {
-            recipients.extend(
-                self.peers
-                    .iter()
-                    .filter(|(_, p)| p.online)
-                    .map(|(u, _)| u.clone()),
-            );
-            if recipients.is_empty() {
-                return Err(MemberError::NoPeersOnline);
-            }
-        }
-        for u in to {
-            if !valid_user(u) {
-                return Err(MemberError::BadUser(u.clone()));
-            }
-            if *u == self.user {
-                return Err(MemberError::SelfSend);
-            }
-            if !self.peers.contains_key(u) {
-                return Err(MemberError::UnknownUser(u.clone()));
-            }
-            if !recipients.contains(u) {
-                recipients.push(u.clone());
-            }
-        }
-        if recipients.is_empty() {
-            return Err(MemberError::NoRecipient);
-        }
-        for u in &recipients {
-            if let Some(st) = self.peers.get(u) {
-                if let Some(p) = &st.presented {
-                    return Err(MemberError::KeyChanged {
-                        user: u.clone(),
-                        pinned: st.pinned.fingerprint(),
-                        presented: p.fingerprint(),
-                    });
-                }
-            }
-        }
-        // Sessions as they were, so a failed request can forget sessions it made whose keys the
-        // rollback takes out of the store (a receipt for them could never be checked).
-        let prior: HashMap<String, [u8; 16]> = recipients
-            .iter()
-            .filter_map(|u| self.sending.get(u).map(|s| (u.clone(), s.id)))
-            .collect();
-        store.savepoint()?;
-        let mut frames = Vec::new();
-        let mut records = Vec::new();
-        let mut results = Vec::new();
-        for u in &recipients {
-            match self.seal_one(u, text, now, store) {
-                Ok((sent, item, record)) => {
-                    results.push(sent);
-                    frames.push(ToRelay::Send(item));
-                    records.push(record);
-                }
-                Err(e) => {
-                    store.rollback_savepoint();
-                    for u in &recipients {
-                        if self.sending.get(u).map(|s| s.id) != prior.get(u).copied() {
-                            self.sending.remove(u);
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        store.release_savepoint()?;
-        for r in records {
-            self.out.push_back(Out::Record(r));
-        }
-        if self.link == Link::Established {
-            for f in frames {
-                self.frame(f, now);
-            }
-        }
-        Ok(results)
-    }
-
-    fn session_for(
-        &mut self,
-        to: &str,
-        store: &mut Store,
-    ) -> Result<&mut SendSession, MemberError> {
-        let pinned = match self.peers.get(to) {
-            Some(p) => p.pinned.clone(),
-            None => return Err(MemberError::UnknownUser(to.into())),
-        };
-        let fresh = match self.sending.get(to) {
-            Some(s) => s.peer != pinned.fingerprint() || s.next >= SESSION_MESSAGES,
-            None => true,
-        };
-        if fresh {
-            let mut id = [0u8; 16];
-            OsRng.fill_bytes(&mut id);
-            let key = SessionKey::random(&mut OsRng);
-            let kp = make_key_packet(
-                &mut OsRng,
-                &self.identity,
-                &self.user,
-                to,
-                &pinned,
-                &id,
-                &key,
-            )
-            .map_err(MemberError::Crypto)?;
-            store.put_session(true, to, &id, key.expose())?;
-            self.sending.insert(
-                to.to_string(),
-                SendSession {
-                    id,
-                    key,
-                    peer: pinned.fingerprint(),
-                    next: 0,
-                    key_packet: Some(kp),
-                },
-            );
-        }
-        self.sending
-            .get_mut(to)
-            .ok_or_else(|| MemberError::UnknownUser(to.into()))
-    }
-
-    fn seal_one(
-        &mut self,
-        to: &str,
-        text: &str,
-        now: u64,
-        store: &mut Store,
-    ) -> Result<(Sent, Routed, Record), MemberError> {
-        let from = self.user.clone();
-        let s = self.session_for(to, store)?;
-        let counter = s.next;
-        s.next += 1;
-        let mut id = [0u8; 16];
-        OsRng.fill_bytes(&mut id);
-        let mut env = Envelope {
-            id,
-            from: from.clone(),
-            to: to.to_string(),
-            time_ms: now,
-            session: s.id,
-            counter,
-            key_packet: s.key_packet.clone(),
-            ciphertext: Vec::new(),
-        };
-        env.ciphertext = seal_envelope(&s.key, &Header::of(&env), text.as_bytes());
-        let session = s.id;
-        let item = Routed::Message(env);
-        let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
-        store.add_message(&id, to, Dir::Out, MsgState::Queued, &session, counter)?;
-        store.outbox_push(item.key(), &bytes)?;
-        let record = store.append(
-            now,
-            to,
-            RecordBody::Message {
-                id,
-                from,
-                to: to.to_string(),
-                dir: Dir::Out,
-                text: text.to_string(),
-            },
-        )?;
-        Ok((
-            Sent {
-                id,
-                to: to.to_string(),
-                state: MsgState::Queued,
-            },
-            item,
-            record,
-        ))
-    }
-
-    fn ack(&mut self, key: ItemKey, now: u64) {
-        self.frame(ToRelay::Ack(key), now);
-    }
-
-    /// Handle a delivered message. Anything we will never be able to accept is acknowledged
-    /// (and logged) so the relay stops redelivering it; anything that may become acceptable
-    /// (a sender whose key changed) is held unacknowledged.
-    /// True when the envelope is settled (stored, held, or rejected and acknowledged); false
-    /// when a storage error left it for a later delivery.
-    fn accept_message(&mut self, env: Envelope, now: u64, store: &mut Store) -> bool {
-        let key = ItemKey {
-            kind: Kind::Message,
-            id: env.id,
-        };
-        let idh = hex(&env.id);
-        if env.to != self.user {
-            warn!("dropped message {idh}: addressed to {}, not to us", env.to);
-            {
-                self.ack(key, now);
-                return true;
-            }
-        }
-        match store.has_message(&env.id) {
-            Ok(true) => {
-                self.ack(key, now);
-                return true;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                // Not acknowledged: the relay delivers it again later.
-                warn!("cannot check message {idh}: {e}");
-                return false;
-            }
-        }
-        let Some(peer) = self.peers.get(&env.from) else {
-            warn!(
-                "holding message {idh} from {}, whom the relay has not introduced yet",
-                env.from
-            );
-            return self.hold(env, now, store);
-        };
-        if let Some(p) = &peer.presented {
-            warn!(
-                "holding message {idh} from {}: their key changed (pinned {}, presented {}); \
-                 it is opened if you `chatctl trust` a key that signed it",
-                env.from,
-                peer.pinned.fingerprint(),
-                p.fingerprint()
-            );
-            return self.hold(env, now, store);
-        }
-        let sender = peer.pinned.clone();
-        let session_key = match self.receiving_key(&env, &sender, store) {
-            Ok(k) => k,
-            Err(KeyFail::Reject(why)) => {
-                warn!("rejected message {idh} from {}: {why}", env.from);
-                self.ack(key, now);
-                return true;
-            }
-            Err(KeyFail::Store(e)) => {
-                // Not acknowledged: the relay delivers it again later.
-                warn!("cannot look up the session of message {idh}: {e}");
-                return false;
-            }
-        };
-        match store.seen_counter(&env.from, &env.session, env.counter) {
-            Ok(false) => {}
-            Ok(true) => {
-                warn!(
-                    "rejected message {idh} from {}: replayed session counter",
-                    env.from
-                );
-                {
-                    self.ack(key, now);
-                    return true;
-                }
-            }
-            Err(e) => {
-                warn!("cannot check message {idh}: {e}");
-                return false;
-            }
-        }
-        let text = match open_envelope(&session_key, &env) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!("rejected message {idh} from {}: {e}", env.from);
-                {
-                    self.ack(key, now);
-                    return true;
-                }
-            }
-        };
-        let text = match String::from_utf8(text) {
-            Ok(t) if t.len() <= MAX_TEXT => t,
-            _ => {
-                warn!(
-                    "rejected message {idh} from {}: text is not UTF-8 of at most 64 KiB",
-                    env.from
-                );
-                {
-                    self.ack(key, now);
-                    return true;
-                }
-            }
-        };
-        let receipt = Receipt {
-            id: env.id,
-            from: self.user.clone(),
-            to: env.from.clone(),
-            session: env.session,
-            counter: env.counter,
-            tag: receipt_tag(
-                &session_key,
-                &env.id,
-                &self.user,
-                &env.from,
-                &env.session,
-                env.counter,
-            ),
-        };
-        let receipt = Routed::Receipt(receipt);
-        let stored = (|| -> Result<Record, StoreError> {
-            store.savepoint()?;
-            store.add_message(
-                &env.id,
-                &env.from,
-                Dir::In,
-                MsgState::Delivered,
-                &env.session,
-                env.counter,
-            )?;
-            let bytes = to_payload(&receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            store.outbox_push(receipt.key(), &bytes)?;
-            let r = store.append(
-                now,
-                &env.from,
-                RecordBody::Message {
-                    id: env.id,
-                    from: env.from.clone(),
-                    to: env.to.clone(),
-                    dir: Dir::In,
-                    text,
-                },
-            )?;
-            store.release_savepoint()?;
-            Ok(r)
-        })();
-        match stored {
-            Ok(r) => {
-                self.out.push_back(Out::Record(r));
-                self.frame(ToRelay::Send(receipt), now);
-                self.ack(key, now);
-                true
-            }
-            Err(e) => {
-                store.rollback_savepoint();
-                warn!("cannot store message {idh}: {e}; the relay keeps it for later");
-                false
-            }
-        }
-    }
-
-    /// Keep an envelope we cannot judge yet in our own database and acknowledge it, so it
-    /// neither clogs the relay's delivery window nor depends on the relay keeping it.
-    fn hold(&mut self, env: Envelope, now: u64, store: &mut Store) -> bool {
-        let key = ItemKey {
-            kind: Kind::Message,
-            id: env.id,
-        };
-        let item = Routed::Message(env);
-        let from = item.from().to_string();
-        let stored = to_payload(&item)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
-            .and_then(|bytes| store.hold(&key.id, &from, &bytes));
-        match stored {
-            Ok(()) => {
-                self.ack(key, now);
-                true
-            }
-            // Not acknowledged: the relay keeps it and delivers it again.
-            Err(e) => {
-                warn!("cannot hold message {}: {e}", hex(&key.id));
-                false
-            }
-        }
+    /// Judge and settle a delivered message. True when it is settled; false when a storage
+    /// error left it for a later delivery.
+    fn accept(&mut self, env: Envelope, now: u64, store: &mut Store) -> bool {
+        let judged = self
+            .receiving
+            .judge(&self.user, &self.identity, &self.peers, &env, store);
+        let mut outs = Vec::new();
+        let settled = self.receiving.settle(env, judged, now, store, &mut outs);
+        self.emit(now, outs);
+        settled
     }
 
     /// Judge again what we held from `user` (after `trust`, or when the relay introduces them).
@@ -988,7 +394,7 @@ impl Member {
             }
             match from_payload::<Routed>(&bytes) {
                 Ok(Routed::Message(env)) => {
-                    if !self.accept_message(env, now, store) {
+                    if !self.accept(env, now, store) {
                         // Not settled (a storage error): keep it held for the next chance.
                         let _ = store.hold(&id, user, &bytes);
                     }
@@ -998,186 +404,38 @@ impl Member {
         }
     }
 
-    fn receiving_key(
+    /// Seal `text` to each recipient and queue it. Every check happens before anything is
+    /// stored, and a store failure rolls back the whole request: it is all or nothing.
+    pub fn send(
         &mut self,
-        env: &Envelope,
-        sender: &PublicKey,
-        store: &mut Store,
-    ) -> Result<SessionKey, KeyFail> {
-        let cache_key = (env.from.clone(), env.session);
-        if let Some(k) = self.receiving.get(&cache_key) {
-            return Ok(k.clone());
-        }
-        if let Some(raw) = store
-            .session(false, &env.from, &env.session)
-            .map_err(KeyFail::Store)?
-        {
-            let k = SessionKey::from_bytes(&raw)
-                .ok_or_else(|| KeyFail::Reject("stored session key is corrupt".into()))?;
-            self.receiving.insert(cache_key, k.clone());
-            return Ok(k);
-        }
-        let Some(kp) = &env.key_packet else {
-            return Err(KeyFail::Reject("unknown session and no key packet".into()));
-        };
-        // Signature first, private key second: see crypto::unwrap_key_packet.
-        let k = unwrap_key_packet(&mut OsRng, &self.identity, sender, env, kp)
-            .map_err(|e| KeyFail::Reject(e.to_string()))?;
-        store
-            .put_session(false, &env.from, &env.session, k.expose())
-            .map_err(KeyFail::Store)?;
-        self.receiving.insert(cache_key, k.clone());
-        Ok(k)
-    }
-
-    fn accept_receipt(&mut self, r: Receipt, now: u64, store: &mut Store) {
-        let key = ItemKey {
-            kind: Kind::Receipt,
-            id: r.id,
-        };
-        let idh = hex(&r.id);
-        let found = match store.outgoing(&r.id) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!("cannot look up message {idh}: {e}");
-                return;
-            }
-        };
-        let Some((peer, session, counter, state)) = found else {
-            warn!("dropped receipt for unknown message {idh}");
-            return self.ack(key, now);
-        };
-        if r.to != self.user || r.from != peer || r.session != session || r.counter != counter {
-            warn!("dropped receipt for message {idh}: it does not match the message");
-            return self.ack(key, now);
-        }
-        let sk = match self.sending.get(&peer).filter(|s| s.id == session) {
-            Some(s) => Some(s.key.clone()),
-            None => store
-                .session(true, &peer, &session)
-                .ok()
-                .flatten()
-                .and_then(|raw| SessionKey::from_bytes(&raw)),
-        };
-        let Some(sk) = sk else {
-            warn!("dropped receipt for message {idh}: session key unknown");
-            return self.ack(key, now);
-        };
-        if verify_receipt(&sk, &r).is_err() {
-            warn!("dropped forged receipt for message {idh}");
-            return self.ack(key, now);
-        }
-        if let Some(s) = self.sending.get_mut(&peer) {
-            if s.id == session {
-                s.key_packet = None;
-            }
-        }
-        if state != MsgState::Delivered {
-            let res = (|| -> Result<Record, StoreError> {
-                store.set_state(&r.id, MsgState::Delivered)?;
-                store.outbox_remove(ItemKey {
-                    kind: Kind::Message,
-                    id: r.id,
-                })?;
-                store.append(
-                    now,
-                    &peer,
-                    RecordBody::Receipt {
-                        id: r.id,
-                        to: peer.clone(),
-                        state: MsgState::Delivered,
-                        reason: None,
-                    },
-                )
-            })();
-            match res {
-                Ok(rec) => {
-                    self.out.push_back(Out::Record(rec));
-                    self.out
-                        .push_back(Out::State(r.id, MsgState::Delivered, None));
-                }
-                Err(e) => {
-                    warn!("cannot store receipt for {idh}: {e}");
-                    return;
-                }
-            }
-        }
-        self.ack(key, now);
-    }
-
-    fn accepted(&mut self, key: ItemKey, now: u64, store: &mut Store) {
-        let removed = match store.outbox_remove(key) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("cannot update outbox: {e}");
-                return;
-            }
-        };
-        if key.kind != Kind::Message || !removed {
-            return;
-        }
-        match store.outgoing(&key.id) {
-            Ok(Some((peer, _, _, MsgState::Queued))) => {
-                if let Err(e) = store.set_state(&key.id, MsgState::Relayed) {
-                    warn!("cannot update message state: {e}");
-                    return;
-                }
-                let body = RecordBody::Receipt {
-                    id: key.id,
-                    to: peer.clone(),
-                    state: MsgState::Relayed,
-                    reason: None,
-                };
-                self.record(now, &peer, body, store);
-                self.out
-                    .push_back(Out::State(key.id, MsgState::Relayed, None));
-            }
-            Ok(_) => {}
-            Err(e) => warn!("cannot read message state: {e}"),
-        }
-    }
-
-    fn refused(
-        &mut self,
-        key: ItemKey,
-        code: &RefuseCode,
-        reason: &str,
+        to: &[String],
+        all: bool,
+        text: &str,
         now: u64,
         store: &mut Store,
-    ) {
-        let idh = hex(&key.id);
-        warn!("relay refused {:?} {idh} ({code}): {reason}", key.kind);
-        if key.kind == Kind::Receipt && code.is_transient() {
-            // A passing condition at the relay: keep the receipt and offer it again later, so
-            // the sender still learns that its message was delivered.
-            self.retry_at = Some(now + RETRY_REFUSED_MS);
-            return;
+    ) -> Result<Vec<Sent>, MemberError> {
+        let recipients = send::recipients(&self.peers, &self.user, to, all, text)?;
+        let queued = self.sending.queue(
+            &self.identity,
+            &self.user,
+            &self.peers,
+            &recipients,
+            text,
+            now,
+            store,
+        )?;
+        let mut outs: Vec<Out> = queued.records.into_iter().map(Out::Record).collect();
+        // Offline, the outbox keeps them for the flush at the next login.
+        if self.link.established() {
+            outs.extend(
+                queued
+                    .items
+                    .into_iter()
+                    .map(|item| Out::Frame(ToRelay::Send(item))),
+            );
         }
-        if let Err(e) = store.outbox_remove(key) {
-            warn!("cannot update outbox: {e}");
-            return;
-        }
-        if key.kind != Kind::Message {
-            return;
-        }
-        if let Ok(Some((peer, _, _, state))) = store.outgoing(&key.id) {
-            if state == MsgState::Delivered || state == MsgState::Failed {
-                return;
-            }
-            if let Err(e) = store.set_state(&key.id, MsgState::Failed) {
-                warn!("cannot update message state: {e}");
-            }
-            let why = format!("{code}: {reason}");
-            let body = RecordBody::Receipt {
-                id: key.id,
-                to: peer.clone(),
-                state: MsgState::Failed,
-                reason: Some(why.clone()),
-            };
-            self.record(now, &peer, body, store);
-            self.out
-                .push_back(Out::State(key.id, MsgState::Failed, Some(why)));
-        }
+        self.emit(now, outs);
+        Ok(queued.sent)
     }
 
     /// Accept `user`'s current key (after a change) or re-confirm the pinned one.
@@ -1189,35 +447,17 @@ impl Member {
         store: &mut Store,
     ) -> Result<String, MemberError> {
         let given = Fingerprint::parse(fingerprint).map_err(MemberError::BadFingerprint)?;
-        let st = self
-            .peers
-            .get_mut(user)
-            .ok_or_else(|| MemberError::UnknownUser(user.into()))?;
-        let msg = if st.presented.as_ref().map(|k| k.fingerprint()) == Some(given) {
-            if let Some(k) = st.presented.take() {
-                st.pinned = k;
+        let msg = match self.peers.trust(user, given)? {
+            Trusted::NewKey => {
+                warn!("{user}'s new key {given} is now trusted (by chatctl trust)");
+                format!("{user}'s new key {given} is trusted")
             }
-            st.trust = Trust::Trusted;
-            warn!("{user}'s new key {given} is now trusted (by chatctl trust)");
-            format!("{user}'s new key {given} is trusted")
-        } else if st.pinned.fingerprint() == given {
-            st.trust = Trust::Trusted;
-            match &st.presented {
-                Some(p) => {
-                    let p = p.fingerprint();
-                    format!("{user}'s pinned key {given} is trusted; the relay still presents another key ({p}), so {user} stays `changed`")
-                }
-                None => format!("{user}'s key {given} is trusted"),
-            }
-        } else {
-            let current = st.presented.as_ref().unwrap_or(&st.pinned).fingerprint();
-            return Err(MemberError::FingerprintMismatch {
-                user: user.into(),
-                given,
-                current,
-            });
+            Trusted::Pinned(Some(p)) => format!(
+                "{user}'s pinned key {given} is trusted; the relay still presents another key ({p}), so {user} stays `changed`"
+            ),
+            Trusted::Pinned(None) => format!("{user}'s key {given} is trusted"),
         };
-        self.sending.remove(user);
+        self.sending.forget_peer(user);
         self.save_pin(user, store);
         self.release_held(user, now, store);
         Ok(msg)
@@ -1225,39 +465,12 @@ impl Member {
 
     /// The directory as `who` shows it.
     pub fn who(&self) -> Vec<PeerView> {
-        self.peers
-            .iter()
-            .map(|(user, st)| PeerView {
-                user: user.clone(),
-                online: st.online,
-                trust: if st.presented.is_some() {
-                    TrustState::Changed
-                } else {
-                    trust_state(st.trust)
-                },
-                fingerprint: st.pinned.fingerprint().to_string(),
-                presented: st.presented.as_ref().map(|k| k.fingerprint().to_string()),
-            })
-            .collect()
+        self.peers.who()
     }
 
     /// A peer's pinned fingerprint.
     pub fn pinned(&self, user: &str) -> Option<Fingerprint> {
-        self.peers.get(user).map(|p| p.pinned.fingerprint())
-    }
-}
-
-fn msg_name(m: &FromRelay) -> &'static str {
-    match m {
-        FromRelay::Challenge { .. } => "Challenge",
-        FromRelay::Welcome { .. } => "Welcome",
-        FromRelay::Directory(_) => "Directory",
-        FromRelay::Presence(_) => "Presence",
-        FromRelay::Deliver(_) => "Deliver",
-        FromRelay::Accepted(_) => "Accepted",
-        FromRelay::Refused { .. } => "Refused",
-        FromRelay::Pong => "Pong",
-        FromRelay::Error { .. } => "Error",
+        self.peers.pinned(user)
     }
 }
 

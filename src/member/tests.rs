@@ -6,8 +6,20 @@
 //! Connections are numbered; a frame in flight on a connection that has since closed is lost,
 //! as it would be on TCP.
 
+use super::link::{LOGIN_TIMEOUT_MS, PING_AFTER_MS, SILENT_RELAY_MS};
+use super::send::RETRY_REFUSED_MS;
 use super::*;
+use std::collections::HashMap;
 use std::sync::OnceLock;
+
+use rand::RngCore;
+
+use crate::crypto::{
+    make_key_packet, seal_envelope, unwrap_key_packet, CryptoError, Header, PublicKey, SessionKey,
+};
+use crate::proto::control::{Dir, MsgState, Record};
+use crate::proto::relay::{ItemKey, Kind, Receipt};
+use crate::proto::{to_payload, MAX_TEXT};
 
 use crate::relay::{ConnId, Limits, Out as RelayOut, Relay};
 
@@ -1225,6 +1237,49 @@ fn key_packet_signed_by_another_key_is_rejected_before_any_private_key_operation
 }
 
 #[test]
+fn judging_writes_nothing_and_settling_writes_it_all() {
+    let (mut net, _a, b) = pair();
+    let env = hand_sealed(&identity(ALICE), "alice", "bob", &public(BOB), "judge me");
+    let node = &mut net.nodes[b];
+    let m = &mut node.member;
+    let judged = m
+        .receiving
+        .judge(&m.user, &m.identity, &m.peers, &env, &node.store);
+    assert!(matches!(judged.verdict, super::receive::Verdict::Open(_)));
+    // Judged only: the session key is not stored or cached, the message is not stored.
+    assert!(node
+        .store
+        .session(false, "alice", &env.session)
+        .unwrap()
+        .is_none());
+    assert!(!node.store.has_message(&env.id).unwrap());
+    assert!(node.store.outbox().unwrap().is_empty());
+    assert!(m.receiving.is_empty());
+    assert!(drain(m).is_empty());
+
+    let mut out = Vec::new();
+    assert!(m
+        .receiving
+        .settle(env.clone(), judged, net.now, &mut node.store, &mut out));
+    assert!(node
+        .store
+        .session(false, "alice", &env.session)
+        .unwrap()
+        .is_some());
+    assert!(node.store.has_message(&env.id).unwrap());
+    assert_eq!(node.store.outbox().unwrap().len(), 1, "the receipt");
+    assert!(!m.receiving.is_empty());
+    assert!(matches!(
+        out[..],
+        [
+            Out::Record(_),
+            Out::Frame(ToRelay::Send(Routed::Receipt(_))),
+            Out::Frame(ToRelay::Ack(_))
+        ]
+    ));
+}
+
+#[test]
 fn message_without_key_packet_for_an_unknown_session_is_rejected() {
     let (mut net, _a, b) = pair();
     let mut e = hand_sealed(&identity(ALICE), "alice", "bob", &public(BOB), "x");
@@ -1592,6 +1647,68 @@ fn timers_ping_then_give_up_on_a_silent_relay() {
 }
 
 #[test]
+fn reload_forgets_the_receipt_retry_timer() {
+    // Issue 7, point 8: `reload`'s doc promises that the retry timer is forgotten with the rest
+    // of what the database may not hold.
+    let (mut m, mut s) = lone("bob", BOB);
+    let login = |m: &mut Member, s: &mut Store, t: u64| {
+        m.link_up(t);
+        let challenge = FromRelay::Challenge {
+            nonce: [1; 32],
+            version: "x".into(),
+        };
+        m.handle(challenge, t, s);
+        let alice = Peer {
+            user: "alice".into(),
+            key: public(ALICE).der().to_vec(),
+            online: true,
+        };
+        let welcome = FromRelay::Welcome {
+            user: "bob".into(),
+            peers: vec![alice],
+        };
+        m.handle(welcome, t, s);
+        assert!(m.connected());
+        drain(m);
+    };
+    let refused = |key| FromRelay::Refused {
+        key,
+        code: "queue_full".into(),
+        reason: "alice's queue is full".into(),
+    };
+    let receipt = Routed::Receipt(Receipt {
+        id: [9; 16],
+        from: "bob".into(),
+        to: "alice".into(),
+        session: [1; 16],
+        counter: 0,
+        tag: [0; 16],
+    });
+    s.outbox_push(receipt.key(), &to_payload(&receipt).unwrap())
+        .unwrap();
+    login(&mut m, &mut s, 0);
+
+    // Control: a refused receipt is offered again when the timer fires.
+    m.handle(refused(receipt.key()), 1, &mut s);
+    assert!(drain(&mut m).is_empty());
+    m.tick(1 + RETRY_REFUSED_MS, &mut s);
+    assert!(matches!(
+        drain(&mut m)[..],
+        [Out::Frame(ToRelay::Send(Routed::Receipt(_)))]
+    ));
+
+    // Armed again, then a failed commit: the reload forgets the timer (the login after it
+    // offers the whole outbox anyway).
+    let t = 2 + RETRY_REFUSED_MS;
+    m.handle(refused(receipt.key()), t, &mut s);
+    m.reload(&s).unwrap();
+    login(&mut m, &mut s, t + 1);
+    m.tick(t + RETRY_REFUSED_MS, &mut s);
+    let out = drain(&mut m);
+    assert!(out.is_empty(), "the timer outlived the reload: {out:?}");
+}
+
+#[test]
 fn pong_keeps_the_link_alive() {
     let (mut net, a, _b) = pair();
     let t = net.now;
@@ -1619,7 +1736,10 @@ fn a_session_is_replaced_after_its_message_budget() {
     net.send(a, "bob", "one");
     net.transfer();
     // Skip ahead instead of sending 100,000 messages.
-    net.nodes[a].member.sending.get_mut("bob").unwrap().next = SESSION_MESSAGES - 1;
+    net.nodes[a]
+        .member
+        .sending
+        .skip_to("bob", SESSION_MESSAGES - 1);
     net.send(a, "bob", "last of the session");
     net.send(a, "bob", "first of the next");
     net.transfer();

@@ -1,0 +1,39 @@
+//! What the member asks of the daemon, and the one way a history record is written.
+//!
+//! Owns [`Out`]. The sub-states return their outputs as `Vec<Out>` in the order they happened and
+//! `Member` queues them, so only `Member` sees a frame leave (the link's send timer depends on
+//! it). Must never: hold state, or send anything itself.
+
+use log::warn;
+
+use crate::proto::control::{MsgState, Record, RecordBody};
+use crate::proto::relay::ToRelay;
+use crate::store::Store;
+
+/// What the daemon must do for the member.
+#[derive(Debug)]
+pub enum Out {
+    /// Send a frame to the relay.
+    Frame(ToRelay),
+    /// Close the link to the relay (protocol error, refusal, or silence); reconnect later.
+    Close,
+    /// A new history record, for `tail -f` clients.
+    Record(Record),
+    /// A sent message reached a new state (with the reason for `Failed`), for `send --wait`.
+    State([u8; 16], MsgState, Option<String>),
+}
+
+/// Append a history record and announce it; a failed write is logged and nothing is announced,
+/// so `tail -f` never shows a record that the history does not hold.
+pub(super) fn record(
+    store: &mut Store,
+    now: u64,
+    peer: &str,
+    body: RecordBody,
+    out: &mut Vec<Out>,
+) {
+    match store.append(now, peer, body) {
+        Ok(r) => out.push(Out::Record(r)),
+        Err(e) => warn!("cannot store history record: {e}"),
+    }
+}

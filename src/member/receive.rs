@@ -1,0 +1,546 @@
+//! The receiving side: what the relay delivers to us (messages and receipts), judged first and
+//! settled second.
+//!
+//! [`Receiving::judge`] looks at a delivered envelope and the state (peers, session keys, the
+//! store, read only) and returns a [`Verdict`]; [`Receiving::settle`] carries it out in one
+//! place: it persists, acknowledges and logs. Receipts go the same way ([`judge_receipt`],
+//! [`settle_receipt`]). Owns [`Receiving`], the cache of receiving session keys.
+//!
+//! Must never: write to the store or emit anything while judging; accept from a peer whose key
+//! changed and is not trusted yet; run a private-key operation on a key packet before the pinned
+//! sender's signature on it has verified (see `crypto::unwrap_key_packet`); acknowledge an
+//! envelope whose settling failed (the relay keeps it and delivers it again); log a text or key.
+
+use std::collections::HashMap;
+
+use log::warn;
+use rand::rngs::OsRng;
+
+use super::out::Out;
+use super::peers::{Peers, Sender};
+use super::send::Sending;
+use crate::crypto::{
+    open_envelope, receipt_tag, unwrap_key_packet, verify_receipt, CryptoError, Fingerprint,
+    Identity, PublicKey, SessionKey,
+};
+use crate::proto::control::{Dir, MsgState, Record, RecordBody};
+use crate::proto::relay::{Envelope, ItemKey, Kind, Receipt, Routed, ToRelay};
+use crate::proto::{hex, to_payload, MAX_TEXT};
+use crate::store::{Store, StoreError};
+
+/// What to do with a delivered envelope.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// We stored it before (a redelivery): acknowledge it again.
+    Duplicate,
+    /// It can never be accepted: acknowledge it so the relay stops redelivering it, and say why.
+    Reject(Why),
+    /// It may become acceptable (the sender is unknown, or their key changed): keep it in our
+    /// own database and acknowledge it, so it neither clogs the relay's delivery window nor
+    /// depends on the relay keeping it.
+    Hold(HoldWhy),
+    /// The store failed while judging: leave it unacknowledged for a later delivery.
+    Retry(Retry),
+    /// Opened: store it, send the receipt, acknowledge.
+    Open(Opened),
+}
+
+/// Why an envelope is rejected.
+#[derive(Debug)]
+pub(super) enum Why {
+    /// Addressed to someone else.
+    NotForUs,
+    /// No usable session key (bad key packet signature, none at all, a corrupt stored key).
+    Key(String),
+    /// A (session, counter) we have seen before.
+    Replayed,
+    /// The ciphertext or its header does not open under the session key.
+    Unopenable(CryptoError),
+    /// The text is not UTF-8 of at most [`MAX_TEXT`] bytes.
+    NotText,
+}
+
+impl Why {
+    fn log(&self, idh: &str, env: &Envelope) {
+        let from = &env.from;
+        match self {
+            Why::NotForUs => warn!("dropped message {idh}: addressed to {}, not to us", env.to),
+            Why::Key(why) => warn!("rejected message {idh} from {from}: {why}"),
+            Why::Replayed => warn!("rejected message {idh} from {from}: replayed session counter"),
+            Why::Unopenable(e) => warn!("rejected message {idh} from {from}: {e}"),
+            Why::NotText => {
+                warn!("rejected message {idh} from {from}: text is not UTF-8 of at most 64 KiB")
+            }
+        }
+    }
+}
+
+/// Why an envelope is held.
+#[derive(Debug)]
+pub(super) enum HoldWhy {
+    /// The relay has not introduced the sender.
+    Unknown,
+    /// The sender's key changed and is not trusted yet.
+    Changed {
+        /// The pinned key.
+        pinned: Fingerprint,
+        /// The key the relay presents.
+        presented: Fingerprint,
+    },
+}
+
+impl HoldWhy {
+    fn log(&self, idh: &str, env: &Envelope) {
+        let from = &env.from;
+        match self {
+            HoldWhy::Unknown => {
+                warn!("holding message {idh} from {from}, whom the relay has not introduced yet")
+            }
+            HoldWhy::Changed { pinned, presented } => warn!(
+                "holding message {idh} from {from}: their key changed (pinned {pinned}, \
+                 presented {presented}); it is opened if you `chatctl trust` a key that signed it"
+            ),
+        }
+    }
+}
+
+/// Which store operation failed.
+#[derive(Debug)]
+pub(super) enum Retry {
+    /// Whether we have the message, or its counter.
+    Check(StoreError),
+    /// Reading or storing the session key.
+    Session(StoreError),
+}
+
+impl Retry {
+    fn log(&self, idh: &str) {
+        match self {
+            Retry::Check(e) => warn!("cannot check message {idh}: {e}"),
+            Retry::Session(e) => warn!("cannot look up the session of message {idh}: {e}"),
+        }
+    }
+}
+
+/// An envelope that opened.
+#[derive(Debug)]
+pub(super) struct Opened {
+    text: String,
+    receipt: Receipt,
+}
+
+/// A session key the judge found outside the cache.
+pub(super) struct Learned {
+    key: SessionKey,
+    /// Unwrapped from the envelope's key packet, so not in the store yet.
+    unwrapped: bool,
+}
+
+/// A verdict, and the session key learned on the way to it. The key is kept whatever the
+/// verdict (a key packet whose signature verified is genuine even if the ciphertext is not), and
+/// storing it comes first: if that fails, the envelope is left for a later delivery.
+pub(super) struct Judged {
+    pub(super) verdict: Verdict,
+    pub(super) learned: Option<Learned>,
+}
+
+impl From<Verdict> for Judged {
+    fn from(verdict: Verdict) -> Judged {
+        Judged {
+            verdict,
+            learned: None,
+        }
+    }
+}
+
+/// Why a receiving session key could not be had.
+enum KeyFail {
+    /// The envelope can never be opened (bad signature, no key packet).
+    Reject(String),
+    /// The store failed.
+    Store(StoreError),
+}
+
+/// Receiving session keys by (sender, session), as a cache of the store's.
+pub(super) struct Receiving {
+    keys: HashMap<(String, [u8; 16]), SessionKey>,
+}
+
+impl Receiving {
+    /// An empty cache.
+    pub(super) fn new() -> Receiving {
+        Receiving {
+            keys: HashMap::new(),
+        }
+    }
+
+    /// Judge a delivered envelope; `own` is our name, `identity` our key.
+    pub(super) fn judge(
+        &self,
+        own: &str,
+        identity: &Identity,
+        peers: &Peers,
+        env: &Envelope,
+        store: &Store,
+    ) -> Judged {
+        if env.to != own {
+            return Verdict::Reject(Why::NotForUs).into();
+        }
+        match store.has_message(&env.id) {
+            Ok(true) => return Verdict::Duplicate.into(),
+            Ok(false) => {}
+            Err(e) => return Verdict::Retry(Retry::Check(e)).into(),
+        }
+        let sender = match peers.sender(&env.from) {
+            Sender::Unknown => return Verdict::Hold(HoldWhy::Unknown).into(),
+            Sender::Changed { pinned, presented } => {
+                return Verdict::Hold(HoldWhy::Changed { pinned, presented }).into()
+            }
+            Sender::Pinned(k) => k,
+        };
+        let (key, learned) = match self.key(identity, env, sender, store) {
+            Ok(k) => k,
+            Err(KeyFail::Reject(why)) => return Verdict::Reject(Why::Key(why)).into(),
+            Err(KeyFail::Store(e)) => return Verdict::Retry(Retry::Session(e)).into(),
+        };
+        Judged {
+            verdict: open(own, env, &key, store),
+            learned,
+        }
+    }
+
+    /// The session key of `env`, and whether it came from outside the cache.
+    fn key(
+        &self,
+        identity: &Identity,
+        env: &Envelope,
+        sender: &PublicKey,
+        store: &Store,
+    ) -> Result<(SessionKey, Option<Learned>), KeyFail> {
+        if let Some(k) = self.keys.get(&(env.from.clone(), env.session)) {
+            return Ok((k.clone(), None));
+        }
+        if let Some(raw) = store
+            .session(false, &env.from, &env.session)
+            .map_err(KeyFail::Store)?
+        {
+            let k = SessionKey::from_bytes(&raw)
+                .ok_or_else(|| KeyFail::Reject("stored session key is corrupt".into()))?;
+            let learned = Learned {
+                key: k.clone(),
+                unwrapped: false,
+            };
+            return Ok((k, Some(learned)));
+        }
+        let Some(kp) = &env.key_packet else {
+            return Err(KeyFail::Reject("unknown session and no key packet".into()));
+        };
+        // Signature first, private key second: see crypto::unwrap_key_packet.
+        let k = unwrap_key_packet(&mut OsRng, identity, sender, env, kp)
+            .map_err(|e| KeyFail::Reject(e.to_string()))?;
+        let learned = Learned {
+            key: k.clone(),
+            unwrapped: true,
+        };
+        Ok((k, Some(learned)))
+    }
+
+    /// Carry out the judgement of `env`. True when the envelope is settled (stored, held, or
+    /// rejected, and acknowledged); false when a storage error left it for a later delivery.
+    pub(super) fn settle(
+        &mut self,
+        env: Envelope,
+        judged: Judged,
+        now: u64,
+        store: &mut Store,
+        out: &mut Vec<Out>,
+    ) -> bool {
+        let key = ItemKey {
+            kind: Kind::Message,
+            id: env.id,
+        };
+        let idh = hex(&env.id);
+        if let Some(l) = judged.learned {
+            if l.unwrapped {
+                if let Err(e) = store.put_session(false, &env.from, &env.session, l.key.expose()) {
+                    // Not acknowledged: the relay delivers it again later.
+                    Retry::Session(e).log(&idh);
+                    return false;
+                }
+            }
+            self.keys.insert((env.from.clone(), env.session), l.key);
+        }
+        match judged.verdict {
+            Verdict::Duplicate => {}
+            Verdict::Reject(why) => why.log(&idh, &env),
+            Verdict::Hold(why) => {
+                why.log(&idh, &env);
+                return hold(env, store, out);
+            }
+            Verdict::Retry(why) => {
+                // Not acknowledged: the relay delivers it again later.
+                why.log(&idh);
+                return false;
+            }
+            Verdict::Open(opened) => {
+                let receipt = Routed::Receipt(opened.receipt);
+                let stored = in_savepoint(store, |s| {
+                    store_message(s, &env, &receipt, opened.text, now)
+                });
+                match stored {
+                    Ok(r) => {
+                        out.push(Out::Record(r));
+                        out.push(Out::Frame(ToRelay::Send(receipt)));
+                    }
+                    Err(e) => {
+                        warn!("cannot store message {idh}: {e}; the relay keeps it for later");
+                        return false;
+                    }
+                }
+            }
+        }
+        out.push(Out::Frame(ToRelay::Ack(key)));
+        true
+    }
+
+    /// No receiving session key is kept.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The rest of the judgement, once the session key is known: replay, ciphertext, text.
+fn open(own: &str, env: &Envelope, key: &SessionKey, store: &Store) -> Verdict {
+    match store.seen_counter(&env.from, &env.session, env.counter) {
+        Ok(false) => {}
+        Ok(true) => return Verdict::Reject(Why::Replayed),
+        Err(e) => return Verdict::Retry(Retry::Check(e)),
+    }
+    let text = match open_envelope(key, env) {
+        Ok(t) => t,
+        Err(e) => return Verdict::Reject(Why::Unopenable(e)),
+    };
+    let text = match String::from_utf8(text) {
+        Ok(t) if t.len() <= MAX_TEXT => t,
+        _ => return Verdict::Reject(Why::NotText),
+    };
+    let receipt = Receipt {
+        id: env.id,
+        from: own.to_string(),
+        to: env.from.clone(),
+        session: env.session,
+        counter: env.counter,
+        tag: receipt_tag(key, &env.id, own, &env.from, &env.session, env.counter),
+    };
+    Verdict::Open(Opened { text, receipt })
+}
+
+/// Run `writes` in a savepoint of the turn: all of them are kept, or none.
+fn in_savepoint<T>(
+    store: &mut Store,
+    writes: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let done = store
+        .savepoint()
+        .and_then(|()| writes(store))
+        .and_then(|t| store.release_savepoint().map(|()| t));
+    if done.is_err() {
+        store.rollback_savepoint();
+    }
+    done
+}
+
+/// An opened message: its id and counter (for duplicates and replays), its receipt in the
+/// outbox, and its history record.
+fn store_message(
+    store: &mut Store,
+    env: &Envelope,
+    receipt: &Routed,
+    text: String,
+    now: u64,
+) -> Result<Record, StoreError> {
+    store.add_message(
+        &env.id,
+        &env.from,
+        Dir::In,
+        MsgState::Delivered,
+        &env.session,
+        env.counter,
+    )?;
+    let bytes = to_payload(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.outbox_push(receipt.key(), &bytes)?;
+    store.append(
+        now,
+        &env.from,
+        RecordBody::Message {
+            id: env.id,
+            from: env.from.clone(),
+            to: env.to.clone(),
+            dir: Dir::In,
+            text,
+        },
+    )
+}
+
+/// Keep `env` in our own database and acknowledge it. False when the store failed (then it is
+/// not acknowledged: the relay keeps it and delivers it again).
+fn hold(env: Envelope, store: &mut Store, out: &mut Vec<Out>) -> bool {
+    let key = ItemKey {
+        kind: Kind::Message,
+        id: env.id,
+    };
+    let item = Routed::Message(env);
+    let from = item.from().to_string();
+    let stored = to_payload(&item)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+        .and_then(|bytes| store.hold(&key.id, &from, &bytes));
+    match stored {
+        Ok(()) => {
+            out.push(Out::Frame(ToRelay::Ack(key)));
+            true
+        }
+        Err(e) => {
+            warn!("cannot hold message {}: {e}", hex(&key.id));
+            false
+        }
+    }
+}
+
+/// What to do with a delivered receipt.
+#[derive(Debug)]
+pub(super) enum ReceiptVerdict {
+    /// The store failed looking up the message: leave it unacknowledged.
+    Retry(StoreError),
+    /// It proves nothing: acknowledge it and say why.
+    Drop(Bogus),
+    /// It proves `peer` opened our message.
+    Deliver {
+        /// The recipient of the message.
+        peer: String,
+        /// The message's session, whose key packet can stop riding along.
+        session: [u8; 16],
+        /// The message was not `Delivered` yet: store and announce the new state.
+        news: bool,
+    },
+}
+
+/// Why a receipt proves nothing.
+#[derive(Debug)]
+pub(super) enum Bogus {
+    /// For a message we never sent.
+    UnknownMessage,
+    /// Its parties, session or counter are not the message's.
+    Mismatch,
+    /// We no longer have the session key to check it.
+    NoKey,
+    /// The tag does not verify.
+    Forged,
+}
+
+/// Judge a delivered receipt against the message it claims to confirm.
+pub(super) fn judge_receipt(
+    own: &str,
+    sending: &Sending,
+    r: &Receipt,
+    store: &Store,
+) -> ReceiptVerdict {
+    let found = match store.outgoing(&r.id) {
+        Ok(f) => f,
+        Err(e) => return ReceiptVerdict::Retry(e),
+    };
+    let Some((peer, session, counter, state)) = found else {
+        return ReceiptVerdict::Drop(Bogus::UnknownMessage);
+    };
+    if r.to != own || r.from != peer || r.session != session || r.counter != counter {
+        return ReceiptVerdict::Drop(Bogus::Mismatch);
+    }
+    let Some(key) = sending.key_of(&peer, &session, store) else {
+        return ReceiptVerdict::Drop(Bogus::NoKey);
+    };
+    if verify_receipt(&key, r).is_err() {
+        return ReceiptVerdict::Drop(Bogus::Forged);
+    }
+    ReceiptVerdict::Deliver {
+        peer,
+        session,
+        news: state != MsgState::Delivered,
+    }
+}
+
+/// Carry out the judgement of receipt `r`: the message becomes `Delivered` (state, outbox and
+/// history in one savepoint), and the receipt is acknowledged unless that failed.
+pub(super) fn settle_receipt(
+    sending: &mut Sending,
+    r: &Receipt,
+    verdict: ReceiptVerdict,
+    now: u64,
+    store: &mut Store,
+    out: &mut Vec<Out>,
+) {
+    let key = ItemKey {
+        kind: Kind::Receipt,
+        id: r.id,
+    };
+    let idh = hex(&r.id);
+    match verdict {
+        ReceiptVerdict::Retry(e) => {
+            warn!("cannot look up message {idh}: {e}");
+            return;
+        }
+        ReceiptVerdict::Drop(Bogus::UnknownMessage) => {
+            warn!("dropped receipt for unknown message {idh}")
+        }
+        ReceiptVerdict::Drop(Bogus::Mismatch) => {
+            warn!("dropped receipt for message {idh}: it does not match the message")
+        }
+        ReceiptVerdict::Drop(Bogus::NoKey) => {
+            warn!("dropped receipt for message {idh}: session key unknown")
+        }
+        ReceiptVerdict::Drop(Bogus::Forged) => warn!("dropped forged receipt for message {idh}"),
+        ReceiptVerdict::Deliver {
+            peer,
+            session,
+            news,
+        } => {
+            sending.confirmed(&peer, &session);
+            if news {
+                match in_savepoint(store, |s| store_receipt(s, r.id, &peer, now)) {
+                    Ok(rec) => {
+                        out.push(Out::Record(rec));
+                        out.push(Out::State(r.id, MsgState::Delivered, None));
+                    }
+                    Err(e) => {
+                        warn!("cannot store receipt for {idh}: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    out.push(Out::Frame(ToRelay::Ack(key)));
+}
+
+/// A verified receipt: the message is `Delivered`, leaves the outbox, and gets its record.
+fn store_receipt(
+    store: &mut Store,
+    id: [u8; 16],
+    peer: &str,
+    now: u64,
+) -> Result<Record, StoreError> {
+    store.set_state(&id, MsgState::Delivered)?;
+    store.outbox_remove(ItemKey {
+        kind: Kind::Message,
+        id,
+    })?;
+    store.append(
+        now,
+        peer,
+        RecordBody::Receipt {
+            id,
+            to: peer.to_string(),
+            state: MsgState::Delivered,
+            reason: None,
+        },
+    )
+}

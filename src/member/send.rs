@@ -1,0 +1,416 @@
+//! The sending side: sessions to each peer, sealing, the outbox, and what the relay answers to
+//! what we sent (`Accepted`, `Refused`), including receipts it refused for a passing reason and
+//! that we offer again later.
+//!
+//! Owns [`Sending`]. Must never: seal to a peer whose key changed and is not trusted yet (checked
+//! in [`recipients`] before anything is stored), reuse a (session key, counter) pair (a session
+//! is retired after [`SESSION_MESSAGES`]), or keep a session in memory whose key a rolled-back
+//! request took out of the store (a receipt for it could never be checked).
+
+use std::collections::HashMap;
+
+use log::warn;
+use rand::rngs::OsRng;
+use rand::RngCore;
+
+use super::error::MemberError;
+use super::out::{record, Out};
+use super::peers::{Peers, Sender};
+use crate::crypto::{make_key_packet, seal_envelope, Fingerprint, Header, Identity, SessionKey};
+use crate::proto::control::{Dir, MsgState, Record, RecordBody, Sent};
+use crate::proto::relay::{Envelope, ItemKey, KeyPacket, Kind, RefuseCode, Routed};
+use crate::proto::{from_payload, hex, to_payload, valid_user, MAX_TEXT};
+use crate::store::Store;
+
+/// A sending session is retired after this many messages, so (key, counter) never repeats.
+pub const SESSION_MESSAGES: u64 = 100_000;
+/// Offer refused receipts again after this long.
+pub(super) const RETRY_REFUSED_MS: u64 = 5_000;
+
+struct SendSession {
+    id: [u8; 16],
+    key: SessionKey,
+    peer: Fingerprint,
+    next: u64,
+    /// The wrapped, signed key; dropped once a receipt proves the peer holds the key.
+    key_packet: Option<KeyPacket>,
+}
+
+/// What [`Sending::queue`] stored, for `Member` to announce and send.
+pub(super) struct Queued {
+    /// One per recipient, in order.
+    pub(super) sent: Vec<Sent>,
+    /// The sealed envelopes, for the relay.
+    pub(super) items: Vec<Routed>,
+    /// The history records of the sent copies.
+    pub(super) records: Vec<Record>,
+}
+
+/// Sending sessions by peer, and the receipt retry timer.
+pub(super) struct Sending {
+    sessions: HashMap<String, SendSession>,
+    /// When to resend the outbox's receipts after the relay refused one for a passing reason.
+    /// Kept across a reconnect (the login resends the whole outbox anyway).
+    retry_at: Option<u64>,
+}
+
+/// Check a send request and name its recipients, in order and each once. Every check happens
+/// here, before anything is stored.
+pub(super) fn recipients(
+    peers: &Peers,
+    own: &str,
+    to: &[String],
+    all: bool,
+    text: &str,
+) -> Result<Vec<String>, MemberError> {
+    if text.len() > MAX_TEXT {
+        return Err(MemberError::TextTooLong(text.len()));
+    }
+    let mut recipients: Vec<String> = Vec::new();
+    if all {
+        recipients.extend(peers.online_users().map(str::to_string));
+        if recipients.is_empty() {
+            return Err(MemberError::NoPeersOnline);
+        }
+    }
+    for u in to {
+        if !valid_user(u) {
+            return Err(MemberError::BadUser(u.clone()));
+        }
+        if *u == own {
+            return Err(MemberError::SelfSend);
+        }
+        if !peers.knows(u) {
+            return Err(MemberError::UnknownUser(u.clone()));
+        }
+        if !recipients.contains(u) {
+            recipients.push(u.clone());
+        }
+    }
+    if recipients.is_empty() {
+        return Err(MemberError::NoRecipient);
+    }
+    for u in &recipients {
+        if let Sender::Changed { pinned, presented } = peers.sender(u) {
+            return Err(MemberError::KeyChanged {
+                user: u.clone(),
+                pinned,
+                presented,
+            });
+        }
+    }
+    Ok(recipients)
+}
+
+/// The outbox's items to offer the relay, oldest first: all of them, or only receipts.
+pub(super) fn outbox(store: &Store, only_receipts: bool) -> Vec<Routed> {
+    let items = match store.outbox() {
+        Ok(items) => items,
+        Err(e) => {
+            warn!("cannot read outbox: {e}");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for (key, bytes) in items {
+        if only_receipts && key.kind != Kind::Receipt {
+            continue;
+        }
+        match from_payload::<Routed>(&bytes) {
+            Ok(item) => out.push(item),
+            // Said once, by the flush at login; the retry offers what it can without repeating it.
+            Err(_) if only_receipts => {}
+            Err(e) => warn!("skipping unreadable outbox item: {e}"),
+        }
+    }
+    out
+}
+
+impl Sending {
+    /// No sessions, no timer.
+    pub(super) fn new() -> Sending {
+        Sending {
+            sessions: HashMap::new(),
+            retry_at: None,
+        }
+    }
+
+    /// Start a new session with `user` on the next send (their key was just trusted).
+    pub(super) fn forget_peer(&mut self, user: &str) {
+        self.sessions.remove(user);
+    }
+
+    /// The retry timer fired: take it.
+    pub(super) fn retry_due(&mut self, now: u64) -> bool {
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The key of our sending session `session` with `peer`, from memory or the store (a
+    /// session from before a restart); `None` when neither has it or the stored one is corrupt.
+    pub(super) fn key_of(
+        &self,
+        peer: &str,
+        session: &[u8; 16],
+        store: &Store,
+    ) -> Option<SessionKey> {
+        match self.sessions.get(peer).filter(|s| s.id == *session) {
+            Some(s) => Some(s.key.clone()),
+            None => store
+                .session(true, peer, session)
+                .ok()
+                .flatten()
+                .and_then(|raw| SessionKey::from_bytes(&raw)),
+        }
+    }
+
+    /// A verified receipt proves `peer` holds the key of `session`: stop sending its key packet.
+    pub(super) fn confirmed(&mut self, peer: &str, session: &[u8; 16]) {
+        if let Some(s) = self.sessions.get_mut(peer) {
+            if s.id == *session {
+                s.key_packet = None;
+            }
+        }
+    }
+
+    /// Seal `text` to each recipient and store it (message, outbox, history) in one savepoint:
+    /// a failure rolls back the whole request and forgets the sessions it made.
+    #[allow(clippy::too_many_arguments)] // reason: the member's identity, name and peers, plus the request
+    pub(super) fn queue(
+        &mut self,
+        identity: &Identity,
+        own: &str,
+        peers: &Peers,
+        recipients: &[String],
+        text: &str,
+        now: u64,
+        store: &mut Store,
+    ) -> Result<Queued, MemberError> {
+        // Sessions as they were, so a failed request can forget sessions it made whose keys the
+        // rollback takes out of the store (a receipt for them could never be checked).
+        let prior: HashMap<String, [u8; 16]> = recipients
+            .iter()
+            .filter_map(|u| self.sessions.get(u).map(|s| (u.clone(), s.id)))
+            .collect();
+        store.savepoint()?;
+        let mut queued = Queued {
+            sent: Vec::new(),
+            items: Vec::new(),
+            records: Vec::new(),
+        };
+        for u in recipients {
+            match self.seal_one(identity, own, peers, u, text, now, store) {
+                Ok((sent, item, record)) => {
+                    queued.sent.push(sent);
+                    queued.items.push(item);
+                    queued.records.push(record);
+                }
+                Err(e) => {
+                    store.rollback_savepoint();
+                    for u in recipients {
+                        if self.sessions.get(u).map(|s| s.id) != prior.get(u).copied() {
+                            self.sessions.remove(u);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        store.release_savepoint()?;
+        Ok(queued)
+    }
+
+    fn session_for(
+        &mut self,
+        identity: &Identity,
+        own: &str,
+        peers: &Peers,
+        to: &str,
+        store: &mut Store,
+    ) -> Result<&mut SendSession, MemberError> {
+        let pinned = match peers.pinned_key(to) {
+            Some(k) => k.clone(),
+            None => return Err(MemberError::UnknownUser(to.into())),
+        };
+        let fresh = match self.sessions.get(to) {
+            Some(s) => s.peer != pinned.fingerprint() || s.next >= SESSION_MESSAGES,
+            None => true,
+        };
+        if fresh {
+            let mut id = [0u8; 16];
+            OsRng.fill_bytes(&mut id);
+            let key = SessionKey::random(&mut OsRng);
+            let kp = make_key_packet(&mut OsRng, identity, own, to, &pinned, &id, &key)
+                .map_err(MemberError::Crypto)?;
+            store.put_session(true, to, &id, key.expose())?;
+            self.sessions.insert(
+                to.to_string(),
+                SendSession {
+                    id,
+                    key,
+                    peer: pinned.fingerprint(),
+                    next: 0,
+                    key_packet: Some(kp),
+                },
+            );
+        }
+        self.sessions
+            .get_mut(to)
+            .ok_or_else(|| MemberError::UnknownUser(to.into()))
+    }
+
+    #[allow(clippy::too_many_arguments)] // reason: as `queue`, for one recipient
+    fn seal_one(
+        &mut self,
+        identity: &Identity,
+        own: &str,
+        peers: &Peers,
+        to: &str,
+        text: &str,
+        now: u64,
+        store: &mut Store,
+    ) -> Result<(Sent, Routed, Record), MemberError> {
+        let from = own.to_string();
+        let s = self.session_for(identity, own, peers, to, store)?;
+        let counter = s.next;
+        s.next += 1;
+        let mut id = [0u8; 16];
+        OsRng.fill_bytes(&mut id);
+        let mut env = Envelope {
+            id,
+            from: from.clone(),
+            to: to.to_string(),
+            time_ms: now,
+            session: s.id,
+            counter,
+            key_packet: s.key_packet.clone(),
+            ciphertext: Vec::new(),
+        };
+        env.ciphertext = seal_envelope(&s.key, &Header::of(&env), text.as_bytes());
+        let session = s.id;
+        let item = Routed::Message(env);
+        let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
+        store.add_message(&id, to, Dir::Out, MsgState::Queued, &session, counter)?;
+        store.outbox_push(item.key(), &bytes)?;
+        let record = store.append(
+            now,
+            to,
+            RecordBody::Message {
+                id,
+                from,
+                to: to.to_string(),
+                dir: Dir::Out,
+                text: text.to_string(),
+            },
+        )?;
+        Ok((
+            Sent {
+                id,
+                to: to.to_string(),
+                state: MsgState::Queued,
+            },
+            item,
+            record,
+        ))
+    }
+
+    /// The relay took custody of `key`: out of the outbox, and a queued message is `Relayed`.
+    pub(super) fn accepted(&mut self, key: ItemKey, now: u64, store: &mut Store) -> Vec<Out> {
+        let mut out = Vec::new();
+        let removed = match store.outbox_remove(key) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot update outbox: {e}");
+                return out;
+            }
+        };
+        if key.kind != Kind::Message || !removed {
+            return out;
+        }
+        match store.outgoing(&key.id) {
+            Ok(Some((peer, _, _, MsgState::Queued))) => {
+                if let Err(e) = store.set_state(&key.id, MsgState::Relayed) {
+                    warn!("cannot update message state: {e}");
+                    return out;
+                }
+                let body = RecordBody::Receipt {
+                    id: key.id,
+                    to: peer.clone(),
+                    state: MsgState::Relayed,
+                    reason: None,
+                };
+                record(store, now, &peer, body, &mut out);
+                out.push(Out::State(key.id, MsgState::Relayed, None));
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot read message state: {e}"),
+        }
+        out
+    }
+
+    /// The relay refused `key`. A receipt refused for a passing reason stays and is offered
+    /// again later; anything else leaves the outbox, and a message that was not settled fails.
+    pub(super) fn refused(
+        &mut self,
+        key: ItemKey,
+        code: &RefuseCode,
+        reason: &str,
+        now: u64,
+        store: &mut Store,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        let idh = hex(&key.id);
+        warn!("relay refused {:?} {idh} ({code}): {reason}", key.kind);
+        if key.kind == Kind::Receipt && code.is_transient() {
+            // A passing condition at the relay: keep the receipt and offer it again later, so
+            // the sender still learns that its message was delivered.
+            self.retry_at = Some(now + RETRY_REFUSED_MS);
+            return out;
+        }
+        if let Err(e) = store.outbox_remove(key) {
+            warn!("cannot update outbox: {e}");
+            return out;
+        }
+        if key.kind != Kind::Message {
+            return out;
+        }
+        if let Ok(Some((peer, _, _, state))) = store.outgoing(&key.id) {
+            if state == MsgState::Delivered || state == MsgState::Failed {
+                return out;
+            }
+            if let Err(e) = store.set_state(&key.id, MsgState::Failed) {
+                warn!("cannot update message state: {e}");
+            }
+            let why = format!("{code}: {reason}");
+            let body = RecordBody::Receipt {
+                id: key.id,
+                to: peer.clone(),
+                state: MsgState::Failed,
+                reason: Some(why.clone()),
+            };
+            record(store, now, &peer, body, &mut out);
+            out.push(Out::State(key.id, MsgState::Failed, Some(why)));
+        }
+        out
+    }
+
+    /// Forget every session (tests: force a fresh session on the next send).
+    #[cfg(test)]
+    pub(super) fn clear(&mut self) {
+        self.sessions.clear();
+    }
+
+    /// Move the session with `peer` to counter `next` (tests: reach the budget without sending
+    /// 100,000 messages).
+    #[cfg(test)]
+    pub(super) fn skip_to(&mut self, peer: &str, next: u64) {
+        self.sessions
+            .get_mut(peer)
+            .expect("a session with the peer")
+            .next = next;
+    }
+}
