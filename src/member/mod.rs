@@ -4,7 +4,7 @@
 //! The daemon tells it when the link to the relay comes up or goes down, feeds it frame payloads
 //! and clock ticks, and forwards `chatctl` requests; it answers with [`Out`] actions (frames for
 //! the relay, events for control clients, a request to close the link) and writes through the
-//! [`Store`]. Must never: touch a socket, log a message text or key, seal to or accept from a peer
+//! [`MemberStore`]. Must never: touch a socket, log a message text or key, seal to or accept from a peer
 //! whose key changed and is not trusted yet, or run a private-key operation on a key packet before
 //! the pinned sender's signature on it has verified.
 //!
@@ -31,7 +31,7 @@ use crate::crypto::{login_transcript, Fingerprint, Identity};
 use crate::proto::control::{PeerView, RecordBody, Sent};
 use crate::proto::relay::{Envelope, FromRelay, Peer, Routed, ToRelay};
 use crate::proto::{from_payload, hex};
-use crate::store::{Store, StoreError};
+use crate::store::{MemberStore, StoreError};
 
 pub use error::MemberError;
 pub use out::Out;
@@ -56,7 +56,11 @@ pub struct Member {
 
 impl Member {
     /// Load pins from the store.
-    pub fn load(user: String, identity: Identity, store: &Store) -> Result<Member, StoreError> {
+    pub fn load(
+        user: String,
+        identity: Identity,
+        store: &dyn MemberStore,
+    ) -> Result<Member, StoreError> {
         let peers = Peers::from_pins(store.pins()?);
         Ok(Member {
             user,
@@ -72,7 +76,7 @@ impl Member {
 
     /// After a failed commit: forget everything the database may not hold (pins, sessions,
     /// retry timer) and reload pins. The link must be restarted by the caller.
-    pub fn reload(&mut self, store: &Store) -> Result<(), StoreError> {
+    pub fn reload(&mut self, store: &dyn MemberStore) -> Result<(), StoreError> {
         self.peers = Peers::from_pins(store.pins()?);
         // Sessions and the receipt retry timer together: the outbox the timer would resend may
         // be rolled back, and the next login offers whatever it still holds.
@@ -149,7 +153,7 @@ impl Member {
     }
 
     /// Keep-alive, timeouts, retries.
-    pub fn tick(&mut self, now: u64, store: &mut Store) {
+    pub fn tick(&mut self, now: u64, store: &mut dyn MemberStore) {
         match self.link.due(now) {
             None => {}
             Some(Due::Ping) => self.frame(ToRelay::Ping, now),
@@ -176,7 +180,7 @@ impl Member {
     }
 
     /// One frame payload from the relay.
-    pub fn receive(&mut self, payload: &[u8], now: u64, store: &mut Store) {
+    pub fn receive(&mut self, payload: &[u8], now: u64, store: &mut dyn MemberStore) {
         match from_payload::<FromRelay>(payload) {
             Ok(msg) => self.handle(msg, now, store),
             Err(e) => {
@@ -188,7 +192,7 @@ impl Member {
     }
 
     /// One decoded message from the relay (the host's in-process relay skips the codec).
-    pub fn handle(&mut self, msg: FromRelay, now: u64, store: &mut Store) {
+    pub fn handle(&mut self, msg: FromRelay, now: u64, store: &mut dyn MemberStore) {
         self.link.heard(now);
         if let FromRelay::Error { code, reason } = &msg {
             warn!("relay refused us ({code}): {reason}");
@@ -251,7 +255,7 @@ impl Member {
         user: String,
         peers: Vec<Peer>,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) {
         if user != self.user {
             self.link = Link::ExpectWelcome(login);
@@ -280,7 +284,7 @@ impl Member {
         }
     }
 
-    fn established(&mut self, msg: FromRelay, now: u64, store: &mut Store) {
+    fn established(&mut self, msg: FromRelay, now: u64, store: &mut dyn MemberStore) {
         match msg {
             FromRelay::Presence(p) => {
                 if p.user == self.user {
@@ -337,7 +341,7 @@ impl Member {
 
     /// Take note of a directory entry (see [`Peers::observe`]), log it, and save a changed pin.
     /// True when the peer just became someone we accept messages from.
-    fn observe(&mut self, p: &Peer, store: &mut Store) -> bool {
+    fn observe(&mut self, p: &Peer, store: &mut dyn MemberStore) -> bool {
         let seen = self.peers.observe(&self.user, p);
         match &seen {
             Observed::Unusable(e) => {
@@ -357,7 +361,7 @@ impl Member {
         seen.acceptable()
     }
 
-    fn save_pin(&mut self, user: &str, store: &mut Store) {
+    fn save_pin(&mut self, user: &str, store: &mut dyn MemberStore) {
         let Some(pin) = self.peers.pin(user) else {
             return;
         };
@@ -368,7 +372,7 @@ impl Member {
 
     /// Judge and settle a delivered message. True when it is settled; false when a storage
     /// error left it for a later delivery.
-    fn accept(&mut self, env: Envelope, now: u64, store: &mut Store) -> bool {
+    fn accept(&mut self, env: Envelope, now: u64, store: &mut dyn MemberStore) -> bool {
         let judged = self
             .receiving
             .judge(&self.user, &self.identity, &self.peers, &env, store);
@@ -379,7 +383,7 @@ impl Member {
     }
 
     /// Judge again what we held from `user` (after `trust`, or when the relay introduces them).
-    fn release_held(&mut self, user: &str, now: u64, store: &mut Store) {
+    fn release_held(&mut self, user: &str, now: u64, store: &mut dyn MemberStore) {
         let items = match store.held(user) {
             Ok(items) => items,
             Err(e) => {
@@ -412,7 +416,7 @@ impl Member {
         all: bool,
         text: &str,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) -> Result<Vec<Sent>, MemberError> {
         let recipients = send::recipients(&self.peers, &self.user, to, all, text)?;
         let queued = self.sending.queue(
@@ -444,7 +448,7 @@ impl Member {
         user: &str,
         fingerprint: &str,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) -> Result<String, MemberError> {
         let given = Fingerprint::parse(fingerprint).map_err(MemberError::BadFingerprint)?;
         let msg = match self.peers.trust(user, given)? {

@@ -8,7 +8,7 @@ use log::warn;
 
 use crate::proto::control::{MsgState, Record, RecordBody};
 use crate::proto::relay::ToRelay;
-use crate::store::Store;
+use crate::store::MemberStore;
 
 /// What the daemon must do for the member.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub enum Out {
 /// Append a history record and announce it; a failed write is logged and nothing is announced,
 /// so `tail -f` never shows a record that the history does not hold.
 pub(super) fn record(
-    store: &mut Store,
+    store: &mut dyn MemberStore,
     now: u64,
     peer: &str,
     body: RecordBody,

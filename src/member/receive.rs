@@ -26,7 +26,7 @@ use crate::crypto::{
 use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::{Envelope, ItemKey, Kind, Receipt, Routed, ToRelay};
 use crate::proto::{hex, to_payload, MAX_TEXT};
-use crate::store::{Store, StoreError};
+use crate::store::{MemberStore, StoreError};
 
 /// What to do with a delivered envelope.
 #[derive(Debug)]
@@ -181,7 +181,7 @@ impl Receiving {
         identity: &Identity,
         peers: &Peers,
         env: &Envelope,
-        store: &Store,
+        store: &dyn MemberStore,
     ) -> Judged {
         if env.to != own {
             return Verdict::Reject(Why::NotForUs).into();
@@ -215,7 +215,7 @@ impl Receiving {
         identity: &Identity,
         env: &Envelope,
         sender: &PublicKey,
-        store: &Store,
+        store: &dyn MemberStore,
     ) -> Result<(SessionKey, Option<Learned>), KeyFail> {
         if let Some(k) = self.keys.get(&(env.from.clone(), env.session)) {
             return Ok((k.clone(), None));
@@ -252,7 +252,7 @@ impl Receiving {
         env: Envelope,
         judged: Judged,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
         out: &mut Vec<Out>,
     ) -> bool {
         let key = ItemKey {
@@ -311,7 +311,7 @@ impl Receiving {
 }
 
 /// The rest of the judgement, once the session key is known: replay, ciphertext, text.
-fn open(own: &str, env: &Envelope, key: &SessionKey, store: &Store) -> Verdict {
+fn open(own: &str, env: &Envelope, key: &SessionKey, store: &dyn MemberStore) -> Verdict {
     match store.seen_counter(&env.from, &env.session, env.counter) {
         Ok(false) => {}
         Ok(true) => return Verdict::Reject(Why::Replayed),
@@ -338,8 +338,8 @@ fn open(own: &str, env: &Envelope, key: &SessionKey, store: &Store) -> Verdict {
 
 /// Run `writes` in a savepoint of the turn: all of them are kept, or none.
 fn in_savepoint<T>(
-    store: &mut Store,
-    writes: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    store: &mut dyn MemberStore,
+    writes: impl FnOnce(&mut dyn MemberStore) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let done = store
         .savepoint()
@@ -354,7 +354,7 @@ fn in_savepoint<T>(
 /// An opened message: its id and counter (for duplicates and replays), its receipt in the
 /// outbox, and its history record.
 fn store_message(
-    store: &mut Store,
+    store: &mut dyn MemberStore,
     env: &Envelope,
     receipt: &Routed,
     text: String,
@@ -385,7 +385,7 @@ fn store_message(
 
 /// Keep `env` in our own database and acknowledge it. False when the store failed (then it is
 /// not acknowledged: the relay keeps it and delivers it again).
-fn hold(env: Envelope, store: &mut Store, out: &mut Vec<Out>) -> bool {
+fn hold(env: Envelope, store: &mut dyn MemberStore, out: &mut Vec<Out>) -> bool {
     let key = ItemKey {
         kind: Kind::Message,
         id: env.id,
@@ -443,7 +443,7 @@ pub(super) fn judge_receipt(
     own: &str,
     sending: &Sending,
     r: &Receipt,
-    store: &Store,
+    store: &dyn MemberStore,
 ) -> ReceiptVerdict {
     let found = match store.outgoing(&r.id) {
         Ok(f) => f,
@@ -475,7 +475,7 @@ pub(super) fn settle_receipt(
     r: &Receipt,
     verdict: ReceiptVerdict,
     now: u64,
-    store: &mut Store,
+    store: &mut dyn MemberStore,
     out: &mut Vec<Out>,
 ) {
     let key = ItemKey {
@@ -523,7 +523,7 @@ pub(super) fn settle_receipt(
 
 /// A verified receipt: the message is `Delivered`, leaves the outbox, and gets its record.
 fn store_receipt(
-    store: &mut Store,
+    store: &mut dyn MemberStore,
     id: [u8; 16],
     peer: &str,
     now: u64,

@@ -20,7 +20,7 @@ use crate::crypto::{make_key_packet, seal_envelope, Fingerprint, Header, Identit
 use crate::proto::control::{Dir, MsgState, Record, RecordBody, Sent};
 use crate::proto::relay::{Envelope, ItemKey, KeyPacket, Kind, RefuseCode, Routed};
 use crate::proto::{from_payload, hex, to_payload, valid_user, MAX_TEXT};
-use crate::store::Store;
+use crate::store::MemberStore;
 
 /// A sending session is retired after this many messages, so (key, counter) never repeats.
 pub const SESSION_MESSAGES: u64 = 100_000;
@@ -103,7 +103,7 @@ pub(super) fn recipients(
 }
 
 /// The outbox's items to offer the relay, oldest first: all of them, or only receipts.
-pub(super) fn outbox(store: &Store, only_receipts: bool) -> Vec<Routed> {
+pub(super) fn outbox(store: &dyn MemberStore, only_receipts: bool) -> Vec<Routed> {
     let items = match store.outbox() {
         Ok(items) => items,
         Err(e) => {
@@ -156,7 +156,7 @@ impl Sending {
         &self,
         peer: &str,
         session: &[u8; 16],
-        store: &Store,
+        store: &dyn MemberStore,
     ) -> Option<SessionKey> {
         match self.sessions.get(peer).filter(|s| s.id == *session) {
             Some(s) => Some(s.key.clone()),
@@ -188,7 +188,7 @@ impl Sending {
         recipients: &[String],
         text: &str,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) -> Result<Queued, MemberError> {
         // Sessions as they were, so a failed request can forget sessions it made whose keys the
         // rollback takes out of the store (a receipt for them could never be checked).
@@ -230,7 +230,7 @@ impl Sending {
         own: &str,
         peers: &Peers,
         to: &str,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) -> Result<&mut SendSession, MemberError> {
         let pinned = match peers.pinned_key(to) {
             Some(k) => k.clone(),
@@ -272,7 +272,7 @@ impl Sending {
         to: &str,
         text: &str,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) -> Result<(Sent, Routed, Record), MemberError> {
         let from = own.to_string();
         let s = self.session_for(identity, own, peers, to, store)?;
@@ -319,7 +319,12 @@ impl Sending {
     }
 
     /// The relay took custody of `key`: out of the outbox, and a queued message is `Relayed`.
-    pub(super) fn accepted(&mut self, key: ItemKey, now: u64, store: &mut Store) -> Vec<Out> {
+    pub(super) fn accepted(
+        &mut self,
+        key: ItemKey,
+        now: u64,
+        store: &mut dyn MemberStore,
+    ) -> Vec<Out> {
         let mut out = Vec::new();
         let removed = match store.outbox_remove(key) {
             Ok(r) => r,
@@ -360,7 +365,7 @@ impl Sending {
         code: &RefuseCode,
         reason: &str,
         now: u64,
-        store: &mut Store,
+        store: &mut dyn MemberStore,
     ) -> Vec<Out> {
         let mut out = Vec::new();
         let idh = hex(&key.id);

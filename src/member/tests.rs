@@ -9,6 +9,7 @@
 use super::link::{LOGIN_TIMEOUT_MS, PING_AFTER_MS, SILENT_RELAY_MS};
 use super::send::RETRY_REFUSED_MS;
 use super::*;
+use crate::store::Store;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
