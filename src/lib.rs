@@ -10,7 +10,8 @@
 //! (keys, sealing), [`relay`] (registrations, presence, routing, queues) and [`member`]
 //! (handshake, outbox, sessions, trust). They take frames and clock ticks in and give frames,
 //! store writes and events out; they never touch a socket. [`store`] is the one persistence
-//! interface (SQLite). [`daemon`] is the mio loop that moves bytes between sockets and the cores.
+//! interface (SQLite). [`host`] links a relay core and member cores in memory (a host's own
+//! member, the bench, the fuzz targets). [`daemon`] is the mio loop that moves bytes between sockets and the cores.
 //! [`client`] is the blocking control-socket client that [`cli`] (chatctl) is built on.
 #![deny(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod host;
 pub mod member;
 pub mod progress;
 pub mod proto;
