@@ -11,8 +11,8 @@
 //! (handshake, outbox, sessions, trust). They take frames and clock ticks in and give frames,
 //! store writes and events out; they never touch a socket. [`store`] is the one persistence
 //! interface (SQLite). [`host`] links a relay core and member cores in memory (a host's own
-//! member, the bench, the fuzz targets). [`daemon`] is the mio loop that moves bytes between sockets and the cores.
-//! [`client`] is the blocking control-socket client that [`cli`] (chatctl) is built on.
+//! member, the bench, the fuzz targets). [`daemon`] is the mio loop that moves bytes between
+//! sockets and the cores. [`client`] is the blocking control-socket client that [`cli`] (chatctl) is built on.
 #![deny(missing_docs)]
 
 pub mod cli;

@@ -37,9 +37,9 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::{self, Config, Flags, Role, TICK};
 use crate::host::{self, Link};
 use crate::member::{self, Member};
+use crate::proto::control::CtlRequest;
 use crate::proto::frame::MAX_FRAME;
 use crate::proto::from_payload;
-use crate::proto::control::CtlRequest;
 use crate::relay::{self, Relay};
 use crate::store::{Store, StoreError};
 use conn::ReadResult;
@@ -129,8 +129,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
             let relay = load_relay()?;
             Roles::Host {
                 relay,
-                member: Member::load(user.clone(), identity, &store)
-                    .map_err(DaemonError::Store)?,
+                member: Member::load(user.clone(), identity, &store).map_err(DaemonError::Store)?,
                 link: Link::new(table::conn_id(HOST_LINK)),
             }
         }
@@ -621,9 +620,12 @@ impl Daemon {
         }
         match &mut self.roles {
             Roles::Relay(_) => {}
-            Roles::Member { member, uplink } => {
-                uplink.down(self.poll.registry(), member, format!("database error: {e}"), now)
-            }
+            Roles::Member { member, uplink } => uplink.down(
+                self.poll.registry(),
+                member,
+                format!("database error: {e}"),
+                now,
+            ),
             Roles::Host {
                 relay,
                 member,

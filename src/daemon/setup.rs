@@ -206,7 +206,9 @@ pub fn listener(
 ) -> Result<Option<(TcpListener, SocketAddr)>, DaemonError> {
     let Some(l) = listen else {
         if activated.is_some() {
-            warn!("closed the relay socket passed by systemd: this daemon is no relay (no --listen)");
+            warn!(
+                "closed the relay socket passed by systemd: this daemon is no relay (no --listen)"
+            );
         }
         return Ok(None);
     };

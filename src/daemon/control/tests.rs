@@ -221,7 +221,10 @@ fn send_wait_delivered_answers_when_the_receipt_comes() {
     };
     let mut waiters = Waiters::default();
     waiters.add(CLIENT, pending);
-    assert!(advance(&mut net, &mut waiters).is_empty(), "nothing moved yet");
+    assert!(
+        advance(&mut net, &mut waiters).is_empty(),
+        "nothing moved yet"
+    );
     net.pump();
     let replies = advance(&mut net, &mut waiters);
     match &replies[..] {
@@ -369,17 +372,25 @@ fn tail_last_with_and_follow() {
     assert_eq!(seqs(&client.got), [last - 4, last - 2, last]);
     let bob = net
         .store
-        .append(T0, "bob", RecordBody::Presence {
-            user: "bob".into(),
-            online: true,
-        })
+        .append(
+            T0,
+            "bob",
+            RecordBody::Presence {
+                user: "bob".into(),
+                online: true,
+            },
+        )
         .expect("append");
     let carol = net
         .store
-        .append(T0, "carol", RecordBody::Presence {
-            user: "carol".into(),
-            online: true,
-        })
+        .append(
+            T0,
+            "carol",
+            RecordBody::Presence {
+                user: "carol".into(),
+                online: true,
+            },
+        )
         .expect("append");
     assert!(!follow.take(&bob), "not the peer it follows");
     assert!(follow.take(&carol));
