@@ -9,14 +9,15 @@
 //! are rebuilt from the database. Must never: `?` out of the loop because of one peer, block on a
 //! socket, or log message text or keys.
 //!
-//! The rooms: [`roles`] (which cores run), [`uplink`] (a member's TCP link to its relay),
-//! `table` (accepted connections, and tokens mapped to relay ids), `control` (requests in,
-//! replies out, no I/O), `status` (one view for `chatctl status` and `STATUS=`), `conn`
-//! (buffered sockets), `setup` (start-up chores), [`systemd`]. Submodules never reach into
-//! [`Daemon`]; it calls them with the parts they need.
+//! The rooms: `roles` (which cores run), `uplink` (a member's TCP link to its relay), `table`
+//! (accepted connections, and tokens mapped to relay ids), `control` (requests in, replies out,
+//! no I/O), `drain` (the cores' output each turn), `status` (one view for `chatctl status` and
+//! `STATUS=`), `conn` (buffered sockets), `setup` (start-up chores), [`systemd`]. Submodules
+//! never reach into [`Daemon`]; it calls them with the parts they need.
 
 mod conn;
 mod control;
+mod drain;
 mod error;
 mod roles;
 mod setup;
@@ -35,12 +36,12 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{self, Config, Flags, Role, TICK};
-use crate::host::{self, Link};
-use crate::member::{self, Member};
+use crate::host::Link;
+use crate::member::Member;
 use crate::proto::control::CtlRequest;
 use crate::proto::frame::MAX_FRAME;
 use crate::proto::from_payload;
-use crate::relay::{self, Relay};
+use crate::relay::Relay;
 use crate::store::{Store, StoreError};
 use conn::ReadResult;
 use control::{Reply, Waiters};
@@ -182,47 +183,6 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     d.main_loop()?;
     d.shutdown();
     Ok(())
-}
-
-/// A host's cores for [`host::pump`], with the sinks for the output that is not the link's.
-struct HostTurn<'a> {
-    relay: &'a mut Relay,
-    member: &'a mut Member,
-    link: &'a mut Link,
-    store: &'a mut Store,
-    table: &'a mut Table,
-    waiters: &'a mut Waiters,
-}
-
-impl host::Cores for HostTurn<'_> {
-    fn relay(&mut self) -> (&mut Relay, &mut Store) {
-        (self.relay, self.store)
-    }
-    fn members(&self) -> usize {
-        1
-    }
-    fn member(&mut self, _: usize) -> (&mut Link, &mut Member, &mut Store) {
-        (self.link, self.member, self.store)
-    }
-    fn relay_out(&mut self, out: relay::Out) {
-        self.table.relay_out(out);
-    }
-    fn member_out(&mut self, _: usize, out: member::Out) {
-        member_out(self.table, self.waiters, out);
-    }
-}
-
-/// A member's records go to the followers, its state changes to the waiters.
-fn member_out(table: &mut Table, waiters: &mut Waiters, out: member::Out) {
-    match out {
-        member::Out::Record(rec) => table.publish(&rec),
-        member::Out::State(id, st, why) => {
-            for (token, resp) in waiters.advance(id, st, why.as_deref()) {
-                table.reply(token, &resp);
-            }
-        }
-        member::Out::Frame(_) | member::Out::Close => {}
-    }
 }
 
 impl Daemon {
@@ -536,49 +496,16 @@ impl Daemon {
         self.sd.status(status);
     }
 
-    /// Drain the cores' outputs into buffers (a host's two cores talk in memory) until they
-    /// are quiet.
     fn pump(&mut self, now: u64) {
-        let registry = self.poll.registry();
-        match &mut self.roles {
-            Roles::Relay(relay) => {
-                while let Some(out) = relay.poll() {
-                    self.table.relay_out(out);
-                }
-            }
-            Roles::Member { member, uplink } => loop {
-                let mut progressed = false;
-                let mut frames = Vec::new();
-                let mut close = false;
-                while let Some(out) = member.poll() {
-                    progressed = true;
-                    match out {
-                        member::Out::Frame(f) => frames.push(f),
-                        member::Out::Close => close = true,
-                        out => member_out(&mut self.table, &mut self.waiters, out),
-                    }
-                }
-                uplink.send(registry, member, frames, close, now);
-                if !progressed {
-                    break;
-                }
-            },
-            Roles::Host {
-                relay,
-                member,
-                link,
-            } => host::pump(
-                &mut HostTurn {
-                    relay,
-                    member,
-                    link,
-                    store: &mut self.store,
-                    table: &mut self.table,
-                    waiters: &mut self.waiters,
-                },
-                now,
-            ),
-        }
+        let (registry, store) = (self.poll.registry(), &mut self.store);
+        drain::pump(
+            &mut self.roles,
+            store,
+            &mut self.table,
+            &mut self.waiters,
+            registry,
+            now,
+        );
     }
 
     fn flush_all(&mut self) {
