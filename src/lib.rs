@@ -10,8 +10,9 @@
 //! (keys, sealing), [`relay`] (registrations, presence, routing, queues) and [`member`]
 //! (handshake, outbox, sessions, trust). They take frames and clock ticks in and give frames,
 //! store writes and events out; they never touch a socket. [`store`] is the one persistence
-//! interface (SQLite). [`daemon`] is the mio loop that moves bytes between sockets and the cores.
-//! [`client`] is the blocking control-socket client that [`cli`] (chatctl) is built on.
+//! interface (SQLite). [`host`] links a relay core and member cores in memory (a host's own
+//! member, the bench, the fuzz targets). [`daemon`] is the mio loop that moves bytes between
+//! sockets and the cores. [`client`] is the blocking control-socket client that [`cli`] (chatctl) is built on.
 #![deny(missing_docs)]
 
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod host;
 pub mod member;
 pub mod progress;
 pub mod proto;

@@ -20,10 +20,11 @@ use std::sync::OnceLock;
 use serde::{de::DeserializeOwned, Serialize};
 
 use chatd::crypto::{login_transcript, Identity};
+use chatd::host::{self, Cores, Link};
 use chatd::member::{self, Member};
 use chatd::proto::control::{CtlRequest, CtlResponse};
 use chatd::proto::frame::{self, Decoded, FrameError, HEADER, MAX_FRAME};
-use chatd::proto::relay::{FromRelay, Peer, Routed, ToRelay};
+use chatd::proto::relay::{FromRelay, Routed, ToRelay};
 use chatd::proto::{from_payload, to_payload};
 use chatd::relay::{self, ConnId, Limits, Relay};
 use chatd::store::Store;
@@ -429,9 +430,30 @@ fn drain_member(m: &mut Member) -> Vec<member::Out> {
     std::iter::from_fn(|| m.poll()).collect()
 }
 
+/// Alice on a host link to a relay, for [`host::pump`].
+struct Host<'a> {
+    relay: &'a mut Relay,
+    rstore: &'a mut Store,
+    link: &'a mut Link,
+    member: &'a mut Member,
+    store: &'a mut Store,
+}
+
+impl Cores for Host<'_> {
+    fn relay(&mut self) -> (&mut Relay, &mut Store) {
+        (self.relay, self.rstore)
+    }
+    fn members(&self) -> usize {
+        1
+    }
+    fn member(&mut self, _: usize) -> (&mut Link, &mut Member, &mut Store) {
+        (self.link, self.member, self.store)
+    }
+}
+
 /// The `member_core` target. Byte 0 picks the link state the member is in (0: down,
-/// 1: expecting the challenge, 2: expecting the welcome, 3: logged in with bob pinned); the rest
-/// is a stream of frames "from the relay".
+/// 1: expecting the challenge, 2: expecting the welcome, 3: logged in with bob pinned), reached
+/// over a host link to a real relay; the rest is a stream of frames "from the relay".
 ///
 /// Checked: no panic; a frame that does not decode, or an `Error`, makes the member close the
 /// link; no frame ever makes it log in again except a challenge while it expects one.
@@ -439,35 +461,50 @@ pub fn member_core(data: &[u8]) {
     let Some((&mode, stream)) = data.split_first() else {
         return;
     };
+    let mut rstore = Store::open_in_memory().expect("in-memory relay store");
+    let mut relay = Relay::load(&rstore, Limits::default()).expect("load relay");
     let mut store = Store::open_in_memory().expect("in-memory store");
     let id = Identity::from_pem(&keys().alice_pem).expect("alice from PEM");
     let mut m = Member::load("alice".into(), id, &store).expect("load member");
+    let mut link = Link::new(1);
     let state = mode % 4;
+    if state == 3 {
+        // Bob is registered, so alice's welcome introduces him.
+        relay_login(&mut relay, &mut rstore, 2, "bob", &keys().bob);
+    }
     if state >= 1 {
-        m.link_up(NOW);
+        link.attach(&mut relay, &mut m, NOW);
     }
-    if state >= 2 {
-        let challenge = FromRelay::Challenge {
-            nonce: [7; 32],
-            version: "fuzz".into(),
-        };
-        m.handle(challenge, NOW, &mut store);
-        drain_member(&mut m);
+    match state {
+        1 => {
+            drain_relay(&mut relay);
+        }
+        2 => {
+            // Stop between the challenge and the welcome: the relay's challenge reaches the
+            // member, its login does not reach the relay.
+            for out in drain_relay(&mut relay) {
+                if let relay::Out::Send(1, msg) = out {
+                    m.handle(msg, NOW, &mut store);
+                }
+            }
+            drain_member(&mut m);
+        }
+        3 => {
+            let mut host = Host {
+                relay: &mut relay,
+                rstore: &mut rstore,
+                link: &mut link,
+                member: &mut m,
+                store: &mut store,
+            };
+            host::pump(&mut host, NOW);
+            assert!(m.connected(), "the member logs in on a welcome");
+            assert!(m.pinned("bob").is_some(), "the welcome pins bob");
+            drain_relay(&mut relay);
+        }
+        _ => {}
     }
-    if state >= 3 {
-        let welcome = FromRelay::Welcome {
-            user: "alice".into(),
-            peers: vec![Peer {
-                user: "bob".into(),
-                key: bob_der().to_vec(),
-                online: true,
-            }],
-        };
-        m.handle(welcome, NOW, &mut store);
-        drain_member(&mut m);
-        assert!(m.connected(), "the member logs in on a welcome");
-    }
-    // Like the daemon: a challenge is answered once, and `Out::Close` ends the connection.
+    // Like the daemon: a challenge is answered once, and `Out::Close` ends the link.
     let mut expects_challenge = state == 1;
     for (i, payload) in payloads(stream).into_iter().enumerate() {
         let decoded = from_payload::<FromRelay>(payload).ok();
@@ -489,7 +526,7 @@ pub fn member_core(data: &[u8]) {
             }
         }
         if out.iter().any(|o| matches!(o, member::Out::Close)) {
-            m.link_down();
+            link.close(&mut relay, &mut m, NOW + i as u64);
             break;
         }
     }

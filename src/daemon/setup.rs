@@ -1,16 +1,20 @@
 //! Start-up chores that touch the file system: the state directory, the identity key, the
-//! control socket's directory and stale socket files, and process hardening.
+//! control socket's directory and stale socket files, binding (or taking over from systemd) the
+//! listening sockets, and process hardening.
 //!
 //! Refuses, as ssh does, to use a key or directory that others can read.
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use log::info;
+use log::{info, warn};
+use mio::net::{TcpListener, UnixListener};
+use mio::{Interest, Registry, Token};
 
-use super::DaemonError;
+use super::error::DaemonError;
 use crate::crypto::Identity;
 
 /// Create `dir` (0700) if missing; refuse it if group or others have any access.
@@ -190,4 +194,80 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<fs::File, DaemonError> {
         )));
     }
     Ok(f)
+}
+
+/// The relay listener on `listen` (or the one systemd passed), registered as `token`; `None`
+/// when this daemon is no relay (a socket systemd passed anyway is closed).
+pub fn listener(
+    listen: Option<&str>,
+    activated: Option<std::net::TcpListener>,
+    registry: &Registry,
+    token: Token,
+) -> Result<Option<(TcpListener, SocketAddr)>, DaemonError> {
+    let Some(l) = listen else {
+        if activated.is_some() {
+            warn!(
+                "closed the relay socket passed by systemd: this daemon is no relay (no --listen)"
+            );
+        }
+        return Ok(None);
+    };
+    let mut lst = match activated {
+        Some(std_lst) => {
+            let what = "the relay socket passed by systemd".to_string();
+            std_lst
+                .set_nonblocking(true)
+                .map_err(|e| DaemonError::Bind(what.clone(), e))?;
+            info!("using the relay socket passed by systemd instead of binding {l}");
+            TcpListener::from_std(std_lst)
+        }
+        None => {
+            let addr = l
+                .to_socket_addrs()
+                .map_err(|e| DaemonError::Bind(l.to_string(), e))?
+                .next()
+                .ok_or_else(|| DaemonError::Bind(l.to_string(), io::ErrorKind::NotFound.into()))?;
+            TcpListener::bind(addr).map_err(|e| DaemonError::Bind(l.to_string(), e))?
+        }
+    };
+    let addr = lst
+        .local_addr()
+        .map_err(|e| DaemonError::Bind(l.to_string(), e))?;
+    registry
+        .register(&mut lst, token, Interest::READABLE)
+        .map_err(DaemonError::Poll)?;
+    Ok(Some((lst, addr)))
+}
+
+/// The control socket at `path` (or the one systemd passed, with its own path), registered as
+/// `token`.
+pub fn control_socket(
+    path: &Path,
+    activated: Option<std::os::unix::net::UnixListener>,
+    registry: &Registry,
+    token: Token,
+) -> Result<(UnixListener, PathBuf), DaemonError> {
+    let mut control_path = path.to_path_buf();
+    let mut control = match activated {
+        Some(std_lst) => {
+            let what = "the control socket passed by systemd".to_string();
+            std_lst
+                .set_nonblocking(true)
+                .map_err(|e| DaemonError::Bind(what, e))?;
+            if let Some(p) = std_lst
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Into::into))
+            {
+                control_path = p;
+            }
+            UnixListener::from_std(std_lst)
+        }
+        None => UnixListener::bind(path)
+            .map_err(|e| DaemonError::Bind(path.display().to_string(), e))?,
+    };
+    registry
+        .register(&mut control, token, Interest::READABLE)
+        .map_err(DaemonError::Poll)?;
+    Ok((control, control_path))
 }

@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::Daemon;
-
 /// The first file descriptor systemd passes (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
 
@@ -326,25 +324,6 @@ pub fn status_line(relay: Option<(String, usize)>, member: Option<MemberStatus<'
         });
     }
     parts.join("; ")
-}
-
-/// The daemon's current `STATUS=` line.
-pub(super) fn daemon_status(d: &Daemon) -> String {
-    let relay = d.relay.as_ref().map(|r| {
-        let addr = d
-            .listen_addr
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "?".into());
-        (addr, r.online_count())
-    });
-    let member = d.member.as_ref().map(|m| MemberStatus {
-        user: m.user(),
-        connected: m.connected(),
-        relay: d.uplink.as_ref().map(|u| u.addr.as_str()),
-        error: m.relay_error(),
-        peers_online: m.peers_online(),
-    });
-    status_line(relay, member)
 }
 
 /// The sockets systemd passed to this process, converted and ready for mio.

@@ -1,0 +1,405 @@
+//! The connection table: every relay peer and control client with its buffered connection,
+//! the one place where mio tokens and the relay's connection ids are mapped onto each other,
+//! and the I/O side of control replies (queueing, history pages, followers, flushing).
+//!
+//! Must never: decide what a reply says (that is `control`), or write a reply before the turn
+//! commits (replies are queued here and flushed by the loop after the commit).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use log::{debug, warn};
+use mio::net::{TcpListener, UnixListener};
+use mio::{Registry, Token};
+
+use super::conn::{Conn, Stream};
+use super::control::{Ctl, Paged, Sink};
+use super::setup;
+use crate::proto::control::{CtlResponse, ErrorKind, Record};
+use crate::proto::encode_frame;
+use crate::relay::{self, ConnId};
+use crate::store::Store;
+
+/// The host's in-process member, as the relay sees it. A token that is never registered with
+/// mio (below [`FIRST_CONN`], apart from the listeners'), so its id cannot be a peer's.
+pub const HOST_LINK: Token = Token(4);
+/// The first token handed to an accepted connection; the ones below are fixed.
+const FIRST_CONN: usize = 16;
+
+/// The relay's id for the connection on `token`.
+pub fn conn_id(token: Token) -> ConnId {
+    token.0 as ConnId
+}
+
+/// The token of the relay's connection `id`.
+fn token_of(id: ConnId) -> Option<Token> {
+    usize::try_from(id).ok().map(Token)
+}
+
+/// What a connection is.
+pub enum Kind {
+    /// A member connected to our relay.
+    Peer,
+    /// A control client.
+    Control(Ctl),
+}
+
+/// One connection.
+pub struct Entry {
+    /// Its socket and buffers.
+    pub conn: Conn,
+    /// What it is.
+    pub kind: Kind,
+}
+
+/// Every accepted connection, by token.
+pub struct Table {
+    entries: HashMap<Token, Entry>,
+    next_token: usize,
+    peers: usize,
+    controls: usize,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            entries: HashMap::new(),
+            next_token: FIRST_CONN,
+            peers: 0,
+            controls: 0,
+        }
+    }
+}
+
+/// A connection's output buffer, with room while less than `limit` bytes wait.
+struct Buffer<'a> {
+    conn: &'a mut Conn,
+    limit: usize,
+}
+
+impl Sink for Buffer<'_> {
+    fn room(&self) -> bool {
+        self.conn.pending() < self.limit
+    }
+    fn emit(&mut self, resp: &CtlResponse) {
+        let mut buf = Vec::new();
+        if encode_frame(resp, &mut buf).is_ok() {
+            self.conn.queue(&buf);
+        }
+    }
+}
+
+impl Table {
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    /// The connection on `token`.
+    pub fn get_mut(&mut self, token: Token) -> Option<&mut Entry> {
+        self.entries.get_mut(&token)
+    }
+
+    /// Every connection.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&Token, &mut Entry)> {
+        self.entries.iter_mut()
+    }
+
+    /// Take a connection out of the table (and out of the poller).
+    pub fn remove(&mut self, registry: &Registry, token: Token) -> Option<Kind> {
+        let mut e = self.entries.remove(&token)?;
+        e.conn.deregister(registry);
+        match e.kind {
+            Kind::Peer => self.peers -= 1,
+            Kind::Control(_) => self.controls -= 1,
+        }
+        Some(e.kind)
+    }
+
+    /// Accept relay peers until `WouldBlock`; returns the relay ids of the new connections.
+    pub fn accept_peers(
+        &mut self,
+        l: &TcpListener,
+        registry: &Registry,
+        max: usize,
+        stopping: bool,
+    ) -> Vec<ConnId> {
+        let mut new = Vec::new();
+        loop {
+            match l.accept() {
+                Ok((stream, addr)) => {
+                    if stopping {
+                        continue;
+                    }
+                    if self.peers >= max {
+                        warn!(
+                            "refused connection from {addr}: at the limit of {max} connections (max_connections)"
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let token = self.token();
+                    let mut conn = Conn::new(Stream::Tcp(stream));
+                    if let Err(e) = conn.register(registry, token) {
+                        warn!("cannot register connection from {addr}: {e}");
+                        continue;
+                    }
+                    debug!("connection {} from {addr}", token.0);
+                    self.peers += 1;
+                    let kind = Kind::Peer;
+                    self.entries.insert(token, Entry { conn, kind });
+                    new.push(conn_id(token));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return new,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: log and try again next turn rather than spin.
+                    warn!("accept failed: {e}");
+                    return new;
+                }
+            }
+        }
+    }
+
+    /// Accept control clients until `WouldBlock`: only our own uid (or root), at most `max`.
+    pub fn accept_control(
+        &mut self,
+        l: &UnixListener,
+        registry: &Registry,
+        max: usize,
+        stopping: bool,
+    ) {
+        loop {
+            match l.accept() {
+                Ok((stream, _)) => {
+                    // SAFETY-free: geteuid has no preconditions.
+                    let me = unsafe { libc::geteuid() };
+                    match setup::peer_uid(stream.as_raw_fd()) {
+                        Some(uid) if uid == me || uid == 0 => {}
+                        other => {
+                            warn!(
+                                "refused control connection from uid {}: only uid {me} (or root) may control this daemon",
+                                other.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
+                            );
+                            continue;
+                        }
+                    }
+                    if stopping {
+                        continue;
+                    }
+                    if self.controls >= max {
+                        warn!(
+                            "refused control connection: at the limit of {max} clients (max_control_clients)"
+                        );
+                        // Say why before closing, so chatctl reports the limit rather than an
+                        // unreachable daemon. One small frame fits any socket buffer.
+                        let mut buf = Vec::new();
+                        let refusal = CtlResponse::Error {
+                            kind: ErrorKind::Failed,
+                            message: format!(
+                                "chatd is serving its maximum of {max} control clients \
+                                 (max_control_clients); try again later"
+                            ),
+                            sent: Vec::new(),
+                        };
+                        if encode_frame(&refusal, &mut buf).is_ok() {
+                            let mut stream = stream;
+                            let _ = std::io::Write::write(&mut stream, &buf);
+                        }
+                        continue;
+                    }
+                    let token = self.token();
+                    let mut conn = Conn::new(Stream::Unix(stream));
+                    if let Err(e) = conn.register(registry, token) {
+                        warn!("cannot register control connection: {e}");
+                        continue;
+                    }
+                    self.controls += 1;
+                    let kind = Kind::Control(Ctl::default());
+                    self.entries.insert(token, Entry { conn, kind });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("control accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pass one relay output to its peer's buffer.
+    pub fn relay_out(&mut self, out: relay::Out) {
+        match out {
+            relay::Out::Send(id, msg) => {
+                if let Some(e) = token_of(id).and_then(|t| self.entries.get_mut(&t)) {
+                    let mut buf = Vec::new();
+                    match encode_frame(&msg, &mut buf) {
+                        Ok(()) => e.conn.queue(&buf),
+                        Err(err) => warn!("cannot encode frame for connection {id}: {err}"),
+                    }
+                }
+            }
+            relay::Out::Close(id) => {
+                if let Some(e) = token_of(id).and_then(|t| self.entries.get_mut(&t)) {
+                    e.conn.closing = true;
+                }
+            }
+        }
+    }
+
+    /// Close every relay peer once its output is written (the relay core was rebuilt).
+    pub fn close_peers(&mut self) {
+        for e in self.entries.values_mut() {
+            if matches!(e.kind, Kind::Peer) {
+                e.conn.closing = true;
+            }
+        }
+    }
+
+    /// Queue a reply to a control client.
+    pub fn reply(&mut self, token: Token, resp: &CtlResponse) {
+        let Some(e) = self.entries.get_mut(&token) else {
+            return;
+        };
+        let mut buf = Vec::new();
+        match encode_frame(resp, &mut buf) {
+            Ok(()) => e.conn.queue(&buf),
+            Err(err) => {
+                warn!("cannot encode control reply: {err}");
+                let fallback = CtlResponse::Error {
+                    kind: ErrorKind::Failed,
+                    message: format!("reply too large: {err}"),
+                    sent: Vec::new(),
+                };
+                buf.clear();
+                if encode_frame(&fallback, &mut buf).is_ok() {
+                    e.conn.queue(&buf);
+                }
+            }
+        }
+    }
+
+    /// The control state of client `token`.
+    pub fn ctl_mut(&mut self, token: Token) -> Option<&mut Ctl> {
+        match self.entries.get_mut(&token) {
+            Some(Entry {
+                kind: Kind::Control(c),
+                ..
+            }) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Start of a turn: no client has asked anything yet.
+    pub fn begin_turn(&mut self) {
+        for e in self.entries.values_mut() {
+            e.conn.mark();
+            if let Kind::Control(c) = &mut e.kind {
+                c.asked = false;
+            }
+        }
+    }
+
+    /// The turn's commit failed: take back its output; every client that asked something this
+    /// turn gets `resp`.
+    pub fn fail_turn(&mut self, resp: &CtlResponse) {
+        for e in self.entries.values_mut() {
+            e.conn.rewind();
+        }
+        let asked: Vec<Token> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(&e.kind, Kind::Control(c) if c.asked))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in asked {
+            self.reply(t, resp);
+        }
+    }
+
+    /// A new history record: to every follower that wants it.
+    pub fn publish(&mut self, rec: &Record) {
+        let mut buf = Vec::new();
+        if encode_frame(&CtlResponse::Record(rec.clone()), &mut buf).is_err() {
+            return;
+        }
+        for e in self.entries.values_mut() {
+            if let Kind::Control(Ctl {
+                follow: Some(f), ..
+            }) = &mut e.kind
+            {
+                if f.take(rec) {
+                    e.conn.queue(&buf);
+                }
+            }
+        }
+    }
+
+    /// Whether some `tail` can send more now, given the output `limit` per client.
+    pub fn tails_ready(&self, limit: usize) -> bool {
+        self.entries.values().any(|e| {
+            matches!(
+                &e.kind,
+                Kind::Control(Ctl {
+                    cursor: Some(_),
+                    ..
+                })
+            ) && e.conn.pending() < limit
+        })
+    }
+
+    /// Send more history to every `tail` in progress while less than `limit` bytes wait to be
+    /// written to it (half the write-buffer cap).
+    pub fn pump_tails(&mut self, store: &Store, limit: usize) {
+        for e in self.entries.values_mut() {
+            let Kind::Control(c) = &mut e.kind else {
+                continue;
+            };
+            let Some(cur) = c.cursor.as_mut() else {
+                continue;
+            };
+            let mut sink = Buffer {
+                conn: &mut e.conn,
+                limit,
+            };
+            match cur.page(store, &mut sink) {
+                Paged::More => {}
+                Paged::Follow(f) => {
+                    c.cursor = None;
+                    c.follow = Some(f);
+                }
+                Paged::Done => c.cursor = None,
+            }
+        }
+    }
+
+    /// Write every buffer out; returns the connections to drop (write failed, too slow a
+    /// reader, or closing with nothing left to write).
+    pub fn flush(&mut self, registry: &Registry, max_write_buffer: usize) -> Vec<Token> {
+        let mut dead = Vec::new();
+        for (token, e) in self.entries.iter_mut() {
+            if e.conn.pending() > 0 {
+                if let Err(err) = e.conn.flush(registry, *token) {
+                    debug!("write to {} failed: {err}", token.0);
+                    dead.push(*token);
+                    continue;
+                }
+            }
+            if e.conn.pending() > max_write_buffer {
+                warn!(
+                    "cutting off connection {}: {} bytes unread (max_write_buffer {max_write_buffer}); its messages stay queued",
+                    token.0,
+                    e.conn.pending(),
+                );
+                dead.push(*token);
+            } else if e.conn.closing && e.conn.pending() == 0 {
+                dead.push(*token);
+            }
+        }
+        dead
+    }
+}

@@ -1,0 +1,231 @@
+//! A member's TCP connection to its remote relay, as a state: idle until the next try,
+//! connecting, or up. Owns the reconnect backoff and what the member is told when the
+//! connection comes and goes (`link_up`, `link_down` with the reason).
+//!
+//! Must never: block (name resolution aside, once per try), or retry faster than the backoff.
+
+use std::io;
+use std::net::ToSocketAddrs;
+
+use log::info;
+use mio::net::TcpStream;
+use mio::{Registry, Token};
+use rand::Rng;
+
+use super::conn::{Conn, Stream};
+use crate::member::Member;
+use crate::proto::encode_frame;
+use crate::proto::frame::MAX_FRAME;
+use crate::proto::relay::ToRelay;
+use crate::store::Store;
+
+/// The uplink's mio token (a fixed one, like the listeners').
+pub const UPSTREAM: Token = Token(3);
+
+enum State {
+    /// No connection; try again at `next_try`.
+    Idle { next_try: u64 },
+    /// The TCP connect is in progress.
+    Connecting(Conn),
+    /// Connected; the member is logging in or logged in.
+    Up(Conn),
+}
+
+/// The member's link to a remote relay.
+pub struct Uplink {
+    addr: String,
+    state: State,
+    /// Failed tries since the member was last logged in (drives the backoff).
+    attempt: u32,
+}
+
+/// What a read of the uplink asks of the loop.
+pub struct Read {
+    /// The read budget ran out: read again next turn.
+    pub again: bool,
+}
+
+impl Uplink {
+    /// An uplink to `addr`, to be tried at once.
+    pub fn new(addr: String) -> Uplink {
+        Uplink {
+            addr,
+            state: State::Idle { next_try: 0 },
+            attempt: 0,
+        }
+    }
+
+    /// The relay's address as configured.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The connection, while there is one (connecting or up).
+    pub fn conn_mut(&mut self) -> Option<&mut Conn> {
+        match &mut self.state {
+            State::Idle { .. } => None,
+            State::Connecting(c) | State::Up(c) => Some(c),
+        }
+    }
+
+    /// The member is logged in: the next failure starts the backoff over.
+    pub fn logged_in(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// Start a connection if idle and it is time.
+    pub fn connect(&mut self, registry: &Registry, member: &mut Member, now: u64) {
+        match self.state {
+            State::Idle { next_try } if now >= next_try => {}
+            _ => return,
+        }
+        // Name resolution blocks; it happens once per attempt, at most every 0.5 s.
+        let addr = match self.addr.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            Ok(None) | Err(_) => {
+                let why = format!("cannot resolve relay address {}", self.addr);
+                return self.down(registry, member, why, now);
+            }
+        };
+        match TcpStream::connect(addr) {
+            Ok(s) => {
+                let mut conn = Conn::new(Stream::Tcp(s));
+                if let Err(e) = conn
+                    .register(registry, UPSTREAM)
+                    .and_then(|_| conn.want_write(registry, UPSTREAM))
+                {
+                    let why = format!("cannot connect to relay {}: {e}", self.addr);
+                    return self.down(registry, member, why, now);
+                }
+                self.state = State::Connecting(conn);
+            }
+            Err(e) => {
+                let why = format!("cannot connect to relay {}: {e}", self.addr);
+                self.down(registry, member, why, now)
+            }
+        }
+    }
+
+    /// The socket is ready: finish the connect, or read frames into the member.
+    pub fn ready(
+        &mut self,
+        registry: &Registry,
+        member: &mut Member,
+        store: &mut Store,
+        writable: bool,
+        now: u64,
+    ) -> Read {
+        let quiet = Read { again: false };
+        if let State::Connecting(conn) = &mut self.state {
+            let Stream::Tcp(s) = &conn.stream else {
+                return quiet;
+            };
+            match s.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    let why = format!("cannot connect to relay {}: {e}", self.addr);
+                    self.down(registry, member, why, now);
+                    return quiet;
+                }
+                Ok(None) => {}
+            }
+            match s.peer_addr() {
+                Ok(_) => {
+                    let _ = s.set_nodelay(true);
+                    info!("connected to relay {}", self.addr);
+                    let state = std::mem::replace(&mut self.state, State::Idle { next_try: 0 });
+                    if let State::Connecting(conn) = state {
+                        self.state = State::Up(conn);
+                    }
+                    member.link_up(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return quiet,
+                Err(e) => {
+                    let why = format!("cannot connect to relay {}: {e}", self.addr);
+                    self.down(registry, member, why, now);
+                    return quiet;
+                }
+            }
+            if writable {
+                return quiet;
+            }
+        }
+        let State::Up(conn) = &mut self.state else {
+            return quiet;
+        };
+        let r = conn.read_frames(MAX_FRAME);
+        let again = r.more && !r.eof && r.error.is_none();
+        for payload in r.frames {
+            member.receive(&payload, now, store);
+        }
+        if let Some(e) = r.error {
+            let why = format!("relay connection failed: {e}");
+            self.down(registry, member, why, now);
+        } else if r.eof {
+            // Keep the relay's own reason (e.g. a refused login) if it gave one.
+            let why = member
+                .relay_error()
+                .map(str::to_string)
+                .unwrap_or_else(|| "relay closed the connection".into());
+            self.down(registry, member, why, now);
+        }
+        Read { again }
+    }
+
+    /// Queue the member's frames, and end the connection if the member asked to close it.
+    pub fn send(
+        &mut self,
+        registry: &Registry,
+        member: &mut Member,
+        frames: Vec<ToRelay>,
+        close: bool,
+        now: u64,
+    ) {
+        let Some(c) = self.conn_mut() else {
+            return;
+        };
+        for f in frames {
+            let mut buf = Vec::new();
+            match encode_frame(&f, &mut buf) {
+                Ok(()) => c.queue(&buf),
+                Err(e) => log::warn!("cannot encode frame for the relay: {e}"),
+            }
+        }
+        // The same read may already have seen the relay hang up after its final frame.
+        if close {
+            let why = member
+                .relay_error()
+                .map(str::to_string)
+                .unwrap_or_else(|| "closing relay connection".into());
+            self.down(registry, member, why, now);
+        }
+    }
+
+    /// Write what is queued, once connected.
+    pub fn flush(&mut self, registry: &Registry, member: &mut Member, now: u64) {
+        let State::Up(c) = &mut self.state else {
+            return;
+        };
+        if let Err(e) = c.flush(registry, UPSTREAM) {
+            let why = format!("relay connection failed: {e}");
+            self.down(registry, member, why, now);
+        }
+    }
+
+    /// The connection is gone (or never came): tell the member why and back off.
+    pub fn down(&mut self, registry: &Registry, member: &mut Member, why: String, now: u64) {
+        if let Some(c) = self.conn_mut() {
+            c.deregister(registry);
+        }
+        // Exponential backoff from 0.5 s to 30 s, with jitter so a restarted relay is not hit
+        // by every member at the same instant.
+        let base = (500u64 << self.attempt.min(6)).min(30_000);
+        let delay = rand::thread_rng().gen_range(base / 2..=base);
+        self.attempt = self.attempt.saturating_add(1);
+        self.state = State::Idle {
+            next_try: now + delay,
+        };
+        info!("{why}; reconnecting in {:.1} s", delay as f64 / 1000.0);
+        member.link_down();
+        member.set_relay_error(why);
+    }
+}

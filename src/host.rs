@@ -1,0 +1,213 @@
+//! The in-memory link between a relay core and member cores in one process: a host's own member,
+//! the bench, the fuzz targets and core tests all wire their cores together through it, so they
+//! all close alike.
+//!
+//! Owns: moving frames both ways without the codec (relay `Out::Send` to `Member::handle`,
+//! member `Out::Frame` to `Relay::handle`) until both sides are quiet, and the one meaning of a
+//! close. Whichever side closes (the relay's `Out::Close`, the member's `Out::Close`, or the
+//! caller's [`Link::close`]), the member gets `link_down`, the relay gets `disconnect`, and the
+//! link attaches again [`RELINK_MS`] later, on [`Link::tick`]. Frames a member produces while its
+//! link is down are lost, as they would be on a dead socket.
+//!
+//! Must never: touch a socket or read a clock (time is passed in), make up protocol frames, or
+//! own a core or a store (the caller does: a host shares one database between its two cores).
+
+use log::warn;
+
+use crate::member::{self, Member};
+use crate::proto::relay::{FromRelay, ToRelay};
+use crate::relay::{self, ConnId, Relay};
+use crate::store::Store;
+
+/// How long a closed link waits before it attaches again. Long enough that a relay that keeps
+/// refusing the member is not spun on; short enough that a user hardly notices.
+pub const RELINK_MS: u64 = 1000;
+
+/// What the member shows as its relay error after the relay closed the link. These are the words
+/// a host has always shown (`chatctl status`, `STATUS=`), kept so users see no change.
+pub const CLOSED_BY_RELAY: &str = "relay refused: relay closed the local link";
+
+enum State {
+    /// Both cores think the link is open.
+    Up,
+    /// Closed (or never attached); attach again at `relink_at`, if set.
+    Down { relink_at: Option<u64> },
+}
+
+/// One member's in-memory connection to the relay, known to the relay as [`Link::id`].
+pub struct Link {
+    id: ConnId,
+    state: State,
+}
+
+impl Link {
+    /// A link the relay will know as connection `id`; down until [`Link::attach`].
+    pub fn new(id: ConnId) -> Link {
+        Link {
+            id,
+            state: State::Down { relink_at: None },
+        }
+    }
+
+    /// The relay's connection id for this link.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Both cores see the link open.
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Up)
+    }
+
+    /// When a closed link attaches again, if it will.
+    pub fn relink_at(&self) -> Option<u64> {
+        match self.state {
+            State::Up => None,
+            State::Down { relink_at } => relink_at,
+        }
+    }
+
+    /// Open the link: the relay sends its challenge, the member expects it.
+    pub fn attach(&mut self, relay: &mut Relay, member: &mut Member, now: u64) {
+        relay.connect(self.id, now);
+        member.link_up(now);
+        self.state = State::Up;
+    }
+
+    /// Close the link from outside (e.g. the cores were rebuilt after a failed commit); it
+    /// attaches again [`RELINK_MS`] from `now`.
+    pub fn close(&mut self, relay: &mut Relay, member: &mut Member, now: u64) {
+        self.down(now);
+        member.link_down();
+        relay.disconnect(self.id);
+    }
+
+    /// Attach again if a close asked for it and the time has come.
+    pub fn tick(&mut self, relay: &mut Relay, member: &mut Member, now: u64) {
+        if self.relink_at().is_some_and(|t| now >= t) {
+            self.attach(relay, member, now);
+        }
+    }
+
+    fn down(&mut self, now: u64) {
+        self.state = State::Down {
+            relink_at: Some(now + RELINK_MS),
+        };
+    }
+}
+
+/// The cores a [`pump`] moves frames between, and where their other output goes. A host
+/// returns the same store for both sides.
+pub trait Cores {
+    /// The relay and the store it writes to.
+    fn relay(&mut self) -> (&mut Relay, &mut Store);
+    /// How many members are linked to the relay.
+    fn members(&self) -> usize;
+    /// Member `i`, its link and the store it writes to.
+    fn member(&mut self, i: usize) -> (&mut Link, &mut Member, &mut Store);
+    /// Relay output for a connection that is no link here (a TCP peer of a host).
+    fn relay_out(&mut self, out: relay::Out) {
+        let _ = out;
+    }
+    /// Member `i`'s records and state changes (frames and closes are the link's business).
+    fn member_out(&mut self, i: usize, out: member::Out) {
+        let _ = (i, out);
+    }
+}
+
+/// Move frames between the relay and the linked members until neither side has anything more
+/// to say. All of one side's output is moved before the other side runs, as the daemon always
+/// has: a member hears a whole burst from the relay before its answers go back.
+pub fn pump<C: Cores + ?Sized>(c: &mut C, now: u64) {
+    let ids: Vec<ConnId> = (0..c.members()).map(|i| c.member(i).0.id()).collect();
+    loop {
+        let mut progressed = false;
+        // `None` stands for the relay's close, in its place among the frames.
+        let mut down: Vec<Vec<Option<FromRelay>>> = vec![Vec::new(); ids.len()];
+        let mut foreign = Vec::new();
+        {
+            let (relay, _) = c.relay();
+            while let Some(out) = relay.poll() {
+                progressed = true;
+                let (id, msg) = match out {
+                    relay::Out::Send(id, msg) => (id, Some(msg)),
+                    relay::Out::Close(id) => (id, None),
+                };
+                match ids.iter().position(|l| *l == id) {
+                    Some(i) => down[i].push(msg),
+                    None => foreign.push(match msg {
+                        Some(msg) => relay::Out::Send(id, msg),
+                        None => relay::Out::Close(id),
+                    }),
+                }
+            }
+        }
+        for out in foreign {
+            c.relay_out(out);
+        }
+        for (i, msgs) in down.into_iter().enumerate() {
+            if msgs.is_empty() {
+                continue;
+            }
+            let (link, member, store) = c.member(i);
+            if !link.is_up() {
+                continue;
+            }
+            let mut closed = false;
+            for msg in msgs {
+                match msg {
+                    Some(msg) => member.handle(msg, now, store),
+                    None => {
+                        warn!(
+                            "the relay closed the local link; attaching again in {} s",
+                            RELINK_MS / 1000
+                        );
+                        member.set_relay_error(CLOSED_BY_RELAY.into());
+                        closed = true;
+                    }
+                }
+            }
+            if closed {
+                link.down(now);
+                member.link_down();
+                c.relay().0.disconnect(ids[i]);
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let mut up: Vec<ToRelay> = Vec::new();
+            let mut close = false;
+            let mut other = Vec::new();
+            let (link, member, _) = c.member(i);
+            while let Some(out) = member.poll() {
+                progressed = true;
+                match out {
+                    member::Out::Frame(f) => up.push(f),
+                    member::Out::Close => close = true,
+                    out => other.push(out),
+                }
+            }
+            let live = link.is_up();
+            let close = close && live;
+            if close {
+                link.down(now);
+                member.link_down();
+            }
+            for out in other {
+                c.member_out(i, out);
+            }
+            if !live {
+                continue;
+            }
+            let (relay, store) = c.relay();
+            for f in up {
+                relay.handle(*id, f, now, store);
+            }
+            if close {
+                relay.disconnect(*id);
+            }
+        }
+        if !progressed {
+            return;
+        }
+    }
+}
