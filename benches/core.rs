@@ -12,7 +12,7 @@ use chatd::crypto::Identity;
 use chatd::host::{self, Cores, Link};
 use chatd::member::{self, Member};
 use chatd::proto::control::MsgState;
-use chatd::relay::{Limits, Relay};
+use chatd::relay::{ConnId, Limits, Relay};
 use chatd::store::Store;
 
 const ALICE: u64 = 1;
@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         nodes.push(Node {
             member,
             store,
-            link: Link::new(conn),
+            link: Link::new(ConnId(conn)),
         });
     }
     let mut net = Net {

@@ -1333,6 +1333,7 @@ proptest! {
 }
 
 fn relay_cuts_off(conn: u64, now: u64, junk: &[u8], more: &[u8]) -> Result<(), TestCaseError> {
+    let conn = relay::ConnId(conn);
     let mut store = Store::open_in_memory().unwrap();
     let mut relay = Relay::load(&store, Limits::default()).unwrap();
     relay.connect(conn, now);

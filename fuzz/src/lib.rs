@@ -366,22 +366,27 @@ pub fn relay_core(data: &[u8]) {
     };
     let mut store = Store::open_in_memory().expect("in-memory store");
     let mut relay = Relay::load(&store, Limits::default()).expect("load relay");
-    relay_login(&mut relay, &mut store, 2, "bob", &keys().bob);
+    relay_login(&mut relay, &mut store, ConnId(2), "bob", &keys().bob);
     let logged_in = mode % 2 == 1;
     if logged_in {
-        relay_login(&mut relay, &mut store, 1, "alice", &keys().alice);
+        relay_login(&mut relay, &mut store, ConnId(1), "alice", &keys().alice);
     } else {
-        relay.connect(1, NOW);
+        relay.connect(ConnId(1), NOW);
         drain_relay(&mut relay);
     }
     let mut closed = false;
     for (i, payload) in payloads(stream).into_iter().enumerate() {
         let decoded = from_payload::<ToRelay>(payload).ok();
-        relay.receive(1, payload, NOW + i as u64, &mut store);
+        relay.receive(ConnId(1), payload, NOW + i as u64, &mut store);
         let out = drain_relay(&mut relay);
         let to_1: Vec<&relay::Out> = out
             .iter()
-            .filter(|o| matches!(o, relay::Out::Send(1, _) | relay::Out::Close(1)))
+            .filter(|o| {
+                matches!(
+                    o,
+                    relay::Out::Send(ConnId(1), _) | relay::Out::Close(ConnId(1))
+                )
+            })
             .collect();
         if closed {
             assert!(to_1.is_empty(), "a closing connection got {to_1:?}");
@@ -394,7 +399,8 @@ pub fn relay_core(data: &[u8]) {
             );
         if must_fail {
             match to_1.as_slice() {
-                [relay::Out::Send(1, FromRelay::Error { code, .. }), relay::Out::Close(1)] => {
+                [relay::Out::Send(ConnId(1), FromRelay::Error { code, .. }), relay::Out::Close(ConnId(1))] =>
+                {
                     assert!(
                         code == "protocol" || code == "bad_login",
                         "unexpected error code {code}"
@@ -414,14 +420,14 @@ pub fn relay_core(data: &[u8]) {
         }
     }
     relay.receive(
-        2,
+        ConnId(2),
         &to_payload(&ToRelay::Ping).expect("encode ping"),
         NOW,
         &mut store,
     );
     let out = drain_relay(&mut relay);
     assert!(
-        out.contains(&relay::Out::Send(2, FromRelay::Pong)),
+        out.contains(&relay::Out::Send(ConnId(2), FromRelay::Pong)),
         "bob is no longer served after the attack: {out:?}"
     );
 }
@@ -466,11 +472,11 @@ pub fn member_core(data: &[u8]) {
     let mut store = Store::open_in_memory().expect("in-memory store");
     let id = Identity::from_pem(&keys().alice_pem).expect("alice from PEM");
     let mut m = Member::load("alice".into(), id, &store).expect("load member");
-    let mut link = Link::new(1);
+    let mut link = Link::new(ConnId(1));
     let state = mode % 4;
     if state == 3 {
         // Bob is registered, so alice's welcome introduces him.
-        relay_login(&mut relay, &mut rstore, 2, "bob", &keys().bob);
+        relay_login(&mut relay, &mut rstore, ConnId(2), "bob", &keys().bob);
     }
     if state >= 1 {
         link.attach(&mut relay, &mut m, NOW);
@@ -483,7 +489,7 @@ pub fn member_core(data: &[u8]) {
             // Stop between the challenge and the welcome: the relay's challenge reaches the
             // member, its login does not reach the relay.
             for out in drain_relay(&mut relay) {
-                if let relay::Out::Send(1, msg) = out {
+                if let relay::Out::Send(ConnId(1), msg) = out {
                     m.handle(msg, NOW, &mut store);
                 }
             }

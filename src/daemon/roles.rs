@@ -11,6 +11,9 @@ use crate::member::Member;
 use crate::relay::Relay;
 
 /// The daemon's roles and their cores.
+// One value per daemon, built once and never moved on a hot path: boxing a core would buy
+// nothing but an indirection on every call.
+#[allow(clippy::large_enum_variant)]
 pub enum Roles {
     /// Routes and queues for remote members.
     Relay(Relay),

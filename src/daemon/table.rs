@@ -29,12 +29,13 @@ const FIRST_CONN: usize = 16;
 
 /// The relay's id for the connection on `token`.
 pub fn conn_id(token: Token) -> ConnId {
-    token.0 as ConnId
+    // usize is at most 64 bits on every target mio supports.
+    ConnId(token.0 as u64)
 }
 
 /// The token of the relay's connection `id`.
 fn token_of(id: ConnId) -> Option<Token> {
-    usize::try_from(id).ok().map(Token)
+    usize::try_from(id.0).ok().map(Token)
 }
 
 /// What a connection is.

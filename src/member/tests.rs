@@ -116,7 +116,7 @@ impl Net {
             rstore,
             nodes: Vec::new(),
             owners: HashMap::new(),
-            next_conn: 1,
+            next_conn: ConnId(1),
             now: 1_000_000,
             wire: VecDeque::new(),
             filter: None,
@@ -154,7 +154,7 @@ impl Net {
     fn connect(&mut self, n: usize) {
         assert!(self.nodes[n].conn.is_none(), "already connected");
         let conn = self.next_conn;
-        self.next_conn += 1;
+        self.next_conn.0 += 1;
         self.owners.insert(conn, n);
         self.nodes[n].conn = Some(conn);
         self.nodes[n].member.link_up(self.now);

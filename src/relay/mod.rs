@@ -64,7 +64,24 @@ impl UserQueue {
 }
 
 /// Identifies one connection to the relay (the daemon's token, or the host's in-process member).
-pub type ConnId = u64;
+/// A newtype so a count, a sequence number or a token cannot be passed for it by mistake; the
+/// daemon maps its tokens to these in one place (`daemon::table`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+// Core tests number their connections with plain literals.
+#[cfg(test)]
+impl From<u64> for ConnId {
+    fn from(n: u64) -> ConnId {
+        ConnId(n)
+    }
+}
 
 /// Bounds the relay enforces itself (the daemon enforces connection counts and buffer sizes).
 #[derive(Clone, Debug)]

@@ -50,7 +50,8 @@ impl T {
     }
 
     /// Open connection `id` and return the challenge nonce it was sent.
-    fn connect(&mut self, id: ConnId) -> [u8; 32] {
+    fn connect(&mut self, id: impl Into<ConnId>) -> [u8; 32] {
+        let id: ConnId = id.into();
         self.relay.connect(id, self.now);
         match self.drain().as_slice() {
             [Out::Send(c, FromRelay::Challenge { nonce, version: _ })] if *c == id => *nonce,
@@ -58,14 +59,16 @@ impl T {
         }
     }
 
-    fn handle(&mut self, id: ConnId, msg: ToRelay) -> Vec<Out> {
+    fn handle(&mut self, id: impl Into<ConnId>, msg: ToRelay) -> Vec<Out> {
+        let id: ConnId = id.into();
         self.now += 1;
         self.relay.handle(id, msg, self.now, &mut self.store);
         self.drain()
     }
 
     /// Connect and log in as `user` with `key`; returns what the relay answered.
-    fn login(&mut self, id: ConnId, user: &str, key: usize) -> Vec<Out> {
+    fn login(&mut self, id: impl Into<ConnId>, user: &str, key: usize) -> Vec<Out> {
+        let id: ConnId = id.into();
         let nonce = self.connect(id);
         let me = identity(key);
         let signature = me
@@ -82,7 +85,8 @@ impl T {
     }
 
     /// Log in and check it worked; the answers are dropped.
-    fn logged_in(&mut self, id: ConnId, user: &str, key: usize) {
+    fn logged_in(&mut self, id: impl Into<ConnId>, user: &str, key: usize) {
+        let id: ConnId = id.into();
         let out = self.login(id, user, key);
         assert!(
             matches!(out.first(), Some(Out::Send(c, FromRelay::Welcome { .. })) if *c == id),
@@ -90,13 +94,15 @@ impl T {
         );
     }
 
-    fn send(&mut self, id: ConnId, item: Routed) -> Vec<Out> {
+    fn send(&mut self, id: impl Into<ConnId>, item: Routed) -> Vec<Out> {
+        let id: ConnId = id.into();
         self.handle(id, ToRelay::Send(item))
     }
 }
 
 /// The messages sent on one connection.
-fn to(out: &[Out], id: ConnId) -> Vec<FromRelay> {
+fn to(out: &[Out], id: impl Into<ConnId>) -> Vec<FromRelay> {
+    let id: ConnId = id.into();
     out.iter()
         .filter_map(|o| match o {
             Out::Send(c, m) if *c == id => Some(m.clone()),
@@ -105,12 +111,14 @@ fn to(out: &[Out], id: ConnId) -> Vec<FromRelay> {
         .collect()
 }
 
-fn closed(out: &[Out], id: ConnId) -> bool {
+fn closed(out: &[Out], id: impl Into<ConnId>) -> bool {
+    let id: ConnId = id.into();
     out.contains(&Out::Close(id))
 }
 
 /// The error code sent on `id`, if any, and checks the connection is closed after it.
-fn error_code(out: &[Out], id: ConnId) -> Option<String> {
+fn error_code(out: &[Out], id: impl Into<ConnId>) -> Option<String> {
+    let id: ConnId = id.into();
     let code = to(out, id).into_iter().find_map(|m| match m {
         FromRelay::Error { code, .. } => Some(code),
         _ => None,
@@ -158,7 +166,8 @@ fn msg_key(n: u8) -> ItemKey {
     }
 }
 
-fn ping_works(t: &mut T, id: ConnId) {
+fn ping_works(t: &mut T, id: impl Into<ConnId>) {
+    let id: ConnId = id.into();
     let out = t.handle(id, ToRelay::Ping);
     assert_eq!(out, [Out::Send(id, FromRelay::Pong)], "connection {id}");
 }
@@ -184,7 +193,7 @@ fn challenge_then_login_then_welcome() {
     assert_eq!(
         out,
         [Out::Send(
-            1,
+            ConnId(1),
             FromRelay::Welcome {
                 user: "alice".into(),
                 peers: vec![]
@@ -231,12 +240,12 @@ fn welcome_lists_directory_and_presence_is_broadcast() {
         })]
     );
 
-    t.relay.disconnect(2);
+    t.relay.disconnect(ConnId(2));
     let out = t.drain();
     assert_eq!(
         out,
         [Out::Send(
-            1,
+            ConnId(1),
             FromRelay::Presence(Peer {
                 user: "bob".into(),
                 key: bob_key,
@@ -247,7 +256,7 @@ fn welcome_lists_directory_and_presence_is_broadcast() {
     assert_eq!(t.relay.online_count(), 1);
 
     // Alice leaves; bob, offline but bound, is in her next welcome as offline.
-    t.relay.disconnect(1);
+    t.relay.disconnect(ConnId(1));
     assert!(t.drain().is_empty(), "nobody online to tell");
     let out = t.login(3, "alice", ALICE);
     match &to(&out, 3)[..] {
@@ -357,7 +366,7 @@ fn impersonation_gets_name_taken_and_the_owner_stays_online() {
     assert!(reason.contains("forget"));
     // The impostor's connection ignores anything further; the closed-out daemon disconnects it.
     assert!(t.send(3, message("alice", "bob", 1)).is_empty());
-    t.relay.disconnect(3);
+    t.relay.disconnect(ConnId(3));
     assert!(
         t.drain().is_empty(),
         "the impostor's disconnect is not alice leaving"
@@ -384,7 +393,7 @@ fn second_login_with_the_same_key_replaces_the_first_quietly() {
     ));
     assert!(to(&out, 2).is_empty(), "alice never went offline: {out:?}");
     // The old connection's disconnect does not take alice offline either.
-    t.relay.disconnect(1);
+    t.relay.disconnect(ConnId(1));
     assert!(t.drain().is_empty());
     assert_eq!(t.relay.online_count(), 2);
     let out = t.send(2, message("bob", "alice", 1));
@@ -422,7 +431,8 @@ fn send_before_login_is_a_protocol_error_and_others_are_unaffected() {
 }
 
 impl T {
-    fn login_on_closing(&mut self, id: ConnId) -> Vec<Out> {
+    fn login_on_closing(&mut self, id: impl Into<ConnId>) -> Vec<Out> {
+        let id: ConnId = id.into();
         let me = identity(ALICE);
         self.handle(
             id,
@@ -440,7 +450,7 @@ fn malformed_payload_closes_only_that_connection() {
     let mut t = T::new();
     t.logged_in(1, "alice", ALICE);
     t.logged_in(2, "bob", BOB);
-    t.relay.receive(2, b"garbage", t.now, &mut t.store);
+    t.relay.receive(ConnId(2), b"garbage", t.now, &mut t.store);
     let out = t.drain();
     assert_eq!(error_code(&out, 2).as_deref(), Some("protocol"));
     // Bob's connection went offline with the error; alice hears he left.
@@ -450,11 +460,11 @@ fn malformed_payload_closes_only_that_connection() {
     ping_works(&mut t, 1);
     // A valid frame through `receive` still works on the other connection.
     let payload = crate::proto::to_payload(&ToRelay::Ping).unwrap();
-    t.relay.receive(1, &payload, t.now, &mut t.store);
-    assert_eq!(t.drain(), [Out::Send(1, FromRelay::Pong)]);
+    t.relay.receive(ConnId(1), &payload, t.now, &mut t.store);
+    assert_eq!(t.drain(), [Out::Send(ConnId(1), FromRelay::Pong)]);
     // And a malformed first frame on a fresh connection.
     t.connect(3);
-    t.relay.receive(3, &[0xc1], t.now, &mut t.store);
+    t.relay.receive(ConnId(3), &[0xc1], t.now, &mut t.store);
     let out = t.drain();
     assert_eq!(error_code(&out, 3).as_deref(), Some("protocol"));
 }
@@ -487,8 +497,8 @@ fn routed_to_online_user_then_acknowledged() {
     assert_eq!(
         out,
         [
-            Out::Send(1, FromRelay::Accepted(msg_key(7))),
-            Out::Send(2, FromRelay::Deliver(item.clone())),
+            Out::Send(ConnId(1), FromRelay::Accepted(msg_key(7))),
+            Out::Send(ConnId(2), FromRelay::Deliver(item.clone())),
         ]
     );
     assert_eq!(t.store.queued().unwrap().len(), 1);
@@ -510,8 +520,8 @@ fn routed_to_online_user_then_acknowledged() {
     assert_eq!(
         out,
         [
-            Out::Send(2, FromRelay::Accepted(rkey)),
-            Out::Send(1, FromRelay::Deliver(r)),
+            Out::Send(ConnId(2), FromRelay::Accepted(rkey)),
+            Out::Send(ConnId(1), FromRelay::Deliver(r)),
         ]
     );
     // A message ack does not drop the receipt with the same id.
@@ -525,11 +535,11 @@ fn routed_to_online_user_then_acknowledged() {
 fn offline_recipient_queue_survives_restart_and_is_delivered_on_login_in_order() {
     let mut t = T::new();
     t.logged_in(1, "bob", BOB);
-    t.relay.disconnect(1);
+    t.relay.disconnect(ConnId(1));
     t.logged_in(2, "alice", ALICE);
     for n in 1..=3 {
         let out = t.send(2, message("alice", "bob", n));
-        assert_eq!(out, [Out::Send(2, FromRelay::Accepted(msg_key(n)))]);
+        assert_eq!(out, [Out::Send(ConnId(2), FromRelay::Accepted(msg_key(n)))]);
     }
     assert_eq!(t.relay.queued_count(), 3);
     // The relay restarts: bindings and queues come back from the store.
@@ -553,7 +563,7 @@ fn offline_recipient_queue_survives_restart_and_is_delivered_on_login_in_order()
     );
     // Unacknowledged items are delivered again on the next login.
     t.handle(5, ToRelay::Ack(msg_key(2)));
-    t.relay.disconnect(5);
+    t.relay.disconnect(ConnId(5));
     let out = t.login(6, "bob", BOB);
     assert_eq!(
         to(&out, 6)[1..],
@@ -569,12 +579,12 @@ fn retransmission_is_accepted_again_and_stored_once() {
     let mut t = T::new();
     t.logged_in(1, "alice", ALICE);
     t.logged_in(2, "bob", BOB);
-    t.relay.disconnect(2);
+    t.relay.disconnect(ConnId(2));
     t.drain();
     let out = t.send(1, message("alice", "bob", 1));
-    assert_eq!(out, [Out::Send(1, FromRelay::Accepted(msg_key(1)))]);
+    assert_eq!(out, [Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))]);
     let out = t.send(1, message("alice", "bob", 1));
-    assert_eq!(out, [Out::Send(1, FromRelay::Accepted(msg_key(1)))]);
+    assert_eq!(out, [Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))]);
     assert_eq!(t.relay.queued_count(), 1);
     assert_eq!(t.store.queued().unwrap().len(), 1);
 }
@@ -586,7 +596,7 @@ fn sender_must_be_the_logged_in_user() {
     t.logged_in(2, "bob", BOB);
     let out = t.send(1, message("bob", "bob", 1));
     match &out[..] {
-        [Out::Send(1, FromRelay::Refused { key, code, .. })] => {
+        [Out::Send(ConnId(1), FromRelay::Refused { key, code, .. })] => {
             assert_eq!(*key, msg_key(1));
             assert_eq!(code, "bad_sender");
         }
@@ -594,7 +604,7 @@ fn sender_must_be_the_logged_in_user() {
     }
     let out = t.send(1, receipt("bob", "alice", 2));
     assert!(
-        matches!(&out[..], [Out::Send(1, FromRelay::Refused { code, .. })] if code == "bad_sender")
+        matches!(&out[..], [Out::Send(ConnId(1), FromRelay::Refused { code, .. })] if code == "bad_sender")
     );
     assert_eq!(t.relay.queued_count(), 0);
 }
@@ -605,7 +615,7 @@ fn unknown_recipient_is_refused() {
     t.logged_in(1, "alice", ALICE);
     let out = t.send(1, message("alice", "nobody", 1));
     match &out[..] {
-        [Out::Send(1, FromRelay::Refused { key, code, reason })] => {
+        [Out::Send(ConnId(1), FromRelay::Refused { key, code, reason })] => {
             assert_eq!(*key, msg_key(1));
             assert_eq!(code, "unknown_user");
             assert!(reason.contains("nobody"));
@@ -624,15 +634,15 @@ fn per_user_queue_limit_refuses_the_fourth_item() {
         ..Limits::default()
     });
     t.logged_in(1, "bob", BOB);
-    t.relay.disconnect(1);
+    t.relay.disconnect(ConnId(1));
     t.logged_in(2, "alice", ALICE);
     for n in 1..=3 {
         let out = t.send(2, message("alice", "bob", n));
-        assert_eq!(out, [Out::Send(2, FromRelay::Accepted(msg_key(n)))]);
+        assert_eq!(out, [Out::Send(ConnId(2), FromRelay::Accepted(msg_key(n)))]);
     }
     let out = t.send(2, message("alice", "bob", 4));
     match &out[..] {
-        [Out::Send(2, FromRelay::Refused { key, code, reason })] => {
+        [Out::Send(ConnId(2), FromRelay::Refused { key, code, reason })] => {
             assert_eq!(*key, msg_key(4));
             assert_eq!(code, "queue_full");
             assert!(reason.contains("bob"), "{reason}");
@@ -642,16 +652,22 @@ fn per_user_queue_limit_refuses_the_fourth_item() {
     assert_eq!(t.relay.queued_count(), 3);
     // A retransmission of a queued item is still accepted when full.
     let out = t.send(2, message("alice", "bob", 2));
-    assert_eq!(out, [Out::Send(2, FromRelay::Accepted(msg_key(2)))]);
+    assert_eq!(out, [Out::Send(ConnId(2), FromRelay::Accepted(msg_key(2)))]);
     // Alice's own queue is separate.
     let out = t.send(2, message("alice", "alice", 9));
-    assert_eq!(out[0], Out::Send(2, FromRelay::Accepted(msg_key(9))));
+    assert_eq!(
+        out[0],
+        Out::Send(ConnId(2), FromRelay::Accepted(msg_key(9)))
+    );
     // Once bob acks one, there is room again.
     let out = t.login(3, "bob", BOB);
     assert_eq!(to(&out, 3).len(), 4, "welcome + three deliveries");
     t.handle(3, ToRelay::Ack(msg_key(1)));
     let out = t.send(2, message("alice", "bob", 4));
-    assert_eq!(out[0], Out::Send(2, FromRelay::Accepted(msg_key(4))));
+    assert_eq!(
+        out[0],
+        Out::Send(ConnId(2), FromRelay::Accepted(msg_key(4)))
+    );
 }
 
 #[test]
@@ -697,7 +713,7 @@ fn forget_drops_binding_and_queue_and_lets_a_new_key_claim_the_name() {
     let mut t = T::new();
     t.logged_in(1, "alice", ALICE);
     t.logged_in(2, "bob", BOB);
-    t.relay.disconnect(2);
+    t.relay.disconnect(ConnId(2));
     t.drain();
     t.send(1, message("alice", "bob", 1));
     // bob is offline with a queued item; alice is online. Forget alice: she is cut off.
@@ -731,13 +747,13 @@ fn forget_of_an_online_user_tells_the_others() {
     assert_eq!(error_code(&out, 2).as_deref(), Some("forgotten"));
     assert!(matches!(&to(&out, 1)[..], [FromRelay::Presence(p)] if p.user == "bob" && !p.online));
     // The daemon's later disconnect of the closed connection changes nothing.
-    t.relay.disconnect(2);
+    t.relay.disconnect(ConnId(2));
     assert!(t.drain().is_empty());
     assert_eq!(t.relay.online_count(), 1);
     // Items for the forgotten name are now refused.
     let out = t.send(1, message("alice", "bob", 1));
     assert!(
-        matches!(&out[..], [Out::Send(1, FromRelay::Refused { code, .. })] if code == "unknown_user")
+        matches!(&out[..], [Out::Send(ConnId(1), FromRelay::Refused { code, .. })] if code == "unknown_user")
     );
 }
 
@@ -749,7 +765,7 @@ fn storage_failure_refuses_instead_of_accepting() {
     t.store.fail_writes(true);
     let out = t.send(1, message("alice", "bob", 1));
     assert!(
-        matches!(&out[..], [Out::Send(1, FromRelay::Refused { code, .. })] if code == "storage"),
+        matches!(&out[..], [Out::Send(ConnId(1), FromRelay::Refused { code, .. })] if code == "storage"),
         "never Accepted, never delivered: {out:?}"
     );
     assert_eq!(t.relay.queued_count(), 0);
@@ -758,15 +774,18 @@ fn storage_failure_refuses_instead_of_accepting() {
     assert_eq!(error_code(&out, 3).as_deref(), Some("storage"));
     t.store.fail_writes(false);
     let out = t.send(1, message("alice", "bob", 1));
-    assert_eq!(out[0], Out::Send(1, FromRelay::Accepted(msg_key(1))));
+    assert_eq!(
+        out[0],
+        Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))
+    );
 }
 
 #[test]
 fn unknown_connection_is_ignored() {
     let mut t = T::new();
-    t.relay.handle(42, ToRelay::Ping, 0, &mut t.store);
+    t.relay.handle(ConnId(42), ToRelay::Ping, 0, &mut t.store);
     t.relay.tick(1_000_000);
-    t.relay.disconnect(42);
+    t.relay.disconnect(ConnId(42));
     assert!(t.drain().is_empty());
 }
 
@@ -776,9 +795,9 @@ fn malformed_frame_on_a_closing_connection_is_ignored() {
     t.connect(1);
     let out = t.handle(1, ToRelay::Ping);
     assert_eq!(error_code(&out, 1).as_deref(), Some("protocol"));
-    t.relay.receive(1, b"garbage", t.now, &mut t.store);
+    t.relay.receive(ConnId(1), b"garbage", t.now, &mut t.store);
     assert_eq!(t.drain(), [], "one error per connection");
-    t.relay.receive(42, b"garbage", t.now, &mut t.store);
+    t.relay.receive(ConnId(42), b"garbage", t.now, &mut t.store);
     assert_eq!(t.drain(), [], "no such connection");
 }
 
@@ -786,7 +805,7 @@ fn malformed_frame_on_a_closing_connection_is_ignored() {
 fn a_long_queue_is_delivered_through_a_window() {
     let mut t = T::new();
     t.logged_in(1, "bob", BOB);
-    t.relay.disconnect(1);
+    t.relay.disconnect(ConnId(1));
     t.logged_in(2, "alice", ALICE);
     let total = DELIVERY_WINDOW + 2;
     for n in 0..total {
@@ -849,7 +868,7 @@ fn a_long_queue_is_delivered_through_a_window() {
     }
     assert_eq!(delivered(&to(&t.send(2, new), 3)), [id_of(1000)]);
     // A new connection starts over from the oldest unacknowledged item.
-    t.relay.disconnect(3);
+    t.relay.disconnect(ConnId(3));
     t.drain();
     let out = t.login(4, "bob", BOB);
     let got = delivered(&to(&out, 4));
@@ -895,7 +914,14 @@ impl RelayStore for FailOne {
 /// so a restarted relay delivers it again (the member drops the duplicate by id).
 #[test]
 fn a_failed_dequeue_keeps_the_item_for_redelivery() {
-    fn login(relay: &mut Relay, store: &mut FailOne, id: ConnId, user: &str, key: usize) {
+    fn login(
+        relay: &mut Relay,
+        store: &mut FailOne,
+        id: impl Into<ConnId>,
+        user: &str,
+        key: usize,
+    ) {
+        let id: ConnId = id.into();
         while relay.poll().is_some() {}
         relay.connect(id, 1);
         let nonce = match relay.poll() {
@@ -920,10 +946,15 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     let mut relay = Relay::load(&store, Limits::default()).unwrap();
     login(&mut relay, &mut store, 1, "alice", ALICE);
     login(&mut relay, &mut store, 2, "bob", BOB);
-    relay.handle(1, ToRelay::Send(message("alice", "bob", 1)), 3, &mut store);
+    relay.handle(
+        ConnId(1),
+        ToRelay::Send(message("alice", "bob", 1)),
+        3,
+        &mut store,
+    );
     let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
     assert!(to(&out, 2).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
-    relay.handle(2, ToRelay::Ack(msg_key(1)), 4, &mut store);
+    relay.handle(ConnId(2), ToRelay::Ack(msg_key(1)), 4, &mut store);
     assert_eq!(
         relay.queued_count(),
         1,
@@ -937,7 +968,7 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     login(&mut relay, &mut store, 3, "bob", BOB);
     let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
     assert!(to(&out, 3).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
-    relay.handle(3, ToRelay::Ack(msg_key(1)), 5, &mut store);
+    relay.handle(ConnId(3), ToRelay::Ack(msg_key(1)), 5, &mut store);
     assert_eq!(relay.queued_count(), 0);
 }
 

@@ -2,6 +2,7 @@
 //! (relay plus member, as `Roles::Host`), bob a second member on his own in-memory link to the
 //! same relay, and `host::pump` moves the frames.
 
+use crate::relay::ConnId;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -79,12 +80,12 @@ impl Net {
             roles: Roles::Host {
                 relay,
                 member,
-                link: Link::new(1),
+                link: Link::new(ConnId(1)),
             },
             store,
             info,
             bob,
-            bob_link: Link::new(2),
+            bob_link: Link::new(ConnId(2)),
             bob_store,
             states: Vec::new(),
             now: T0,
