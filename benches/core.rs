@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use chatd::clock::Now;
 use chatd::crypto::Identity;
 use chatd::host::{self, Cores, Link};
 use chatd::member::{self, Member};
@@ -77,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         nodes,
         delivered: 0,
     };
-    let mut now = 1_000_000u64;
+    let mut now = Now::at(1_000_000);
     for n in net.nodes.iter_mut() {
         n.link.attach(&mut net.relay, &mut n.member, now);
     }
@@ -86,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let mut sent = 0;
     while sent < total {
-        now += 1;
+        now = now.plus(1);
         net.rstore.begin()?;
         for n in net.nodes.iter_mut() {
             n.store.begin()?;

@@ -12,6 +12,7 @@
 //! Must never: touch a socket or read a clock (time is passed in), make up protocol frames, or
 //! own a core or a store (the caller does: a host shares one database between its two cores).
 
+use crate::clock::Now;
 use log::warn;
 
 use crate::member::{self, Member};
@@ -68,30 +69,30 @@ impl Link {
     }
 
     /// Open the link: the relay sends its challenge, the member expects it.
-    pub fn attach(&mut self, relay: &mut Relay, member: &mut Member, now: u64) {
-        relay.connect(self.id, now);
+    pub fn attach(&mut self, relay: &mut Relay, member: &mut Member, now: Now) {
+        relay.connect(self.id, now.mono);
         member.link_up(now);
         self.state = State::Up;
     }
 
     /// Close the link from outside (e.g. the cores were rebuilt after a failed commit); it
     /// attaches again [`RELINK_MS`] from `now`.
-    pub fn close(&mut self, relay: &mut Relay, member: &mut Member, now: u64) {
+    pub fn close(&mut self, relay: &mut Relay, member: &mut Member, now: Now) {
         self.down(now);
         member.link_down();
         relay.disconnect(self.id);
     }
 
     /// Attach again if a close asked for it and the time has come.
-    pub fn tick(&mut self, relay: &mut Relay, member: &mut Member, now: u64) {
-        if self.relink_at().is_some_and(|t| now >= t) {
+    pub fn tick(&mut self, relay: &mut Relay, member: &mut Member, now: Now) {
+        if self.relink_at().is_some_and(|t| now.mono >= t) {
             self.attach(relay, member, now);
         }
     }
 
-    fn down(&mut self, now: u64) {
+    fn down(&mut self, now: Now) {
         self.state = State::Down {
-            relink_at: Some(now + RELINK_MS),
+            relink_at: Some(now.mono + RELINK_MS),
         };
     }
 }
@@ -118,7 +119,7 @@ pub trait Cores {
 /// Move frames between the relay and the linked members until neither side has anything more
 /// to say. All of one side's output is moved before the other side runs, as the daemon always
 /// has: a member hears a whole burst from the relay before its answers go back.
-pub fn pump<C: Cores + ?Sized>(c: &mut C, now: u64) {
+pub fn pump<C: Cores + ?Sized>(c: &mut C, now: Now) {
     let ids: Vec<ConnId> = (0..c.members()).map(|i| c.member(i).0.id()).collect();
     loop {
         let mut progressed = false;
@@ -200,7 +201,7 @@ pub fn pump<C: Cores + ?Sized>(c: &mut C, now: u64) {
             }
             let (relay, store) = c.relay();
             for f in up {
-                relay.handle(*id, f, now, store);
+                relay.handle(*id, f, now.mono, store);
             }
             if close {
                 relay.disconnect(*id);

@@ -40,6 +40,7 @@ use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use serde::{de::DeserializeOwned, Serialize};
 
+use chatd::clock::Now;
 use chatd::crypto::{Fingerprint, Identity, PublicKey};
 use chatd::member::{self, Member};
 use chatd::proto::control::{
@@ -1367,9 +1368,9 @@ fn relay_cuts_off(conn: u64, now: u64, junk: &[u8], more: &[u8]) -> Result<(), T
 fn member_drops_link(now: u64, junk: &[u8]) -> Result<(), TestCaseError> {
     let mut store = Store::open_in_memory().unwrap();
     let mut m = Member::load("alice".into(), alice(), &store).unwrap();
-    m.link_up(now);
+    m.link_up(Now::at(now));
     let decodes = from_payload::<FromRelay>(junk).is_ok();
-    let ((), usage) = measured(|| m.receive(junk, now, &mut store));
+    let ((), usage) = measured(|| m.receive(junk, Now::at(now), &mut store));
     prop_assert!(usage.largest < ALLOC_CAP, "{:?}", usage);
     let out: Vec<member::Out> = std::iter::from_fn(|| m.poll()).collect();
     if !decodes {

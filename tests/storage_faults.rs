@@ -16,6 +16,7 @@
 //! The same fault on a real file system (a full 4 MiB tmpfs under the real `chatd`) is
 //! `full_disk_fails_send_clearly_and_recovers` in `tests/delivery.rs`.
 
+use chatd::clock::Now;
 use chatd::crypto::Identity;
 use chatd::member::{Member, MemberError, Out};
 use chatd::proto::control::{MsgState, RecordBody};
@@ -79,7 +80,7 @@ fn turn(
     Result<(), StoreError>,
 ) {
     store.begin().expect("begin the turn");
-    let sent = m.send(&["bob".to_string()], false, text, 1_000, store);
+    let sent = m.send(&["bob".to_string()], false, text, Now::at(1_000), store);
     (sent, store.commit())
 }
 
@@ -158,7 +159,7 @@ fn a_failed_commit_after_a_successful_send_keeps_nothing() {
             &["bob".to_string()],
             false,
             "lost with its turn",
-            2_000,
+            Now::at(2_000),
             &mut store,
         )
         .expect("the request itself succeeds");

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use chatd::clock::Now;
 use chatd::crypto::{login_transcript, Identity};
 use chatd::host::{self, Cores, Link};
 use chatd::member::{self, Member};
@@ -479,7 +480,7 @@ pub fn member_core(data: &[u8]) {
         relay_login(&mut relay, &mut rstore, ConnId(2), "bob", &keys().bob);
     }
     if state >= 1 {
-        link.attach(&mut relay, &mut m, NOW);
+        link.attach(&mut relay, &mut m, Now::at(NOW));
     }
     match state {
         1 => {
@@ -490,7 +491,7 @@ pub fn member_core(data: &[u8]) {
             // member, its login does not reach the relay.
             for out in drain_relay(&mut relay) {
                 if let relay::Out::Send(ConnId(1), msg) = out {
-                    m.handle(msg, NOW, &mut store);
+                    m.handle(msg, Now::at(NOW), &mut store);
                 }
             }
             drain_member(&mut m);
@@ -503,7 +504,7 @@ pub fn member_core(data: &[u8]) {
                 member: &mut m,
                 store: &mut store,
             };
-            host::pump(&mut host, NOW);
+            host::pump(&mut host, Now::at(NOW));
             assert!(m.connected(), "the member logs in on a welcome");
             assert!(m.pinned("bob").is_some(), "the welcome pins bob");
             drain_relay(&mut relay);
@@ -514,7 +515,7 @@ pub fn member_core(data: &[u8]) {
     let mut expects_challenge = state == 1;
     for (i, payload) in payloads(stream).into_iter().enumerate() {
         let decoded = from_payload::<FromRelay>(payload).ok();
-        m.receive(payload, NOW + i as u64, &mut store);
+        m.receive(payload, Now::at(NOW + i as u64), &mut store);
         let out = drain_member(&mut m);
         if matches!(decoded, None | Some(FromRelay::Error { .. })) {
             assert!(
@@ -532,7 +533,7 @@ pub fn member_core(data: &[u8]) {
             }
         }
         if out.iter().any(|o| matches!(o, member::Out::Close)) {
-            link.close(&mut relay, &mut m, NOW + i as u64);
+            link.close(&mut relay, &mut m, Now::at(NOW + i as u64));
             break;
         }
     }

@@ -8,6 +8,7 @@
 //! Must never: write to a socket (the loop puts replies into the connection's buffer, and they
 //! leave after the turn commits), or put message text anywhere but into a reply.
 
+use crate::clock::Now;
 use mio::Token;
 
 use super::roles::Roles;
@@ -55,7 +56,7 @@ pub fn request(
     store: &mut Store,
     info: &Info,
     req: CtlRequest,
-    now: u64,
+    now: Now,
 ) -> Reply {
     match req {
         CtlRequest::Send {
@@ -101,7 +102,7 @@ fn send(
     text: &str,
     wait: Wait,
     timeout_ms: u64,
-    now: u64,
+    now: Now,
 ) -> Reply {
     let Some(m) = roles.member_mut() else {
         return Reply::Now(failed(
@@ -118,7 +119,7 @@ fn send(
             Reply::Wait(Pending {
                 sent,
                 target,
-                deadline: now.saturating_add(timeout_ms),
+                deadline: now.mono.saturating_add(timeout_ms),
                 timeout_ms,
             })
         }
@@ -422,11 +423,11 @@ impl Waiters {
     }
 
     /// The replies for the waiters whose time is up at `now`.
-    pub fn expire(&mut self, now: u64) -> Vec<(Token, CtlResponse)> {
+    pub fn expire(&mut self, now: Now) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();
         let mut i = 0;
         while i < self.0.len() {
-            if now >= self.0[i].pending.deadline {
+            if now.mono >= self.0[i].pending.deadline {
                 let w = self.0.remove(i);
                 let want = w.pending.target.as_str();
                 let resp = CtlResponse::Error {

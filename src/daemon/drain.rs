@@ -4,6 +4,7 @@
 //!
 //! Must never: write to a socket (buffers are flushed after the commit) or decide a reply.
 
+use crate::clock::Now;
 use mio::Registry;
 
 use super::control::Waiters;
@@ -63,7 +64,7 @@ pub fn pump(
     table: &mut Table,
     waiters: &mut Waiters,
     registry: &Registry,
-    now: u64,
+    now: Now,
 ) {
     match roles {
         Roles::Relay(relay) => {

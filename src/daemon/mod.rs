@@ -26,8 +26,9 @@ pub mod systemd;
 mod table;
 mod uplink;
 
+use crate::clock::{Clock, Now};
 use std::io;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use mio::net::{TcpListener, UnixListener};
@@ -55,14 +56,6 @@ const LISTENER: Token = Token(0);
 const CONTROL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The running daemon.
 pub struct Daemon {
     poll: Poll,
@@ -83,6 +76,8 @@ pub struct Daemon {
     sd: systemd::Notifier,
     /// The control socket came from systemd (socket activation): systemd owns its file.
     control_activated: bool,
+    /// Monotonic time for timers, wall time for stamps (`clock`).
+    clock: Clock,
 }
 
 /// Start the daemon with resolved config; returns when it is told to stop.
@@ -157,6 +152,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         stopping: false,
         sd,
         control_activated,
+        clock: Clock::new(),
     };
     if let Roles::Host {
         relay,
@@ -164,7 +160,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         link,
     } = &mut d.roles
     {
-        link.attach(relay, member, now_ms());
+        link.attach(relay, member, d.clock.now());
     }
     info!(
         "chatd {} started: {}{}; fingerprint {}; control socket {}",
@@ -204,7 +200,7 @@ impl Daemon {
                 }
                 return Err(DaemonError::Poll(e));
             }
-            let now = now_ms();
+            let now = self.clock.now();
             self.table.begin_turn();
             self.waiters.begin_turn();
             if let Roles::Member { uplink, .. } = &mut self.roles {
@@ -239,8 +235,8 @@ impl Daemon {
                     t => self.on_conn(t, now),
                 }
             }
-            if now.saturating_sub(last_tick) >= TICK.as_millis() as u64 {
-                last_tick = now;
+            if now.mono.saturating_sub(last_tick) >= TICK.as_millis() as u64 {
+                last_tick = now.mono;
                 self.tick(now);
             }
             self.pump(now);
@@ -266,7 +262,7 @@ impl Daemon {
         }
     }
 
-    fn accept_peers(&mut self, now: u64) {
+    fn accept_peers(&mut self, now: Now) {
         let Some(l) = self.listener.as_ref() else {
             return;
         };
@@ -276,7 +272,7 @@ impl Daemon {
             .accept_peers(l, registry, self.cfg.max_connections, self.stopping);
         if let Some(r) = self.roles.relay_mut() {
             for id in new {
-                r.connect(id, now);
+                r.connect(id, now.mono);
             }
         }
     }
@@ -343,7 +339,7 @@ impl Daemon {
         }
     }
 
-    fn on_conn(&mut self, token: Token, now: u64) {
+    fn on_conn(&mut self, token: Token, now: Now) {
         let Some(entry) = self.table.get_mut(token) else {
             return;
         };
@@ -364,7 +360,7 @@ impl Daemon {
         for payload in frames {
             if is_peer {
                 if let Some(r) = self.roles.relay_mut() {
-                    r.receive(table::conn_id(token), &payload, now, &mut self.store);
+                    r.receive(table::conn_id(token), &payload, now.mono, &mut self.store);
                 }
             } else {
                 self.request(token, &payload, now);
@@ -387,7 +383,7 @@ impl Daemon {
     }
 
     /// One request frame from a control client.
-    fn request(&mut self, token: Token, payload: &[u8], now: u64) {
+    fn request(&mut self, token: Token, payload: &[u8], now: Now) {
         let req = match from_payload::<CtlRequest>(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -433,7 +429,7 @@ impl Daemon {
         }
     }
 
-    fn on_uplink(&mut self, writable: bool, now: u64) {
+    fn on_uplink(&mut self, writable: bool, now: Now) {
         let Roles::Member { member, uplink } = &mut self.roles else {
             return;
         };
@@ -443,10 +439,10 @@ impl Daemon {
         }
     }
 
-    fn tick(&mut self, now: u64) {
+    fn tick(&mut self, now: Now) {
         let registry = self.poll.registry();
         match &mut self.roles {
-            Roles::Relay(relay) => relay.tick(now),
+            Roles::Relay(relay) => relay.tick(now.mono),
             Roles::Member { member, uplink } => {
                 member.tick(now, &mut self.store);
                 if member.connected() {
@@ -459,7 +455,7 @@ impl Daemon {
                 member,
                 link,
             } => {
-                relay.tick(now);
+                relay.tick(now.mono);
                 member.tick(now, &mut self.store);
                 link.tick(relay, member, now);
             }
@@ -471,7 +467,7 @@ impl Daemon {
         self.sd.status(status);
     }
 
-    fn pump(&mut self, now: u64) {
+    fn pump(&mut self, now: Now) {
         let (registry, store) = (self.poll.registry(), &mut self.store);
         drain::pump(
             &mut self.roles,
@@ -491,13 +487,13 @@ impl Daemon {
             self.drop_conn(t);
         }
         if let Roles::Member { member, uplink } = &mut self.roles {
-            uplink.flush(self.poll.registry(), member, now_ms());
+            uplink.flush(self.poll.registry(), member, self.clock.now());
         }
     }
 
     /// The turn's transaction did not commit: take back everything the turn would have sent,
     /// tell the control clients that asked for something, and rebuild the cores from disk.
-    fn commit_failed(&mut self, e: StoreError, now: u64) {
+    fn commit_failed(&mut self, e: StoreError, now: Now) {
         error!("database commit failed: {e}; nothing from this turn was acknowledged");
         if let Roles::Member { uplink, .. } = &mut self.roles {
             if let Some(c) = uplink.conn_mut() {

@@ -4,6 +4,7 @@
 //!
 //! Must never: block (name resolution aside, once per try), or retry faster than the backoff.
 
+use crate::clock::Now;
 use std::io;
 use std::net::ToSocketAddrs;
 
@@ -74,9 +75,9 @@ impl Uplink {
     }
 
     /// Start a connection if idle and it is time.
-    pub fn connect(&mut self, registry: &Registry, member: &mut Member, now: u64) {
+    pub fn connect(&mut self, registry: &Registry, member: &mut Member, now: Now) {
         match self.state {
-            State::Idle { next_try } if now >= next_try => {}
+            State::Idle { next_try } if now.mono >= next_try => {}
             _ => return,
         }
         // Name resolution blocks; it happens once per attempt, at most every 0.5 s.
@@ -113,7 +114,7 @@ impl Uplink {
         member: &mut Member,
         store: &mut Store,
         writable: bool,
-        now: u64,
+        now: Now,
     ) -> Read {
         let quiet = Read { again: false };
         if let State::Connecting(conn) = &mut self.state {
@@ -178,7 +179,7 @@ impl Uplink {
         member: &mut Member,
         frames: Vec<ToRelay>,
         close: bool,
-        now: u64,
+        now: Now,
     ) {
         let Some(c) = self.conn_mut() else {
             return;
@@ -201,7 +202,7 @@ impl Uplink {
     }
 
     /// Write what is queued, once connected.
-    pub fn flush(&mut self, registry: &Registry, member: &mut Member, now: u64) {
+    pub fn flush(&mut self, registry: &Registry, member: &mut Member, now: Now) {
         let State::Up(c) = &mut self.state else {
             return;
         };
@@ -212,7 +213,7 @@ impl Uplink {
     }
 
     /// The connection is gone (or never came): tell the member why and back off.
-    pub fn down(&mut self, registry: &Registry, member: &mut Member, why: String, now: u64) {
+    pub fn down(&mut self, registry: &Registry, member: &mut Member, why: String, now: Now) {
         if let Some(c) = self.conn_mut() {
             c.deregister(registry);
         }
@@ -222,7 +223,7 @@ impl Uplink {
         let delay = rand::thread_rng().gen_range(base / 2..=base);
         self.attempt = self.attempt.saturating_add(1);
         self.state = State::Idle {
-            next_try: now + delay,
+            next_try: now.mono + delay,
         };
         info!("{why}; reconnecting in {:.1} s", delay as f64 / 1000.0);
         member.link_down();

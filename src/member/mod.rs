@@ -22,6 +22,7 @@ mod peers;
 mod receive;
 mod send;
 
+use crate::clock::Now;
 use std::collections::VecDeque;
 
 use log::{info, warn};
@@ -123,8 +124,8 @@ impl Member {
     }
 
     /// A connection to the relay is open; expect its challenge.
-    pub fn link_up(&mut self, now: u64) {
-        self.link = Link::up(now);
+    pub fn link_up(&mut self, now: Now) {
+        self.link = Link::up(now.mono);
     }
 
     /// The connection to the relay is gone.
@@ -133,16 +134,16 @@ impl Member {
         self.peers.all_offline();
     }
 
-    fn frame(&mut self, msg: ToRelay, now: u64) {
-        self.link.sent(now);
+    fn frame(&mut self, msg: ToRelay, now: Now) {
+        self.link.sent(now.mono);
         self.out.push_back(Out::Frame(msg));
     }
 
     /// Queue what a sub-state returned, in order; a frame restarts the link's send timer.
-    fn emit(&mut self, now: u64, outs: Vec<Out>) {
+    fn emit(&mut self, now: Now, outs: Vec<Out>) {
         for o in outs {
             if matches!(o, Out::Frame(_)) {
-                self.link.sent(now);
+                self.link.sent(now.mono);
             }
             self.out.push_back(o);
         }
@@ -153,8 +154,8 @@ impl Member {
     }
 
     /// Keep-alive, timeouts, retries.
-    pub fn tick(&mut self, now: u64, store: &mut dyn MemberStore) {
-        match self.link.due(now) {
+    pub fn tick(&mut self, now: Now, store: &mut dyn MemberStore) {
+        match self.link.due(now.mono) {
             None => {}
             Some(Due::Ping) => self.frame(ToRelay::Ping, now),
             Some(Due::Silent) => {
@@ -180,7 +181,7 @@ impl Member {
     }
 
     /// One frame payload from the relay.
-    pub fn receive(&mut self, payload: &[u8], now: u64, store: &mut dyn MemberStore) {
+    pub fn receive(&mut self, payload: &[u8], now: Now, store: &mut dyn MemberStore) {
         match from_payload::<FromRelay>(payload) {
             Ok(msg) => self.handle(msg, now, store),
             Err(e) => {
@@ -192,8 +193,8 @@ impl Member {
     }
 
     /// One decoded message from the relay (the host's in-process relay skips the codec).
-    pub fn handle(&mut self, msg: FromRelay, now: u64, store: &mut dyn MemberStore) {
-        self.link.heard(now);
+    pub fn handle(&mut self, msg: FromRelay, now: Now, store: &mut dyn MemberStore) {
+        self.link.heard(now.mono);
         if let FromRelay::Error { code, reason } = &msg {
             warn!("relay refused us ({code}): {reason}");
             self.relay_error = Some(format!("relay refused: {reason}"));
@@ -225,11 +226,11 @@ impl Member {
         }
     }
 
-    fn challenged(&mut self, login: Login, nonce: &[u8; 32], now: u64) {
+    fn challenged(&mut self, login: Login, nonce: &[u8; 32], now: Now) {
         let t = login_transcript(nonce, &self.user);
         match self.identity.sign(&mut OsRng, &t) {
             Ok(signature) => {
-                self.link = Link::ExpectWelcome(login.login_sent(now));
+                self.link = Link::ExpectWelcome(login.login_sent(now.mono));
                 let key = self.identity.public().der().to_vec();
                 let user = self.user.clone();
                 self.frame(
@@ -254,7 +255,7 @@ impl Member {
         login: Login,
         user: String,
         peers: Vec<Peer>,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) {
         if user != self.user {
@@ -269,7 +270,7 @@ impl Member {
                 introduced.push(p.user);
             }
         }
-        self.link = Link::Established(login.welcomed(now));
+        self.link = Link::Established(login.welcomed(now.mono));
         for u in introduced {
             self.release_held(&u, now, store);
         }
@@ -284,7 +285,7 @@ impl Member {
         }
     }
 
-    fn established(&mut self, msg: FromRelay, now: u64, store: &mut dyn MemberStore) {
+    fn established(&mut self, msg: FromRelay, now: Now, store: &mut dyn MemberStore) {
         match msg {
             FromRelay::Presence(p) => {
                 if p.user == self.user {
@@ -372,7 +373,7 @@ impl Member {
 
     /// Judge and settle a delivered message. True when it is settled; false when a storage
     /// error left it for a later delivery.
-    fn accept(&mut self, env: Envelope, now: u64, store: &mut dyn MemberStore) -> bool {
+    fn accept(&mut self, env: Envelope, now: Now, store: &mut dyn MemberStore) -> bool {
         let judged = self
             .receiving
             .judge(&self.user, &self.identity, &self.peers, &env, store);
@@ -383,7 +384,7 @@ impl Member {
     }
 
     /// Judge again what we held from `user` (after `trust`, or when the relay introduces them).
-    fn release_held(&mut self, user: &str, now: u64, store: &mut dyn MemberStore) {
+    fn release_held(&mut self, user: &str, now: Now, store: &mut dyn MemberStore) {
         let items = match store.held(user) {
             Ok(items) => items,
             Err(e) => {
@@ -415,7 +416,7 @@ impl Member {
         to: &[String],
         all: bool,
         text: &str,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<Vec<Sent>, MemberError> {
         let recipients = send::recipients(&self.peers, &self.user, to, all, text)?;
@@ -447,7 +448,7 @@ impl Member {
         &mut self,
         user: &str,
         fingerprint: &str,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<String, MemberError> {
         let given = Fingerprint::parse(fingerprint).map_err(MemberError::BadFingerprint)?;

@@ -4,6 +4,7 @@
 //! `Member` queues them, so only `Member` sees a frame leave (the link's send timer depends on
 //! it). Must never: hold state, or send anything itself.
 
+use crate::clock::Now;
 use log::warn;
 
 use crate::proto::control::{MsgState, Record, RecordBody};
@@ -27,12 +28,12 @@ pub enum Out {
 /// so `tail -f` never shows a record that the history does not hold.
 pub(super) fn record(
     store: &mut dyn MemberStore,
-    now: u64,
+    now: Now,
     peer: &str,
     body: RecordBody,
     out: &mut Vec<Out>,
 ) {
-    match store.append(now, peer, body) {
+    match store.append(now.wall, peer, body) {
         Ok(r) => out.push(Out::Record(r)),
         Err(e) => warn!("cannot store history record: {e}"),
     }

@@ -11,6 +11,7 @@
 //! sender's signature on it has verified (see `crypto::unwrap_key_packet`); acknowledge an
 //! envelope whose settling failed (the relay keeps it and delivers it again); log a text or key.
 
+use crate::clock::Now;
 use std::collections::HashMap;
 
 use log::warn;
@@ -251,7 +252,7 @@ impl Receiving {
         &mut self,
         env: Envelope,
         judged: Judged,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
         out: &mut Vec<Out>,
     ) -> bool {
@@ -358,7 +359,7 @@ fn store_message(
     env: &Envelope,
     receipt: &Routed,
     text: String,
-    now: u64,
+    now: Now,
 ) -> Result<Record, StoreError> {
     store.add_message(
         &env.id,
@@ -371,7 +372,7 @@ fn store_message(
     let bytes = to_payload(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     store.outbox_push(receipt.key(), &bytes)?;
     store.append(
-        now,
+        now.wall,
         &env.from,
         RecordBody::Message {
             id: env.id,
@@ -474,7 +475,7 @@ pub(super) fn settle_receipt(
     sending: &mut Sending,
     r: &Receipt,
     verdict: ReceiptVerdict,
-    now: u64,
+    now: Now,
     store: &mut dyn MemberStore,
     out: &mut Vec<Out>,
 ) {
@@ -526,7 +527,7 @@ fn store_receipt(
     store: &mut dyn MemberStore,
     id: [u8; 16],
     peer: &str,
-    now: u64,
+    now: Now,
 ) -> Result<Record, StoreError> {
     store.set_state(&id, MsgState::Delivered)?;
     store.outbox_remove(ItemKey {
@@ -534,7 +535,7 @@ fn store_receipt(
         id,
     })?;
     store.append(
-        now,
+        now.wall,
         peer,
         RecordBody::Receipt {
             id,

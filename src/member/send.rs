@@ -7,6 +7,7 @@
 //! is retired after [`SESSION_MESSAGES`]), or keep a session in memory whose key a rolled-back
 //! request took out of the store (a receipt for it could never be checked).
 
+use crate::clock::Now;
 use std::collections::HashMap;
 
 use log::warn;
@@ -141,8 +142,8 @@ impl Sending {
     }
 
     /// The retry timer fired: take it.
-    pub(super) fn retry_due(&mut self, now: u64) -> bool {
-        if self.retry_at.is_some_and(|t| now >= t) {
+    pub(super) fn retry_due(&mut self, now: Now) -> bool {
+        if self.retry_at.is_some_and(|t| now.mono >= t) {
             self.retry_at = None;
             true
         } else {
@@ -187,7 +188,7 @@ impl Sending {
         peers: &Peers,
         recipients: &[String],
         text: &str,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<Queued, MemberError> {
         // Sessions as they were, so a failed request can forget sessions it made whose keys the
@@ -271,7 +272,7 @@ impl Sending {
         peers: &Peers,
         to: &str,
         text: &str,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<(Sent, Routed, Record), MemberError> {
         let from = own.to_string();
@@ -284,7 +285,7 @@ impl Sending {
             id,
             from: from.clone(),
             to: to.to_string(),
-            time_ms: now,
+            time_ms: now.wall,
             session: s.id,
             counter,
             key_packet: s.key_packet.clone(),
@@ -297,7 +298,7 @@ impl Sending {
         store.add_message(&id, to, Dir::Out, MsgState::Queued, &session, counter)?;
         store.outbox_push(item.key(), &bytes)?;
         let record = store.append(
-            now,
+            now.wall,
             to,
             RecordBody::Message {
                 id,
@@ -322,7 +323,7 @@ impl Sending {
     pub(super) fn accepted(
         &mut self,
         key: ItemKey,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) -> Vec<Out> {
         let mut out = Vec::new();
@@ -364,7 +365,7 @@ impl Sending {
         key: ItemKey,
         code: &RefuseCode,
         reason: &str,
-        now: u64,
+        now: Now,
         store: &mut dyn MemberStore,
     ) -> Vec<Out> {
         let mut out = Vec::new();
@@ -373,7 +374,7 @@ impl Sending {
         if key.kind == Kind::Receipt && code.is_transient() {
             // A passing condition at the relay: keep the receipt and offer it again later, so
             // the sender still learns that its message was delivered.
-            self.retry_at = Some(now + RETRY_REFUSED_MS);
+            self.retry_at = Some(now.mono + RETRY_REFUSED_MS);
             return out;
         }
         if let Err(e) = store.outbox_remove(key) {

@@ -157,7 +157,7 @@ impl Net {
         self.next_conn.0 += 1;
         self.owners.insert(conn, n);
         self.nodes[n].conn = Some(conn);
-        self.nodes[n].member.link_up(self.now);
+        self.nodes[n].member.link_up(Now::at(self.now));
         self.relay.connect(conn, self.now);
     }
 
@@ -264,7 +264,7 @@ impl Net {
             }
             Msg::Down(m) if live => {
                 self.trace.push((node.name.clone(), Msg::Down(m.clone())));
-                node.member.handle(m, now, &mut node.store);
+                node.member.handle(m, Now::at(now), &mut node.store);
             }
             Msg::Close => {
                 if live {
@@ -305,7 +305,7 @@ impl Net {
         let to: Vec<String> = to.iter().map(|s| s.to_string()).collect();
         let node = &mut self.nodes[n];
         node.member
-            .send(&to, false, text, self.now, &mut node.store)
+            .send(&to, false, text, Now::at(self.now), &mut node.store)
     }
 
     /// Send one message and return its id; nothing moves until `transfer`.
@@ -723,7 +723,13 @@ fn send_to_several_and_to_all() {
     let node = &mut net.nodes[a];
     let sent = node
         .member
-        .send(&[], true, "to all online", net.now, &mut node.store)
+        .send(
+            &[],
+            true,
+            "to all online",
+            Now::at(net.now),
+            &mut node.store,
+        )
         .unwrap();
     assert_eq!(
         sent.iter().map(|s| s.to.as_str()).collect::<Vec<_>>(),
@@ -764,7 +770,8 @@ fn send_errors_store_nothing() {
     assert!(net.try_send(a, &["bob", "nobody"], "x").is_err());
     let node = &mut net.nodes[a];
     assert!(matches!(
-        node.member.send(&[], true, "x", 0, &mut node.store),
+        node.member
+            .send(&[], true, "x", Now::at(0), &mut node.store),
         Err(MemberError::NoPeersOnline)
     ));
     assert_eq!(net.history(a).len(), before);
@@ -1259,9 +1266,13 @@ fn judging_writes_nothing_and_settling_writes_it_all() {
     assert!(drain(m).is_empty());
 
     let mut out = Vec::new();
-    assert!(m
-        .receiving
-        .settle(env.clone(), judged, net.now, &mut node.store, &mut out));
+    assert!(m.receiving.settle(
+        env.clone(),
+        judged,
+        Now::at(net.now),
+        &mut node.store,
+        &mut out
+    ));
     assert!(node
         .store
         .session(false, "alice", &env.session)
@@ -1397,23 +1408,25 @@ fn key_change_blocks_sending_until_trusted() {
     let node = &mut net.nodes[a];
     let wrong = public(MALLORY).fingerprint().to_string();
     assert!(matches!(
-        node.member.trust("carol", &wrong, 0, &mut node.store),
+        node.member
+            .trust("carol", &wrong, Now::at(0), &mut node.store),
         Err(MemberError::FingerprintMismatch { .. })
     ));
     assert!(matches!(
         node.member
-            .trust("carol", "SHA256:nope", 0, &mut node.store),
+            .trust("carol", "SHA256:nope", Now::at(0), &mut node.store),
         Err(MemberError::BadFingerprint(_))
     ));
     assert!(matches!(
-        node.member.trust("nobody", &wrong, 0, &mut node.store),
+        node.member
+            .trust("nobody", &wrong, Now::at(0), &mut node.store),
         Err(MemberError::UnknownUser(_))
     ));
     assert_eq!(net.who(a, "carol").trust, "changed");
 
     let node = &mut net.nodes[a];
     node.member
-        .trust("carol", &new.to_string(), net.now, &mut node.store)
+        .trust("carol", &new.to_string(), Now::at(net.now), &mut node.store)
         .unwrap();
     let view = net.who(a, "carol");
     assert_eq!(view.trust, "trusted");
@@ -1462,7 +1475,7 @@ fn messages_from_a_changed_key_are_held_until_trusted() {
     let new = public(CAROL2).fingerprint().to_string();
     let node = &mut net.nodes[a];
     node.member
-        .trust("carol", &new, net.now, &mut node.store)
+        .trust("carol", &new, Now::at(net.now), &mut node.store)
         .unwrap();
     net.transfer();
     assert_eq!(net.inbox(a), inbox_of(&[("carol", "it's me, new key")]));
@@ -1547,31 +1560,31 @@ fn drain(m: &mut Member) -> Vec<Out> {
 #[test]
 fn relay_protocol_violations_close_the_link() {
     let (mut m, mut s) = lone("alice", ALICE);
-    m.link_up(0);
+    m.link_up(Now::at(0));
     m.handle(
         FromRelay::Welcome {
             user: "alice".into(),
             peers: vec![],
         },
-        1,
+        Now::at(1),
         &mut s,
     );
     assert!(matches!(drain(&mut m)[..], [Out::Close]));
     assert!(!m.connected());
 
-    m.link_up(2);
-    m.receive(b"garbage", 3, &mut s);
+    m.link_up(Now::at(2));
+    m.receive(b"garbage", Now::at(3), &mut s);
     assert!(matches!(drain(&mut m)[..], [Out::Close]));
     assert!(m.relay_error().unwrap().contains("malformed"));
 
     // A welcome for someone else.
-    m.link_up(4);
+    m.link_up(Now::at(4));
     m.handle(
         FromRelay::Challenge {
             nonce: [1; 32],
             version: "x".into(),
         },
-        5,
+        Now::at(5),
         &mut s,
     );
     assert!(matches!(
@@ -1583,20 +1596,20 @@ fn relay_protocol_violations_close_the_link() {
             user: "mallory".into(),
             peers: vec![],
         },
-        6,
+        Now::at(6),
         &mut s,
     );
     assert!(matches!(drain(&mut m)[..], [Out::Close]));
     assert!(!m.connected());
 
     // An Error frame at any point closes, and says why.
-    m.link_up(7);
+    m.link_up(Now::at(7));
     m.handle(
         FromRelay::Error {
             code: "x".into(),
             reason: "because".into(),
         },
-        8,
+        Now::at(8),
         &mut s,
     );
     assert!(matches!(drain(&mut m)[..], [Out::Close]));
@@ -1624,26 +1637,26 @@ fn timers_ping_then_give_up_on_a_silent_relay() {
     let t = net.now;
     let node = &mut net.nodes[a];
     let (m, st) = (&mut node.member, &mut node.store);
-    m.tick(t + 1_000, st);
+    m.tick(Now::at(t + 1_000), st);
     assert!(drain(m).is_empty());
-    m.tick(t + PING_AFTER_MS + 1, st);
+    m.tick(Now::at(t + PING_AFTER_MS + 1), st);
     assert!(matches!(drain(m)[..], [Out::Frame(ToRelay::Ping)]));
-    m.tick(t + PING_AFTER_MS + 2, st);
+    m.tick(Now::at(t + PING_AFTER_MS + 2), st);
     assert!(drain(m).is_empty(), "one ping per quiet period");
-    m.tick(t + SILENT_RELAY_MS + 1, st);
+    m.tick(Now::at(t + SILENT_RELAY_MS + 1), st);
     assert!(matches!(drain(m)[..], [Out::Close]));
 
     // A login that never completes.
     let (mut m, mut s) = lone("bob", BOB);
-    m.link_up(0);
-    m.tick(LOGIN_TIMEOUT_MS, &mut s);
+    m.link_up(Now::at(0));
+    m.tick(Now::at(LOGIN_TIMEOUT_MS), &mut s);
     assert!(drain(&mut m).is_empty());
-    m.tick(LOGIN_TIMEOUT_MS + 1, &mut s);
+    m.tick(Now::at(LOGIN_TIMEOUT_MS + 1), &mut s);
     assert!(matches!(drain(&mut m)[..], [Out::Close]));
     assert!(m.relay_error().is_some());
     // Down: no timers.
     m.link_down();
-    m.tick(u64::MAX, &mut s);
+    m.tick(Now::at(u64::MAX), &mut s);
     assert!(drain(&mut m).is_empty());
 }
 
@@ -1653,12 +1666,12 @@ fn reload_forgets_the_receipt_retry_timer() {
     // of what the database may not hold.
     let (mut m, mut s) = lone("bob", BOB);
     let login = |m: &mut Member, s: &mut Store, t: u64| {
-        m.link_up(t);
+        m.link_up(Now::at(t));
         let challenge = FromRelay::Challenge {
             nonce: [1; 32],
             version: "x".into(),
         };
-        m.handle(challenge, t, s);
+        m.handle(challenge, Now::at(t), s);
         let alice = Peer {
             user: "alice".into(),
             key: public(ALICE).der().to_vec(),
@@ -1668,7 +1681,7 @@ fn reload_forgets_the_receipt_retry_timer() {
             user: "bob".into(),
             peers: vec![alice],
         };
-        m.handle(welcome, t, s);
+        m.handle(welcome, Now::at(t), s);
         assert!(m.connected());
         drain(m);
     };
@@ -1690,9 +1703,9 @@ fn reload_forgets_the_receipt_retry_timer() {
     login(&mut m, &mut s, 0);
 
     // Control: a refused receipt is offered again when the timer fires.
-    m.handle(refused(receipt.key()), 1, &mut s);
+    m.handle(refused(receipt.key()), Now::at(1), &mut s);
     assert!(drain(&mut m).is_empty());
-    m.tick(1 + RETRY_REFUSED_MS, &mut s);
+    m.tick(Now::at(1 + RETRY_REFUSED_MS), &mut s);
     assert!(matches!(
         drain(&mut m)[..],
         [Out::Frame(ToRelay::Send(Routed::Receipt(_)))]
@@ -1701,10 +1714,10 @@ fn reload_forgets_the_receipt_retry_timer() {
     // Armed again, then a failed commit: the reload forgets the timer (the login after it
     // offers the whole outbox anyway).
     let t = 2 + RETRY_REFUSED_MS;
-    m.handle(refused(receipt.key()), t, &mut s);
+    m.handle(refused(receipt.key()), Now::at(t), &mut s);
     m.reload(&s).unwrap();
     login(&mut m, &mut s, t + 1);
-    m.tick(t + RETRY_REFUSED_MS, &mut s);
+    m.tick(Now::at(t + RETRY_REFUSED_MS), &mut s);
     let out = drain(&mut m);
     assert!(out.is_empty(), "the timer outlived the reload: {out:?}");
 }
@@ -1714,7 +1727,8 @@ fn pong_keeps_the_link_alive() {
     let (mut net, a, _b) = pair();
     let t = net.now;
     let node = &mut net.nodes[a];
-    node.member.tick(t + PING_AFTER_MS + 1, &mut node.store);
+    node.member
+        .tick(Now::at(t + PING_AFTER_MS + 1), &mut node.store);
     net.now = t + PING_AFTER_MS + 1;
     net.transfer();
     assert!(net
@@ -1723,7 +1737,7 @@ fn pong_keeps_the_link_alive() {
         .any(|(w, m)| w == "alice" && matches!(m, Msg::Down(FromRelay::Pong))));
     let node = &mut net.nodes[a];
     let m = &mut node.member;
-    m.tick(t + SILENT_RELAY_MS + 1, &mut node.store);
+    m.tick(Now::at(t + SILENT_RELAY_MS + 1), &mut node.store);
     let out = drain(m);
     assert!(
         !out.iter().any(|o| matches!(o, Out::Close)),

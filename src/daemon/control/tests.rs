@@ -2,6 +2,7 @@
 //! (relay plus member, as `Roles::Host`), bob a second member on his own in-memory link to the
 //! same relay, and `host::pump` moves the frames.
 
+use crate::clock::Now;
 use crate::relay::ConnId;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -34,7 +35,7 @@ struct Net {
     bob_store: Store,
     /// Alice's state changes, in order.
     states: Vec<([u8; 16], MsgState, Option<String>)>,
-    now: u64,
+    now: Now,
 }
 
 impl Cores for Net {
@@ -88,7 +89,7 @@ impl Net {
             bob_link: Link::new(ConnId(2)),
             bob_store,
             states: Vec::new(),
-            now: T0,
+            now: Now::at(T0),
         };
         net.attach_all();
         net
@@ -164,7 +165,7 @@ fn relay_only() -> (tempfile::TempDir, Roles, Store, Info) {
 #[test]
 fn a_relay_refuses_member_requests() {
     let (_dir, mut roles, mut store, info) = relay_only();
-    let mut ask = |req| request(&mut roles, &mut store, &info, req, T0);
+    let mut ask = |req| request(&mut roles, &mut store, &info, req, Now::at(T0));
     let (kind, msg) = error_of(ask(send("bob", Wait::None, 0)));
     assert_eq!(kind, ErrorKind::Failed);
     assert_eq!(
@@ -234,7 +235,10 @@ fn send_wait_delivered_answers_when_the_receipt_comes() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(waiters.expire(T0 + 10_000).is_empty(), "answered once");
+    assert!(
+        waiters.expire(Now::at(T0 + 10_000)).is_empty(),
+        "answered once"
+    );
 }
 
 #[test]
@@ -252,8 +256,8 @@ fn send_wait_times_out_while_the_recipient_is_away() {
     waiters.add(CLIENT, pending);
     net.pump();
     assert!(advance(&mut net, &mut waiters).is_empty(), "relayed only");
-    assert!(waiters.expire(T0 + 1_999).is_empty());
-    match &waiters.expire(T0 + 2_000)[..] {
+    assert!(waiters.expire(Now::at(T0 + 1_999)).is_empty());
+    match &waiters.expire(Now::at(T0 + 2_000))[..] {
         [(
             CLIENT,
             CtlResponse::Error {
@@ -283,7 +287,11 @@ fn a_failed_turn_drops_only_its_own_waiters() {
     };
     waiters.add(CLIENT, new);
     waiters.fail_turn();
-    let expired: Vec<Token> = waiters.expire(u64::MAX).into_iter().map(|r| r.0).collect();
+    let expired: Vec<Token> = waiters
+        .expire(Now::at(u64::MAX))
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
     assert_eq!(expired, [Token(21)]);
 }
 
@@ -450,11 +458,11 @@ fn forgetting_the_hosts_own_member_closes_and_relinks_the_local_link() {
         unreachable!()
     };
     assert_eq!(link.relink_at(), Some(T0 + host::RELINK_MS));
-    link.tick(relay, member, T0 + host::RELINK_MS - 1);
+    link.tick(relay, member, Now::at(T0 + host::RELINK_MS - 1));
     assert!(!link.is_up());
-    link.tick(relay, member, T0 + host::RELINK_MS);
+    link.tick(relay, member, Now::at(T0 + host::RELINK_MS));
     assert!(link.is_up());
-    net.now = T0 + host::RELINK_MS;
+    net.now = Now::at(T0 + host::RELINK_MS);
     net.pump();
     assert!(net.alice().connected(), "alice claims her name again");
 }
