@@ -7,7 +7,6 @@
 //! database, or read key files.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 use clap::Parser;
@@ -492,9 +491,6 @@ pub fn default_socket() -> PathBuf {
         }
     }
 }
-
-/// A tick of the event loop's timers.
-pub const TICK: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {

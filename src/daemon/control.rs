@@ -422,6 +422,11 @@ impl Waiters {
         replies
     }
 
+    /// The earliest `--wait` deadline (monotonic ms), if anyone waits.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.0.iter().map(|w| w.pending.deadline).min()
+    }
+
     /// The replies for the waiters whose time is up at `now`.
     pub fn expire(&mut self, now: Now) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();

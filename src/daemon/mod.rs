@@ -36,7 +36,7 @@ use mio::{Events, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::config::{self, Config, Flags, Role, TICK};
+use crate::config::{self, Config, Flags, Role};
 use crate::host::Link;
 use crate::member::Member;
 use crate::proto::control::CtlRequest;
@@ -52,6 +52,8 @@ use status::{Info, Status};
 use table::{Kind, Table, HOST_LINK};
 use uplink::{Uplink, UPSTREAM};
 
+/// The longest the loop sleeps with no deadline at all.
+const IDLE_WAKE: Duration = Duration::from_secs(60);
 const LISTENER: Token = Token(0);
 const CONTROL: Token = Token(1);
 const SIGNALS: Token = Token(2);
@@ -188,7 +190,6 @@ impl Daemon {
 
     fn main_loop(&mut self) -> Result<(), DaemonError> {
         let mut events = Events::with_capacity(1024);
-        let mut last_tick = 0;
         while !self.stopping {
             let mut timeout = self.poll_timeout();
             if let Some(due) = self.sd.watchdog_due_in(Instant::now()) {
@@ -235,8 +236,8 @@ impl Daemon {
                     t => self.on_conn(t, now),
                 }
             }
-            if now.mono.saturating_sub(last_tick) >= TICK.as_millis() as u64 {
-                last_tick = now.mono;
+            // Timers run when one is due, not on a fixed tick: the poll timeout woke us for it.
+            if self.next_deadline().is_some_and(|d| now.mono >= d) {
                 self.tick(now);
             }
             self.pump(now);
@@ -249,17 +250,56 @@ impl Daemon {
             self.table
                 .pump_tails(&self.store, self.cfg.max_write_buffer / 2);
             self.flush_all();
+            self.after_turn();
             self.sd.watchdog(Instant::now());
         }
         Ok(())
     }
 
+    /// How long the loop may sleep: until the earliest deadline of any core or timer (quinn's
+    /// `poll_timeout`), not at all while a connection or a tail has more to do, and at most
+    /// [`IDLE_WAKE`] so a bug in a deadline cannot hang the daemon for good.
     fn poll_timeout(&self) -> Duration {
-        if self.again.is_empty() && !self.table.tails_ready(self.cfg.max_write_buffer / 2) {
-            TICK
-        } else {
-            Duration::ZERO
+        if !self.again.is_empty() || self.table.tails_ready(self.cfg.max_write_buffer / 2) {
+            return Duration::ZERO;
         }
+        match self.next_deadline() {
+            Some(d) => Duration::from_millis(d.saturating_sub(self.clock.mono_ms())).min(IDLE_WAKE),
+            None => IDLE_WAKE,
+        }
+    }
+
+    /// The earliest instant (monotonic ms) at which [`Daemon::tick`] has work.
+    fn next_deadline(&self) -> Option<u64> {
+        let cores = match &self.roles {
+            Roles::Relay(relay) => [relay.next_deadline(), None, None],
+            Roles::Member { member, uplink } => [member.next_deadline(), uplink.next_try(), None],
+            Roles::Host {
+                relay,
+                member,
+                link,
+            } => [
+                relay.next_deadline(),
+                member.next_deadline(),
+                link.relink_at(),
+            ],
+        };
+        cores
+            .into_iter()
+            .chain([self.waiters.next_deadline()])
+            .flatten()
+            .min()
+    }
+
+    /// Every turn: what reads state rather than time (the backoff reset, the `STATUS=` line).
+    fn after_turn(&mut self) {
+        if let Roles::Member { member, uplink } = &mut self.roles {
+            if member.connected() {
+                uplink.logged_in();
+            }
+        }
+        let status = self.status_line();
+        self.sd.status(status);
     }
 
     fn accept_peers(&mut self, now: Now) {
@@ -445,9 +485,6 @@ impl Daemon {
             Roles::Relay(relay) => relay.tick(now.mono),
             Roles::Member { member, uplink } => {
                 member.tick(now, &mut self.store);
-                if member.connected() {
-                    uplink.logged_in();
-                }
                 uplink.connect(registry, member, now);
             }
             Roles::Host {
@@ -463,8 +500,6 @@ impl Daemon {
         for (token, resp) in self.waiters.expire(now) {
             self.table.reply(token, &resp);
         }
-        let status = self.status_line();
-        self.sd.status(status);
     }
 
     fn pump(&mut self, now: Now) {

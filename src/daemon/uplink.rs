@@ -61,6 +61,14 @@ impl Uplink {
         &self.addr
     }
 
+    /// When the next connection attempt is due (monotonic ms), while there is no connection.
+    pub fn next_try(&self) -> Option<u64> {
+        match self.state {
+            State::Idle { next_try } => Some(next_try),
+            State::Connecting(_) | State::Up(_) => None,
+        }
+    }
+
     /// The connection, while there is one (connecting or up).
     pub fn conn_mut(&mut self) -> Option<&mut Conn> {
         match &mut self.state {

@@ -131,6 +131,21 @@ impl Link {
         }
     }
 
+    /// The first instant (monotonic ms) at which [`Link::due`] answers something, if any.
+    pub(super) fn deadline(&self) -> Option<u64> {
+        match self {
+            Link::Down => None,
+            Link::ExpectChallenge(login) | Link::ExpectWelcome(login) => {
+                Some(login.since.saturating_add(LOGIN_TIMEOUT_MS + 1))
+            }
+            Link::Established(live) => Some(
+                live.last_rx
+                    .saturating_add(SILENT_RELAY_MS + 1)
+                    .min(live.last_tx.saturating_add(PING_AFTER_MS + 1)),
+            ),
+        }
+    }
+
     /// The state's name, for the log.
     pub(super) fn name(&self) -> &'static str {
         match self {

@@ -153,6 +153,13 @@ impl Member {
         self.out.push_back(Out::Close);
     }
 
+    /// The next instant (monotonic ms) at which [`Member::tick`] has something to do, so the
+    /// daemon sleeps until then (quinn's `poll_timeout`).
+    pub fn next_deadline(&self) -> Option<u64> {
+        let retry = self.sending.retry_at().filter(|_| self.link.established());
+        [self.link.deadline(), retry].into_iter().flatten().min()
+    }
+
     /// Keep-alive, timeouts, retries.
     pub fn tick(&mut self, now: Now, store: &mut dyn MemberStore) {
         match self.link.due(now.mono) {

@@ -141,6 +141,11 @@ impl Sending {
         self.sessions.remove(user);
     }
 
+    /// When the retry timer fires (monotonic ms), if it is set.
+    pub(super) fn retry_at(&self) -> Option<u64> {
+        self.retry_at
+    }
+
     /// The retry timer fired: take it.
     pub(super) fn retry_due(&mut self, now: Now) -> bool {
         if self.retry_at.is_some_and(|t| now.mono >= t) {

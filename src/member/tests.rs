@@ -1929,3 +1929,34 @@ fn unusable_directory_entries_are_ignored() {
     assert_eq!(names, ["bob"]);
     assert!(net.nodes[a].member.connected());
 }
+
+/// `next_deadline` names exactly the instant at which `tick` acts: the daemon sleeps until it,
+/// so a deadline that is late stalls a timer and one that is early spins the loop.
+#[test]
+fn next_deadline_is_when_tick_acts() {
+    let (mut m, mut s) = lone("bob", BOB);
+    assert_eq!(m.next_deadline(), None, "no link, no timers");
+    m.link_up(Now::at(100));
+    let login = m.next_deadline().unwrap();
+    assert_eq!(login, 100 + LOGIN_TIMEOUT_MS + 1);
+    m.tick(Now::at(login - 1), &mut s);
+    assert!(drain(&mut m).is_empty());
+    m.tick(Now::at(login), &mut s);
+    assert!(matches!(drain(&mut m)[..], [Out::Close]));
+    m.link_down();
+    assert_eq!(m.next_deadline(), None);
+
+    // Established: the keepalive comes first, then (if nothing is heard) the silence timer.
+    let (mut net, a, _b) = pair();
+    let t = net.now;
+    let node = &mut net.nodes[a];
+    let (m, st) = (&mut node.member, &mut node.store);
+    let ping = m.next_deadline().unwrap();
+    assert!(ping > t && ping <= t + PING_AFTER_MS + 1, "{ping} vs {t}");
+    m.tick(Now::at(ping - 1), st);
+    assert!(drain(m).is_empty());
+    m.tick(Now::at(ping), st);
+    assert!(matches!(drain(m)[..], [Out::Frame(ToRelay::Ping)]));
+    let silent = m.next_deadline().unwrap();
+    assert!(silent > ping, "the next timer is later: {silent} vs {ping}");
+}
