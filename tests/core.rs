@@ -1577,3 +1577,21 @@ fn plain_tail_escapes_control_characters() {
         );
     }
 }
+
+/// The loop sleeps until a core's deadline, not on a fixed tick: a host's own member must still
+/// log in on its own, with nothing (no `chatctl`) waking the loop. Before the cores could say
+/// they had output waiting, it waited for the first control request or timer.
+#[test]
+fn a_host_logs_its_own_member_in_unprompted() {
+    let d = Daemon::spawn(
+        "host alice",
+        Role::Host,
+        &["--user", "alice", "--listen", "127.0.0.1:0"],
+    );
+    // Well under the relay's 10 s handshake timeout, whose wake-up would hide the bug.
+    wait_until(
+        Duration::from_secs(5),
+        "alice's member to log in without a control request",
+        || d.log().contains("logged in to relay as alice"),
+    );
+}

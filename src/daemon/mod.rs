@@ -260,7 +260,11 @@ impl Daemon {
     /// `poll_timeout`), not at all while a connection or a tail has more to do, and at most
     /// [`IDLE_WAKE`] so a bug in a deadline cannot hang the daemon for good.
     fn poll_timeout(&self) -> Duration {
-        if !self.again.is_empty() || self.table.tails_ready(self.cfg.max_write_buffer / 2) {
+        if !self.again.is_empty()
+            || self.table.tails_ready(self.cfg.max_write_buffer / 2)
+            || self.roles.relay().is_some_and(Relay::has_output)
+            || self.roles.member().is_some_and(Member::has_output)
+        {
             return Duration::ZERO;
         }
         match self.next_deadline() {

@@ -103,6 +103,12 @@ impl Member {
         self.out.pop_front()
     }
 
+    /// Whether actions wait for [`Self::poll`]: the daemon must not sleep on them (a host's link
+    /// is attached before the loop's first turn).
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Logged in to the relay.
     pub fn connected(&self) -> bool {
         self.link.established()

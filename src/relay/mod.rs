@@ -277,6 +277,12 @@ impl Relay {
         self.out.pop_front()
     }
 
+    /// Whether actions wait for [`Self::poll`]: the daemon must not sleep on them (a host's link
+    /// is attached before the loop's first turn).
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// A new connection: send it a challenge.
     pub fn connect(&mut self, id: ConnId, now: u64) {
         let mut nonce = [0u8; 32];
