@@ -851,3 +851,38 @@ fn man_pages_give_each_setting_its_environment_and_default() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The default control socket is named the same way wherever a user reads about it: each page
+/// that mentions the default names all three places `config::default_socket` picks from.
+#[test]
+fn the_default_socket_reads_the_same_everywhere() {
+    let places = [
+        "XDG_RUNTIME_DIR/chatd/control.sock",
+        "/run/chatd/control.sock",
+        "/tmp/chatd-UID/control.sock",
+    ];
+    let mut texts: Vec<(String, String)> = [
+        "man/chatd.8",
+        "man/chatctl.1",
+        "man/chatd.toml.5",
+        "README.md",
+        "contrib/chatd.toml.example",
+        "contrib/examples/echo-bot",
+        "contrib/examples/log-forwarder",
+    ]
+    .iter()
+    .map(|p| (p.to_string(), read(p)))
+    .collect();
+    for (name, cmd) in programs().into_iter().map(|(n, c, _)| (n, c)) {
+        let mut cmd = cmd;
+        texts.push((format!("{name} --help"), cmd.render_long_help().to_string()));
+    }
+    for (what, text) in texts {
+        for place in places {
+            assert!(
+                text.contains(place),
+                "{what} does not name the default socket {place}"
+            );
+        }
+    }
+}

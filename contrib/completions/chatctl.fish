@@ -24,7 +24,7 @@ function __fish_chatctl_using_subcommand
     contains -- $cmd[1] $argv
 end
 
-complete -c chatctl -n "__fish_chatctl_needs_command" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_needs_command" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_needs_command" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_needs_command" -s h -l help -d 'Print help'
 complete -c chatctl -n "__fish_chatctl_needs_command" -s V -l version -d 'Print version'
@@ -40,30 +40,30 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l wait -d 'Wait f
 relay\t'Until the relay has taken custody'
 delivered\t'Until the recipient\'s daemon has stored it'"
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l timeout -d 'Seconds to wait at most with --wait' -r
-complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l all -d 'Send to every peer online now'
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s n -l lines -d 'How many of the last records to print [default: 10; all newer than SEQ with --since]' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l since -d 'Only records with a larger seq' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r
-complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s h -l help -d 'Print help'
-complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -s h -l help -d 'Print help'
-complete -c chatctl -n "__fish_chatctl_using_subcommand status" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand status" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand status" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand status" -s h -l help -d 'Print help'
-complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand fingerprint" -s h -l help -d 'Print help'
-complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -s h -l help -d 'Print help'
-complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -s h -l help -d 'Print help'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'

@@ -3,7 +3,7 @@ complete -c chatd -l user -d 'Your user name (1-32 of a-z 0-9 . _ -); makes this
 complete -c chatd -l connect -d 'Relay to connect to as a member (port defaults to 9999)' -r
 complete -c chatd -l listen -d 'Address to serve the relay on (e.g. 0.0.0.0:9999; port 0 picks a free one)' -r
 complete -c chatd -l state-dir -d 'State directory for the identity key and database (mode 0700)' -r -F
-complete -c chatd -l socket -d 'Control socket path' -r -F
+complete -c chatd -l socket -d 'Control socket path [default: $CHATD_SOCKET, else $RUNTIME_DIRECTORY/control.sock, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatd -l key-bits -d 'RSA key size for a new identity' -r -f -a "2048\t''
 3072\t''
 4096\t''"

@@ -22,7 +22,7 @@ use crate::proto::MAX_TEXT;
 #[command(name = "chatctl", version, long_about = None)]
 pub struct Args {
     /// Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock,
-    /// else /run/chatd/control.sock]
+    /// else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]
     #[arg(long, global = true, value_name = "PATH", env = "CHATD_SOCKET")]
     pub socket: Option<PathBuf>,
     /// One JSON object per line on stdout

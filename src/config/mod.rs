@@ -58,7 +58,7 @@ settings! {
             check: [],
             sighup: [restart(state_dir)],
         }
-        /// Control socket path
+        /// Control socket path [default: $CHATD_SOCKET, else $RUNTIME_DIRECTORY/control.sock, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]
         socket: PathBuf {
             flag: [value_name = "PATH"],
             env: ["CHATD_SOCKET", "RUNTIME_DIRECTORY" / "control.sock"],
