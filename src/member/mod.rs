@@ -26,7 +26,8 @@ use crate::clock::Now;
 use std::collections::VecDeque;
 
 use log::{info, warn};
-use rand::rngs::OsRng;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 use crate::crypto::{login_transcript, Fingerprint, Identity};
 use crate::proto::control::{PeerView, RecordBody, Sent};
@@ -68,7 +69,7 @@ impl Member {
             identity,
             link: Link::Down,
             peers,
-            sending: Sending::new(),
+            sending: Sending::new(StdRng::from_entropy()),
             receiving: Receiving::new(),
             relay_error: None,
             out: VecDeque::new(),
@@ -81,11 +82,17 @@ impl Member {
         self.peers = Peers::from_pins(store.pins()?);
         // Sessions and the receipt retry timer together: the outbox the timer would resend may
         // be rolled back, and the next login offers whatever it still holds.
-        self.sending = Sending::new();
+        self.sending.reset();
         self.receiving = Receiving::new();
         self.out.clear();
         self.link = Link::Down;
         Ok(())
+    }
+
+    /// Draw ids, session keys and signature salts from a fixed seed from now on (deterministic
+    /// tests only: everything random becomes predictable).
+    pub fn seed_rng(&mut self, seed: u64) {
+        *self.sending.rng() = StdRng::seed_from_u64(seed);
     }
 
     /// Own user name.
@@ -241,7 +248,7 @@ impl Member {
 
     fn challenged(&mut self, login: Login, nonce: &[u8; 32], now: Now) {
         let t = login_transcript(nonce, &self.user);
-        match self.identity.sign(&mut OsRng, &t) {
+        match self.identity.sign(self.sending.rng(), &t) {
             Ok(signature) => {
                 self.link = Link::ExpectWelcome(login.login_sent(now.mono));
                 let key = self.identity.public().der().to_vec();

@@ -11,7 +11,7 @@ use crate::clock::Now;
 use std::collections::HashMap;
 
 use log::warn;
-use rand::rngs::OsRng;
+use rand::rngs::StdRng;
 use rand::RngCore;
 
 use super::error::MemberError;
@@ -53,6 +53,9 @@ pub(super) struct Sending {
     /// When to resend the outbox's receipts after the relay refused one for a passing reason.
     /// Kept across a reconnect (the login resends the whole outbox anyway).
     retry_at: Option<u64>,
+    /// Message and session ids, session keys and key packets come from here: seeded from the
+    /// OS, or from a fixed seed in a test so a run repeats exactly.
+    rng: StdRng,
 }
 
 /// Check a send request and name its recipients, in order and each once. Every check happens
@@ -128,12 +131,24 @@ pub(super) fn outbox(store: &dyn MemberStore, only_receipts: bool) -> Vec<Routed
 }
 
 impl Sending {
-    /// No sessions, no timer.
-    pub(super) fn new() -> Sending {
+    /// No sessions, no timer; randomness from `rng`.
+    pub(super) fn new(rng: StdRng) -> Sending {
         Sending {
             sessions: HashMap::new(),
             retry_at: None,
+            rng,
         }
+    }
+
+    /// Forget sessions and the timer, keep the random generator (a seeded run stays seeded).
+    pub(super) fn reset(&mut self) {
+        self.sessions.clear();
+        self.retry_at = None;
+    }
+
+    /// The random generator, for the login signature.
+    pub(super) fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
     }
 
     /// Start a new session with `user` on the next send (their key was just trusted).
@@ -248,9 +263,9 @@ impl Sending {
         };
         if fresh {
             let mut id = [0u8; 16];
-            OsRng.fill_bytes(&mut id);
-            let key = SessionKey::random(&mut OsRng);
-            let kp = make_key_packet(&mut OsRng, identity, own, to, &pinned, &id, &key)
+            self.rng.fill_bytes(&mut id);
+            let key = SessionKey::random(&mut self.rng);
+            let kp = make_key_packet(&mut self.rng, identity, own, to, &pinned, &id, &key)
                 .map_err(MemberError::Crypto)?;
             store.put_session(true, to, &id, key.expose())?;
             self.sessions.insert(
@@ -281,11 +296,11 @@ impl Sending {
         store: &mut dyn MemberStore,
     ) -> Result<(Sent, Routed, Record), MemberError> {
         let from = own.to_string();
+        let mut id = [0u8; 16];
+        self.rng.fill_bytes(&mut id);
         let s = self.session_for(identity, own, peers, to, store)?;
         let counter = s.next;
         s.next += 1;
-        let mut id = [0u8; 16];
-        OsRng.fill_bytes(&mut id);
         let mut env = Envelope {
             id,
             from: from.clone(),
