@@ -8,7 +8,7 @@
 //! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
 //! until the turn's transaction commits).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use log::{info, warn};
 use rand::rngs::StdRng;
@@ -20,6 +20,11 @@ use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Route
 use crate::proto::{from_payload, to_payload, valid_user};
 use crate::store::{RelayStore, StoreError};
 
+mod error;
+mod queue;
+pub use error::RelayError;
+use queue::UserQueue;
+
 /// Deliveries a member may have unacknowledged at once. Bounds the relay's write buffer per
 /// member (a long queue is drained in windows, not dumped at login) and so keeps a member with a
 /// long backlog from being cut off as a slow reader.
@@ -28,40 +33,6 @@ pub const DELIVERY_WINDOW: usize = 128;
 /// Directory entries per frame: 512 entries with 8192-bit keys (about 1.1 KB each) stay well
 /// under the 1 MiB frame cap, and a member refuses longer lists.
 pub use crate::proto::DIRECTORY_CHUNK;
-
-/// One user's queued items, oldest first. Items are delivered strictly in order, so the
-/// delivered-but-unacknowledged ones are always a prefix of `items` of length `sent`.
-#[derive(Default)]
-struct UserQueue {
-    /// Items with their encoded size. The bodies stay in the store until delivered, so a long
-    /// queue costs a few dozen bytes per item of memory, not the items themselves.
-    items: VecDeque<(ItemKey, usize)>,
-    keys: HashSet<ItemKey>,
-    sent: usize,
-    sent_bytes: usize,
-}
-
-impl UserQueue {
-    fn push(&mut self, key: ItemKey, size: usize) {
-        self.keys.insert(key);
-        self.items.push_back((key, size));
-    }
-
-    fn remove(&mut self, key: ItemKey) -> bool {
-        if !self.keys.remove(&key) {
-            return false;
-        }
-        if let Some(pos) = self.items.iter().position(|(k, _)| *k == key) {
-            if let Some((_, size)) = self.items.remove(pos) {
-                if pos < self.sent {
-                    self.sent -= 1;
-                    self.sent_bytes = self.sent_bytes.saturating_sub(size);
-                }
-            }
-        }
-        true
-    }
-}
 
 /// Identifies one connection to the relay (the daemon's token, or the host's in-process member).
 /// A newtype so a count, a sequence number or a token cannot be passed for it by mistake; the
@@ -116,68 +87,6 @@ pub enum Out {
     Send(ConnId, FromRelay),
     /// Close a connection once what is queued for it has been written.
     Close(ConnId),
-}
-
-/// Protocol errors a client can commit. Each ends its connection with an `Error` frame.
-#[derive(Debug)]
-pub enum RelayError {
-    /// The frame is not a valid `ToRelay` message.
-    Malformed(String),
-    /// A valid message arrived in a state that does not expect it.
-    Unexpected {
-        /// What the state expects.
-        expected: &'static str,
-        /// What came.
-        got: &'static str,
-    },
-    /// The login is invalid (bad name, bad key, bad signature).
-    BadLogin(String),
-    /// The relay could not store something the login needs; try again later.
-    Storage(String),
-    /// The name is bound to another key.
-    NameTaken {
-        /// The name.
-        user: String,
-        /// The key it is bound to.
-        bound: String,
-        /// The key that tried.
-        offered: String,
-    },
-}
-
-impl std::fmt::Display for RelayError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RelayError::Malformed(e) => write!(f, "malformed frame: {e}"),
-            RelayError::Unexpected { expected, got } => {
-                write!(f, "protocol violation: expected {expected}, got {got}")
-            }
-            RelayError::BadLogin(e) => write!(f, "login refused: {e}"),
-            RelayError::Storage(e) => write!(f, "login failed: {e}"),
-            RelayError::NameTaken {
-                user,
-                bound,
-                offered,
-            } => write!(
-                f,
-                "name {user} is bound to key {bound}; key {offered} cannot use it \
-                 (if the owner lost their key, the relay operator can run `chatctl forget {user}`)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for RelayError {}
-
-impl RelayError {
-    fn code(&self) -> ErrorCode {
-        match self {
-            RelayError::Malformed(_) | RelayError::Unexpected { .. } => ErrorCode::Protocol,
-            RelayError::BadLogin(_) => ErrorCode::BadLogin,
-            RelayError::Storage(_) => ErrorCode::Storage,
-            RelayError::NameTaken { .. } => ErrorCode::NameTaken,
-        }
-    }
 }
 
 enum State {

@@ -1,0 +1,66 @@
+//! The relay's protocol errors: what a client did wrong, the message it is told and the code
+//! it is closed with. Must never: carry a message body or key material into its text.
+
+use crate::proto::relay::ErrorCode;
+
+/// Protocol errors a client can commit. Each ends its connection with an `Error` frame.
+#[derive(Debug)]
+pub enum RelayError {
+    /// The frame is not a valid `ToRelay` message.
+    Malformed(String),
+    /// A valid message arrived in a state that does not expect it.
+    Unexpected {
+        /// What the state expects.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// The login is invalid (bad name, bad key, bad signature).
+    BadLogin(String),
+    /// The relay could not store something the login needs; try again later.
+    Storage(String),
+    /// The name is bound to another key.
+    NameTaken {
+        /// The name.
+        user: String,
+        /// The key it is bound to.
+        bound: String,
+        /// The key that tried.
+        offered: String,
+    },
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::Malformed(e) => write!(f, "malformed frame: {e}"),
+            RelayError::Unexpected { expected, got } => {
+                write!(f, "protocol violation: expected {expected}, got {got}")
+            }
+            RelayError::BadLogin(e) => write!(f, "login refused: {e}"),
+            RelayError::Storage(e) => write!(f, "login failed: {e}"),
+            RelayError::NameTaken {
+                user,
+                bound,
+                offered,
+            } => write!(
+                f,
+                "name {user} is bound to key {bound}; key {offered} cannot use it \
+                 (if the owner lost their key, the relay operator can run `chatctl forget {user}`)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RelayError {}
+
+impl RelayError {
+    pub(super) fn code(&self) -> ErrorCode {
+        match self {
+            RelayError::Malformed(_) | RelayError::Unexpected { .. } => ErrorCode::Protocol,
+            RelayError::BadLogin(_) => ErrorCode::BadLogin,
+            RelayError::Storage(_) => ErrorCode::Storage,
+            RelayError::NameTaken { .. } => ErrorCode::NameTaken,
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The member role's tables: history, message states, outbox, held envelopes, session keys and
+//! pins. Every SQL statement of the member lives here. Must never: decide a protocol question
+//! (the member core does), or log a message text or key.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::*;
+
+impl Store {
+    // ---- member: history ----
+
+    /// Append a history record and return it with its seq.
+    pub fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record> {
+        self.check_write()?;
+        let blob = to_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn
+            .prepare_cached("INSERT INTO history (time_ms, peer, body) VALUES (?1, ?2, ?3)")?
+            .execute(params![time_ms as i64, peer, blob])?;
+        let seq = self.conn.last_insert_rowid() as u64;
+        Ok(Record { seq, time_ms, body })
+    }
+
+    /// Records in seq order: those with seq > `since`, only `peer`'s if given, the last `last`
+    /// of them (all if `last` is None). The same selection `tail` pages through.
+    pub fn records(
+        &self,
+        since: u64,
+        peer: Option<&str>,
+        last: Option<u64>,
+    ) -> Result<Vec<Record>> {
+        let after = match last {
+            Some(n) => self.start_of_last(since, peer, n)?,
+            None => since,
+        };
+        self.page(after, peer, i64::MAX as u64)
+    }
+
+    /// The seq after which the last `n` records newer than `since` (only `peer`'s, if given)
+    /// begin; `since` when there are fewer.
+    pub fn start_of_last(&self, since: u64, peer: Option<&str>, n: u64) -> Result<u64> {
+        if n == 0 {
+            return Ok(self.last_seq()?.max(since));
+        }
+        let seq: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT seq FROM history WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+                 ORDER BY seq DESC LIMIT 1 OFFSET ?3",
+            )?
+            .query_row(
+                params![since as i64, peer, (n - 1).min(i64::MAX as u64) as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match seq {
+            Some(s) => (s as u64).saturating_sub(1).max(since),
+            None => since,
+        })
+    }
+
+    /// Up to `limit` records with seq > `after` (only `peer`'s, if given), oldest first.
+    pub fn page(&self, after: u64, peer: Option<&str>, limit: u64) -> Result<Vec<Record>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, body FROM history
+             WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+             ORDER BY seq ASC LIMIT ?3",
+        )?;
+        let out = history_rows(stmt.query(params![after as i64, peer, limit as i64])?)?;
+        Ok(out)
+    }
+
+    /// Highest seq in the history (0 when empty).
+    pub fn last_seq(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    // ---- member: messages ----
+
+    /// Remember a message id (both directions). Returns false if the id was already stored.
+    pub fn add_message(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        dir: Dir,
+        state: MsgState,
+        session: &[u8; 16],
+        counter: u64,
+    ) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                &id[..],
+                peer,
+                if dir == Dir::In { "in" } else { "out" },
+                state_str(state),
+                &session[..],
+                counter as i64
+            ])?;
+        Ok(n == 1)
+    }
+
+    /// Whether a message id is stored.
+    pub fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
+            .query_row(params![&id[..]], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Whether an incoming (peer, session, counter) was already accepted.
+    pub fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM messages WHERE dir = 'in' AND peer = ?1 AND session = ?2 AND counter = ?3",
+            )?
+            .query_row(params![peer, &session[..], counter as i64], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// A sent message's recipient, session, counter and state.
+    pub fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT peer, session, counter, state FROM messages WHERE id = ?1 AND dir = 'out'",
+            )?
+            .query_row(params![&id[..]], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((peer, session, counter, state)) => Ok(Some((
+                peer,
+                id16(session)?,
+                counter as u64,
+                state_parse(&state)?,
+            ))),
+        }
+    }
+
+    /// Set a sent message's state.
+    pub fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("UPDATE messages SET state = ?2 WHERE id = ?1")?
+            .execute(params![&id[..], state_str(state)])?;
+        Ok(())
+    }
+
+    // ---- member: outbox ----
+
+    /// Add an encoded item to the outbox (idempotent).
+    pub fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO outbox (kind, id, item) VALUES (?1, ?2, ?3)")?
+            .execute(params![kind_str(key.kind), &key.id[..], item])?;
+        Ok(())
+    }
+
+    /// Remove an item from the outbox; true if it was there.
+    pub fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND id = ?2")?
+            .execute(params![kind_str(key.kind), &key.id[..]])?;
+        Ok(n > 0)
+    }
+
+    /// Every outbox item, oldest first.
+    pub fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, id, item FROM outbox ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, id, item) = row?;
+            out.push((
+                ItemKey {
+                    kind: kind_parse(&kind)?,
+                    id: id16(id)?,
+                },
+                item,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Number of messages (not receipts) waiting in the outbox.
+    pub fn outbox_messages(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE kind = 'message'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    // ---- member: held envelopes (sender changed key or not introduced yet) ----
+
+    /// Keep an envelope from `peer` for later (idempotent).
+    pub fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO held (id, peer, item, seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM held))",
+            )?
+            .execute(params![&id[..], peer, item])?;
+        Ok(())
+    }
+
+    /// Envelopes held from `peer`, oldest first.
+    pub fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, item FROM held WHERE peer = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![peer], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, item) = row?;
+            out.push((id16(id)?, item));
+        }
+        Ok(out)
+    }
+
+    /// Drop a held envelope.
+    pub fn unhold(&mut self, id: &[u8; 16]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("DELETE FROM held WHERE id = ?1")?
+            .execute(params![&id[..]])?;
+        Ok(())
+    }
+
+    // ---- member: sessions ----
+
+    /// Store a session key. `sending` selects the table.
+    pub fn put_session(
+        &mut self,
+        sending: bool,
+        peer: &str,
+        session: &[u8; 16],
+        key: &[u8; 32],
+    ) -> Result<()> {
+        self.check_write()?;
+        let sql = if sending {
+            "INSERT OR REPLACE INTO send_sessions (peer, session, key) VALUES (?1, ?2, ?3)"
+        } else {
+            "INSERT OR REPLACE INTO recv_sessions (peer, session, key) VALUES (?1, ?2, ?3)"
+        };
+        self.conn
+            .prepare_cached(sql)?
+            .execute(params![peer, &session[..], &key[..]])?;
+        Ok(())
+    }
+
+    /// Look up a session key.
+    pub fn session(
+        &self,
+        sending: bool,
+        peer: &str,
+        session: &[u8; 16],
+    ) -> Result<Option<Vec<u8>>> {
+        let sql = if sending {
+            "SELECT key FROM send_sessions WHERE peer = ?1 AND session = ?2"
+        } else {
+            "SELECT key FROM recv_sessions WHERE peer = ?1 AND session = ?2"
+        };
+        Ok(self
+            .conn
+            .prepare_cached(sql)?
+            .query_row(params![peer, &session[..]], |r| r.get::<_, Vec<u8>>(0))
+            .optional()?)
+    }
+
+    // ---- member: pins ----
+
+    /// Every pin.
+    pub fn pins(&self) -> Result<Vec<Pin>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user, key, trust, presented FROM pins ORDER BY user")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+            ))
+        })?;
+        let mut pins = Vec::new();
+        for row in rows {
+            let (user, key, trust, presented) = row?;
+            pins.push(Pin {
+                user,
+                key,
+                trust: PinTrust::parse(&trust)?,
+                presented,
+            });
+        }
+        Ok(pins)
+    }
+
+    /// Insert or replace a pin.
+    pub fn put_pin(&mut self, pin: &Pin) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pins (user, key, trust, presented) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                pin.user,
+                pin.key,
+                pin.trust.as_str(),
+                pin.presented
+            ])?;
+        Ok(())
+    }
+}
