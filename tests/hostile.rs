@@ -1344,11 +1344,17 @@ fn max_write_buffer_does_not_cut_off_a_prompt_tail_of_a_long_history() {
 
 #[test]
 fn a_relay_with_a_large_directory_still_logs_members_in() {
-    // Anyone may claim names on a relay (one key can claim any number of them), and `Welcome`
-    // lists every bound name with its key. Claim enough names that the directory is larger than
-    // one frame (1 MiB; about 350 bytes per name with a 2048-bit key and a 32-byte name), then
-    // check that a new member can still log in.
-    let relay = relay_with(&[]);
+    // `Welcome` lists every bound name with its key. Claim enough names that the directory is
+    // larger than one frame (1 MiB; about 350 bytes per name with a 2048-bit key and a 32-byte
+    // name), then check that a new member can still log in. The registration bounds would stop
+    // one key claiming that many names (see `one_key_cannot_claim_every_name`), so this relay
+    // is configured to allow it.
+    let relay = relay_with(&[
+        "--max-names-per-key",
+        "4000",
+        "--new-names-per-minute",
+        "4000",
+    ]);
     let addr = relay.addr();
     let key = Arc::new(identity());
     let names = 3100;
@@ -1511,4 +1517,68 @@ fn limits_are_settable_in_chatd_toml() {
         let err = stderr_of(&out);
         assert!(err.contains(key), "the error names {key}: {err:?}");
     }
+}
+
+/// Issue 8 point 5: one key registering many names (10,000 in under a minute before) is stopped
+/// at `max_names_per_key` with `too_many_names`, a new key is stopped by `new_names_per_minute`
+/// with `registration_rate`, and the names already bound keep working.
+#[test]
+fn one_key_cannot_claim_every_name() {
+    let relay = relay_with(&["--max-names-per-key", "3", "--new-names-per-minute", "5"]);
+    let addr = relay.addr();
+    let login = |key: &Identity, user: &str| -> Vec<FromRelay> {
+        let mut c = Raw::tcp(&addr);
+        let nonce = c.challenge();
+        let signature = key
+            .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, user))
+            .expect("sign");
+        c.send(&ToRelay::Login {
+            user: user.into(),
+            key: key.public().der().to_vec(),
+            signature,
+        });
+        c.recv_relay(DEADLINE).into_iter().collect()
+    };
+    let code = |answer: &[FromRelay]| match answer.first() {
+        Some(FromRelay::Error { code, .. }) => Some(code.to_string()),
+        _ => None,
+    };
+    let one = identity();
+    for user in ["n1", "n2", "n3"] {
+        let answer = login(&one, user);
+        assert!(
+            matches!(answer[0], FromRelay::Welcome { .. }),
+            "{user}: {answer:?}"
+        );
+    }
+    assert_eq!(code(&login(&one, "n4")).as_deref(), Some("too_many_names"));
+    // A name the key holds still logs in.
+    assert!(matches!(login(&one, "n2")[0], FromRelay::Welcome { .. }));
+    let two = identity();
+    for user in ["m1", "m2"] {
+        assert!(
+            matches!(login(&two, user)[0], FromRelay::Welcome { .. }),
+            "{user}"
+        );
+    }
+    let refused = login(&two, "m3");
+    assert_eq!(
+        code(&refused).as_deref(),
+        Some("registration_rate"),
+        "{refused:?}"
+    );
+    let names: Vec<String> = relay
+        .who()
+        .iter()
+        .map(|p| p["user"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["m1", "m2", "n1", "n2", "n3"],
+        "nothing refused was bound"
+    );
+    assert!(
+        relay.log().contains("(max_names_per_key)")
+            && relay.log().contains("(new_names_per_minute)")
+    );
 }

@@ -9,6 +9,8 @@ complete -c chatd -l key-bits -d 'RSA key size for a new identity' -r -f -a "204
 4096\t''"
 complete -c chatd -l max-connections -d 'Relay: most simultaneous member connections' -r
 complete -c chatd -l max-queue -d 'Relay: most items queued per user before new ones are refused' -r
+complete -c chatd -l max-names-per-key -d 'Relay: most names one key may register' -r
+complete -c chatd -l new-names-per-minute -d 'Relay: most new names registered per minute, by everyone together' -r
 complete -c chatd -l handshake-timeout -d 'Relay: seconds a new connection has to log in' -r
 complete -c chatd -l idle-timeout -d 'Relay: seconds of silence before a connection is closed' -r
 complete -c chatd -l max-write-buffer -d 'Bytes queued for one connection before it is cut off as a slow reader' -r

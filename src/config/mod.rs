@@ -95,6 +95,22 @@ settings! {
             check: [positive],
             sighup: [apply(0 max_queue = limits.max_queue)],
         }
+        /// Relay: most names one key may register
+        max_names_per_key: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [Limits::default().max_names_per_key],
+            check: [positive],
+            sighup: [apply(8 max_names_per_key = limits.max_names_per_key)],
+        }
+        /// Relay: most new names registered per minute, by everyone together
+        new_names_per_minute: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [Limits::default().new_names_per_minute],
+            check: [positive],
+            sighup: [apply(9 new_names_per_minute = limits.new_names_per_minute)],
+        }
         /// Relay: seconds a new connection has to log in
         handshake_timeout: u64 {
             flag: [value_name = "SECS"],
@@ -410,6 +426,8 @@ pub fn resolve_with(
     let key_bits = s.key_bits()?;
     let log_level = s.log_level()?;
     let max_queue = s.max_queue()?;
+    let max_names_per_key = s.max_names_per_key()?;
+    let new_names_per_minute = s.new_names_per_minute()?;
     let handshake_timeout_ms = s.handshake_timeout()?.saturating_mul(1000);
     let idle_timeout_ms = s.idle_timeout()?.saturating_mul(1000);
     let max_write_buffer = s.max_write_buffer()?;
@@ -423,6 +441,8 @@ pub fn resolve_with(
             handshake_timeout_ms,
             idle_timeout_ms,
             window_bytes: max_write_buffer / 2,
+            max_names_per_key,
+            new_names_per_minute,
         },
         max_connections: s.max_connections()?,
         max_write_buffer,

@@ -66,6 +66,18 @@ pub struct ReadResult {
 /// from everyone else before the loop writes, runs timers and serves other connections.
 pub const READ_BUDGET: usize = 256 * 1024;
 
+/// A drained buffer keeps its allocation up to this size, so a busy connection does not
+/// allocate every turn; a larger one is freed. Idle connections are the relay's bulk (thousands
+/// of members doing nothing), and a buffer that once held a burst must not stay that big.
+pub const KEEP_BUFFER: usize = 1024;
+
+/// Free `buf`'s allocation if it is empty and bigger than [`KEEP_BUFFER`].
+fn shrink_if_drained(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
+        *buf = Vec::new();
+    }
+}
+
 /// One connection and its buffers.
 pub struct Conn {
     /// The socket.
@@ -153,6 +165,7 @@ impl Conn {
             start += consumed;
         }
         self.inbuf.drain(..start);
+        shrink_if_drained(&mut self.inbuf);
         Ok(())
     }
 
@@ -190,6 +203,7 @@ impl Conn {
             }
         }
         self.outbuf.drain(..written);
+        shrink_if_drained(&mut self.outbuf);
         self.mark = self.outbuf.len();
         let want = !self.outbuf.is_empty();
         if want != self.writable {
@@ -204,6 +218,12 @@ impl Conn {
         Ok(())
     }
 
+    /// Bytes allocated for both buffers (for tests of memory use).
+    #[cfg(test)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.inbuf.capacity() + self.outbuf.capacity()
+    }
+
     /// Register for both directions (an outgoing TCP connect reports completion as writable).
     pub fn want_write(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         self.writable = true;
@@ -212,5 +232,48 @@ impl Conn {
             token,
             Interest::READABLE | Interest::WRITABLE,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::Poll;
+
+    /// A burst through a connection leaves no burst-sized buffers behind once it is written and
+    /// read: idle connections cost no more than a fresh one.
+    #[test]
+    fn buffers_shrink_after_they_drain() {
+        let poll = Poll::new().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Conn::new(Stream::Unix(a)), Conn::new(Stream::Unix(b)));
+        a.register(poll.registry(), Token(1)).unwrap();
+        b.register(poll.registry(), Token(2)).unwrap();
+        let payload = vec![7u8; 40_000];
+        let mut framed = Vec::new();
+        frame::encode(&payload, &mut framed).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            if a.pending() == 0 && got.is_empty() {
+                a.queue(&framed);
+            }
+            a.flush(poll.registry(), Token(1)).unwrap();
+            got.extend(b.read_frames(1 << 20).frames);
+            if a.pending() == 0 && !got.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(got, [payload], "the frame went through");
+        assert_eq!(a.pending(), 0);
+        assert!(
+            a.buffer_capacity() <= 2 * KEEP_BUFFER,
+            "sender kept {}",
+            a.buffer_capacity()
+        );
+        assert!(
+            b.buffer_capacity() <= 2 * KEEP_BUFFER,
+            "receiver kept {}",
+            b.buffer_capacity()
+        );
     }
 }

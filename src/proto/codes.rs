@@ -100,6 +100,10 @@ codes! {
         Forgotten => "forgotten",
         /// No login within the handshake timeout, or no frame within the idle timeout.
         Timeout => "timeout",
+        /// The login's key already holds the most names one key may register.
+        TooManyNames => "too_many_names",
+        /// The relay registered as many new names in the last minute as it allows.
+        RegistrationRate => "registration_rate",
     }
 }
 

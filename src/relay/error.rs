@@ -28,6 +28,21 @@ pub enum RelayError {
         /// The key that tried.
         offered: String,
     },
+    /// The key already holds as many names as a key may (`max_names_per_key`).
+    TooManyNames {
+        /// The name it asked for.
+        user: String,
+        /// The key's fingerprint.
+        key: String,
+        /// The limit.
+        max: usize,
+    },
+    /// The relay bound as many new names in the last minute as it takes
+    /// (`new_names_per_minute`); try again later.
+    RegistrationRate {
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl std::fmt::Display for RelayError {
@@ -48,6 +63,16 @@ impl std::fmt::Display for RelayError {
                 "name {user} is bound to key {bound}; key {offered} cannot use it \
                  (if the owner lost their key, the relay operator can run `chatctl forget {user}`)"
             ),
+            RelayError::TooManyNames { user, key, max } => write!(
+                f,
+                "cannot register {user}: key {key} already holds {max} names, the most this relay \
+                 allows one key (max_names_per_key)"
+            ),
+            RelayError::RegistrationRate { max } => write!(
+                f,
+                "this relay registers at most {max} new names a minute (new_names_per_minute); \
+                 try again in a minute"
+            ),
         }
     }
 }
@@ -61,6 +86,8 @@ impl RelayError {
             RelayError::BadLogin(_) => ErrorCode::BadLogin,
             RelayError::Storage(_) => ErrorCode::Storage,
             RelayError::NameTaken { .. } => ErrorCode::NameTaken,
+            RelayError::TooManyNames { .. } => ErrorCode::TooManyNames,
+            RelayError::RegistrationRate { .. } => ErrorCode::RegistrationRate,
         }
     }
 }

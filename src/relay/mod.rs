@@ -67,6 +67,11 @@ pub struct Limits {
     /// always allowed). The daemon sets it to half its write-buffer cap, so a member that reads
     /// is never cut off as a slow reader because of its own backlog.
     pub window_bytes: usize,
+    /// Names one key may hold. Bounds what one keyholder can take from everyone (a name is
+    /// first come, first served).
+    pub max_names_per_key: usize,
+    /// New names the relay binds in any 60 s, from everyone together.
+    pub new_names_per_minute: usize,
 }
 
 impl Default for Limits {
@@ -76,6 +81,8 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             window_bytes: 8 << 20,
+            max_names_per_key: 8,
+            new_names_per_minute: 600,
         }
     }
 }
@@ -124,7 +131,14 @@ pub struct Relay {
     /// Challenge nonces come from here: seeded from the OS, or from a fixed seed in a test so a
     /// run repeats exactly.
     rng: StdRng,
+    /// How many names each key (SPKI DER) holds.
+    names_per_key: HashMap<Vec<u8>, usize>,
+    /// When each new name of the last [`REGISTRATION_WINDOW_MS`] was bound (monotonic ms).
+    recent_binds: VecDeque<u64>,
 }
+
+/// The window `new_names_per_minute` counts over.
+const REGISTRATION_WINDOW_MS: u64 = 60_000;
 
 impl Relay {
     /// Load bindings and queues from the store.
@@ -138,6 +152,10 @@ impl Relay {
                 Err(e) => warn!("ignoring stored binding for {user}: {e}"),
             }
         }
+        let mut names_per_key: HashMap<Vec<u8>, usize> = HashMap::new();
+        for key in bindings.values() {
+            *names_per_key.entry(key.der().to_vec()).or_default() += 1;
+        }
         let mut queues: HashMap<String, UserQueue> = HashMap::new();
         for q in store.queued_sizes()? {
             queues.entry(q.0).or_default().push(q.1, q.2);
@@ -150,6 +168,8 @@ impl Relay {
             out: VecDeque::new(),
             limits,
             rng: StdRng::from_entropy(),
+            names_per_key,
+            recent_binds: VecDeque::new(),
         })
     }
 
@@ -274,7 +294,7 @@ impl Relay {
                         key,
                         signature,
                     } => {
-                        if let Err(e) = self.login(id, nonce, user, &key, &signature, store) {
+                        if let Err(e) = self.login(id, nonce, user, &key, &signature, now, store) {
                             self.fail(id, e);
                         }
                     }
@@ -345,7 +365,9 @@ impl Relay {
             );
             self.disconnect(id);
         }
-        self.bindings.remove(user);
+        if let Some(key) = self.bindings.remove(user) {
+            self.unbound(&key);
+        }
         self.queues.remove(user);
         info!("forgot {user}: binding and queue dropped");
         Ok(true)
@@ -412,6 +434,7 @@ impl Relay {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // reason: the Login frame's three fields, its connection, nonce, clock and store
     fn login(
         &mut self,
         id: ConnId,
@@ -419,6 +442,7 @@ impl Relay {
         user: String,
         key: &[u8],
         signature: &[u8],
+        now: u64,
         store: &mut dyn RelayStore,
     ) -> Result<(), RelayError> {
         if !valid_user(&user) {
@@ -444,11 +468,14 @@ impl Relay {
             }
             Some(_) => {}
             None => {
+                self.may_register(&user, &key, now)?;
                 store
                     .bind(&user, key.der())
                     .map_err(|e| RelayError::Storage(format!("relay cannot store binding: {e}")))?;
                 info!("bound {user} to {}", key.fingerprint());
                 self.bindings.insert(user.clone(), key.clone());
+                *self.names_per_key.entry(key.der().to_vec()).or_default() += 1;
+                self.recent_binds.push_back(now);
             }
         }
         let mut was_online = false;
@@ -507,6 +534,49 @@ impl Relay {
         }
         self.fill(&user, store);
         Ok(())
+    }
+
+    /// Whether a new name may be bound to `key` now (docs/LIMITS.md, "Registrations").
+    fn may_register(&mut self, user: &str, key: &PublicKey, now: u64) -> Result<(), RelayError> {
+        let held = self.names_per_key.get(key.der()).copied().unwrap_or(0);
+        if held >= self.limits.max_names_per_key {
+            warn!(
+                "refused to register {user}: key {} holds {held} names (max_names_per_key)",
+                key.fingerprint()
+            );
+            return Err(RelayError::TooManyNames {
+                user: user.to_string(),
+                key: key.fingerprint().to_string(),
+                max: self.limits.max_names_per_key,
+            });
+        }
+        while self
+            .recent_binds
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) >= REGISTRATION_WINDOW_MS)
+        {
+            self.recent_binds.pop_front();
+        }
+        if self.recent_binds.len() >= self.limits.new_names_per_minute {
+            warn!(
+                "refused to register {user}: {} new names in the last minute (new_names_per_minute)",
+                self.recent_binds.len()
+            );
+            return Err(RelayError::RegistrationRate {
+                max: self.limits.new_names_per_minute,
+            });
+        }
+        Ok(())
+    }
+
+    /// A name bound to `key` is gone.
+    fn unbound(&mut self, key: &PublicKey) {
+        if let Some(n) = self.names_per_key.get_mut(key.der()) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.names_per_key.remove(key.der());
+            }
+        }
     }
 
     fn route(&mut self, id: ConnId, user: &str, item: Routed, store: &mut dyn RelayStore) {

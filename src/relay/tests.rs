@@ -1006,3 +1006,57 @@ fn seeded_relays_repeat_their_challenges() {
     assert_eq!(first, nonces());
     assert_ne!(first[0], first[1]);
 }
+
+/// One key may hold `max_names_per_key` names; the next new name is refused with
+/// `too_many_names` and binds nothing, a name it already holds still logs in, and a forgotten
+/// name frees its place.
+#[test]
+fn a_key_holds_at_most_max_names_per_key() {
+    let mut t = T::with_limits(Limits {
+        max_names_per_key: 2,
+        ..Limits::default()
+    });
+    t.logged_in(1, "m1", MALLORY);
+    t.logged_in(2, "m2", MALLORY);
+    let out = t.login(3, "m3", MALLORY);
+    assert_eq!(error_code(&out, 3).as_deref(), Some("too_many_names"));
+    assert!(
+        !t.relay.directory().iter().any(|p| p.user == "m3"),
+        "m3 was not bound"
+    );
+    assert!(t.store.bindings().unwrap().iter().all(|(u, _)| u != "m3"));
+    // Another key is not affected, nor is a name the key already holds.
+    t.logged_in(4, "alice", ALICE);
+    t.relay.disconnect(ConnId(1));
+    t.drain();
+    t.logged_in(5, "m1", MALLORY);
+    // Forgetting one of its names lets the key register another.
+    assert!(t.relay.forget("m2", &mut t.store).unwrap());
+    t.drain();
+    t.logged_in(6, "m3", MALLORY);
+    // The count survives a restart (it is rebuilt from the stored bindings).
+    let mut again = Relay::load(&t.store, t.relay.limits.clone()).unwrap();
+    std::mem::swap(&mut t.relay, &mut again);
+    let out = t.login(7, "m4", MALLORY);
+    assert_eq!(error_code(&out, 7).as_deref(), Some("too_many_names"));
+}
+
+/// At most `new_names_per_minute` new names are bound in any 60 s; the next is refused with
+/// `registration_rate`, logins of bound names are not counted, and a minute later it works.
+#[test]
+fn new_names_are_rate_limited_per_minute() {
+    let mut t = T::with_limits(Limits {
+        new_names_per_minute: 2,
+        ..Limits::default()
+    });
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let out = t.login(3, "carol", MALLORY);
+    assert_eq!(error_code(&out, 3).as_deref(), Some("registration_rate"));
+    // Bound names log in whatever the rate.
+    t.relay.disconnect(ConnId(1));
+    t.drain();
+    t.logged_in(4, "alice", ALICE);
+    t.now += 60_000;
+    t.logged_in(5, "carol", MALLORY);
+}
