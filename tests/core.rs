@@ -1595,3 +1595,34 @@ fn a_host_logs_its_own_member_in_unprompted() {
         || d.log().contains("logged in to relay as alice"),
     );
 }
+
+/// Issue 8 point 8: `send --all` keeps meaning "every peer online now" up to `max_fanout`; above
+/// it chatctl fails with exit 1 and a line that names the limit, and nothing is sent.
+#[test]
+fn send_all_above_max_fanout_fails_and_sends_nothing() {
+    let mut alice = Daemon::spawn(
+        "host alice",
+        Role::Host,
+        &[
+            "--user",
+            "alice",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-fanout",
+            "1",
+        ],
+    );
+    alice.wait_ready();
+    let bob = Daemon::member("bob", &alice.addr());
+    let carol = Daemon::member("carol", &alice.addr());
+    alice.wait_peer_online("bob", true);
+    alice.wait_peer_online("carol", true);
+    let out = alice.ctl(&["send", "--all", "hello", "everyone"]);
+    let line = assert_error_line(&out, 1, "send --all above max_fanout");
+    assert!(
+        line.contains("max_fanout") && line.contains("2 peers"),
+        "{line}"
+    );
+    assert!(alice.texts("out").is_empty(), "nothing was sent");
+    drop((bob, carol));
+}

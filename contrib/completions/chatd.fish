@@ -14,6 +14,7 @@ complete -c chatd -l new-names-per-minute -d 'Relay: most new names registered p
 complete -c chatd -l handshake-timeout -d 'Relay: seconds a new connection has to log in' -r
 complete -c chatd -l idle-timeout -d 'Relay: seconds of silence before a connection is closed' -r
 complete -c chatd -l max-write-buffer -d 'Bytes queued for one connection before it is cut off as a slow reader' -r
+complete -c chatd -l max-fanout -d 'Member: most peers `send --all` may reach; with more online it sends nothing' -r
 complete -c chatd -l max-control-clients -d 'Most simultaneous control-socket clients' -r
 complete -c chatd -s h -l help -d 'Print help'
 complete -c chatd -s V -l version -d 'Print version'

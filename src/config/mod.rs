@@ -138,6 +138,14 @@ settings! {
                 5 max_write_buffer = max_write_buffer
             )],
         }
+        /// Member: most peers `send --all` may reach; with more online it sends nothing
+        max_fanout: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [crate::member::DEFAULT_MAX_FANOUT],
+            check: [positive],
+            sighup: [apply(10 max_fanout = max_fanout)],
+        }
         /// Most simultaneous control-socket clients
         max_control_clients: usize {
             flag: [value_name = "N"],
@@ -295,6 +303,8 @@ pub struct Config {
     pub max_write_buffer: usize,
     /// Most control clients.
     pub max_control_clients: usize,
+    /// Most peers `send --all` reaches.
+    pub max_fanout: usize,
     /// The config file in use, if any (reloaded on SIGHUP).
     pub file_path: Option<PathBuf>,
     /// Log level from the file.
@@ -447,6 +457,7 @@ pub fn resolve_with(
         max_connections: s.max_connections()?,
         max_write_buffer,
         max_control_clients: s.max_control_clients()?,
+        max_fanout: s.max_fanout()?,
         file_path,
         log_level,
     })

@@ -117,17 +117,22 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
 
     let fingerprint = identity.public().fingerprint();
     let load_relay = || Relay::load(&store, cfg.limits.clone()).map_err(DaemonError::Store);
+    let load_member = |user: &String| -> Result<Member, DaemonError> {
+        let mut m = Member::load(user.clone(), identity, &store).map_err(DaemonError::Store)?;
+        m.set_max_fanout(cfg.max_fanout);
+        Ok(m)
+    };
     let roles = match &cfg.role {
         Role::Relay { .. } => Roles::Relay(load_relay()?),
         Role::Member { user, connect } => Roles::Member {
-            member: Member::load(user.clone(), identity, &store).map_err(DaemonError::Store)?,
+            member: load_member(user)?,
             uplink: Uplink::new(connect.clone()),
         },
         Role::Host { user, .. } => {
             let relay = load_relay()?;
             Roles::Host {
                 relay,
-                member: Member::load(user.clone(), identity, &store).map_err(DaemonError::Store)?,
+                member: load_member(user)?,
                 link: Link::new(table::conn_id(HOST_LINK)),
             }
         }
@@ -375,6 +380,9 @@ impl Daemon {
         }
         if let Some(r) = self.roles.relay_mut() {
             r.set_limits(self.cfg.limits.clone());
+        }
+        if let Some(m) = self.roles.member_mut() {
+            m.set_max_fanout(self.cfg.max_fanout);
         }
         if done.changes.is_empty() {
             info!("reloaded config: nothing changed");

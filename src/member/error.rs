@@ -21,6 +21,13 @@ pub enum MemberError {
     SelfSend,
     /// `--all` with nobody online.
     NoPeersOnline,
+    /// `--all` with more peers online than `max_fanout` allows.
+    FanoutTooLarge {
+        /// Peers online now.
+        online: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The text is larger than 64 KiB.
     TextTooLong(usize),
     /// The recipient's key changed and is not trusted yet.
@@ -60,6 +67,11 @@ impl std::fmt::Display for MemberError {
             MemberError::UnknownUser(u) => write!(f, "unknown user {u}: the relay has no such name"),
             MemberError::SelfSend => write!(f, "cannot send a message to yourself"),
             MemberError::NoPeersOnline => write!(f, "no peer is online; nothing was sent"),
+            MemberError::FanoutTooLarge { online, max } => write!(
+                f,
+                "{online} peers are online, more than send --all may reach ({max}, max_fanout); \
+                 nothing was sent"
+            ),
             MemberError::TextTooLong(n) => write!(
                 f,
                 "message text is {n} bytes; the limit is {MAX_TEXT} bytes; nothing was sent"

@@ -54,7 +54,12 @@ pub struct Member {
     receiving: Receiving,
     relay_error: Option<String>,
     out: VecDeque<Out>,
+    /// The most recipients `send --all` may reach (`max_fanout`).
+    max_fanout: usize,
 }
+
+/// The default of `max_fanout`: `send --all` is for a room, not a broadcast to a whole relay.
+pub const DEFAULT_MAX_FANOUT: usize = 1000;
 
 impl Member {
     /// Load pins from the store.
@@ -73,6 +78,7 @@ impl Member {
             receiving: Receiving::new(),
             relay_error: None,
             out: VecDeque::new(),
+            max_fanout: DEFAULT_MAX_FANOUT,
         })
     }
 
@@ -93,6 +99,11 @@ impl Member {
     /// tests only: everything random becomes predictable).
     pub fn seed_rng(&mut self, seed: u64) {
         *self.sending.rng() = StdRng::seed_from_u64(seed);
+    }
+
+    /// Set the most recipients `send --all` may reach (config, reload).
+    pub fn set_max_fanout(&mut self, max: usize) {
+        self.max_fanout = max;
     }
 
     /// Own user name.
@@ -439,7 +450,7 @@ impl Member {
         now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<Vec<Sent>, MemberError> {
-        let recipients = send::recipients(&self.peers, &self.user, to, all, text)?;
+        let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
         let queued = self.sending.queue(
             &self.identity,
             &self.user,

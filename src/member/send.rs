@@ -66,12 +66,21 @@ pub(super) fn recipients(
     to: &[String],
     all: bool,
     text: &str,
+    max_fanout: usize,
 ) -> Result<Vec<String>, MemberError> {
     if text.len() > MAX_TEXT {
         return Err(MemberError::TextTooLong(text.len()));
     }
     let mut recipients: Vec<String> = Vec::new();
     if all {
+        // Count before collecting: a relay may put any number of peers online.
+        let online = peers.online_users().count();
+        if online > max_fanout {
+            return Err(MemberError::FanoutTooLarge {
+                online,
+                max: max_fanout,
+            });
+        }
         recipients.extend(peers.online_users().map(str::to_string));
         if recipients.is_empty() {
             return Err(MemberError::NoPeersOnline);

@@ -1960,3 +1960,37 @@ fn next_deadline_is_when_tick_acts() {
     let silent = m.next_deadline().unwrap();
     assert!(silent > ping, "the next timer is later: {silent} vs {ping}");
 }
+
+/// `send --all` reaches at most `max_fanout` peers: with more online it fails, naming both
+/// numbers, and nothing is sealed, stored or sent; at the limit it goes to all of them.
+#[test]
+fn send_all_above_max_fanout_sends_nothing() {
+    let mut net = Net::new();
+    let a = net.join("alice", ALICE);
+    let b = net.join("bob", BOB);
+    let c = net.join("carol", CAROL);
+    net.transfer();
+    let before = net.history(a).len();
+    let node = &mut net.nodes[a];
+    node.member.set_max_fanout(1);
+    let err = node
+        .member
+        .send(&[], true, "to everyone", Now::at(net.now), &mut node.store)
+        .unwrap_err();
+    assert!(
+        matches!(err, MemberError::FanoutTooLarge { online: 2, max: 1 }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("max_fanout"), "{err}");
+    assert!(node.member.poll().is_none(), "nothing to send");
+    net.transfer();
+    assert_eq!(net.history(a).len(), before, "nothing stored");
+    assert!(net.inbox(b).is_empty() && net.inbox(c).is_empty());
+    let node = &mut net.nodes[a];
+    node.member.set_max_fanout(2);
+    let sent = node
+        .member
+        .send(&[], true, "to everyone", Now::at(net.now), &mut node.store)
+        .unwrap();
+    assert_eq!(sent.len(), 2);
+}
