@@ -213,7 +213,7 @@ fn raise_nofile() -> libc::rlim_t {
 }
 
 fn secs(d: Duration) -> String {
-    if d < Duration::from_secs(10) {
+    if d < Duration::from_secs(1) {
         format!("{:.0} ms", d.as_secs_f64() * 1000.0)
     } else {
         format!("{:.1} s", d.as_secs_f64())
@@ -1254,9 +1254,17 @@ fn main() {
 fn run(o: &Opts) -> Result<(), String> {
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(o.minutes * 60.0);
-    // Registration gets up to 40 % of the run, the member logins up to 35 %.
-    let reg_deadline = t0 + Duration::from_secs_f64(o.minutes * 60.0 * 0.40);
-    let login_deadline = t0 + Duration::from_secs_f64(o.minutes * 60.0 * 0.75);
+    // Registration gets up to 35 % of the run and the member logins up to 30 %; the rest (join
+    // sample, settling, who, the mass disconnect) has deadlines of its own, clipped to the cap.
+    let reg_deadline = t0 + Duration::from_secs_f64(o.minutes * 60.0 * 0.35);
+    let login_deadline = t0 + Duration::from_secs_f64(o.minutes * 60.0 * 0.65);
+    // What is left of the cap, but at least `floor` (the mass disconnect must be watched).
+    let left = |cap: u64, floor: u64| {
+        Duration::from_secs(cap).min(
+            end.saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(floor)),
+        )
+    };
 
     let nofile = raise_nofile();
     // Ours: N members + W in flight + a few; the relay (which inherits the limit): the same
@@ -1391,11 +1399,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let mut rss0 = None;
     let mut p_main = None;
     if died_in.is_none() {
-        b.settle(
-            &mut relay,
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-        );
+        b.settle(&mut relay, Duration::from_millis(500), left(30, 1));
         rss0 = relay.kib("VmRSS");
         println!(
             "scale: the relay holds {} names; RSS {} before the members log in",
@@ -1447,11 +1451,7 @@ fn run(o: &Opts) -> Result<(), String> {
 
     // 3. The join sample: what the members online receive while J more log in.
     if died_in.is_none() && o.sample > 0 && Instant::now() < end {
-        let quiet = b.settle(
-            &mut relay,
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-        );
+        let quiet = b.settle(&mut relay, Duration::from_millis(500), left(30, 1));
         let before = b.st.online;
         for c in b.conns.iter_mut().flatten() {
             c.other = c.st == St::Established;
@@ -1464,13 +1464,9 @@ fn run(o: &Opts) -> Result<(), String> {
             from..o.members,
             Role::Member,
             o.inflight,
-            (Instant::now() + Duration::from_secs(120)).min(end),
+            Instant::now() + left(90, 0),
         );
-        b.settle(
-            &mut relay,
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-        );
+        b.settle(&mut relay, Duration::from_millis(500), left(30, 1));
         let v = if p.ok > 0 {
             format!(
                 "{} per join ({} received by the {} members online during {} joins{})",
@@ -1501,7 +1497,7 @@ fn run(o: &Opts) -> Result<(), String> {
     // 4. Memory of N idle connections.
     let online = b.st.online;
     if died_in.is_none() {
-        let quiet = b.settle(&mut relay, Duration::from_secs(1), Duration::from_secs(30));
+        let quiet = b.settle(&mut relay, Duration::from_secs(1), left(30, 1));
         let rss = relay.kib("VmRSS");
         let v = match (rss0, rss) {
             (Some(a), Some(z)) if online > 0 => format!(
@@ -1530,7 +1526,7 @@ fn run(o: &Opts) -> Result<(), String> {
     if died_in.is_none() && relay.alive() {
         let r = {
             let b = &mut b;
-            relay.ctl(&["--json", "who"], Duration::from_secs(120), &mut || {
+            relay.ctl(&["--json", "who"], left(60, 5), &mut || {
                 b.turn(Duration::from_millis(10))
             })
         };
@@ -1572,10 +1568,7 @@ fn run(o: &Opts) -> Result<(), String> {
         let mut settled_at = None;
         let mut last_progress = Instant::now();
         let mut last_status = Instant::now() - Duration::from_secs(10);
-        let limit = Duration::from_secs(60).min(
-            end.saturating_duration_since(Instant::now())
-                .max(Duration::from_secs(10)),
-        );
+        let limit = left(60, 10);
         while tclose.elapsed() < limit {
             if !relay.alive() {
                 break;
