@@ -268,6 +268,10 @@ struct Relay {
     exited: Option<ExitStatus>,
     /// Largest VmRSS seen by the bench's samples (VmHWM is gone once the process is).
     rss_seen: u64,
+    /// Members online at that sample.
+    rss_seen_online: usize,
+    /// The address-space limit it runs under, in GiB (0: none).
+    mem_limit_gib: f64,
 }
 
 impl Relay {
@@ -337,6 +341,8 @@ impl Relay {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             exited: None,
             rss_seen: 0,
+            rss_seen_online: 0,
+            mem_limit_gib: o.relay_mem_gib,
         };
         // The bound port, from `chatctl status --json` (field `listen`).
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -392,10 +398,13 @@ impl Relay {
     }
 
     /// Sample VmRSS (for the largest seen) at most every 200 ms.
-    fn sample(&mut self, last: &mut Instant) {
+    fn sample(&mut self, last: &mut Instant, online: usize) {
         if last.elapsed() >= Duration::from_millis(200) {
             *last = Instant::now();
-            self.kib("VmRSS");
+            let before = self.rss_seen;
+            if self.kib("VmRSS").is_some_and(|v| v > before) {
+                self.rss_seen_online = online;
+            }
         }
     }
 
@@ -445,6 +454,15 @@ impl Relay {
             None => "still running".into(),
         };
         let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let how = if log.contains("memory allocation") && self.mem_limit_gib > 0.0 {
+            format!(
+                "{how}, out of address space (the bench runs it under a {:.1} GiB limit, \
+                 --relay-mem-gib)",
+                self.mem_limit_gib
+            )
+        } else {
+            how
+        };
         let lines: Vec<&str> = log.lines().collect();
         let mut tell: Vec<&str> = lines
             .iter()
@@ -1131,7 +1149,7 @@ impl Bench {
         let failed_before: u64 = self.st.failed.values().sum();
         let mut sampled = Instant::now();
         loop {
-            relay.sample(&mut sampled);
+            relay.sample(&mut sampled, self.st.online);
             while self.st.handshaking < window && next < names.end {
                 self.open(next, role);
                 next += 1;
@@ -1198,7 +1216,7 @@ impl Bench {
         let t0 = Instant::now();
         let mut sampled = Instant::now();
         loop {
-            relay.sample(&mut sampled);
+            relay.sample(&mut sampled, self.st.online);
             self.turn(Duration::from_millis(20));
             if self.last_rx.elapsed() >= quiet && self.st.handshaking == 0 {
                 return true;
@@ -1431,11 +1449,20 @@ fn run(o: &Opts) -> Result<(), String> {
             );
         }
         if p.relay_died {
+            let per = match rss0 {
+                Some(a) if relay.rss_seen_online > 0 => format!(
+                    ", {} per connection over the RSS before the logins",
+                    bytes(
+                        (relay.rss_seen as f64 - a as f64) * 1024.0 / relay.rss_seen_online as f64
+                    )
+                ),
+                _ => String::new(),
+            };
             v += &format!(
-                "; RELAY DIED after {} logins, {} online, last RSS seen {}: {}",
+                "; RELAY DIED after {} logins; largest RSS sampled {} with {} members online{per}: {}",
                 n(p.ok as u64),
-                n(b.st.online as u64),
                 bytes(relay.rss_seen as f64 * 1024.0),
+                n(relay.rss_seen_online as u64),
                 relay.death()
             );
             died_in = Some("member logins".into());
@@ -1693,7 +1720,12 @@ fn run(o: &Opts) -> Result<(), String> {
     rep.add(
         "members dropped after Welcome",
         failures(&b.st.dropped),
-        "by reason",
+        if died_in.is_some() {
+            "by reason; the relay's death closed some of these, and the bench stopped reading \
+             at once, so members still counted online were closed by it too"
+        } else {
+            "by reason"
+        },
     );
     rep.add(
         "the relay's log",
