@@ -418,7 +418,7 @@ impl Relay {
             }
             let msg = l.split_once("] ").map_or(l, |(_, m)| m);
             let mut key = String::new();
-            for c in msg.chars().take(90) {
+            for c in msg.chars() {
                 if c.is_ascii_digit() {
                     if !key.ends_with('N') {
                         key.push('N');
@@ -427,6 +427,7 @@ impl Relay {
                     key.push(c);
                 }
             }
+            let key: String = key.chars().take(100).collect();
             *counts.entry(key).or_default() += 1;
         }
         if counts.is_empty() {
