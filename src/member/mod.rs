@@ -97,7 +97,8 @@ impl Member {
 
     /// Draw ids, session keys and signature salts from a fixed seed from now on (deterministic
     /// tests only: everything random becomes predictable).
-    pub fn seed_rng(&mut self, seed: u64) {
+    #[cfg(test)]
+    pub(crate) fn seed_rng(&mut self, seed: u64) {
         *self.sending.rng() = StdRng::seed_from_u64(seed);
     }
 

@@ -124,10 +124,19 @@ impl Retry {
 }
 
 /// An envelope that opened.
-#[derive(Debug)]
 pub(super) struct Opened {
     text: String,
     receipt: Receipt,
+}
+
+// By hand, so that formatting a verdict (a test failure, a debug line) never shows the text.
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("text", &format_args!("<{} bytes>", self.text.len()))
+            .field("receipt", &self.receipt)
+            .finish()
+    }
 }
 
 /// A session key the judge found outside the cache.

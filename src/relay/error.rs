@@ -34,6 +34,8 @@ pub enum RelayError {
         user: String,
         /// The key's fingerprint.
         key: String,
+        /// How many names the key holds (more than `max` after a reload lowered it).
+        held: usize,
         /// The limit.
         max: usize,
     },
@@ -63,10 +65,15 @@ impl std::fmt::Display for RelayError {
                 "name {user} is bound to key {bound}; key {offered} cannot use it \
                  (if the owner lost their key, the relay operator can run `chatctl forget {user}`)"
             ),
-            RelayError::TooManyNames { user, key, max } => write!(
+            RelayError::TooManyNames {
+                user,
+                key,
+                held,
+                max,
+            } => write!(
                 f,
-                "cannot register {user}: key {key} already holds {max} names, the most this relay \
-                 allows one key (max_names_per_key)"
+                "cannot register {user}: key {key} already holds {held} names, and this relay \
+                 allows one key {max} (max_names_per_key)"
             ),
             RelayError::RegistrationRate { max } => write!(
                 f,

@@ -175,7 +175,8 @@ impl Relay {
 
     /// Draw challenge nonces from a fixed seed from now on (deterministic tests only: the
     /// nonces become predictable).
-    pub fn seed_rng(&mut self, seed: u64) {
+    #[cfg(test)]
+    pub(crate) fn seed_rng(&mut self, seed: u64) {
         self.rng = StdRng::seed_from_u64(seed);
     }
 
@@ -185,12 +186,18 @@ impl Relay {
         self.conns
             .values()
             .filter_map(|c| match c.state {
-                State::ExpectLogin { .. } => {
-                    Some(c.since.saturating_add(self.limits.handshake_timeout_ms + 1))
-                }
-                State::Established { .. } => {
-                    Some(c.last_seen.saturating_add(self.limits.idle_timeout_ms + 1))
-                }
+                // Saturating all the way: a timeout of "forever" (u64::MAX ms) must give a deadline
+                // that never comes, not one that wrapped into the past and spins the loop.
+                State::ExpectLogin { .. } => Some(
+                    c.since
+                        .saturating_add(self.limits.handshake_timeout_ms)
+                        .saturating_add(1),
+                ),
+                State::Established { .. } => Some(
+                    c.last_seen
+                        .saturating_add(self.limits.idle_timeout_ms)
+                        .saturating_add(1),
+                ),
                 State::Closing => None,
             })
             .min()
@@ -547,6 +554,7 @@ impl Relay {
             return Err(RelayError::TooManyNames {
                 user: user.to_string(),
                 key: key.fingerprint().to_string(),
+                held,
                 max: self.limits.max_names_per_key,
             });
         }

@@ -1060,3 +1060,19 @@ fn new_names_are_rate_limited_per_minute() {
     t.now += 60_000;
     t.logged_in(5, "carol", MALLORY);
 }
+
+/// Timeouts of "forever" give deadlines that never come: no overflow (a panic in debug builds)
+/// and no deadline in the past (a busy loop in release builds).
+#[test]
+fn a_timeout_of_forever_never_falls_due() {
+    let mut t = T::with_limits(Limits {
+        handshake_timeout_ms: u64::MAX,
+        idle_timeout_ms: u64::MAX,
+        ..Limits::default()
+    });
+    t.connect(1);
+    t.logged_in(2, "alice", ALICE);
+    assert_eq!(t.relay.next_deadline(), Some(u64::MAX));
+    t.relay.tick(u64::MAX - 1);
+    assert!(t.drain().is_empty(), "nobody is timed out");
+}
