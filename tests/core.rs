@@ -1626,3 +1626,66 @@ fn send_all_above_max_fanout_fails_and_sends_nothing() {
     assert!(alice.texts("out").is_empty(), "nothing was sent");
     drop((bob, carol));
 }
+
+/// Write `n` names bound to one real key straight into a stopped daemon's database: on a relay
+/// as bindings, on a member as pins. Registering 20,000 names through the protocol would take
+/// minutes; what is tested here is what the daemon does with them.
+fn preseed(d: &Daemon, n: usize, relay: bool) {
+    use chatd::store::{Pin, PinTrust, Store};
+    let key = chatd::crypto::Identity::generate(&mut rand::thread_rng(), 2048)
+        .expect("key")
+        .public()
+        .der()
+        .to_vec();
+    let mut store = Store::open(&d.state_dir().join("chatd.db")).expect("open the database");
+    store.begin().expect("begin");
+    for i in 0..n {
+        let user = format!("p{i:05}-{}", "x".repeat(20));
+        if relay {
+            store.bind(&user, &key).expect("bind");
+        } else {
+            let pin = Pin {
+                user,
+                key: key.clone(),
+                trust: PinTrust::Pinned,
+                presented: None,
+            };
+            store.put_pin(&pin).expect("pin");
+        }
+    }
+    store.commit().expect("commit");
+}
+
+/// Issue 8 point 4: no `who` reply may exceed the frame cap at any directory size. A relay with
+/// 20,000 names lists them all (before, `who` failed from about 9,500 names with "reply too
+/// large"), and a member with 20,000 pins answers `who` and still checks stdin recipients.
+#[test]
+fn who_lists_twenty_thousand_names_on_a_relay_and_a_member() {
+    const N: usize = 20_000;
+    let mut relay = Daemon::relay();
+    relay.stop();
+    preseed(&relay, N, true);
+    relay.start_stopped();
+    let all = relay.ctl_json(&["who"]);
+    assert_eq!(
+        all.len(),
+        N,
+        "every registered name, one JSON object a line"
+    );
+    assert!(all.iter().all(|p| p["trust"] == "bound"));
+
+    let alice = Daemon::member("alice", &relay.addr());
+    let mut bob = Daemon::member("bob", &relay.addr());
+    bob.stop();
+    preseed(&bob, N, false);
+    bob.start_stopped();
+    bob.wait_peer_online("alice", true);
+    let peers = bob.who();
+    assert_eq!(peers.len(), N + 1, "the 20,000 pins and alice");
+    let out = bob.ctl_stdin(
+        &["send", "alice"],
+        b"one line from a member with many pins\n",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    alice.wait_message("one line from a member with many pins");
+}

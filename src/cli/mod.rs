@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{Client, ClientError};
-use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, TrustState, Wait};
+use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, PeerView, TrustState, Wait};
 use crate::proto::MAX_TEXT;
 
 /// chatctl: send and read end-to-end encrypted messages through chatd.
@@ -237,7 +237,7 @@ fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
             };
             tail(&path, as_json, &mut out, last, since, with, follow)
         }
-        Command::Who => simple(&path, as_json, &mut out, CtlRequest::Who),
+        Command::Who => who(&path, as_json, &mut out),
         Command::Status => simple(&path, as_json, &mut out, CtlRequest::Status),
         Command::Fingerprint { user } => {
             simple(&path, as_json, &mut out, CtlRequest::Fingerprint { user })
@@ -439,19 +439,48 @@ fn send(
     }
 }
 
+/// Ask `who` and hand each `Peers` frame to `each` as it comes, until `End`: the list is
+/// streamed in chunks, so it can be longer than any one frame.
+fn who_stream(
+    client: &mut Client,
+    mut each: impl FnMut(Vec<PeerView>) -> Result<(), Step>,
+) -> Result<(), Step> {
+    client.send(&CtlRequest::Who)?;
+    loop {
+        match client.recv()? {
+            CtlResponse::Peers(p) => each(p)?,
+            CtlResponse::End => return Ok(()),
+            CtlResponse::Error { message, .. } => return Err(fail(exit::FAILED, message).into()),
+            other => {
+                return Err(fail(
+                    exit::FAILED,
+                    format!("unexpected reply from chatd: {}", reply_name(&other)),
+                )
+                .into())
+            }
+        }
+    }
+}
+
+/// `who`: one line per peer, printed as the chunks arrive.
+fn who(path: &std::path::Path, as_json: bool, out: &mut Out) -> Result<(), Step> {
+    let mut client = Client::connect(path)?;
+    who_stream(&mut client, |list| {
+        for l in format::peers(&list, as_json) {
+            out.line(&l)?;
+        }
+        Ok(())
+    })
+}
+
 /// Fail as `send` would for an unknown recipient or one whose key changed.
 fn check_recipients(client: &mut Client, users: &[String]) -> Result<(), Step> {
-    let peers = match client.request(&CtlRequest::Who)? {
-        CtlResponse::Peers(p) => p,
-        CtlResponse::Error { message, .. } => return Err(fail(exit::FAILED, message).into()),
-        other => {
-            return Err(fail(
-                exit::FAILED,
-                format!("unexpected reply from chatd: {}", reply_name(&other)),
-            )
-            .into())
-        }
-    };
+    let mut peers = Vec::new();
+    who_stream(client, |chunk| {
+        // Keep only the entries asked about: the directory may be far longer than `users`.
+        peers.extend(chunk.into_iter().filter(|p| users.contains(&p.user)));
+        Ok(())
+    })?;
     for u in users {
         match peers.iter().find(|p| &p.user == u) {
             None => {

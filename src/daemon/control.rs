@@ -15,7 +15,8 @@ use super::roles::Roles;
 use super::status::{Info, Status};
 use crate::member::MemberError;
 use crate::proto::control::{
-    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, Record, RecordBody, Sent, Wait,
+    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, Sent, Wait,
+    WHO_CHUNK,
 };
 use crate::proto::{hex, valid_user};
 use crate::store::{Store, StoreError};
@@ -32,6 +33,18 @@ pub enum Reply {
     Wait(Pending),
     /// `tail`: send history from this cursor, as the client reads.
     Tail(Cursor),
+    /// Several frames at once (`who`: the list in chunks, then `End`).
+    Stream(Vec<CtlResponse>),
+}
+
+/// `who` as frames: `Peers` chunks of at most [`WHO_CHUNK`], then `End`.
+fn who_frames(list: Vec<PeerView>) -> Vec<CtlResponse> {
+    let mut frames: Vec<CtlResponse> = list
+        .chunks(WHO_CHUNK)
+        .map(|c| CtlResponse::Peers(c.to_vec()))
+        .collect();
+    frames.push(CtlResponse::End);
+    frames
 }
 
 /// An error reply of kind `Failed`.
@@ -72,11 +85,11 @@ pub fn request(
             with,
             follow,
         } => tail(roles, store, last, since, with, follow),
-        CtlRequest::Who => Reply::Now(match (roles.member(), roles.relay()) {
-            (Some(m), _) => CtlResponse::Peers(m.who()),
-            (None, Some(r)) => CtlResponse::Peers(r.directory()),
-            (None, None) => CtlResponse::Peers(Vec::new()),
-        }),
+        CtlRequest::Who => Reply::Stream(who_frames(match (roles.member(), roles.relay()) {
+            (Some(m), _) => m.who(),
+            (None, Some(r)) => r.directory(),
+            (None, None) => Vec::new(),
+        })),
         CtlRequest::Status => {
             let outbox = store.outbox_messages().unwrap_or(0);
             Reply::Now(CtlResponse::Status(Status::of(roles, info).view(outbox)))

@@ -460,6 +460,11 @@ impl Daemon {
         let reply = control::request(&mut self.roles, &mut self.store, &self.info, req, now);
         match reply {
             Reply::Now(resp) => self.table.reply(token, &resp),
+            Reply::Stream(resps) => {
+                for resp in &resps {
+                    self.table.reply(token, resp);
+                }
+            }
             Reply::Wait(pending) => self.waiters.add(token, pending),
             Reply::Tail(cursor) => {
                 if let Some(c) = self.table.ctl_mut(token) {

@@ -2,11 +2,16 @@
 //!
 //! Owns the control vocabulary: `CtlRequest` from the client, `CtlResponse` from the daemon. One
 //! request, one response, except `Tail` (a stream of `Record` then `End`, or with `follow` records
-//! until the client goes away). Same framing and encoding as the relay socket.
+//! until the client goes away) and `Who` (`Peers` frames of at most [`WHO_CHUNK`] entries, then
+//! `End`, so no directory size can make a reply exceed the frame cap). Same framing and encoding as the relay socket.
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::proto::codes::TrustState;
+
+/// Most entries in one `Peers` frame. 512 entries of at most about 200 bytes (a 32-byte name,
+/// two fingerprints) stay far under the 1 MiB frame cap.
+pub const WHO_CHUNK: usize = 512;
 
 /// How long `send` waits before answering.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,8 +236,11 @@ pub enum CtlResponse {
     Record(Record),
     /// End of a `tail` without `follow`.
     End,
-    /// `who`.
-    Peers(Vec<PeerView>),
+    /// Part of the answer to `who`: at most [`WHO_CHUNK`] entries; `End` follows the last.
+    Peers(
+        #[serde(deserialize_with = "crate::proto::bounded_vec::<_, _, { WHO_CHUNK }>")]
+        Vec<PeerView>,
+    ),
     /// `status`.
     Status(StatusView),
     /// `fingerprint`.

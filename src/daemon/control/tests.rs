@@ -466,3 +466,56 @@ fn forgetting_the_hosts_own_member_closes_and_relinks_the_local_link() {
     net.pump();
     assert!(net.alice().connected(), "alice claims her name again");
 }
+
+/// `who` streams: a directory longer than one chunk comes as `Peers` frames of at most
+/// `WHO_CHUNK` entries, in name order across them, then `End`, and every frame encodes under the
+/// frame cap whatever the directory's size.
+#[test]
+fn who_streams_in_chunks_then_end() {
+    let (_dir, _, mut store, info) = relay_only();
+    let key = identity(0).public().der().to_vec();
+    store.begin().unwrap();
+    for i in 0..1300 {
+        store.bind(&format!("u{i:05}"), &key).unwrap();
+    }
+    store.commit().unwrap();
+    let mut roles = Roles::Relay(Relay::load(&store, Limits::default()).unwrap());
+    let Reply::Stream(frames) =
+        request(&mut roles, &mut store, &info, CtlRequest::Who, Now::at(T0))
+    else {
+        panic!("who must stream");
+    };
+    let sizes: Vec<usize> = frames
+        .iter()
+        .map(|f| match f {
+            CtlResponse::Peers(p) => p.len(),
+            CtlResponse::End => 0,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(sizes, [WHO_CHUNK, WHO_CHUNK, 1300 - 2 * WHO_CHUNK, 0]);
+    assert_eq!(frames.last(), Some(&CtlResponse::End));
+    let names: Vec<String> = frames
+        .iter()
+        .flat_map(|f| match f {
+            CtlResponse::Peers(p) => p.iter().map(|v| v.user.clone()).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    for f in &frames {
+        let mut buf = Vec::new();
+        crate::proto::encode_frame(f, &mut buf).expect("each frame fits the cap");
+    }
+
+    // Nothing known: just `End`.
+    let (_dir, mut roles, mut store, info) = relay_only();
+    let Reply::Stream(frames) =
+        request(&mut roles, &mut store, &info, CtlRequest::Who, Now::at(T0))
+    else {
+        panic!("who must stream");
+    };
+    assert_eq!(frames, [CtlResponse::End]);
+}
