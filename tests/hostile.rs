@@ -1582,3 +1582,119 @@ fn one_key_cannot_claim_every_name() {
             && relay.log().contains("(new_names_per_minute)")
     );
 }
+
+/// Issue 10 point 1: a relay that stops reading while it keeps sending (every delivery makes the
+/// member queue an `Ack`) no longer grows the member without bound. Its write buffer to the
+/// relay is capped at `max_write_buffer`: past it the member drops the link, says why, and
+/// reconnects with backoff. The "relay" here is a socket in this test that logs bob in, then
+/// floods him with deliveries and never reads again.
+#[test]
+fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
+    use chatd::proto::relay::Receipt;
+    use std::net::TcpListener;
+    use std::os::fd::AsRawFd;
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake relay");
+    // A small receive buffer on the accepted sockets, so the member's backlog builds up quickly.
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let addr = listener.local_addr().expect("address").to_string();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let accept = |what: &str| -> TcpStream {
+        wait_for(DEADLINE, what, || match listener.accept() {
+            Ok((s, _)) => Some(s),
+            Err(_) => None,
+        })
+    };
+    let bob = Daemon::spawn(
+        "bob",
+        Role::Member,
+        &[
+            "--user",
+            "bob",
+            "--connect",
+            &addr,
+            "--max-write-buffer",
+            "65536",
+        ],
+    );
+
+    let mut s = accept("bob to connect to the fake relay");
+    s.set_nonblocking(false).expect("blocking");
+    s.set_write_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let send = |s: &mut TcpStream, m: &FromRelay| -> io::Result<()> {
+        let mut buf = Vec::new();
+        encode_frame(m, &mut buf).expect("encode");
+        s.write_all(&buf)
+    };
+    let mut nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let challenge = FromRelay::Challenge {
+        nonce,
+        version: "fake".into(),
+    };
+    send(&mut s, &challenge).expect("send the challenge");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let login = frame::read_from(&mut s, MAX_FRAME).expect("read the login");
+    assert!(matches!(
+        login.as_deref().map(from_payload::<ToRelay>),
+        Some(Ok(ToRelay::Login { .. }))
+    ));
+    let welcome = FromRelay::Welcome {
+        user: "bob".into(),
+        peers: Vec::new(),
+    };
+    send(&mut s, &welcome).expect("send the welcome");
+    // From here on, never read: send receipts for messages bob never sent (each is dropped and
+    // acknowledged) until bob gives up on us.
+    let bogus = FromRelay::Deliver(Routed::Receipt(Receipt {
+        id: [9; 16],
+        from: "zed".into(),
+        to: "bob".into(),
+        session: [8; 16],
+        counter: 0,
+        tag: [7; 16],
+    }));
+    let mut one = Vec::new();
+    encode_frame(&bogus, &mut one).expect("encode");
+    let burst = one.repeat(256);
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while !bob.log().contains("is not reading") {
+        if start.elapsed() > Duration::from_secs(60) {
+            fail(&format!(
+                "bob never dropped a relay that does not read ({sent} bytes sent)"
+            ));
+        }
+        match s.write_all(&burst) {
+            Ok(()) => sent += burst.len(),
+            // Bob closed the link (or stopped reading for a moment): look at his log again.
+            Err(_) => thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let log = bob.log();
+    assert!(
+        log.contains("(max_write_buffer 65536); dropping the link"),
+        "{log}"
+    );
+    let status = bob.status();
+    assert!(
+        status["relay_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("relay stopped reading")),
+        "{status}"
+    );
+    // And he comes back, with backoff, on a new connection.
+    drop(s);
+    let _again = accept("bob to reconnect after dropping the link");
+}

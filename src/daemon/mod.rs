@@ -539,7 +539,12 @@ impl Daemon {
             self.drop_conn(t);
         }
         if let Roles::Member { member, uplink } = &mut self.roles {
-            uplink.flush(self.poll.registry(), member, self.clock.now());
+            uplink.flush(
+                self.poll.registry(),
+                member,
+                self.clock.now(),
+                self.cfg.max_write_buffer,
+            );
         }
     }
 

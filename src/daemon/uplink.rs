@@ -8,7 +8,7 @@ use crate::clock::Now;
 use std::io;
 use std::net::ToSocketAddrs;
 
-use log::info;
+use log::{info, warn};
 use mio::net::TcpStream;
 use mio::{Registry, Token};
 use rand::Rng;
@@ -209,13 +209,27 @@ impl Uplink {
         }
     }
 
-    /// Write what is queued, once connected.
-    pub fn flush(&mut self, registry: &Registry, member: &mut Member, now: Now) {
+    /// Write what is queued, once connected. A relay that leaves more than `max` bytes unread
+    /// is dropped like a slow reader on the relay's side: a relay that stops reading while it
+    /// keeps sending (each delivery makes us queue an `Ack`) must not grow us without bound.
+    /// Nothing is lost: the outbox is resent and unacknowledged deliveries come again.
+    pub fn flush(&mut self, registry: &Registry, member: &mut Member, now: Now, max: usize) {
         let State::Up(c) = &mut self.state else {
             return;
         };
         if let Err(e) = c.flush(registry, UPSTREAM) {
             let why = format!("relay connection failed: {e}");
+            self.down(registry, member, why, now);
+            return;
+        }
+        let pending = c.pending();
+        if pending > max {
+            warn!(
+                "relay {} is not reading: {pending} bytes unread (max_write_buffer {max}); \
+                 dropping the link",
+                self.addr
+            );
+            let why = format!("relay stopped reading ({pending} bytes unread, max_write_buffer)");
             self.down(registry, member, why, now);
         }
     }
