@@ -37,10 +37,16 @@ pub enum Reply {
     Stream(Vec<CtlResponse>),
 }
 
-/// `who` as frames: `Peers` chunks of at most [`WHO_CHUNK`], then `End`.
+/// Entries the daemon puts in one `Peers` frame: far fewer than the protocol's [`WHO_CHUNK`], so
+/// a frame (about 8 KiB) always fits in the room a paced stream leaves under the write-buffer
+/// cap, and a client that reads is never cut off as a slow reader.
+pub const WHO_FRAME_ENTRIES: usize = 64;
+
+/// `who` as frames: `Peers` chunks of [`WHO_FRAME_ENTRIES`], then `End`.
 fn who_frames(list: Vec<PeerView>) -> Vec<CtlResponse> {
+    const _: () = assert!(WHO_FRAME_ENTRIES <= WHO_CHUNK);
     let mut frames: Vec<CtlResponse> = list
-        .chunks(WHO_CHUNK)
+        .chunks(WHO_FRAME_ENTRIES)
         .map(|c| CtlResponse::Peers(c.to_vec()))
         .collect();
     frames.push(CtlResponse::End);
@@ -234,12 +240,20 @@ pub struct Ctl {
     pub follow: Option<Follow>,
     /// Sent a request this turn (gets an error if the turn fails to commit).
     pub asked: bool,
+    /// Frames of a streamed answer (`who`) not queued yet: they go out as the client reads, like
+    /// a `tail`, so a long directory never fills the write buffer past its cap.
+    pub stream: std::collections::VecDeque<CtlResponse>,
 }
 
 impl Ctl {
     /// A tail only reads: whatever else its client sends is ignored.
     pub fn tailing(&self) -> bool {
-        self.follow.is_some() || self.cursor.is_some()
+        self.follow.is_some() || self.paging()
+    }
+
+    /// Something is waiting to be sent as the client reads (a tail's history, a stream).
+    pub fn paging(&self) -> bool {
+        self.cursor.is_some() || !self.stream.is_empty()
     }
 }
 

@@ -461,8 +461,8 @@ impl Daemon {
         match reply {
             Reply::Now(resp) => self.table.reply(token, &resp),
             Reply::Stream(resps) => {
-                for resp in &resps {
-                    self.table.reply(token, resp);
+                if let Some(c) = self.table.ctl_mut(token) {
+                    c.stream.extend(resps);
                 }
             }
             Reply::Wait(pending) => self.waiters.add(token, pending),

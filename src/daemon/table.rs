@@ -342,15 +342,9 @@ impl Table {
 
     /// Whether some `tail` can send more now, given the output `limit` per client.
     pub fn tails_ready(&self, limit: usize) -> bool {
-        self.entries.values().any(|e| {
-            matches!(
-                &e.kind,
-                Kind::Control(Ctl {
-                    cursor: Some(_),
-                    ..
-                })
-            ) && e.conn.pending() < limit
-        })
+        self.entries
+            .values()
+            .any(|e| matches!(&e.kind, Kind::Control(c) if c.paging()) && e.conn.pending() < limit)
     }
 
     /// Send more history to every `tail` in progress while less than `limit` bytes wait to be
@@ -360,12 +354,18 @@ impl Table {
             let Kind::Control(c) = &mut e.kind else {
                 continue;
             };
-            let Some(cur) = c.cursor.as_mut() else {
-                continue;
-            };
             let mut sink = Buffer {
                 conn: &mut e.conn,
                 limit,
+            };
+            while sink.room() {
+                let Some(resp) = c.stream.pop_front() else {
+                    break;
+                };
+                sink.emit(&resp);
+            }
+            let Some(cur) = c.cursor.as_mut() else {
+                continue;
             };
             match cur.page(store, &mut sink) {
                 Paged::More => {}
