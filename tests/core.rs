@@ -1697,4 +1697,46 @@ fn who_lists_twenty_thousand_names_on_a_relay_and_a_member() {
     );
     assert!(out.status.success(), "{}", describe(&out));
     alice.wait_message("one line from a member with many pins");
+    // The recipient check reads every chunk: the last pin is found, an unknown name is not.
+    let last = format!("p{:05}-{}", N - 1, "x".repeat(20));
+    let out = bob.ctl_stdin(&["send", &last], b"to the last pin\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = bob.ctl_stdin(&["send", "zed"], b"to nobody\n");
+    assert_error_line(&out, 1, "stdin send to an unknown name");
+}
+
+/// The other side of the uplink's backpressure (issue 10 point 1): a relay that reads is never
+/// dropped, however much waits for it. Alice's outbox, filled while the relay was down, is four
+/// times her 64 KiB write buffer; after the relay comes back she delivers all of it.
+#[test]
+fn an_outbox_larger_than_max_write_buffer_drains_to_a_reading_relay() {
+    let mut relay = Daemon::relay();
+    let alice = Daemon::spawn(
+        "alice",
+        Role::Member,
+        &[
+            "--user",
+            "alice",
+            "--connect",
+            &relay.addr(),
+            "--max-write-buffer",
+            "65536",
+        ],
+    );
+    alice.wait_connected();
+    let bob = Daemon::member("bob", &relay.addr());
+    alice.wait_peer_online("bob", true);
+    relay.stop();
+    let lines: String = (0..64)
+        .map(|i| format!("{i:02} {}\n", "x".repeat(4000)))
+        .collect();
+    let out = alice.ctl_stdin(&["send", "bob"], lines.as_bytes());
+    assert!(out.status.success(), "{}", describe(&out));
+    relay.start_stopped();
+    wait_until(
+        Duration::from_secs(60),
+        "bob to receive all 64 messages",
+        || bob.texts("in").len() == 64,
+    );
+    assert!(!alice.log().contains("is not reading"), "{}", alice.log());
 }

@@ -1684,8 +1684,19 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
     }
     let log = bob.log();
     assert!(
-        log.contains("(max_write_buffer 65536); dropping the link"),
+        log.contains("(max_write_buffer 65536) for 10 s; dropping the link"),
         "{log}"
+    );
+    // Backpressure held the backlog near the cap: bob stopped reading once it was passed.
+    let unread: usize = log
+        .split("is not reading: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| fail(&format!("no byte count in bob's log: {log}")));
+    assert!(
+        unread < 65536 + 512 * 1024,
+        "bob held {unread} bytes for the relay"
     );
     let status = bob.status();
     assert!(

@@ -445,10 +445,16 @@ fn who_stream(
     client: &mut Client,
     mut each: impl FnMut(Vec<PeerView>) -> Result<(), Step>,
 ) -> Result<(), Step> {
-    client.send(&CtlRequest::Who)?;
+    // `request` reads the first answer even if the send failed: a daemon at its client limit
+    // answers (saying so) and closes before it reads.
+    let mut next = client.request(&CtlRequest::Who)?;
     loop {
-        match client.recv()? {
-            CtlResponse::Peers(p) => each(p)?,
+        let resp = std::mem::replace(&mut next, CtlResponse::End);
+        match resp {
+            CtlResponse::Peers(p) => {
+                each(p)?;
+                next = client.recv()?;
+            }
             CtlResponse::End => return Ok(()),
             CtlResponse::Error { message, .. } => return Err(fail(exit::FAILED, message).into()),
             other => {

@@ -282,7 +282,11 @@ impl Daemon {
     fn next_deadline(&self) -> Option<u64> {
         let cores = match &self.roles {
             Roles::Relay(relay) => [relay.next_deadline(), None, None],
-            Roles::Member { member, uplink } => [member.next_deadline(), uplink.next_try(), None],
+            Roles::Member { member, uplink } => [
+                member.next_deadline(),
+                uplink.deadline(self.cfg.max_write_buffer),
+                None,
+            ],
             Roles::Host {
                 relay,
                 member,
@@ -490,7 +494,15 @@ impl Daemon {
         let Roles::Member { member, uplink } = &mut self.roles else {
             return;
         };
-        let read = uplink.ready(self.poll.registry(), member, &mut self.store, writable, now);
+        let max = self.cfg.max_write_buffer;
+        let read = uplink.ready(
+            self.poll.registry(),
+            member,
+            &mut self.store,
+            writable,
+            now,
+            max,
+        );
         if read.again {
             self.again.push(UPSTREAM);
         }
@@ -539,12 +551,17 @@ impl Daemon {
             self.drop_conn(t);
         }
         if let Roles::Member { member, uplink } = &mut self.roles {
-            uplink.flush(
-                self.poll.registry(),
+            let registry = self.poll.registry();
+            if uplink.flush(
+                registry,
                 member,
                 self.clock.now(),
                 self.cfg.max_write_buffer,
-            );
+            ) {
+                // Reads were held back while the relay owed us room; the data that arrived
+                // meanwhile raised no new event (edge-triggered), so read it next turn.
+                self.again.push(UPSTREAM);
+            }
         }
     }
 

@@ -38,7 +38,15 @@ pub struct Uplink {
     state: State,
     /// Failed tries since the member was last logged in (drives the backoff).
     attempt: u32,
+    /// Reads are held back: more than `max_write_buffer` bytes wait to go to the relay.
+    paused: bool,
+    /// When bytes last went out to the relay, or the link came up (monotonic ms).
+    last_progress: u64,
 }
+
+/// A relay that has taken none of more than `max_write_buffer` waiting bytes for this long is
+/// dropped as not reading. A relay that reads, however slowly, never is.
+pub const STALL_MS: u64 = 10_000;
 
 /// What a read of the uplink asks of the loop.
 pub struct Read {
@@ -53,20 +61,28 @@ impl Uplink {
             addr,
             state: State::Idle { next_try: 0 },
             attempt: 0,
+            paused: false,
+            last_progress: 0,
+        }
+    }
+
+    /// When [`Uplink::flush`] must look again: the next try while idle, the stall deadline while
+    /// output waits over the cap.
+    pub fn deadline(&self, max: usize) -> Option<u64> {
+        match &self.state {
+            State::Idle { next_try } => Some(*next_try),
+            State::Up(c) if c.pending() > max => Some(
+                self.last_progress
+                    .saturating_add(STALL_MS)
+                    .saturating_add(1),
+            ),
+            State::Connecting(_) | State::Up(_) => None,
         }
     }
 
     /// The relay's address as configured.
     pub fn addr(&self) -> &str {
         &self.addr
-    }
-
-    /// When the next connection attempt is due (monotonic ms), while there is no connection.
-    pub fn next_try(&self) -> Option<u64> {
-        match self.state {
-            State::Idle { next_try } => Some(next_try),
-            State::Connecting(_) | State::Up(_) => None,
-        }
     }
 
     /// The connection, while there is one (connecting or up).
@@ -123,6 +139,7 @@ impl Uplink {
         store: &mut Store,
         writable: bool,
         now: Now,
+        max: usize,
     ) -> Read {
         let quiet = Read { again: false };
         if let State::Connecting(conn) = &mut self.state {
@@ -145,6 +162,8 @@ impl Uplink {
                     if let State::Connecting(conn) = state {
                         self.state = State::Up(conn);
                     }
+                    self.last_progress = now.mono;
+                    self.paused = false;
                     member.link_up(now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return quiet,
@@ -161,6 +180,12 @@ impl Uplink {
         let State::Up(conn) = &mut self.state else {
             return quiet;
         };
+        // Backpressure: while the relay has not taken what we owe it, read nothing more from it
+        // (each delivery read means an `Ack` to write). `flush` resumes reading once it drained.
+        if conn.pending() > max {
+            self.paused = true;
+            return quiet;
+        }
         let r = conn.read_frames(MAX_FRAME);
         let again = r.more && !r.eof && r.error.is_none();
         for payload in r.frames {
@@ -209,29 +234,49 @@ impl Uplink {
         }
     }
 
-    /// Write what is queued, once connected. A relay that leaves more than `max` bytes unread
-    /// is dropped like a slow reader on the relay's side: a relay that stops reading while it
-    /// keeps sending (each delivery makes us queue an `Ack`) must not grow us without bound.
-    /// Nothing is lost: the outbox is resent and unacknowledged deliveries come again.
-    pub fn flush(&mut self, registry: &Registry, member: &mut Member, now: Now, max: usize) {
+    /// Write what is queued, once connected. True when reads held back by backpressure may go
+    /// on (the loop reads the uplink again).
+    ///
+    /// While more than `max` bytes wait, the uplink reads nothing (see [`Uplink::ready`]), so a
+    /// relay that stops reading while it keeps sending cannot grow us: our output only grows by
+    /// what we send on our own. One that then takes nothing for [`STALL_MS`] is dropped, like a
+    /// slow reader on the relay's side; one that reads, however slowly, drains a large outbox
+    /// and is never dropped. Nothing is lost either way: the outbox is resent at the next login
+    /// and unacknowledged deliveries come again.
+    pub fn flush(
+        &mut self,
+        registry: &Registry,
+        member: &mut Member,
+        now: Now,
+        max: usize,
+    ) -> bool {
         let State::Up(c) = &mut self.state else {
-            return;
+            return false;
         };
+        let before = c.pending();
         if let Err(e) = c.flush(registry, UPSTREAM) {
             let why = format!("relay connection failed: {e}");
             self.down(registry, member, why, now);
-            return;
+            return false;
         }
         let pending = c.pending();
-        if pending > max {
+        if pending < before || pending == 0 {
+            self.last_progress = now.mono;
+        }
+        if pending <= max {
+            return std::mem::take(&mut self.paused);
+        }
+        if now.mono.saturating_sub(self.last_progress) > STALL_MS {
             warn!(
-                "relay {} is not reading: {pending} bytes unread (max_write_buffer {max}); \
-                 dropping the link",
-                self.addr
+                "relay {} is not reading: {pending} bytes unread (max_write_buffer {max}) for \
+                 {} s; dropping the link",
+                self.addr,
+                STALL_MS / 1000
             );
             let why = format!("relay stopped reading ({pending} bytes unread, max_write_buffer)");
             self.down(registry, member, why, now);
         }
+        false
     }
 
     /// The connection is gone (or never came): tell the member why and back off.
@@ -248,6 +293,7 @@ impl Uplink {
             next_try: now.mono + delay,
         };
         info!("{why}; reconnecting in {:.1} s", delay as f64 / 1000.0);
+        self.paused = false;
         member.link_down();
         member.set_relay_error(why);
     }
