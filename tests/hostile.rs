@@ -245,8 +245,8 @@ fn identity() -> Identity {
     Identity::generate(&mut rand::thread_rng(), 2048).expect("generate an identity")
 }
 
-/// Connect to the relay at `addr` and log in as `user` for real; returns after `Welcome`.
-fn login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+/// Connect to the relay at `addr` and send a real `Login` as `user`; the answer is not read.
+fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
     let mut c = Raw::tcp(addr);
     let nonce = c.challenge();
     let signature = id
@@ -257,6 +257,12 @@ fn login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
         key: id.public().der().to_vec(),
         signature,
     });
+    c
+}
+
+/// Connect to the relay at `addr` and log in as `user` for real; returns after `Welcome`.
+fn login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+    let mut c = send_login(addr, user, id);
     loop {
         match c.recv_relay(DEADLINE) {
             Some(FromRelay::Welcome { .. }) => return c,
@@ -1527,16 +1533,7 @@ fn one_key_cannot_claim_every_name() {
     let relay = relay_with(&["--max-names-per-key", "3", "--new-names-per-minute", "5"]);
     let addr = relay.addr();
     let login = |key: &Identity, user: &str| -> Vec<FromRelay> {
-        let mut c = Raw::tcp(&addr);
-        let nonce = c.challenge();
-        let signature = key
-            .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, user))
-            .expect("sign");
-        c.send(&ToRelay::Login {
-            user: user.into(),
-            key: key.public().der().to_vec(),
-            signature,
-        });
+        let mut c = send_login(&addr, user, key);
         c.recv_relay(DEADLINE).into_iter().collect()
     };
     let code = |answer: &[FromRelay]| match answer.first() {
