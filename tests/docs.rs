@@ -886,3 +886,55 @@ fn the_default_socket_reads_the_same_everywhere() {
         }
     }
 }
+
+/// The README's first two commands: the test command is exactly what `.ci/run` runs, and the
+/// quickstart uses neither the port nor the state directory of the first command, so a reader
+/// who leaves that running can still follow the quickstart literally.
+#[test]
+fn readme_commands_match_ci_and_the_quickstart_does_not_collide() {
+    let readme = read("README.md");
+    let first_block = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("README starts with a sh block");
+    let lines: Vec<&str> = first_block.lines().collect();
+    assert_eq!(lines.len(), 2, "two commands: {lines:?}");
+    let test_cmd = lines[1].split('#').next().unwrap_or("").trim();
+    let ci = read(".ci/run");
+    let ci_test = ci
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .expect(".ci/run has a last command");
+    assert!(
+        ci_test.trim().ends_with(test_cmd),
+        ".ci/run's last command `{ci_test}` is not the README's `{test_cmd}`"
+    );
+    let run_cmd = lines[0];
+    let port = run_cmd
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the first command listens on a loopback port");
+    let quick = &readme[readme.find("## Quickstart").expect("a quickstart")..];
+    let quick = &quick[..quick.find("\n## ").map_or(quick.len(), |i| i + 1)];
+    assert!(
+        !quick.contains(&format!("127.0.0.1:{port}")),
+        "the quickstart reuses port {port}"
+    );
+    assert!(
+        !run_cmd.contains("--state-dir"),
+        "the first command uses the default state dir"
+    );
+    assert!(
+        quick.matches("--state-dir").count() >= 2 && quick.matches("--socket").count() >= 2,
+        "every quickstart daemon has its own state dir and socket"
+    );
+    for n in 1..=4 {
+        assert!(
+            quick.contains(&format!("Terminal {n}")),
+            "the quickstart names terminal {n}"
+        );
+    }
+}
