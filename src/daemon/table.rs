@@ -341,6 +341,44 @@ impl Table {
     }
 
     /// Whether some `tail` can send more now, given the output `limit` per client.
+    /// A page of a member's `who --all` arrived for listing `req` (the client's token).
+    pub fn listed(&mut self, req: u64, page: Result<crate::member::ListPage, String>) {
+        let Some(c) = usize::try_from(req)
+            .ok()
+            .and_then(|t| self.ctl_mut(Token(t)))
+        else {
+            return;
+        };
+        let Some(list) = c.list.as_mut() else {
+            return;
+        };
+        let mut frames = Vec::new();
+        let done = match page {
+            Ok(p) => list.page(p.views, p.next, &mut frames),
+            Err(why) => {
+                frames.push(super::control::failed(format!(
+                    "the directory listing stopped: {why}"
+                )));
+                true
+            }
+        };
+        c.stream.extend(frames);
+        if done {
+            c.list = None;
+        }
+    }
+
+    /// Control clients whose listing wants its next page, and have room for it.
+    pub fn lists_ready(&self, limit: usize) -> Vec<Token> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| {
+                matches!(&e.kind, Kind::Control(c) if c.wants_page()) && e.conn.pending() < limit
+            })
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
     pub fn tails_ready(&self, limit: usize) -> bool {
         self.entries
             .values()

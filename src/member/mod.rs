@@ -17,6 +17,7 @@
 
 mod error;
 mod link;
+mod lookup;
 mod out;
 mod peers;
 mod receive;
@@ -36,10 +37,11 @@ use crate::proto::{from_payload, hex};
 use crate::store::{MemberStore, StoreError};
 
 pub use error::MemberError;
-pub use out::Out;
+pub use out::{ListPage, Out};
 pub use send::SESSION_MESSAGES;
 
 use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
+use lookup::Lookups;
 use peers::{Observed, Peers, Trusted};
 use receive::Receiving;
 use send::Sending;
@@ -56,6 +58,7 @@ pub struct Member {
     out: VecDeque<Out>,
     /// The most recipients `send --all` may reach (`max_fanout`).
     max_fanout: usize,
+    lookups: Lookups,
 }
 
 /// The default of `max_fanout`: `send --all` is for a room, not a broadcast to a whole relay.
@@ -79,6 +82,7 @@ impl Member {
             relay_error: None,
             out: VecDeque::new(),
             max_fanout: DEFAULT_MAX_FANOUT,
+            lookups: Lookups::default(),
         })
     }
 
@@ -91,7 +95,7 @@ impl Member {
         self.sending.reset();
         self.receiving = Receiving::new();
         self.out.clear();
-        self.link = Link::Down;
+        self.link_down();
         Ok(())
     }
 
@@ -157,6 +161,17 @@ impl Member {
     pub fn link_down(&mut self) {
         self.link = Link::Down;
         self.peers.all_offline();
+        let (asked, listings) = self.lookups.reset();
+        for req in listings {
+            self.out.push_back(Out::Listed {
+                req,
+                page: Err("the connection to the relay went down".into()),
+            });
+        }
+        if asked {
+            // Requests parked on a lookup get their answer now: there is no relay to ask.
+            self.out.push_back(Out::Looked);
+        }
     }
 
     fn frame(&mut self, msg: ToRelay, now: Now) {
@@ -315,6 +330,108 @@ impl Member {
         for item in send::outbox(store, false) {
             self.frame(ToRelay::Send(item), now);
         }
+        // Follow every contact: their keys (a change is caught at login, as a full directory
+        // would catch it), whether they are online, and from now on their joins and leaves.
+        let names = self.peers.names();
+        for chunk in names.chunks(crate::proto::LOOKUP_CHUNK) {
+            self.frame(ToRelay::Lookup(chunk.to_vec()), now);
+        }
+    }
+
+    /// Ask the relay for `user`'s key, unless that is already under way.
+    fn ask(&mut self, user: &str, now: Now) {
+        if self.link.established() && self.lookups.ask(user) {
+            self.frame(ToRelay::Lookup(vec![user.to_string()]), now);
+        }
+    }
+
+    /// A `Keys` answer: pin on first sight what we asked for, check what we know.
+    fn keys(
+        &mut self,
+        peers: Vec<Peer>,
+        unknown: Vec<String>,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) {
+        for p in peers {
+            let asked = self.lookups.answered(&p.user);
+            // Only names we asked for or already pinned: a relay cannot push pins on us.
+            if !asked && !self.peers.knows(&p.user) {
+                continue;
+            }
+            if self.observe(&p, store) {
+                self.release_held(&p.user, now, store);
+            }
+        }
+        for u in unknown {
+            if self.lookups.not_bound(&u) {
+                info!("the relay has no user named {u}");
+            }
+        }
+        self.out.push_back(Out::Looked);
+    }
+
+    /// A `Listing` answer: the page for the oldest listing in flight.
+    fn listing(&mut self, peers: Vec<Peer>, more: bool, store: &mut dyn MemberStore) {
+        let Some(req) = self.lookups.listed() else {
+            warn!("relay sent a directory page nobody asked for; ignored");
+            return;
+        };
+        let next = if more {
+            peers.last().map(|p| p.user.clone())
+        } else {
+            None
+        };
+        let mut views = Vec::with_capacity(peers.len());
+        for p in peers {
+            if p.user == self.user || !crate::proto::valid_user(&p.user) {
+                continue;
+            }
+            if self.peers.knows(&p.user) {
+                // A contact: its entry is checked like any other presentation of its key.
+                self.observe(&p, store);
+                views.extend(self.peers.view(&p.user));
+            } else if let Ok(k) = crate::crypto::PublicKey::from_der(&p.key) {
+                views.push(PeerView {
+                    user: p.user,
+                    online: p.online,
+                    trust: crate::proto::control::TrustState::Bound,
+                    fingerprint: k.fingerprint().to_string(),
+                    presented: None,
+                });
+            }
+        }
+        self.out.push_back(Out::Listed {
+            req,
+            page: Ok(ListPage { views, next }),
+        });
+    }
+
+    /// Ask the relay for the page of its directory after `after`, for listing `req`.
+    pub fn list(
+        &mut self,
+        req: u64,
+        after: &str,
+        prefix: &str,
+        now: Now,
+    ) -> Result<(), MemberError> {
+        if !self.link.established() {
+            return Err(MemberError::NotConnected);
+        }
+        self.lookups.listing(req);
+        self.frame(
+            ToRelay::List {
+                after: after.to_string(),
+                prefix: prefix.to_string(),
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    /// The requests parked on missing names have been answered: forget the answers.
+    pub fn clear_missing(&mut self) {
+        self.lookups.clear_missing();
     }
 
     fn established(&mut self, msg: FromRelay, now: Now, store: &mut dyn MemberStore) {
@@ -326,6 +443,11 @@ impl Member {
                 let was = self.peers.online(&p.user);
                 if self.observe(&p, store) {
                     self.release_held(&p.user, now, store);
+                }
+                if was.is_none() && self.peers.knows(&p.user) {
+                    // A new contact from a room's presence: follow it, so its joins and leaves
+                    // keep coming if the relay outgrows a room.
+                    self.ask(&p.user, now);
                 }
                 if was != Some(p.online) {
                     let body = RecordBody::Presence {
@@ -344,6 +466,8 @@ impl Member {
                     }
                 }
             }
+            FromRelay::Keys { peers, unknown } => self.keys(peers, unknown, now, store),
+            FromRelay::Listing { peers, more } => self.listing(peers, more, store),
             FromRelay::Deliver(Routed::Message(env)) => {
                 self.accept(env, now, store);
             }
@@ -410,8 +534,14 @@ impl Member {
             .receiving
             .judge(&self.user, &self.identity, &self.peers, &env, store);
         let mut outs = Vec::new();
+        let from = env.from.clone();
         let settled = self.receiving.settle(env, judged, now, store, &mut outs);
         self.emit(now, outs);
+        // Held from a sender we have no key for: ask the relay (keys on demand); the answer
+        // pins it and releases what we hold.
+        if !self.peers.knows(&from) && from != self.user && crate::proto::valid_user(&from) {
+            self.ask(&from, now);
+        }
         settled
     }
 
@@ -451,6 +581,26 @@ impl Member {
         now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<Vec<Sent>, MemberError> {
+        // Keys on demand: a name with no pin is looked up, and the request waits for the answer.
+        let mut pending = Vec::new();
+        for u in to {
+            if self.peers.knows(u) || *u == self.user || !crate::proto::valid_user(u) {
+                continue;
+            }
+            if self.lookups.is_missing(u) {
+                return Err(MemberError::UnknownUser(u.clone()));
+            }
+            if !self.link.established() {
+                return Err(MemberError::UnknownOffline(u.clone()));
+            }
+            self.ask(u, now);
+            if self.lookups.pending(u) {
+                pending.push(u.clone());
+            }
+        }
+        if !pending.is_empty() {
+            return Err(MemberError::KeysPending(pending));
+        }
         let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
         let queued = self.sending.queue(
             &self.identity,

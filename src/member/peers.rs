@@ -260,21 +260,32 @@ impl Peers {
         self.pinned_key(user).map(|k| k.fingerprint())
     }
 
-    /// The directory as `who` shows it.
+    /// The contacts as `who` shows them.
     pub(super) fn who(&self) -> Vec<PeerView> {
-        self.map
-            .iter()
-            .map(|(user, st)| PeerView {
-                user: user.clone(),
-                online: st.online,
-                trust: if st.presented.is_some() {
-                    TrustState::Changed
-                } else {
-                    trust_state(st.trust)
-                },
-                fingerprint: st.pinned.fingerprint().to_string(),
-                presented: st.presented.as_ref().map(|k| k.fingerprint().to_string()),
-            })
-            .collect()
+        self.map.iter().map(|(user, st)| view(user, st)).collect()
+    }
+
+    /// One contact as `who` shows it.
+    pub(super) fn view(&self, user: &str) -> Option<PeerView> {
+        self.map.get(user).map(|st| view(user, st))
+    }
+
+    /// The names of every contact (pinned peer), in name order.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.map.keys().cloned().collect()
+    }
+}
+
+fn view(user: &str, st: &PeerState) -> PeerView {
+    PeerView {
+        user: user.to_string(),
+        online: st.online,
+        trust: if st.presented.is_some() {
+            TrustState::Changed
+        } else {
+            trust_state(st.trust)
+        },
+        fingerprint: st.pinned.fingerprint().to_string(),
+        presented: st.presented.as_ref().map(|k| k.fingerprint().to_string()),
     }
 }

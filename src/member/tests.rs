@@ -220,6 +220,7 @@ impl Net {
                     }
                     Out::Record(r) => node.records.push(r),
                     Out::State(id, s, why) => node.states.push((id, s, why)),
+                    Out::Looked | Out::Listed { .. } => {}
                 }
             }
             if close {
@@ -453,6 +454,8 @@ fn kind(m: &Msg) -> &'static str {
         Msg::Up(ToRelay::Send(_)) => "Send",
         Msg::Up(ToRelay::Ack(_)) => "Ack",
         Msg::Up(ToRelay::Ping) => "Ping",
+        Msg::Up(ToRelay::Lookup(_)) => "Lookup",
+        Msg::Up(ToRelay::List { .. }) => "List",
         Msg::Close => "Close",
     }
 }
@@ -749,6 +752,12 @@ fn send_errors_store_nothing() {
         net.try_send(a, &["alice"], "x"),
         Err(MemberError::SelfSend)
     ));
+    // Keys on demand: the first try asks the relay, the answer makes the second one fail.
+    assert!(matches!(
+        net.try_send(a, &["nobody"], "x"),
+        Err(MemberError::KeysPending(u)) if u == ["nobody"]
+    ));
+    net.transfer();
     assert!(matches!(
         net.try_send(a, &["nobody"], "x"),
         Err(MemberError::UnknownUser(u)) if u == "nobody"
