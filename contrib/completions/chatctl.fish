@@ -30,7 +30,7 @@ complete -c chatctl -n "__fish_chatctl_needs_command" -s h -l help -d 'Print hel
 complete -c chatctl -n "__fish_chatctl_needs_command" -s V -l version -d 'Print version'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
-complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "who" -d 'List peers: name, online, trust (trusted|pinned|changed), fingerprint'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "who" -d 'List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with --all, every name on the relay (a page at a time); on a relay, its registrations'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
@@ -51,7 +51,9 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Cont
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l prefix -d 'With --all: only names that start with P' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l all -d 'Every name on the relay, not only your contacts (names you have not pinned show trust `bound`)'
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -s h -l help -d 'Print help'
 complete -c chatctl -n "__fish_chatctl_using_subcommand status" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
@@ -68,7 +70,7 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l json -d 'One 
 complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -s h -l help -d 'Print help'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "who" -d 'List peers: name, online, trust (trusted|pinned|changed), fingerprint'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "who" -d 'List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with --all, every name on the relay (a page at a time); on a relay, its registrations'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'

@@ -2003,3 +2003,87 @@ fn send_all_above_max_fanout_sends_nothing() {
         .unwrap();
     assert_eq!(sent.len(), 2);
 }
+
+/// A relay that stops being a room at its second name: members learn keys only by `Lookup`.
+fn large_net() -> Net {
+    Net::with_limits(Limits {
+        directory_push_max: 1,
+        ..Limits::default()
+    })
+}
+
+#[test]
+fn keys_on_demand_pin_a_new_recipient_and_a_new_sender() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    let b = net.join("bob", BOB);
+    assert!(net.nodes[a].member.who().is_empty(), "no directory pushed");
+    // Alice's first send to bob asks the relay; the answer pins bob (TOFU) and the send goes.
+    assert!(matches!(
+        net.try_send(a, &["bob"], "x"),
+        Err(MemberError::KeysPending(u)) if u == ["bob"]
+    ));
+    assert_eq!(net.nodes[a].store.outbox_messages().unwrap(), 0);
+    net.transfer();
+    assert_eq!(net.nodes[a].member.pinned("bob"), Some(public(BOB).fingerprint()));
+    let view = net.who(a, "bob");
+    assert!(view.online);
+    assert_eq!(view.trust, "pinned");
+    net.send(a, "bob", "hello bob");
+    net.transfer();
+    // Bob had no key for alice: he held the message, looked her up, pinned her, opened it.
+    assert_eq!(net.inbox(b), inbox_of(&[("alice", "hello bob")]));
+    assert_eq!(net.nodes[b].member.pinned("alice"), Some(public(ALICE).fingerprint()));
+    assert!(net
+        .trace
+        .iter()
+        .any(|(who, m)| who == "bob" && matches!(m, Msg::Up(ToRelay::Lookup(n)) if n == &["alice".to_string()])));
+}
+
+#[test]
+fn a_key_change_is_caught_at_login_and_by_presence_on_a_large_relay() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    net.join("carol", CAROL);
+    let _ = net.try_send(a, &["carol"], "x");
+    net.transfer();
+    assert_eq!(net.nodes[a].member.pinned("carol"), Some(public(CAROL).fingerprint()));
+    // Carol returns with a new key while alice is online: alice follows her, so hears it.
+    net.forget("carol");
+    net.transfer();
+    net.join("carol", CAROL2);
+    let view = net.who(a, "carol");
+    assert_eq!(view.trust, "changed");
+    assert_eq!(view.presented, Some(public(CAROL2).fingerprint().to_string()));
+    assert!(matches!(
+        net.try_send(a, &["carol"], "x"),
+        Err(MemberError::KeyChanged { .. })
+    ));
+    // And after a restart, the login's lookup of every contact finds it again.
+    net.restart(a);
+    net.connect(a);
+    net.transfer();
+    assert_eq!(net.who(a, "carol").trust, "changed");
+}
+
+#[test]
+fn a_relay_cannot_push_pins_the_member_did_not_ask_for() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    net.join("bob", BOB);
+    let bob = Peer {
+        user: "bob".into(),
+        key: public(BOB).der().to_vec(),
+        online: true,
+    };
+    let node = &mut net.nodes[a];
+    node.member.handle(
+        FromRelay::Keys {
+            peers: vec![bob],
+            unknown: vec![],
+        },
+        Now::at(net.now),
+        &mut node.store,
+    );
+    assert!(node.member.who().is_empty(), "an answer to no question pins nothing");
+}
