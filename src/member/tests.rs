@@ -2025,7 +2025,10 @@ fn keys_on_demand_pin_a_new_recipient_and_a_new_sender() {
     ));
     assert_eq!(net.nodes[a].store.outbox_messages().unwrap(), 0);
     net.transfer();
-    assert_eq!(net.nodes[a].member.pinned("bob"), Some(public(BOB).fingerprint()));
+    assert_eq!(
+        net.nodes[a].member.pinned("bob"),
+        Some(public(BOB).fingerprint())
+    );
     let view = net.who(a, "bob");
     assert!(view.online);
     assert_eq!(view.trust, "pinned");
@@ -2033,11 +2036,12 @@ fn keys_on_demand_pin_a_new_recipient_and_a_new_sender() {
     net.transfer();
     // Bob had no key for alice: he held the message, looked her up, pinned her, opened it.
     assert_eq!(net.inbox(b), inbox_of(&[("alice", "hello bob")]));
-    assert_eq!(net.nodes[b].member.pinned("alice"), Some(public(ALICE).fingerprint()));
-    assert!(net
-        .trace
-        .iter()
-        .any(|(who, m)| who == "bob" && matches!(m, Msg::Up(ToRelay::Lookup(n)) if n == &["alice".to_string()])));
+    assert_eq!(
+        net.nodes[b].member.pinned("alice"),
+        Some(public(ALICE).fingerprint())
+    );
+    assert!(net.trace.iter().any(|(who, m)| who == "bob"
+        && matches!(m, Msg::Up(ToRelay::Lookup(n)) if n == &["alice".to_string()])));
 }
 
 #[test]
@@ -2047,14 +2051,20 @@ fn a_key_change_is_caught_at_login_and_by_presence_on_a_large_relay() {
     net.join("carol", CAROL);
     let _ = net.try_send(a, &["carol"], "x");
     net.transfer();
-    assert_eq!(net.nodes[a].member.pinned("carol"), Some(public(CAROL).fingerprint()));
+    assert_eq!(
+        net.nodes[a].member.pinned("carol"),
+        Some(public(CAROL).fingerprint())
+    );
     // Carol returns with a new key while alice is online: alice follows her, so hears it.
     net.forget("carol");
     net.transfer();
     net.join("carol", CAROL2);
     let view = net.who(a, "carol");
     assert_eq!(view.trust, "changed");
-    assert_eq!(view.presented, Some(public(CAROL2).fingerprint().to_string()));
+    assert_eq!(
+        view.presented,
+        Some(public(CAROL2).fingerprint().to_string())
+    );
     assert!(matches!(
         net.try_send(a, &["carol"], "x"),
         Err(MemberError::KeyChanged { .. })
@@ -2085,5 +2095,8 @@ fn a_relay_cannot_push_pins_the_member_did_not_ask_for() {
         Now::at(net.now),
         &mut node.store,
     );
-    assert!(node.member.who().is_empty(), "an answer to no question pins nothing");
+    assert!(
+        node.member.who().is_empty(),
+        "an answer to no question pins nothing"
+    );
 }
