@@ -161,6 +161,10 @@ pub struct Relay {
     recent_binds: VecDeque<u64>,
     /// Who follows each name (connections that looked it up), for presence on a large relay.
     watchers: HashMap<String, Vec<ConnId>>,
+    /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
+    /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
+    /// moves deadlines later), so the loop need not walk every connection each turn.
+    earliest: Option<u64>,
     /// Joins and leaves of this turn not sent yet, the latest state of each name: they go out
     /// when the turn's output is drained, so a name that toggles in one turn costs its followers
     /// one frame, and a mass disconnect costs each follower one frame per name it follows.
@@ -202,6 +206,7 @@ impl Relay {
             recent_binds: VecDeque::new(),
             watchers: HashMap::new(),
             presence: BTreeMap::new(),
+            earliest: None,
         })
     }
 
@@ -215,6 +220,16 @@ impl Relay {
     /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which `tick` has
     /// something to do, so the daemon can sleep until then instead of waking on a fixed tick.
     pub fn next_deadline(&self) -> Option<u64> {
+        self.earliest
+    }
+
+    /// Lower the earliest deadline to `at` if it is earlier.
+    fn due_by(&mut self, at: u64) {
+        self.earliest = Some(self.earliest.map_or(at, |e| e.min(at)));
+    }
+
+    /// The earliest deadline of any connection, walking them all (after a tick).
+    fn compute_deadline(&self) -> Option<u64> {
         self.conns
             .values()
             .filter_map(|c| match c.state {
@@ -238,6 +253,7 @@ impl Relay {
     /// Replace the limits (config reload).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
+        self.earliest = self.compute_deadline();
     }
 
     /// The next action for the daemon. The turn's joins and leaves go out once everything else
@@ -320,6 +336,10 @@ impl Relay {
                 last_seen: now,
                 subs: Vec::new(),
             },
+        );
+        self.due_by(
+            now.saturating_add(self.limits.handshake_timeout_ms)
+                .saturating_add(1),
         );
         self.out.push_back(Out::Send(
             id,
@@ -458,6 +478,7 @@ impl Relay {
             info!("connection {id}: {why}");
             self.close_with(id, ErrorCode::Timeout, why.to_string());
         }
+        self.earliest = self.compute_deadline();
     }
 
     /// Drop a name's binding and queue so a new key may claim it. True if the name was bound.
@@ -685,6 +706,10 @@ impl Relay {
         if let Some(c) = self.conns.get_mut(&id) {
             c.state = State::Established { user: user.clone() };
         }
+        self.due_by(
+            now.saturating_add(self.limits.idle_timeout_ms)
+                .saturating_add(1),
+        );
         self.online.insert(user.clone(), id);
         info!("{user} joined ({})", key.fingerprint());
         // A room-sized relay sends its whole directory; a large one nothing (members look up
