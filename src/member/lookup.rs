@@ -9,6 +9,10 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
+/// Names asked for and not answered at once, at most: a relay that never answers (and keeps
+/// delivering envelopes from new names) cannot grow the member through this set.
+pub(super) const MAX_PENDING_LOOKUPS: usize = 1024;
+
 /// Names asked for and not answered, names known to be missing, listings in flight.
 #[derive(Default)]
 pub(super) struct Lookups {
@@ -18,9 +22,13 @@ pub(super) struct Lookups {
 }
 
 impl Lookups {
-    /// Whether `user` needs a `Lookup` now (it was not asked for already); marks it asked.
+    /// Whether `user` needs a `Lookup` now (it was not asked for already, and fewer than
+    /// [`MAX_PENDING_LOOKUPS`] are); marks it asked.
     pub(super) fn ask(&mut self, user: &str) -> bool {
         self.missing.remove(user);
+        if self.asked.len() >= MAX_PENDING_LOOKUPS {
+            return false;
+        }
         self.asked.insert(user.to_string())
     }
 
@@ -71,5 +79,32 @@ impl Lookups {
         self.asked.clear();
         self.missing.clear();
         (asked, self.listings.drain(..).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_in_flight_are_bounded_and_answers_clear_them() {
+        let mut l = Lookups::default();
+        for i in 0..MAX_PENDING_LOOKUPS {
+            assert!(l.ask(&format!("u{i}")));
+        }
+        assert!(!l.ask("one-more"), "at the bound nothing more is asked");
+        assert!(!l.pending("one-more"));
+        assert!(!l.ask("u0"), "asked already");
+        assert!(l.answered("u0"));
+        assert!(l.ask("one-more"), "an answer makes room");
+        assert!(l.not_bound("u1"));
+        assert!(l.is_missing("u1"));
+        l.clear_missing();
+        assert!(!l.is_missing("u1"));
+        l.listing(7);
+        let (asked, listings) = l.reset();
+        assert!(asked);
+        assert_eq!(listings, [7]);
+        assert!(!l.pending("u2"));
     }
 }

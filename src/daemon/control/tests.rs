@@ -534,3 +534,46 @@ fn relay_list(roles: &mut Roles, store: &mut Store, info: &Info) -> Vec<CtlRespo
     while !relay_page(relay, &mut list, &mut frames) {}
     frames
 }
+
+/// A send to a name with no pin waits for the relay's lookup answer at most
+/// `LOOKUP_TIMEOUT_MS`, then fails with nothing stored; and it is tried again only once the
+/// member heard back.
+#[test]
+fn a_send_parked_on_a_lookup_fails_when_the_relay_does_not_answer() {
+    let mut net = Net::new();
+    let Reply::Park(parked) = net.request(send("carol", Wait::None, 0)) else {
+        panic!("a send to a name with no pin waits for the lookup");
+    };
+    let mut waiters = Waiters::default();
+    waiters.park(CLIENT, parked);
+    assert!(waiters.take_parked().is_empty(), "nothing heard back yet");
+    assert_eq!(waiters.next_deadline(), Some(T0 + LOOKUP_TIMEOUT_MS));
+    assert!(waiters
+        .expire(Now::at(T0 + LOOKUP_TIMEOUT_MS - 1))
+        .is_empty());
+    let replies = waiters.expire(Now::at(T0 + LOOKUP_TIMEOUT_MS));
+    match &replies[..] {
+        [(CLIENT, CtlResponse::Error { kind, message, .. })] => {
+            assert_eq!(*kind, ErrorKind::Failed);
+            assert!(
+                message.contains("carol") && message.contains("nothing was sent"),
+                "{message}"
+            );
+        }
+        other => panic!("expected one failure, got {other:?}"),
+    }
+    assert_eq!(waiters.next_deadline(), None);
+    assert_eq!(net.store.outbox_messages().expect("outbox"), 0);
+
+    // Heard back: the parked request comes out once, to be asked again.
+    let Reply::Park(parked) = net.request(send("dave", Wait::None, 0)) else {
+        panic!("dave has no pin either");
+    };
+    waiters.park(CLIENT, parked);
+    waiters.looked();
+    let again = waiters.take_parked();
+    assert!(
+        matches!(&again[..], [(CLIENT, CtlRequest::Send { to, .. }, _)] if to == &["dave".to_string()])
+    );
+    assert!(waiters.take_parked().is_empty());
+}
