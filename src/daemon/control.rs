@@ -57,8 +57,8 @@ pub fn relay_page(
     list.page(views, next, out)
 }
 
-/// How long a send waits for the relay to answer a key lookup.
-pub const LOOKUP_TIMEOUT_MS: u64 = 10_000;
+/// How long a send waits for the relay to answer a key lookup (and a `who --all` for a page).
+pub use crate::member::LOOKUP_TIMEOUT_MS;
 
 /// A request parked on a key lookup.
 #[derive(Debug)]
@@ -77,6 +77,9 @@ pub struct Listing {
     pub after: String,
     /// A page was asked of the relay and has not come back.
     pub in_flight: bool,
+    /// When that page was asked (monotonic ms): a relay that does not answer in
+    /// [`LOOKUP_TIMEOUT_MS`] ends the listing with an error.
+    pub asked_at: u64,
 }
 
 impl Listing {
@@ -85,6 +88,7 @@ impl Listing {
             prefix: prefix.unwrap_or_default(),
             after: String::new(),
             in_flight: false,
+            asked_at: 0,
         }
     }
 
@@ -525,15 +529,18 @@ impl Waiters {
         self.looked = true;
     }
 
-    /// The parked requests to try again now, if the member heard back since the last call.
-    pub fn take_parked(&mut self) -> Vec<(Token, CtlRequest, u64)> {
+    /// If the member heard back since the last call: the parked requests to try again now
+    /// (maybe none).
+    pub fn take_parked(&mut self) -> Option<Vec<(Token, CtlRequest, u64)>> {
         if !std::mem::take(&mut self.looked) {
-            return Vec::new();
+            return None;
         }
-        std::mem::take(&mut self.parked)
-            .into_iter()
-            .map(|p| (p.token, p.parked.req, p.parked.deadline))
-            .collect()
+        Some(
+            std::mem::take(&mut self.parked)
+                .into_iter()
+                .map(|p| (p.token, p.parked.req, p.parked.deadline))
+                .collect(),
+        )
     }
 
     /// Park again a request that still waits, with its first deadline.

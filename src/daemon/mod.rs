@@ -303,7 +303,7 @@ impl Daemon {
         };
         cores
             .into_iter()
-            .chain([self.waiters.next_deadline()])
+            .chain([self.waiters.next_deadline(), self.table.list_deadline()])
             .flatten()
             .min()
     }
@@ -556,6 +556,15 @@ impl Daemon {
     /// Ask for the next page of every directory listing whose client has read the last one:
     /// from the relay core on a relay, from the relay through the member otherwise.
     fn pump_lists(&mut self, now: Now) {
+        for token in self.table.lists_late(now.mono) {
+            if let Some(c) = self.table.ctl_mut(token) {
+                c.list = None;
+                c.stream.push_back(control::failed(format!(
+                    "the relay did not send the next page of the directory within {} s",
+                    control::LOOKUP_TIMEOUT_MS / 1000
+                )));
+            }
+        }
         for token in self.table.lists_ready(self.cfg.max_write_buffer / 2) {
             let Some(c) = self.table.ctl_mut(token) else {
                 continue;
@@ -570,6 +579,7 @@ impl Daemon {
                     match member.list(token.0 as u64, &list.after, &list.prefix, now) {
                         Ok(()) => {
                             list.in_flight = true;
+                            list.asked_at = now.mono;
                             false
                         }
                         Err(e) => {
@@ -589,11 +599,15 @@ impl Daemon {
     /// Try again the sends parked on a key lookup, once the member has heard back. True if
     /// any was tried (its frames are to be pumped).
     fn retry_parked(&mut self, now: Now) -> bool {
-        let parked = self.waiters.take_parked();
-        if parked.is_empty() {
+        let Some(parked) = self.waiters.take_parked() else {
             return false;
-        }
+        };
+        let tried = !parked.is_empty();
         for (token, req, deadline) in parked {
+            // Answered in this turn: if its commit fails, this client hears why.
+            if let Some(c) = self.table.ctl_mut(token) {
+                c.asked = true;
+            }
             match control::request(&mut self.roles, &mut self.store, &self.info, req, now) {
                 Reply::Park(p) => self.waiters.repark(token, p, deadline),
                 Reply::Now(resp) => self.table.reply(token, &resp),
@@ -602,10 +616,11 @@ impl Daemon {
                 Reply::Stream(_) | Reply::Tail(_) | Reply::List(_) => {}
             }
         }
+        // The answers were used (or nobody was waiting for them): a later send asks afresh.
         if let Some(m) = self.roles.member_mut() {
             m.clear_missing();
         }
-        true
+        tried
     }
 
     fn flush_all(&mut self) {

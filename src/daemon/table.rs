@@ -423,6 +423,34 @@ impl Table {
         }
     }
 
+    /// The listings waiting for the relay's page longer than the lookup timeout at `now`.
+    pub fn lists_late(&self, now: u64) -> Vec<Token> {
+        self.control_tokens
+            .iter()
+            .filter(|t| {
+                matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(Ctl { list: Some(l), .. }), .. })
+                    if l.in_flight && now.saturating_sub(l.asked_at) >= super::control::LOOKUP_TIMEOUT_MS)
+            })
+            .copied()
+            .collect()
+    }
+
+    /// When the earliest listing waiting for the relay times out (monotonic ms).
+    pub fn list_deadline(&self) -> Option<u64> {
+        self.control_tokens
+            .iter()
+            .filter_map(|t| match self.entries.get(t) {
+                Some(Entry {
+                    kind: Kind::Control(Ctl { list: Some(l), .. }),
+                    ..
+                }) if l.in_flight => {
+                    Some(l.asked_at.saturating_add(super::control::LOOKUP_TIMEOUT_MS))
+                }
+                _ => None,
+            })
+            .min()
+    }
+
     /// Control clients whose listing wants its next page, and have room for it.
     pub fn lists_ready(&self, limit: usize) -> Vec<Token> {
         self.control_tokens

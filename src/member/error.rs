@@ -24,6 +24,8 @@ pub enum MemberError {
     KeysPending(Vec<String>),
     /// The request needs the relay, and the link is down.
     NotConnected,
+    /// Too many key lookups wait for the relay's answer (a relay that does not answer).
+    TooManyLookups,
     /// Sending to oneself is refused (the copy would collide with the sent one).
     SelfSend,
     /// `--all` with nobody online.
@@ -80,6 +82,12 @@ impl std::fmt::Display for MemberError {
             MemberError::KeysPending(users) => {
                 write!(f, "looking up the keys of {} on the relay", users.join(", "))
             }
+            MemberError::TooManyLookups => write!(
+                f,
+                "{} key lookups are waiting for the relay's answer; nothing was sent (try again \
+                 in a few seconds; if it persists, the relay is not answering)",
+                super::lookup::MAX_PENDING_LOOKUPS
+            ),
             MemberError::NotConnected => write!(
                 f,
                 "chatd is not connected to the relay, which this asks; `chatctl who` lists your \

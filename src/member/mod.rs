@@ -41,7 +41,8 @@ pub use out::{ListPage, Out};
 pub use send::SESSION_MESSAGES;
 
 use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
-use lookup::Lookups;
+pub use lookup::LOOKUP_TIMEOUT_MS;
+use lookup::{Ask, Lookups};
 use peers::{Observed, Peers, Trusted};
 use receive::Receiving;
 use send::Sending;
@@ -59,6 +60,8 @@ pub struct Member {
     /// The most recipients `send --all` may reach (`max_fanout`).
     max_fanout: usize,
     lookups: Lookups,
+    /// The pin bound was logged (once per run: a relay could otherwise flood the log).
+    pins_full_said: bool,
 }
 
 /// The default of `max_fanout`: `send --all` is for a room, not a broadcast to a whole relay.
@@ -83,6 +86,7 @@ impl Member {
             out: VecDeque::new(),
             max_fanout: DEFAULT_MAX_FANOUT,
             lookups: Lookups::default(),
+            pins_full_said: false,
         })
     }
 
@@ -332,17 +336,29 @@ impl Member {
         }
         // Follow every contact: their keys (a change is caught at login, as a full directory
         // would catch it), whether they are online, and from now on their joins and leaves.
-        let names = self.peers.names();
-        for chunk in names.chunks(crate::proto::LOOKUP_CHUNK) {
-            self.frame(ToRelay::Lookup(chunk.to_vec()), now);
+        // Two chunks at a time, the next as each answer comes, so a member with many contacts
+        // is never sent more than it reads.
+        let chunks: Vec<Vec<String>> = self
+            .peers
+            .names()
+            .chunks(crate::proto::LOOKUP_CHUNK)
+            .map(<[String]>::to_vec)
+            .collect();
+        for chunk in self.lookups.start_login(chunks) {
+            self.frame(ToRelay::Lookup(chunk), now);
         }
     }
 
     /// Ask the relay for `user`'s key, unless that is already under way.
-    fn ask(&mut self, user: &str, now: Now) {
-        if self.link.established() && self.lookups.ask(user) {
+    fn ask(&mut self, user: &str, now: Now) -> Ask {
+        if !self.link.established() {
+            return Ask::Full;
+        }
+        let ask = self.lookups.ask(user, now.mono);
+        if ask == Ask::Send {
             self.frame(ToRelay::Lookup(vec![user.to_string()]), now);
         }
+        ask
     }
 
     /// A `Keys` answer: pin on first sight what we asked for, check what we know.
@@ -368,15 +384,31 @@ impl Member {
                 info!("the relay has no user named {u}");
             }
         }
+        if let Some(next) = self.lookups.next_login_chunk() {
+            self.frame(ToRelay::Lookup(next), now);
+        }
         self.out.push_back(Out::Looked);
     }
 
     /// A `Listing` answer: the page for the oldest listing in flight.
     fn listing(&mut self, peers: Vec<Peer>, more: bool, store: &mut dyn MemberStore) {
-        let Some(req) = self.lookups.listed() else {
+        let Some((req, after)) = self.lookups.listed() else {
             warn!("relay sent a directory page nobody asked for; ignored");
             return;
         };
+        // Each page must move forward, or a relay could keep `who --all` going for ever.
+        let mut last = after.as_str();
+        for p in &peers {
+            if p.user.as_str() <= last {
+                warn!("relay sent a directory page out of order; the listing is stopped");
+                self.out.push_back(Out::Listed {
+                    req,
+                    page: Err("the relay sent a directory page out of order".into()),
+                });
+                return;
+            }
+            last = p.user.as_str();
+        }
         let next = if more {
             peers.last().map(|p| p.user.clone())
         } else {
@@ -418,7 +450,7 @@ impl Member {
         if !self.link.established() {
             return Err(MemberError::NotConnected);
         }
-        self.lookups.listing(req);
+        self.lookups.listing(req, after);
         self.frame(
             ToRelay::List {
                 after: after.to_string(),
@@ -461,8 +493,13 @@ impl Member {
             }
             FromRelay::Directory(peers) => {
                 for p in peers {
+                    let new = !self.peers.knows(&p.user);
                     if self.observe(&p, store) {
                         self.release_held(&p.user, now, store);
+                    }
+                    if new && self.peers.knows(&p.user) {
+                        // Pinned after the login's lookups went out: follow it too.
+                        self.ask(&p.user, now);
                     }
                 }
             }
@@ -510,7 +547,15 @@ impl Member {
                  send to or accept from {} until `chatctl trust {} {presented}`",
                 p.user, p.user, p.user
             ),
-            Observed::Ignored | Observed::Restored | Observed::Same => {}
+            Observed::Full if !self.pins_full_said => {
+                self.pins_full_said = true;
+                warn!(
+                    "not pinning {} or any other new name: this member holds {} pins already",
+                    p.user,
+                    peers::MAX_PINS
+                );
+            }
+            Observed::Full | Observed::Ignored | Observed::Restored | Observed::Same => {}
         }
         if seen.changed() {
             self.save_pin(&p.user, store);
@@ -593,9 +638,9 @@ impl Member {
             if !self.link.established() {
                 return Err(MemberError::UnknownOffline(u.clone()));
             }
-            self.ask(u, now);
-            if self.lookups.pending(u) {
-                pending.push(u.clone());
+            match self.ask(u, now) {
+                Ask::Send | Ask::Pending => pending.push(u.clone()),
+                Ask::Full => return Err(MemberError::TooManyLookups),
             }
         }
         if !pending.is_empty() {

@@ -33,11 +33,18 @@ struct PeerState {
     online: bool,
 }
 
+/// Pins one member keeps at most. A relay introduces names (in `Welcome`, `Directory` and a
+/// room's `Presence`), and each pin is looked up at every login: this bounds what a relay can
+/// make a member hold and ask, far above any real contact list.
+pub(super) const MAX_PINS: usize = 100_000;
+
 /// What [`Peers::observe`] made of a directory entry.
 #[derive(Debug)]
 pub(super) enum Observed {
     /// Ourselves, or a name no relay may bind: not a peer.
     Ignored,
+    /// A new name, not pinned: the member holds [`MAX_PINS`] already.
+    Full,
     /// The relay presented a key that does not parse.
     Unusable(CryptoError),
     /// A new peer, now pinned to this key.
@@ -147,6 +154,9 @@ impl Peers {
             Err(e) => return Observed::Unusable(e),
         };
         let Some(st) = self.map.get_mut(&p.user) else {
+            if self.map.len() >= MAX_PINS {
+                return Observed::Full;
+            }
             let fingerprint = key.fingerprint();
             self.map.insert(
                 p.user.clone(),

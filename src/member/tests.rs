@@ -2100,3 +2100,77 @@ fn a_relay_cannot_push_pins_the_member_did_not_ask_for() {
         "an answer to no question pins nothing"
     );
 }
+
+#[test]
+fn a_login_keeps_at_most_two_contact_lookups_unanswered() {
+    let mut net = large_net();
+    let a = net.add("alice", ALICE);
+    {
+        let store = &mut net.nodes[a].store;
+        store.begin().unwrap();
+        for i in 0..1500 {
+            store
+                .put_pin(&crate::store::Pin {
+                    user: format!("c{i:04}"),
+                    key: public(BOB).der().to_vec(),
+                    trust: crate::store::PinTrust::Pinned,
+                    presented: None,
+                })
+                .unwrap();
+        }
+        store.commit().unwrap();
+        let node = &mut net.nodes[a];
+        node.member = Member::load("alice".into(), identity(ALICE), &node.store).unwrap();
+    }
+    net.connect(a);
+    net.transfer();
+    let (mut asked, mut most, mut names) = (0i64, 0i64, 0usize);
+    for (who, m) in &net.trace {
+        if who != "alice" {
+            continue;
+        }
+        match m {
+            Msg::Up(ToRelay::Lookup(n)) => {
+                asked += 1;
+                names += n.len();
+                most = most.max(asked);
+            }
+            Msg::Down(FromRelay::Keys { .. }) => asked -= 1,
+            _ => {}
+        }
+    }
+    assert_eq!(names, 1500, "every contact looked up once");
+    assert_eq!(asked, 0, "every lookup answered");
+    assert!(
+        most <= 2,
+        "at most two lookups unanswered at once, saw {most}"
+    );
+}
+
+#[test]
+fn a_directory_page_that_does_not_move_forward_ends_the_listing() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    let t = Now::at(net.now);
+    let node = &mut net.nodes[a];
+    node.member.list(9, "bob", "", t).unwrap();
+    drain(&mut node.member);
+    let bob = Peer {
+        user: "bob".into(),
+        key: public(BOB).der().to_vec(),
+        online: true,
+    };
+    node.member.handle(
+        FromRelay::Listing {
+            peers: vec![bob],
+            more: true,
+        },
+        t,
+        &mut node.store,
+    );
+    let out = drain(&mut node.member);
+    assert!(
+        matches!(&out[..], [Out::Listed { req: 9, page: Err(why) }] if why.contains("out of order")),
+        "{out:?}"
+    );
+}

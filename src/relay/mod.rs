@@ -8,7 +8,7 @@
 //! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
 //! until the turn's transaction commits).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use log::{info, warn};
 use rand::rngs::StdRng;
@@ -130,7 +130,7 @@ struct Conn {
     since: u64,
     last_seen: u64,
     /// The names this connection follows (it looked them up), for presence.
-    subs: Vec<String>,
+    subs: HashSet<String>,
 }
 
 fn name_of(msg: &ToRelay) -> &'static str {
@@ -160,7 +160,7 @@ pub struct Relay {
     /// When each new name of the last [`REGISTRATION_WINDOW_MS`] was bound (monotonic ms).
     recent_binds: VecDeque<u64>,
     /// Who follows each name (connections that looked it up), for presence on a large relay.
-    watchers: HashMap<String, Vec<ConnId>>,
+    watchers: HashMap<String, HashSet<ConnId>>,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
     /// moves deadlines later), so the loop need not walk every connection each turn.
@@ -311,14 +311,17 @@ impl Relay {
                 }
             }
         } else if let Some(ids) = self.watchers.get(user) {
+            // In id order, so a seeded run repeats (a set's order is random per process).
+            let mut ids: Vec<ConnId> = ids.iter().copied().collect();
+            ids.sort_unstable();
             for id in ids {
                 let logged_in = self
                     .conns
-                    .get(id)
+                    .get(&id)
                     .is_some_and(|c| matches!(c.state, State::Established { .. }));
                 if logged_in {
                     self.out
-                        .push_back(Out::Send(*id, FromRelay::Presence(p.clone())));
+                        .push_back(Out::Send(id, FromRelay::Presence(p.clone())));
                 }
             }
         }
@@ -334,7 +337,7 @@ impl Relay {
                 state: State::ExpectLogin { nonce },
                 since: now,
                 last_seen: now,
-                subs: Vec::new(),
+                subs: HashSet::new(),
             },
         );
         self.due_by(
@@ -362,10 +365,10 @@ impl Relay {
     }
 
     /// Connection `id`, which followed `subs`, follows nobody any more.
-    fn unwatch(&mut self, id: ConnId, subs: &[String]) {
+    fn unwatch(&mut self, id: ConnId, subs: &HashSet<String>) {
         for name in subs {
             if let Some(ids) = self.watchers.get_mut(name) {
-                ids.retain(|i| *i != id);
+                ids.remove(&id);
                 if ids.is_empty() {
                     self.watchers.remove(name);
                 }
@@ -595,8 +598,8 @@ impl Relay {
         if c.subs.len() >= max || c.subs.contains(&name) {
             return;
         }
-        c.subs.push(name.clone());
-        self.watchers.entry(name).or_default().push(id);
+        c.subs.insert(name.clone());
+        self.watchers.entry(name).or_default().insert(id);
     }
 
     /// How many names are online.
