@@ -130,16 +130,19 @@ pub fn pump<C: Cores + ?Sized>(c: &mut C, now: Now) {
             let (relay, _) = c.relay();
             while let Some(out) = relay.poll() {
                 progressed = true;
-                let (id, msg) = match out {
-                    relay::Out::Send(id, msg) => (id, Some(msg)),
-                    relay::Out::Close(id) => (id, None),
+                // A linked member writes in the relay's transaction (a host shares its store;
+                // a harness commits both together), so what waits for the commit need not wait
+                // for it here.
+                let (id, msg) = match &out {
+                    relay::Out::Send(id, _) | relay::Out::AfterCommit(id, _) => (*id, true),
+                    relay::Out::Close(id) => (*id, false),
                 };
                 match ids.iter().position(|l| *l == id) {
-                    Some(i) => down[i].push(msg),
-                    None => foreign.push(match msg {
-                        Some(msg) => relay::Out::Send(id, msg),
-                        None => relay::Out::Close(id),
+                    Some(i) => down[i].push(match out {
+                        relay::Out::Send(_, m) | relay::Out::AfterCommit(_, m) if msg => Some(m),
+                        _ => None,
                     }),
+                    None => foreign.push(out),
                 }
             }
         }
