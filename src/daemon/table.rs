@@ -293,6 +293,21 @@ impl Table {
                     }
                 }
             }
+            relay::Out::Deliver(id, item) => {
+                let Some(t) = token_of(id) else { return };
+                self.touch(t);
+                if let Some(e) = self.entries.get_mut(&t) {
+                    let mut buf = Vec::new();
+                    match crate::proto::frame::encode_parts(
+                        crate::proto::DELIVER_PREFIX,
+                        &item,
+                        &mut buf,
+                    ) {
+                        Ok(()) => e.conn.queue(&buf),
+                        Err(err) => warn!("cannot frame a delivery for connection {id}: {err}"),
+                    }
+                }
+            }
             relay::Out::AfterCommit(id, msg) => {
                 let Some(t) = token_of(id) else { return };
                 if let Some(e) = self.entries.get_mut(&t) {

@@ -187,6 +187,12 @@ impl Net {
         while let Some(o) = self.relay.poll() {
             let (conn, msg) = match o {
                 RelayOut::Send(c, m) | RelayOut::AfterCommit(c, m) => (c, Msg::Down(m)),
+                RelayOut::Deliver(c, bytes) => (
+                    c,
+                    Msg::Down(FromRelay::Deliver(
+                        crate::proto::from_payload(&bytes).expect("a delivery decodes"),
+                    )),
+                ),
                 RelayOut::Close(c) => (c, Msg::Close),
             };
             let node = *self

@@ -10,6 +10,7 @@
 //! Everything else may leave before the turn commits: it promises nothing about the store.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use log::{info, warn};
 use rand::rngs::StdRng;
@@ -17,8 +18,9 @@ use rand::{RngCore, SeedableRng};
 
 use crate::crypto::{login_transcript, PublicKey};
 use crate::proto::control::{PeerView, TrustState};
+use crate::proto::frame::MAX_FRAME;
 use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Routed, ToRelay};
-use crate::proto::{from_payload, to_payload, valid_user};
+use crate::proto::{from_payload_whole, to_payload, valid_user, DELIVER_PREFIX, SEND_PREFIX};
 use crate::store::{RelayStore, StoreError};
 
 mod error;
@@ -124,6 +126,10 @@ pub enum Out {
     /// Send a message on a connection; it may leave before the turn commits (it promises
     /// nothing about the store: a forwarded item, presence, answers).
     Send(ConnId, FromRelay),
+    /// Deliver a routed item: its encoding as it came (the daemon frames it as
+    /// `{"Deliver": item}` without decoding or encoding it). Like `Send`, it may leave before the
+    /// turn commits.
+    Deliver(ConnId, Arc<[u8]>),
     /// Send a message on a connection only once the turn's transaction has committed: an
     /// `Accepted` for an item this turn wrote to the store. If the commit fails, drop it.
     AfterCommit(ConnId, FromRelay),
@@ -142,7 +148,8 @@ enum State {
 
 /// A routed item held in memory only: not in the store yet, not acknowledged yet.
 struct Unsynced {
-    item: Routed,
+    /// Its encoding, as it came in the `Send` frame.
+    bytes: Arc<[u8]>,
     /// Connections that sent it and wait for `Accepted` (a retransmission adds one).
     senders: Vec<ConnId>,
     /// When it arrived (monotonic ms).
@@ -288,9 +295,7 @@ impl Relay {
             };
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
             let (to, key) = k;
-            let stored = to_payload(&u.item)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| store.enqueue(&to, key, &bytes).map_err(|e| e.to_string()));
+            let stored = store.enqueue(&to, key, &u.bytes).map_err(|e| e.to_string());
             match stored {
                 Ok(()) => {
                     for s in u.senders {
@@ -495,8 +500,9 @@ impl Relay {
             Some(c) if matches!(c.state, State::Closing) => return,
             Some(_) => {}
         }
-        match from_payload::<ToRelay>(payload) {
-            Ok(msg) => self.handle_sized(id, msg, Some(payload.len()), now, store),
+        // Whole: the relay forwards what it routes as it came, so nothing may trail it.
+        match from_payload_whole::<ToRelay>(payload) {
+            Ok(msg) => self.handle_sized(id, msg, Some(payload), now, store),
             Err(e) => self.fail(id, RelayError::Malformed(e.to_string())),
         }
     }
@@ -506,13 +512,13 @@ impl Relay {
         self.handle_sized(id, msg, None, now, store)
     }
 
-    /// `handle`, knowing the frame's size if it came as bytes (so a routed item's size need not
-    /// be found by encoding it again).
+    /// `handle`, with the frame's payload if it came as bytes (so a routed item is forwarded and
+    /// stored as it came, not encoded again).
     fn handle_sized(
         &mut self,
         id: ConnId,
         msg: ToRelay,
-        size: Option<usize>,
+        raw: Option<&[u8]>,
         now: u64,
         store: &mut dyn RelayStore,
     ) {
@@ -546,7 +552,7 @@ impl Relay {
             State::Established { user } => {
                 let user = user.clone();
                 match msg {
-                    ToRelay::Send(item) => self.route(id, &user, item, size, now, store),
+                    ToRelay::Send(item) => self.route(id, &user, item, raw, now, store),
                     ToRelay::Ack(key) => self.ack(&user, key, store),
                     ToRelay::Ping => self.out.push_back(Out::Send(id, FromRelay::Pong)),
                     ToRelay::Lookup(names) => self.lookup(id, names),
@@ -755,13 +761,14 @@ impl Relay {
                 // Still in memory: forwarded as it came, without a read of the store.
                 q.sent += 1;
                 q.sent_bytes += size;
-                self.out
-                    .push_back(Out::Send(id, FromRelay::Deliver(u.item.clone())));
+                self.out.push_back(Out::Deliver(id, Arc::clone(&u.bytes)));
                 continue;
             }
-            let item = match store.queued_item(user, key) {
-                Ok(Some(bytes)) => match from_payload::<Routed>(&bytes) {
-                    Ok(item) => item,
+            // Checked before it goes out (the database is outside the process), then sent as
+            // stored.
+            let item: Arc<[u8]> = match store.queued_item(user, key) {
+                Ok(Some(bytes)) => match from_payload_whole::<Routed>(&bytes) {
+                    Ok(_) => bytes.into(),
                     Err(e) => {
                         warn!("queued item for {user} is unreadable ({e}); delivery paused");
                         break;
@@ -779,7 +786,7 @@ impl Relay {
             };
             q.sent += 1;
             q.sent_bytes += size;
-            self.out.push_back(Out::Send(id, FromRelay::Deliver(item)));
+            self.out.push_back(Out::Deliver(id, item));
         }
     }
 
@@ -938,7 +945,7 @@ impl Relay {
         id: ConnId,
         user: &str,
         item: Routed,
-        size: Option<usize>,
+        raw: Option<&[u8]>,
         now: u64,
         store: &mut dyn RelayStore,
     ) {
@@ -993,12 +1000,12 @@ impl Relay {
             self.out.push_back(r);
             return;
         }
-        // The frame's size stands for the item's (a few bytes more): it bounds the delivery
-        // window, and the item is encoded only if it has to be written.
-        let size = match size {
-            Some(n) => n,
+        // The item's bytes as they came (a canonical `Send`); encoded again only when they came
+        // another way (the host's in-process member, or an unusual but valid encoding).
+        let bytes: Arc<[u8]> = match raw.and_then(|p| p.strip_prefix(SEND_PREFIX)) {
+            Some(b) => b.into(),
             None => match to_payload(&item) {
-                Ok(b) => b.len(),
+                Ok(b) => b.into(),
                 Err(e) => {
                     self.out
                         .push_back(refuse(RefuseCode::TooLarge, e.to_string()));
@@ -1006,13 +1013,24 @@ impl Relay {
                 }
             },
         };
+        if bytes.len() + DELIVER_PREFIX.len() > MAX_FRAME {
+            self.out.push_back(refuse(
+                RefuseCode::TooLarge,
+                format!(
+                    "the item is {} bytes; delivered it would exceed the {MAX_FRAME}-byte frame cap",
+                    bytes.len()
+                ),
+            ));
+            return;
+        }
+        let size = bytes.len();
         // Forward first, write later: held in memory, delivered now if the recipient is online,
         // written to the store only if not acknowledged within SYNC_DELAY_MS.
         queue.push(key, size);
         self.unsynced.insert(
             (to.clone(), key),
             Unsynced {
-                item,
+                bytes,
                 senders: vec![id],
                 at: now,
                 seq: self.next_seq,

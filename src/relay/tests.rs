@@ -46,7 +46,7 @@ impl T {
 
     /// Everything the relay wants done, in order.
     fn drain(&mut self) -> Vec<Out> {
-        std::iter::from_fn(|| self.relay.poll()).collect()
+        std::iter::from_fn(|| self.relay.poll()).map(norm).collect()
     }
 
     /// Open connection `id` and return the challenge nonce it was sent.
@@ -100,6 +100,18 @@ impl T {
     fn send(&mut self, id: impl Into<ConnId>, item: Routed) -> Vec<Out> {
         let id: ConnId = id.into();
         self.handle(id, ToRelay::Send(item))
+    }
+}
+
+/// A delivery as the message it frames (the relay hands the daemon its bytes), so tests compare
+/// messages.
+fn norm(o: Out) -> Out {
+    match o {
+        Out::Deliver(c, bytes) => Out::Send(
+            c,
+            FromRelay::Deliver(crate::proto::from_payload(&bytes).expect("a delivery decodes")),
+        ),
+        other => other,
     }
 }
 
@@ -971,7 +983,7 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     );
     // The turn commits: the item is written before bob's ack comes.
     relay.sync(3, &mut store, true);
-    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
+    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).map(norm).collect();
     assert!(to(&out, 2).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
     relay.handle(ConnId(2), ToRelay::Ack(msg_key(1)), 4, &mut store);
     assert_eq!(
@@ -985,7 +997,7 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     let mut relay = Relay::load(&store, Limits::default()).unwrap();
     assert_eq!(relay.queued_count(), 1);
     login(&mut relay, &mut store, 3, "bob", BOB);
-    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
+    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).map(norm).collect();
     assert!(to(&out, 3).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
     relay.handle(ConnId(3), ToRelay::Ack(msg_key(1)), 5, &mut store);
     assert_eq!(relay.queued_count(), 0);
@@ -1396,4 +1408,37 @@ fn items_of_one_turn_are_written_in_the_order_they_came() {
         .map(|q| q.key.id[0])
         .collect();
     assert_eq!(stored, (1..=40).collect::<Vec<u8>>());
+}
+
+/// Issue 9: the relay forwards the bytes it received (no decode and encode again on the way
+/// out, no read of the store), and so refuses a frame with anything after the message.
+#[test]
+fn a_routed_item_is_forwarded_as_it_came_and_nothing_may_trail_it() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let payload = to_payload(&ToRelay::Send(message("alice", "bob", 3))).unwrap();
+    assert!(payload.starts_with(crate::proto::SEND_PREFIX));
+    t.relay.receive(ConnId(1), &payload, t.now, &mut t.store);
+    let out: Vec<Out> = std::iter::from_fn(|| t.relay.poll()).collect();
+    assert_eq!(
+        out,
+        [Out::Deliver(
+            ConnId(2),
+            payload[crate::proto::SEND_PREFIX.len()..].into()
+        )]
+    );
+    let mut trailing = to_payload(&ToRelay::Send(message("alice", "bob", 4))).unwrap();
+    trailing.push(0xc0);
+    t.relay.receive(ConnId(1), &trailing, t.now, &mut t.store);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 1).as_deref(), Some("protocol"));
+    // Bob hears alice leave, and nothing else: no delivery of the bad frame's item.
+    assert!(
+        !out.iter().any(|o| matches!(
+            o,
+            Out::Send(ConnId(2), FromRelay::Deliver(_)) | Out::Deliver(..)
+        )),
+        "{out:?}"
+    );
 }
