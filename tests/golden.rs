@@ -86,7 +86,7 @@ const RESP_ERROR: &str = "81a54572726f7283a46b696e64a754696d656f7574a76d65737361
 
 // ---- golden bytes: cryptography -----------------------------------------------------------------
 
-const LOGIN_TRANSCRIPT: &str = "63686174642d6c6f67696e2d76310000000020070707070707070707070707070707070707070707070707070707070707070700000005616c696365";
+const LOGIN_TRANSCRIPT: &str = "63686174642d6c6f67696e2d76320000000020070707070707070707070707070707070707070707070707070707070707070700000005616c696365000000200909090909090909090909090909090909090909090909090909090909090909";
 const MESSAGE_AD: &str = "63686174642d6d73672d763100000000100101010101010101010101010101010100000001610000000162000000000000000200000010030303030303030303030303030303030000000000000004";
 const MESSAGE_CIPHERTEXT: &str = "3ac50020b1072b327a1d1ee56d0bf643dd90";
 const RECEIPT_TAG: &str = "9aeb48a4059ff27aac3f11bf84322f4d";
@@ -553,7 +553,10 @@ fn fingerprint_is_sha256_base64_unpadded() {
 
 #[test]
 fn login_transcript_bytes() {
-    assert_eq!(hex(&login_transcript(&[7; 32], "alice")), LOGIN_TRANSCRIPT);
+    assert_eq!(
+        hex(&login_transcript(&[7; 32], "alice", &[9; 32])),
+        LOGIN_TRANSCRIPT
+    );
 }
 
 #[test]
@@ -635,7 +638,7 @@ fn key_packet_and_login_follow_the_documented_rsa_parameters() {
     assert_eq!(kp.signature.len(), 256);
 
     // The login signature is the same PSS over the login transcript.
-    let lt = login_transcript(&[7; 32], "alice");
+    let lt = login_transcript(&[7; 32], "alice", &[9; 32]);
     let sig = alice.sign(&mut rng, &lt).unwrap();
     alice_pub
         .verify(Pss::new_with_salt::<Sha256>(32), &Sha256::digest(&lt), &sig)

@@ -54,10 +54,12 @@ trait Timed: Read + Write {
     fn set_timeout(&self, d: Duration);
 }
 
-impl Timed for TcpStream {
+impl Timed for TlsClient {
     fn set_timeout(&self, d: Duration) {
-        let _ = self.set_read_timeout(Some(d.max(Duration::from_millis(1))));
-        let _ = self.set_write_timeout(Some(Duration::from_secs(5)));
+        let _ = self
+            .tcp()
+            .set_read_timeout(Some(d.max(Duration::from_millis(1))));
+        let _ = self.tcp().set_write_timeout(Some(Duration::from_secs(5)));
     }
 }
 
@@ -86,10 +88,20 @@ struct Raw<S: Timed> {
     closed: bool,
 }
 
-impl Raw<TcpStream> {
-    fn tcp(addr: &str) -> Raw<TcpStream> {
-        let s = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect {addr}: {e}")));
+impl Raw<TlsClient> {
+    /// A TLS connection to the relay at `addr`, handshake done: what follows is frames.
+    fn tcp(addr: &str) -> Raw<TlsClient> {
+        let s = TlsClient::connect(addr).unwrap_or_else(|e| fail(&format!("connect {addr}: {e}")));
         Raw::new(s)
+    }
+
+    /// Sign the login transcript for this connection (its nonce and TLS session).
+    fn sign_login(&self, nonce: &[u8; 32], user: &str, id: &Identity) -> Vec<u8> {
+        id.sign(
+            &mut rand::rngs::OsRng,
+            &login_transcript(nonce, user, &self.s.exporter()),
+        )
+        .expect("sign the login transcript")
     }
 }
 
@@ -203,7 +215,7 @@ impl<S: Timed> Raw<S> {
     }
 }
 
-impl Raw<TcpStream> {
+impl Raw<TlsClient> {
     /// The next message from a relay.
     fn recv_relay(&mut self, timeout: Duration) -> Option<FromRelay> {
         match self.next(timeout) {
@@ -246,12 +258,10 @@ fn identity() -> Identity {
 }
 
 /// Connect to the relay at `addr` and send a real `Login` as `user`; the answer is not read.
-fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TlsClient> {
     let mut c = Raw::tcp(addr);
     let nonce = c.challenge();
-    let signature = id
-        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, user))
-        .expect("sign the login transcript");
+    let signature = c.sign_login(&nonce, user, id);
     c.send(&ToRelay::Login {
         user: user.to_string(),
         key: id.public().der().to_vec(),
@@ -261,7 +271,7 @@ fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
 }
 
 /// Connect to the relay at `addr` and log in as `user` for real; returns after `Welcome`.
-fn login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+fn login(addr: &str, user: &str, id: &Identity) -> Raw<TlsClient> {
     let mut c = send_login(addr, user, id);
     loop {
         match c.recv_relay(DEADLINE) {
@@ -1373,16 +1383,14 @@ fn a_relay_with_a_large_directory_still_logs_members_in() {
                     let user = format!("n{i:05}-{}", "x".repeat(25));
                     let mut c = Raw::tcp(&addr);
                     let nonce = c.challenge();
-                    let signature = key
-                        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, &user))
-                        .expect("sign");
+                    let signature = c.sign_login(&nonce, &user, &key);
                     c.send(&ToRelay::Login {
                         user,
                         key: key.public().der().to_vec(),
                         signature,
                     });
                     // Leave at once: the binding stays, the Welcome need not be read.
-                    let _ = c.s.shutdown(std::net::Shutdown::Write);
+                    let _ = c.s.tcp().shutdown(std::net::Shutdown::Write);
                 }
             })
         })
@@ -1403,9 +1411,7 @@ fn a_relay_with_a_large_directory_still_logs_members_in() {
     let carol_id = identity();
     let mut c = Raw::tcp(&addr);
     let nonce = c.challenge();
-    let signature = carol_id
-        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, "carol"))
-        .expect("sign");
+    let signature = c.sign_login(&nonce, "carol", &carol_id);
     c.send(&ToRelay::Login {
         user: "carol".into(),
         key: carol_id.public().der().to_vec(),
@@ -1625,11 +1631,16 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
         ],
     );
 
-    let mut s = accept("bob to connect to the fake relay");
+    let s = accept("bob to connect to the fake relay");
     s.set_nonblocking(false).expect("blocking");
-    s.set_write_timeout(Some(Duration::from_secs(2)))
+    let fake_id = identity();
+    let mut s = tls_accept(s, &fake_id).expect("bob's TLS handshake with the fake relay");
+    s.sock
+        .set_write_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
-    let send = |s: &mut TcpStream, m: &FromRelay| -> io::Result<()> {
+    let send = |s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+                m: &FromRelay|
+     -> io::Result<()> {
         let mut buf = Vec::new();
         encode_frame(m, &mut buf).expect("encode");
         s.write_all(&buf)
@@ -1641,7 +1652,7 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
         version: "fake".into(),
     };
     send(&mut s, &challenge).expect("send the challenge");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.sock.set_read_timeout(Some(DEADLINE)).expect("timeout");
     let login = frame::read_from(&mut s, MAX_FRAME).expect("read the login");
     assert!(matches!(
         login.as_deref().map(from_payload::<ToRelay>),

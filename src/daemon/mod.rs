@@ -24,10 +24,12 @@ mod setup;
 mod status;
 pub mod systemd;
 mod table;
+mod tls;
 mod uplink;
 
 use crate::clock::{Clock, Now};
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -66,6 +68,8 @@ pub struct Daemon {
     store: Store,
     roles: Roles,
     listener: Option<TcpListener>,
+    /// The relay's TLS config over its identity key (relay roles only).
+    tls_server: Option<Arc<rustls::ServerConfig>>,
     control: UnixListener,
     signals: Signals,
     table: Table,
@@ -94,8 +98,8 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         setup::socket_path(&cfg.socket)?;
     }
     let store = Store::open(&cfg.state_dir.join("chatd.db")).map_err(DaemonError::Store)?;
-    // A relay needs an identity too: `status` and `fingerprint` show it, and a later TLS layer
-    // will authenticate the relay with it.
+    // A relay needs an identity too: `status` and `fingerprint` show it, and its TLS handshakes
+    // are signed with it (the key members pin).
     if !cfg.state_dir.join("identity.pem").exists() {
         sd.status(format!("generating an RSA-{} identity key", cfg.key_bits));
     }
@@ -104,6 +108,10 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     let listen = match &cfg.role {
         Role::Relay { listen } | Role::Host { listen, .. } => Some(listen.as_str()),
         Role::Member { .. } => None,
+    };
+    let tls_server = match listen {
+        Some(_) => Some(tls::server_config(&identity).map_err(DaemonError::Setup)?),
+        None => None,
     };
     let listening = setup::listener(listen, activated.relay, poll.registry(), LISTENER)?;
     let (listener, listen_addr) = listening.unzip();
@@ -124,9 +132,15 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     };
     let roles = match &cfg.role {
         Role::Relay { .. } => Roles::Relay(load_relay()?),
-        Role::Member { user, connect } => Roles::Member {
+        Role::Member { user, connect, pin } => Roles::Member {
             member: load_member(user)?,
-            uplink: Uplink::new(connect.clone()),
+            uplink: Uplink::new(
+                connect.clone(),
+                uplink::Pin {
+                    given: *pin,
+                    file: cfg.state_dir.join(tls::KNOWN_RELAYS),
+                },
+            ),
         },
         Role::Host { user, .. } => {
             let relay = load_relay()?;
@@ -150,6 +164,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         store,
         roles,
         listener,
+        tls_server,
         control,
         signals,
         table: Table::default(),
@@ -222,7 +237,7 @@ impl Daemon {
             let again = std::mem::take(&mut self.again);
             for t in &again {
                 match *t {
-                    UPSTREAM => self.on_uplink(false, now),
+                    UPSTREAM => self.on_uplink(now),
                     t => self.on_conn(t, now),
                 }
             }
@@ -237,7 +252,7 @@ impl Daemon {
                     ),
                     SIGNALS => self.on_signals(),
                     t if again.contains(&t) && !ev.is_writable() => {}
-                    UPSTREAM => self.on_uplink(ev.is_writable(), now),
+                    UPSTREAM => self.on_uplink(now),
                     t => self.on_conn(t, now),
                 }
             }
@@ -316,13 +331,13 @@ impl Daemon {
     }
 
     fn accept_peers(&mut self, now: Now) {
-        let Some(l) = self.listener.as_ref() else {
+        let (Some(l), Some(tls)) = (self.listener.as_ref(), self.tls_server.as_ref()) else {
             return;
         };
         let registry = self.poll.registry();
-        let new = self
-            .table
-            .accept_peers(l, registry, self.cfg.max_connections, self.stopping);
+        let new =
+            self.table
+                .accept_peers(l, registry, self.cfg.max_connections, self.stopping, tls);
         if let Some(r) = self.roles.relay_mut() {
             for id in new {
                 r.connect(id, now.mono);
@@ -407,12 +422,16 @@ impl Daemon {
             eof,
             error: err,
             more,
+            secured,
         } = entry.conn.read_frames(MAX_FRAME);
         let eof = eof || err.is_some();
         if more && !eof {
             self.again.push(token);
         }
         let is_peer = matches!(entry.kind, Kind::Peer);
+        if let (Some(channel), Some(r)) = (secured, self.roles.relay_mut()) {
+            r.bind_channel(table::conn_id(token), channel);
+        }
         for payload in frames {
             if is_peer {
                 if let Some(r) = self.roles.relay_mut() {
@@ -490,7 +509,7 @@ impl Daemon {
         }
     }
 
-    fn on_uplink(&mut self, writable: bool, now: Now) {
+    fn on_uplink(&mut self, now: Now) {
         let Roles::Member { member, uplink } = &mut self.roles else {
             return;
         };
@@ -499,7 +518,6 @@ impl Daemon {
             self.poll.registry(),
             member,
             &mut self.store,
-            writable,
             now,
             max,
         );

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use log::{debug, warn};
 use mio::net::{TcpListener, UnixListener};
@@ -119,13 +120,15 @@ impl Table {
         Some(e.kind)
     }
 
-    /// Accept relay peers until `WouldBlock`; returns the relay ids of the new connections.
+    /// Accept relay peers until `WouldBlock`, each as a TLS server connection with `tls`;
+    /// returns the relay ids of the new connections.
     pub fn accept_peers(
         &mut self,
         l: &TcpListener,
         registry: &Registry,
         max: usize,
         stopping: bool,
+        tls: &Arc<rustls::ServerConfig>,
     ) -> Vec<ConnId> {
         let mut new = Vec::new();
         loop {
@@ -142,8 +145,15 @@ impl Table {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    let server = match rustls::ServerConnection::new(tls.clone()) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!("cannot start TLS for connection from {addr}: {e}");
+                            continue;
+                        }
+                    };
                     let token = self.token();
-                    let mut conn = Conn::new(Stream::Tcp(stream));
+                    let mut conn = Conn::with_tls(Stream::Tcp(stream), server.into());
                     if let Err(e) = conn.register(registry, token) {
                         warn!("cannot register connection from {addr}: {e}");
                         continue;
