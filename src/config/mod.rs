@@ -549,7 +549,10 @@ fn split_pin(
         .map(|f| fingerprint_text("relay_fingerprint", f.to_string()))
         .transpose()?;
     let parse = |f: &str| Fingerprint::parse(f).ok();
-    match (in_addr.as_deref().and_then(parse), flag.as_deref().and_then(parse)) {
+    match (
+        in_addr.as_deref().and_then(parse),
+        flag.as_deref().and_then(parse),
+    ) {
         (Some(a), Some(b)) if a != b => Err(ConfigError::Conflict(format!(
             "the relay address pins {a} but relay_fingerprint is {b}: give one"
         ))),
@@ -770,7 +773,8 @@ mod tests {
     fn relay_pin_from_flag_or_address() {
         let fp = Fingerprint([5; 32]).to_string();
         let other = Fingerprint([6; 32]).to_string();
-        let role = |args: &[&str]| resolve_with(&flags(args), &File::default(), None).map(|c| c.role);
+        let role =
+            |args: &[&str]| resolve_with(&flags(args), &File::default(), None).map(|c| c.role);
         let base = ["--user", "bob", "--state-dir", "/x", "--connect"];
         let at = format!("{fp}@example.org:7");
         let want = Role::Member {
@@ -788,7 +792,17 @@ mod tests {
         assert!(e.contains(&fp) && e.contains(&other), "{e}");
         let bad = [&base[..], &["SHA256:short@example.org:7"]].concat();
         assert!(role(&bad).unwrap_err().to_string().contains("connect"));
-        let relay = ["--listen", "127.0.0.1:0", "--state-dir", "/x", "--relay-fingerprint", &fp];
-        assert!(role(&relay).unwrap_err().to_string().contains("needs --connect"));
+        let relay = [
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "/x",
+            "--relay-fingerprint",
+            &fp,
+        ];
+        assert!(role(&relay)
+            .unwrap_err()
+            .to_string()
+            .contains("needs --connect"));
     }
 }

@@ -87,7 +87,11 @@ fn shrink_if_drained(buf: &mut Vec<u8>) {
 }
 
 /// Take every whole frame (each capped at `max`) off the front of `inbuf`.
-fn take_frames(inbuf: &mut Vec<u8>, max: usize, frames: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {
+fn take_frames(
+    inbuf: &mut Vec<u8>,
+    max: usize,
+    frames: &mut Vec<Vec<u8>>,
+) -> Result<(), FrameError> {
     let mut start = 0;
     while let Decoded::Frame { payload, consumed } = frame::decode(&inbuf[start..], max)? {
         frames.push(payload.to_vec());

@@ -514,13 +514,7 @@ impl Daemon {
             return;
         };
         let max = self.cfg.max_write_buffer;
-        let read = uplink.ready(
-            self.poll.registry(),
-            member,
-            &mut self.store,
-            now,
-            max,
-        );
+        let read = uplink.ready(self.poll.registry(), member, &mut self.store, now, max);
         if read.again {
             self.again.push(UPSTREAM);
         }

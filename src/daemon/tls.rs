@@ -14,8 +14,12 @@ use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
-use rustls::crypto::{verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls::crypto::{
+    verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms,
+};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
+};
 use rustls::server::{AlwaysResolvesServerRawPublicKeys, NoServerSessionStorage};
 use rustls::sign::CertifiedKey;
 use rustls::{
@@ -81,8 +85,8 @@ pub fn client(pin: Option<Fingerprint>, host: &str) -> Result<(ClientConnection,
     cfg.resumption = Resumption::disabled();
     let name = ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::try_from("relay.chatd.invalid").expect("a valid name"));
-    let conn = ClientConnection::new(Arc::new(cfg), name)
-        .map_err(|e| format!("cannot start TLS: {e}"))?;
+    let conn =
+        ClientConnection::new(Arc::new(cfg), name).map_err(|e| format!("cannot start TLS: {e}"))?;
     Ok((conn, seen))
 }
 

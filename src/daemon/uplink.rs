@@ -64,6 +64,8 @@ pub struct Uplink {
     pin: Pin,
     /// The key the relay showed on the last completed handshake.
     key: Option<Fingerprint>,
+    /// The pin in force at the last try (the user's, or the stored one).
+    pinned: Option<Fingerprint>,
     state: State,
     /// Failed tries since the member was last logged in (drives the backoff).
     attempt: u32,
@@ -88,6 +90,7 @@ impl Uplink {
     pub fn new(addr: String, pin: Pin) -> Uplink {
         Uplink {
             addr,
+            pinned: pin.given,
             pin,
             key: None,
             state: State::Idle { next_try: 0 },
@@ -114,11 +117,7 @@ impl Uplink {
 
     /// The relay's key: the one it showed on the last handshake, else the pin it must match.
     pub fn relay_key(&self) -> Option<Fingerprint> {
-        self.key.or(self.pin.given).or_else(|| {
-            tls::load_pin(&self.pin.file, &self.addr)
-                .ok()
-                .flatten()
-        })
+        self.key.or(self.pinned)
     }
 
     /// The relay's address as configured.
@@ -164,6 +163,7 @@ impl Uplink {
                 }
             },
         };
+        self.pinned = pin;
         let host = self
             .addr
             .rsplit_once(':')
@@ -286,7 +286,10 @@ impl Uplink {
         }
         let Some(channel) = r.secured.take() else {
             if r.eof {
-                let why = format!("relay {} closed the connection during the TLS handshake", self.addr);
+                let why = format!(
+                    "relay {} closed the connection during the TLS handshake",
+                    self.addr
+                );
                 self.down(registry, member, why, now);
             }
             return Read { again: false };

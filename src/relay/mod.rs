@@ -318,7 +318,9 @@ impl Relay {
                         key,
                         signature,
                     } => {
-                        if let Err(e) = self.login(id, (nonce, &channel), user, &key, &signature, now, store) {
+                        if let Err(e) =
+                            self.login(id, (nonce, &channel), user, &key, &signature, now, store)
+                        {
                             self.fail(id, e);
                         }
                     }
