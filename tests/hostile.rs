@@ -1730,3 +1730,134 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
     drop(s);
     let _again = accept("bob to reconnect after dropping the link");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12, point 5: TLS handshakes are bounded like logins
+// ---------------------------------------------------------------------------------------------
+
+/// How long until the relay closes `s` (EOF or reset), reading and dropping whatever it sends;
+/// None if it is still open after `within`.
+fn closed_after(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < within {
+        let left = within.saturating_sub(start.elapsed());
+        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+/// A real client's first flight: the ClientHello a member would send.
+fn client_hello() -> Vec<u8> {
+    let mut session = tls_client_session();
+    let mut hello = Vec::new();
+    while session.wants_write() {
+        session.write_tls(&mut hello).expect("ClientHello bytes");
+    }
+    assert!(hello.len() > 100, "a ClientHello of {} bytes", hello.len());
+    hello
+}
+
+/// A handshake that never starts, one that stops halfway, one that crawls and garbage instead
+/// of a ClientHello are each cut off (the first three by `handshake_timeout`, garbage at once),
+/// a flood of them is held to `max_connections`, and a member logged in all along keeps being
+/// served and a new one gets in afterwards.
+#[test]
+fn tls_handshakes_that_do_not_complete_are_cut_off() {
+    let relay = relay_with(&["--handshake-timeout", "2", "--max-connections", "8"]);
+    let addr = relay.addr();
+    let mut pinger = login(&addr, "pinger", &identity());
+    let timeout = Duration::from_secs(2);
+    let early = Duration::from_millis(1800);
+    let hello = client_hello();
+
+    // Silent: TCP only.
+    let mut silent = TcpStream::connect(&addr).expect("connect");
+    // Half a ClientHello.
+    let mut half = TcpStream::connect(&addr).expect("connect");
+    half.write_all(&hello[..hello.len() / 2])
+        .expect("half a hello");
+    let took = closed_after(&mut silent, DEADLINE).expect("a silent connection is closed");
+    assert!(took >= early, "silent connection closed after {took:?}");
+    let took = closed_after(&mut half, DEADLINE).expect("half a handshake is closed");
+    assert!(
+        took < timeout + DEADLINE,
+        "half a handshake closed after {took:?}"
+    );
+
+    // Slow: the whole ClientHello, 8 bytes every 150 ms, so it is not done by the timeout.
+    let mut slow = TcpStream::connect(&addr).expect("connect");
+    let start = Instant::now();
+    let mut cut = None;
+    for chunk in hello.chunks(8) {
+        if slow.write_all(chunk).is_err() {
+            cut = Some(start.elapsed());
+            break;
+        }
+        if let Some(t) = closed_after(&mut slow, Duration::from_millis(150)) {
+            cut = Some(start.elapsed() - Duration::from_millis(150) + t);
+            break;
+        }
+    }
+    let cut = cut.unwrap_or_else(|| fail("a crawling handshake was never cut off"));
+    assert!(
+        cut >= early && cut < Duration::from_secs(10),
+        "a crawling handshake was cut off after {cut:?}"
+    );
+
+    // Garbage: closed at once, long before the timeout, without an answer worth reading.
+    let mut junk = TcpStream::connect(&addr).expect("connect");
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .expect("send garbage");
+    let took = closed_after(&mut junk, DEADLINE).expect("garbage is closed");
+    assert!(took < early, "garbage closed after {took:?}");
+    let mut frame_len = TcpStream::connect(&addr).expect("connect");
+    // A plaintext chatd frame (an old member) is garbage to TLS too.
+    let mut ping = Vec::new();
+    encode_frame(&ToRelay::Ping, &mut ping).expect("encode");
+    frame_len.write_all(&ping).expect("send a plaintext frame");
+    let took = closed_after(&mut frame_len, DEADLINE).expect("a plaintext frame is closed");
+    assert!(took < early, "a plaintext client closed after {took:?}");
+
+    // Flood: 40 connections that never handshake. The relay holds at most 8 (pinger is one);
+    // the rest are refused, and every held one is cut off at the timeout.
+    let full = |l: &str| l.contains("at the limit of 8 connections");
+    let before = count_lines(&relay, &full);
+    let mut flood: Vec<TcpStream> = (0..40)
+        .filter_map(|_| TcpStream::connect(&addr).ok())
+        .collect();
+    wait_until(DEADLINE, "the flood to meet max_connections", || {
+        count_lines(&relay, &full) > before
+    });
+    for s in &mut flood {
+        s.write_all(&hello[..10]).ok();
+    }
+    for (i, s) in flood.iter_mut().enumerate() {
+        if closed_after(s, DEADLINE).is_none() {
+            fail(&format!("flood connection {i} is still open"));
+        }
+    }
+
+    // The logged-in member was served all along, and a newcomer gets in.
+    pinger.send(&ToRelay::Ping);
+    loop {
+        match pinger.recv_relay(DEADLINE) {
+            Some(FromRelay::Pong) => break,
+            Some(FromRelay::Presence(_)) => {}
+            other => fail(&format!("the logged-in member got {other:?}")),
+        }
+    }
+    let _newcomer = login(&addr, "newcomer", &identity());
+}
