@@ -35,7 +35,10 @@
 //! the available memory if less), so a relay that grows without bound fails an allocation and
 //! dies, as it would on a smaller machine, instead of taking the machine with it.
 
+mod common;
+
 use chatd::crypto::{login_transcript, Identity};
+use common::{Mode, Wire};
 use chatd::proto::frame::MAX_FRAME;
 use chatd::proto::relay::{FromRelay, ToRelay};
 use chatd::proto::{encode_frame, from_payload};
@@ -702,7 +705,7 @@ enum St {
 }
 
 struct Conn {
-    stream: TcpStream,
+    wire: Wire<TcpStream>,
     gen: u64,
     name: usize,
     role: Role,
@@ -718,7 +721,8 @@ struct Job {
     slot: usize,
     gen: u64,
     name: usize,
-    nonce: [u8; 32],
+    /// What the login signs (its nonce and, over TLS, the session's exporter value).
+    transcript: Vec<u8>,
 }
 
 struct Signed {
@@ -800,10 +804,18 @@ struct Bench {
     /// Welcome times of the phase running.
     welcomes: Vec<Instant>,
     threads: usize,
+    /// TLS (this build's relay) or plain TCP (one from before TLS).
+    mode: Mode,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Bench {
-    fn new(addr: SocketAddr, keys: Arc<Vec<Identity>>, threads: usize) -> io::Result<Bench> {
+    fn new(
+        addr: SocketAddr,
+        keys: Arc<Vec<Identity>>,
+        threads: usize,
+        mode: Mode,
+    ) -> io::Result<Bench> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (jobs, job_rx) = mpsc::channel::<Job>();
@@ -829,8 +841,7 @@ impl Bench {
                     let user = name(job.name);
                     let key = &keys[job.name % keys.len()];
                     let t = Instant::now();
-                    let Ok(signature) = key.sign(&mut rng, &login_transcript(&job.nonce, &user))
-                    else {
+                    let Ok(signature) = key.sign(&mut rng, &job.transcript) else {
                         return;
                     };
                     SIGN_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -870,13 +881,17 @@ impl Bench {
             last_ping_sweep: Instant::now(),
             welcomes: Vec::new(),
             threads,
+            mode,
+            tls: common::client_config(),
         })
     }
 
     /// Start a login as `name`.
     fn open(&mut self, name: usize, role: Role) {
-        let mut stream = match TcpStream::connect(self.addr) {
-            Ok(s) => s,
+        let connect = TcpStream::connect(self.addr)
+            .and_then(|s| Wire::new(s, self.mode, &self.tls));
+        let mut wire = match connect {
+            Ok(w) => w,
             Err(e) => {
                 *self.st.failed.entry(format!("connect: {e}")).or_default() += 1;
                 return;
@@ -887,7 +902,7 @@ impl Bench {
             self.conns.len() - 1
         });
         if let Err(e) = self.poll.registry().register(
-            &mut stream,
+            &mut wire.sock,
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -897,7 +912,7 @@ impl Bench {
         }
         self.next_gen += 1;
         self.conns[slot] = Some(Conn {
-            stream,
+            wire,
             gen: self.next_gen,
             name,
             role,
@@ -916,7 +931,7 @@ impl Bench {
         let Some(mut c) = self.conns[slot].take() else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut c.stream);
+        let _ = self.poll.registry().deregister(&mut c.wire.sock);
         if rst {
             let linger = libc::linger {
                 l_onoff: 1,
@@ -925,7 +940,7 @@ impl Bench {
             // SAFETY: setsockopt reads `linger` for the length given, on a socket we own.
             unsafe {
                 libc::setsockopt(
-                    c.stream.as_raw_fd(),
+                    c.wire.sock.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_LINGER,
                     (&linger as *const libc::linger).cast(),
@@ -951,8 +966,12 @@ impl Bench {
         let Some(c) = self.conns[slot].as_mut() else {
             return;
         };
+        // The ClientHello, and records TLS took but the socket did not.
+        if let Err(e) = c.wire.flush_tls() {
+            return self.close(slot, Some(format!("write: {e}")), false);
+        }
         while !c.out.is_empty() {
-            match c.stream.write(&c.out) {
+            match c.wire.write(&c.out) {
                 Ok(0) => return self.close(slot, Some("write: closed".into()), false),
                 Ok(k) => {
                     c.out.drain(..k);
@@ -970,7 +989,7 @@ impl Bench {
             let Some(c) = self.conns[slot].as_mut() else {
                 return;
             };
-            match c.stream.read(&mut self.scratch) {
+            match c.wire.read(&mut self.scratch) {
                 Ok(0) => {
                     let why = if c.st == St::Established {
                         "closed by the relay without an Error"
@@ -1024,7 +1043,7 @@ impl Bench {
                     slot,
                     gen: c.gen,
                     name: c.name,
-                    nonce,
+                    transcript: common::transcript(&c.wire, &nonce, &name(c.name)),
                 };
                 if self.jobs.send(job).is_err() {
                     self.close(slot, Some("signing threads gone".into()), false);
@@ -1335,7 +1354,7 @@ fn run(o: &Opts) -> Result<(), String> {
         keys[0]
             .sign(
                 &mut rand::thread_rng(),
-                &login_transcript(&[7; 32], "u000000"),
+                &login_transcript(&[7; 32], "u000000", &[9; 32]),
             )
             .map_err(|e| e.to_string())?;
     }
@@ -1371,7 +1390,9 @@ fn run(o: &Opts) -> Result<(), String> {
         o.chatd.display(),
         kib(rss_start)
     );
-    let mut b = Bench::new(relay.addr, Arc::clone(&keys), o.sign_threads)
+    let mode = common::probe(relay.addr).map_err(|e| format!("probe the relay: {e}"))?;
+    println!("scale: the relay speaks {mode:?}");
+    let mut b = Bench::new(relay.addr, Arc::clone(&keys), o.sign_threads, mode)
         .map_err(|e| format!("poll: {e}"))?;
     let mut rep = Report::default();
     let mut died_in: Option<String> = None;
