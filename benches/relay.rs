@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release && cargo bench --bench relay                 # target/release/chatd
-//! cargo bench --bench relay -- --chatd /path/to/older/chatd         # another build, same run
+//! cargo bench --bench relay -- --chatd OLD/chatd --chatd target/release/chatd   # compare
 //! cargo bench --bench relay -- --help                               # every option
 //! ```
 //!
@@ -44,8 +44,9 @@ use common::{Mode, Wire};
 const USAGE: &str = "\
 cargo bench --bench relay -- [OPTIONS]
 
-  --chatd PATH     the chatd to run as the relay [target/release/chatd]
-  --chatctl PATH   the chatctl that asks it its port [chatctl beside --chatd]
+  --chatd PATH     a chatd to run as the relay (its chatctl beside it asks the port); give it
+                   twice or more to compare builds: their runs alternate, and each build's
+                   medians are printed with the ratio to the first [target/release/chatd]
   --runs R         runs of each measurement; the median is reported [5]
   --messages M     envelopes per sender in a throughput run [3000 for 1->1, 200 for 50->50]
   --window W       envelopes a sender has sent and not yet seen Accepted [64]
@@ -57,8 +58,7 @@ cargo bench --bench relay -- [OPTIONS]
 const DEADLINE: Duration = Duration::from_secs(120);
 
 struct Opts {
-    chatd: PathBuf,
-    chatctl: PathBuf,
+    builds: Vec<PathBuf>,
     runs: usize,
     messages: Option<usize>,
     window: usize,
@@ -70,8 +70,7 @@ struct Opts {
 fn parse_opts() -> Result<Opts, String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut o = Opts {
-        chatd: root.join("target/release/chatd"),
-        chatctl: PathBuf::new(),
+        builds: Vec::new(),
         runs: 5,
         messages: None,
         window: 64,
@@ -79,7 +78,6 @@ fn parse_opts() -> Result<Opts, String> {
         pings: 1000,
         only: None,
     };
-    let mut chatctl = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |what: &str| args.next().ok_or_else(|| format!("{what} needs a value"));
@@ -90,8 +88,7 @@ fn parse_opts() -> Result<Opts, String> {
                 .ok_or_else(|| format!("{what} needs a positive number, not {v:?}"))
         };
         match a.as_str() {
-            "--chatd" => o.chatd = PathBuf::from(value("--chatd")?),
-            "--chatctl" => chatctl = Some(PathBuf::from(value("--chatctl")?)),
+            "--chatd" => o.builds.push(PathBuf::from(value("--chatd")?)),
             "--runs" => o.runs = num(value("--runs")?, "--runs")?,
             "--messages" => o.messages = Some(num(value("--messages")?, "--messages")?),
             "--window" => o.window = num(value("--window")?, "--window")?,
@@ -104,13 +101,17 @@ fn parse_opts() -> Result<Opts, String> {
             other => return Err(format!("unknown option {other:?}\n\n{USAGE}")),
         }
     }
-    o.chatctl = chatctl.unwrap_or_else(|| o.chatd.with_file_name("chatctl"));
-    for p in [&o.chatd, &o.chatctl] {
-        if !p.is_file() {
-            return Err(format!(
-                "{} does not exist (cargo build --release, or give --chatd)",
-                p.display()
-            ));
+    if o.builds.is_empty() {
+        o.builds.push(root.join("target/release/chatd"));
+    }
+    for b in &o.builds {
+        for p in [b.clone(), b.with_file_name("chatctl")] {
+            if !p.is_file() {
+                return Err(format!(
+                    "{} does not exist (cargo build --release, or give --chatd)",
+                    p.display()
+                ));
+            }
         }
     }
     Ok(o)
@@ -127,23 +128,35 @@ struct RelayProc {
 }
 
 impl RelayProc {
-    fn start(o: &Opts) -> Result<RelayProc, String> {
+    fn start(chatd: &std::path::Path) -> Result<RelayProc, String> {
+        let chatctl = chatd.with_file_name("chatctl");
         let dir = tempfile::Builder::new()
             .prefix("chatd-relay-bench-")
             .tempdir()
             .map_err(|e| e.to_string())?;
+        // chatd insists the control socket's directory is private.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| e.to_string())?;
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
         let socket = dir.path().join("control.sock");
         let log = std::fs::File::create(dir.path().join("relay.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(&o.chatd)
+        let child = Command::new(chatd)
             .args(["--listen", "127.0.0.1:0", "--key-bits", "2048"])
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .arg("--socket")
             .arg(&socket)
             // Every sender's names share a few keys, registered at once.
-            .args(["--max-names-per-key", "100000", "--new-names-per-minute", "100000"])
+            .args([
+                "--max-names-per-key",
+                "100000",
+                "--new-names-per-minute",
+                "100000",
+            ])
             .env("RUST_LOG", "warn")
             .env("HOME", &home)
             .env("XDG_CONFIG_HOME", home.join("config"))
@@ -156,7 +169,7 @@ impl RelayProc {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", o.chatd.display()))?;
+            .map_err(|e| format!("cannot start {}: {e}", chatd.display()))?;
         let mut relay = RelayProc {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -165,9 +178,13 @@ impl RelayProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = relay.child.try_wait() {
-                return Err(format!("the relay exited at start-up: {st}"));
+                let log = std::fs::read_to_string(relay._dir.path().join("relay.log"));
+                return Err(format!(
+                    "the relay exited at start-up: {st}: {}",
+                    log.unwrap_or_default().trim()
+                ));
             }
-            let out = Command::new(&o.chatctl)
+            let out = Command::new(&chatctl)
                 .arg("--socket")
                 .arg(&socket)
                 .args(["--json", "status"])
@@ -176,7 +193,10 @@ impl RelayProc {
                 .output();
             if let Ok(out) = out {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-                if let Some(a) = v["listen"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) {
+                if let Some(a) = v["listen"]
+                    .as_str()
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                {
                     relay.addr = SocketAddr::from(([127, 0, 0, 1], a.port()));
                     return Ok(relay);
                 }
@@ -228,7 +248,11 @@ impl Member {
         m.wire.flush()?;
         let nonce = match m.recv()? {
             FromRelay::Challenge { nonce, .. } => nonce,
-            other => return Err(io::Error::other(format!("expected Challenge, got {other:?}"))),
+            other => {
+                return Err(io::Error::other(format!(
+                    "expected Challenge, got {other:?}"
+                )))
+            }
         };
         let t = common::transcript(&m.wire, &nonce, name);
         let signature = key
@@ -281,7 +305,9 @@ impl Member {
 
     fn recv(&mut self) -> io::Result<FromRelay> {
         loop {
-            match frame::decode(&self.buf, MAX_FRAME).map_err(|e| io::Error::other(e.to_string()))? {
+            match frame::decode(&self.buf, MAX_FRAME)
+                .map_err(|e| io::Error::other(e.to_string()))?
+            {
                 Decoded::Frame { payload, consumed } => {
                     let msg = from_payload::<FromRelay>(payload)
                         .map_err(|e| io::Error::other(e.to_string()));
@@ -343,11 +369,12 @@ fn login_all(
 /// Messages per second, P pairs, M messages per sender.
 fn throughput(
     o: &Opts,
+    chatd: &std::path::Path,
     keys: &[Identity],
     pairs: usize,
     messages: usize,
 ) -> Result<(f64, Mode), String> {
-    let relay = RelayProc::start(o)?;
+    let relay = RelayProc::start(chatd)?;
     let mode = common::probe(relay.addr).map_err(|e| format!("probe: {e}"))?;
     let senders: Vec<String> = (0..pairs).map(|i| format!("s{i:03}")).collect();
     let receivers: Vec<String> = (0..pairs).map(|i| format!("r{i:03}")).collect();
@@ -365,10 +392,13 @@ fn throughput(
                 while got < messages {
                     match m.recv().map_err(|e| e.to_string())? {
                         FromRelay::Deliver(item) => {
-                            m.send(&ToRelay::Ack(item.key())).map_err(|e| e.to_string())?;
+                            m.send(&ToRelay::Ack(item.key()))
+                                .map_err(|e| e.to_string())?;
                             got += 1;
                         }
-                        FromRelay::Error { code, reason } => return Err(format!("{code}: {reason}")),
+                        FromRelay::Error { code, reason } => {
+                            return Err(format!("{code}: {reason}"))
+                        }
                         _ => {}
                     }
                 }
@@ -392,7 +422,9 @@ fn throughput(
                         FromRelay::Refused { code, reason, .. } => {
                             return Err(format!("refused: {code}: {reason}"))
                         }
-                        FromRelay::Error { code, reason } => return Err(format!("{code}: {reason}")),
+                        FromRelay::Error { code, reason } => {
+                            return Err(format!("{code}: {reason}"))
+                        }
                         _ => {}
                     }
                 }
@@ -403,7 +435,9 @@ fn throughput(
         let t0 = Instant::now();
         let mut last = t0;
         for h in hs {
-            let t = h.join().map_err(|_| "a member thread panicked".to_string())??;
+            let t = h
+                .join()
+                .map_err(|_| "a member thread panicked".to_string())??;
             last = last.max(t);
         }
         Ok(last - t0)
@@ -413,8 +447,12 @@ fn throughput(
 }
 
 /// Round trips a → b → a, one at a time: their durations, sorted.
-fn ping_pong(o: &Opts, keys: &[Identity]) -> Result<(Vec<Duration>, Mode), String> {
-    let relay = RelayProc::start(o)?;
+fn ping_pong(
+    o: &Opts,
+    chatd: &std::path::Path,
+    keys: &[Identity],
+) -> Result<(Vec<Duration>, Mode), String> {
+    let relay = RelayProc::start(chatd)?;
     let mode = common::probe(relay.addr).map_err(|e| format!("probe: {e}"))?;
     let names = ["ping".to_string(), "pong".to_string()];
     let mut ms = login_all(relay.addr, mode, &names, keys)?;
@@ -426,7 +464,8 @@ fn ping_pong(o: &Opts, keys: &[Identity]) -> Result<(Vec<Duration>, Mode), Strin
             while answered < pings {
                 match b.recv().map_err(|e| e.to_string())? {
                     FromRelay::Deliver(item) => {
-                        b.send(&ToRelay::Ack(item.key())).map_err(|e| e.to_string())?;
+                        b.send(&ToRelay::Ack(item.key()))
+                            .map_err(|e| e.to_string())?;
                         let back = b.envelope("ping", size);
                         b.send(&back).map_err(|e| e.to_string())?;
                         answered += 1;
@@ -446,7 +485,8 @@ fn ping_pong(o: &Opts, keys: &[Identity]) -> Result<(Vec<Duration>, Mode), Strin
                 match a.recv().map_err(|e| e.to_string())? {
                     FromRelay::Deliver(item) => {
                         rtts.push(t.elapsed());
-                        a.send(&ToRelay::Ack(item.key())).map_err(|e| e.to_string())?;
+                        a.send(&ToRelay::Ack(item.key()))
+                            .map_err(|e| e.to_string())?;
                         break;
                     }
                     FromRelay::Error { code, reason } => return Err(format!("{code}: {reason}")),
@@ -454,7 +494,8 @@ fn ping_pong(o: &Opts, keys: &[Identity]) -> Result<(Vec<Duration>, Mode), Strin
                 }
             }
         }
-        echo.join().map_err(|_| "the echo thread panicked".to_string())??;
+        echo.join()
+            .map_err(|_| "the echo thread panicked".to_string())??;
         Ok(rtts)
     })?;
     drop(relay);
@@ -491,11 +532,28 @@ fn main() {
     }
 }
 
+/// Each build's median of one figure, and its ratio to the first build's.
+fn summary(o: &Opts, what: &str, unit: &str, per_build: &[Vec<f64>]) {
+    let medians: Vec<f64> = per_build.iter().map(|v| median(v.clone())).collect();
+    for (b, m) in o.builds.iter().zip(&medians) {
+        let ratio = if medians[0] > 0.0 && o.builds.len() > 1 {
+            format!(" ({:.0}% of the first build)", 100.0 * m / medians[0])
+        } else {
+            String::new()
+        };
+        println!(
+            "{what}: median {m:.2} {unit} over {} runs{ratio}  [{}]",
+            per_build[0].len(),
+            b.display()
+        );
+    }
+}
+
 fn run(o: &Opts) -> Result<(), String> {
     let keys = keys();
     println!(
-        "relay bench: {} ({} runs each, window {}, {} B envelopes)",
-        o.chatd.display(),
+        "relay bench: {} build(s), {} runs each, alternating; window {}, {} B envelopes",
+        o.builds.len(),
         o.runs,
         o.window,
         o.size
@@ -506,41 +564,40 @@ fn run(o: &Opts) -> Result<(), String> {
             continue;
         }
         let m = o.messages.unwrap_or(default_m);
-        let mut rates = Vec::new();
+        let mut rates = vec![Vec::new(); o.builds.len()];
         for run in 1..=o.runs {
-            let (rate, mode) = throughput(o, &keys, pairs, m)?;
-            println!(
-                "  throughput {pairs}->{pairs} run {run} ({mode:?}): {rate:.0} msg/s ({} messages)",
-                pairs * m
-            );
-            rates.push(rate);
+            for (i, b) in o.builds.iter().enumerate() {
+                let (rate, mode) = throughput(o, b, &keys, pairs, m)?;
+                println!(
+                    "  throughput {pairs}->{pairs} run {run} ({mode:?}, {}): {rate:.0} msg/s ({} messages)",
+                    b.display(),
+                    pairs * m
+                );
+                rates[i].push(rate);
+            }
         }
-        println!(
-            "throughput {pairs}->{pairs}: median {:.0} msg/s over {} runs",
-            median(rates),
-            o.runs
-        );
+        summary(o, &format!("throughput {pairs}->{pairs}"), "msg/s", &rates);
     }
     if want("pingpong") {
-        let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+        let mut p50s = vec![Vec::new(); o.builds.len()];
+        let mut p99s = vec![Vec::new(); o.builds.len()];
         for run in 1..=o.runs {
-            let (rtts, mode) = ping_pong(o, &keys)?;
-            let (p50, p99) = (pct(&rtts, 0.5), pct(&rtts, 0.99));
-            println!(
-                "  ping-pong run {run} ({mode:?}): p50 {:.2} ms, p99 {:.2} ms ({} round trips)",
-                p50.as_secs_f64() * 1e3,
-                p99.as_secs_f64() * 1e3,
-                rtts.len()
-            );
-            p50s.push(p50.as_secs_f64() * 1e3);
-            p99s.push(p99.as_secs_f64() * 1e3);
+            for (i, b) in o.builds.iter().enumerate() {
+                let (rtts, mode) = ping_pong(o, b, &keys)?;
+                let (p50, p99) = (pct(&rtts, 0.5), pct(&rtts, 0.99));
+                println!(
+                    "  ping-pong run {run} ({mode:?}, {}): p50 {:.2} ms, p99 {:.2} ms ({} round trips)",
+                    b.display(),
+                    p50.as_secs_f64() * 1e3,
+                    p99.as_secs_f64() * 1e3,
+                    rtts.len()
+                );
+                p50s[i].push(p50.as_secs_f64() * 1e3);
+                p99s[i].push(p99.as_secs_f64() * 1e3);
+            }
         }
-        println!(
-            "ping-pong round trip: median p50 {:.2} ms, median p99 {:.2} ms over {} runs",
-            median(p50s),
-            median(p99s),
-            o.runs
-        );
+        summary(o, "ping-pong round trip p50", "ms", &p50s);
+        summary(o, "ping-pong round trip p99", "ms", &p99s);
     }
     Ok(())
 }

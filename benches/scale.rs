@@ -38,10 +38,10 @@
 mod common;
 
 use chatd::crypto::{login_transcript, Identity};
-use common::{Mode, Wire};
 use chatd::proto::frame::MAX_FRAME;
 use chatd::proto::relay::{FromRelay, ToRelay};
 use chatd::proto::{encode_frame, from_payload};
+use common::{Mode, Wire};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::BTreeMap;
@@ -888,8 +888,8 @@ impl Bench {
 
     /// Start a login as `name`.
     fn open(&mut self, name: usize, role: Role) {
-        let connect = TcpStream::connect(self.addr)
-            .and_then(|s| Wire::new(s, self.mode, &self.tls));
+        let connect =
+            TcpStream::connect(self.addr).and_then(|s| Wire::new(s, self.mode, &self.tls));
         let mut wire = match connect {
             Ok(w) => w,
             Err(e) => {

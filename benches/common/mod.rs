@@ -33,7 +33,12 @@ pub fn probe(addr: SocketAddr) -> io::Result<Mode> {
     match s.read(&mut b) {
         Ok(1) => Ok(Mode::Plain),
         Ok(_) => Err(io::Error::other("the relay closed the probe")),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             Ok(Mode::Tls)
         }
         Err(e) => Err(e),
