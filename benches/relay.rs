@@ -558,7 +558,7 @@ fn run(o: &Opts) -> Result<(), String> {
         o.window,
         o.size
     );
-    let want = |what: &str| o.only.as_deref().is_none_or(|w| w == what);
+    let want = |what: &str| o.only.as_deref().map_or(true, |w| w == what);
     for (label, pairs, default_m) in [("1to1", 1, 3000), ("50to50", 50, 200)] {
         if !want(label) {
             continue;
