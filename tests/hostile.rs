@@ -1861,3 +1861,34 @@ fn tls_handshakes_that_do_not_complete_are_cut_off() {
     }
     let _newcomer = login(&addr, "newcomer", &identity());
 }
+
+/// A login signed for one TLS session is refused on another (issue 12, point 4): someone who
+/// forwards or replays a member's login through a session of their own gets `bad_login`, and the
+/// same login signed for its own session is accepted.
+#[test]
+fn a_login_signed_for_another_tls_session_is_refused() {
+    let relay = Daemon::relay();
+    let addr = relay.addr();
+    let id = identity();
+    let mut first = Raw::tcp(&addr);
+    let mut second = Raw::tcp(&addr);
+    let nonce = second.challenge();
+    let _ = first.challenge();
+    // Signed over the second connection's challenge, but the first session's exporter value.
+    let forwarded = first.sign_login(&nonce, "mallory", &id);
+    second.send(&ToRelay::Login {
+        user: "mallory".into(),
+        key: id.public().der().to_vec(),
+        signature: forwarded,
+    });
+    let errors = second.wait_closed_errors("a login bound to another session");
+    assert!(
+        errors
+            .iter()
+            .any(|(code, reason)| code == "bad_login" && reason.contains("signature")),
+        "{errors:?}"
+    );
+    assert!(relay.who().is_empty(), "nothing was bound");
+    // The honest login on the first connection still works.
+    let _ = login(&addr, "mallory", &id);
+}

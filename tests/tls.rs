@@ -278,3 +278,34 @@ fn a_fingerprint_in_the_address_is_checked_from_the_first_connection() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("relay_fingerprint"), "{err}");
 }
+
+/// A relay that accepts TCP and never completes the TLS handshake, or answers garbage, does not
+/// hold a member: it gives up within its 15 s handshake bound (or at once), says why, and
+/// tries again.
+#[test]
+fn a_relay_that_never_completes_the_handshake_is_given_up() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake relay");
+    let addr = listener.local_addr().expect("address").to_string();
+    let alice = Daemon::member_unconnected("alice", &addr);
+    // Hold the first connection open and say nothing.
+    let (_silent, _) = listener.accept().expect("alice connects");
+    wait_for(
+        Duration::from_secs(40),
+        "alice to give up the handshake",
+        || {
+            alice
+                .log()
+                .contains("did not complete the TLS handshake within 15 s")
+                .then_some(())
+        },
+    );
+    let st = alice.status();
+    assert_eq!(st["connected"], false, "{st}");
+    // The next try gets garbage instead of a ServerHello: refused at once.
+    let (mut junk, _) = listener.accept().expect("alice tries again");
+    std::io::Write::write_all(&mut junk, b"HTTP/1.1 400 Bad Request\r\n\r\n").expect("garbage");
+    wait_until(DEADLINE, "alice to refuse the garbage", || {
+        alice.log().contains("TLS handshake with relay")
+    });
+    assert_eq!(known_relays(&alice), "", "nothing was pinned");
+}
