@@ -24,7 +24,7 @@ mod setup;
 mod status;
 pub mod systemd;
 mod table;
-mod tls;
+pub mod tls;
 mod uplink;
 
 use crate::clock::{Clock, Now};

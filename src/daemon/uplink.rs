@@ -164,12 +164,7 @@ impl Uplink {
             },
         };
         self.pinned = pin;
-        let host = self
-            .addr
-            .rsplit_once(':')
-            .map_or(self.addr.as_str(), |(h, _)| h)
-            .trim_matches(['[', ']']);
-        let (client, seen) = match tls::client(pin, host) {
+        let (client, seen) = match tls::client(pin) {
             Ok(c) => c,
             Err(e) => return self.down(registry, member, e, now),
         };

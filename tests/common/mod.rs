@@ -1091,8 +1091,8 @@ fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A test client's verifier: takes any relay key (the test checks what it saw, with
-/// [`TlsClient::relay_key`]) but still checks the handshake signature with it.
+/// A test client's verifier: takes any relay chain, but still checks the handshake signature
+/// with the key it shows.
 #[derive(Debug)]
 struct AnyRelayKey(rustls::crypto::WebPkiSupportedAlgorithms);
 
@@ -1121,14 +1121,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyRelayKey {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let spki = rustls::pki_types::SubjectPublicKeyInfoDer::from(cert.as_ref());
-        rustls::crypto::verify_tls13_signature_with_raw_key(msg, &spki, dss, &self.0)
+        rustls::crypto::verify_tls13_signature(msg, cert, dss, &self.0)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.supported_schemes()
-    }
-    fn requires_raw_public_keys(&self) -> bool {
-        true
     }
 }
 
@@ -1143,7 +1139,8 @@ pub fn tls_client_session() -> rustls::ClientConnection {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyRelayKey(algs)))
         .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("relay.test").expect("a name");
+    let name =
+        rustls::pki_types::ServerName::try_from(chatd::daemon::tls::RELAY_NAME).expect("a name");
     rustls::ClientConnection::new(Arc::new(cfg), name).expect("a client session")
 }
 
@@ -1180,16 +1177,6 @@ impl TlsClient {
             .expect("an exporter value after the handshake")
     }
 
-    /// The relay's key as it presented it (SubjectPublicKeyInfo DER).
-    pub fn relay_key(&self) -> Vec<u8> {
-        self.s
-            .conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| c.as_ref().to_vec())
-            .expect("the relay presented a key")
-    }
-
     /// The TCP socket under the session (timeouts, shutdown).
     pub fn tcp(&self) -> &TcpStream {
         &self.s.sock
@@ -1211,29 +1198,17 @@ impl Write for TlsClient {
     }
 }
 
-/// The server side of a fake relay: TLS 1.3 over `id`'s key as a raw public key, as the real
-/// relay serves it. Completes the handshake on `tcp` (within [`DEADLINE`]).
+/// The server side of a fake relay: TLS 1.3 over `id`'s key, with the real relay's server
+/// config. Completes the handshake on `tcp` (within [`DEADLINE`]).
 pub fn tls_accept(
     mut tcp: TcpStream,
     id: &chatd::crypto::Identity,
 ) -> std::io::Result<rustls::StreamOwned<rustls::ServerConnection, TcpStream>> {
-    let p = tls_provider();
-    let der = id.to_pkcs8_der().expect("the key as PKCS#8");
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(der.as_slice().to_vec().into());
-    let signer = p.key_provider.load_private_key(key).expect("a signing key");
-    let spki = rustls::pki_types::CertificateDer::from(id.public().der().to_vec());
-    let certified = Arc::new(rustls::sign::CertifiedKey::new(vec![spki], signer));
-    let cfg = rustls::ServerConfig::builder_with_provider(p)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(
-            rustls::server::AlwaysResolvesServerRawPublicKeys::new(certified),
-        ));
+    let cfg = chatd::daemon::tls::server_config(id).map_err(std::io::Error::other)?;
     tcp.set_read_timeout(Some(DEADLINE))?;
     tcp.set_write_timeout(Some(DEADLINE))?;
-    let mut conn = rustls::ServerConnection::new(Arc::new(cfg))
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut conn =
+        rustls::ServerConnection::new(cfg).map_err(|e| std::io::Error::other(e.to_string()))?;
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp)?;
     }
