@@ -172,8 +172,14 @@ fn a_relay_with_another_key_is_refused_until_the_user_accepts_it() {
             && l.contains(&format!("{old_fp} is pinned"))
             && l.contains(&format!("--relay-fingerprint {new_fp}"))
     };
+    // Two tries, each refused (and each logged as a warning, then as the reason of the retry).
     wait_until(DEADLINE, "alice to refuse the impostor twice", || {
-        alice.log().lines().filter(|l| refused(l)).count() >= 2
+        let log = alice.log();
+        let tries = log
+            .lines()
+            .filter(|l| refused(l) && l.contains("reconnecting in"))
+            .count();
+        tries >= 2 && log.lines().any(|l| refused(l) && l.contains("WARN"))
     });
     let st = alice.status();
     assert_eq!(st["connected"], false, "{st}");

@@ -273,7 +273,12 @@ impl Uplink {
         let pin = *pin;
         if let Some(e) = r.error.take() {
             let why = match (pin, presented) {
-                (Some(want), Some(got)) if want != got => self.mismatch(want, got),
+                (Some(want), Some(got)) if want != got => {
+                    let why = self.mismatch(want, got);
+                    // Not just another failed try: someone may be in the middle.
+                    warn!("{why}");
+                    why
+                }
                 _ => format!("TLS handshake with relay {} failed: {e}", self.addr),
             };
             self.down(registry, member, why, now);
