@@ -35,10 +35,13 @@
 //! the available memory if less), so a relay that grows without bound fails an allocation and
 //! dies, as it would on a smaller machine, instead of taking the machine with it.
 
+mod common;
+
 use chatd::crypto::{login_transcript, Identity};
 use chatd::proto::frame::MAX_FRAME;
 use chatd::proto::relay::{FromRelay, ToRelay};
 use chatd::proto::{encode_frame, from_payload};
+use common::{Mode, Wire};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::BTreeMap;
@@ -195,20 +198,6 @@ fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// CPU time a process has used, user plus system (`/proc/PID/stat` fields 14 and 15, in clock
-/// ticks of 1/100 s on Linux).
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
-    Some(Duration::from_micros(ticks * 1_000_000 / hz))
-}
-
 /// Raise the soft open-file limit to the hard one; returns the limit in force.
 fn raise_nofile() -> libc::rlim_t {
     let mut lim = libc::rlimit {
@@ -224,6 +213,19 @@ fn raise_nofile() -> libc::rlim_t {
         }
     }
     lim.rlim_cur
+}
+
+/// User plus system CPU time of process `pid` (fields 14 and 15 of /proc/PID/stat, in clock
+/// ticks): what a phase cost the relay, whatever else ran on the machine.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 fn secs(d: Duration) -> String {
@@ -716,7 +718,7 @@ enum St {
 }
 
 struct Conn {
-    stream: TcpStream,
+    wire: Wire<TcpStream>,
     gen: u64,
     name: usize,
     role: Role,
@@ -732,7 +734,8 @@ struct Job {
     slot: usize,
     gen: u64,
     name: usize,
-    nonce: [u8; 32],
+    /// What the login signs (its nonce and, over TLS, the session's exporter value).
+    transcript: Vec<u8>,
 }
 
 struct Signed {
@@ -784,12 +787,28 @@ struct Phase {
     relay_died: bool,
     /// Share of the phase the signing threads spent signing.
     sign_busy: f64,
+    /// CPU time the relay process used during the phase (user + system), if /proc told.
+    relay_cpu: Option<Duration>,
 }
 
 impl Phase {
     fn rates(&self) -> String {
+        let cpu = match self.relay_cpu {
+            // What one login costs the relay itself: on a shared machine the bench's own
+            // signing (about 1 ms of CPU an RSA-2048 signature) caps the rate it can offer long
+            // before the relay does, so this is the figure to hold against a logins/s target.
+            Some(c) if self.ok > 0 => {
+                let per = c.as_secs_f64() / self.ok as f64;
+                format!(
+                    "; relay CPU {:.0} µs per login (one core: {:.0} logins/s)",
+                    per * 1e6,
+                    1.0 / per.max(1e-9)
+                )
+            }
+            _ => String::new(),
+        };
         format!(
-            "{}; signing threads busy {:.0}%",
+            "{}; signing threads busy {:.0}%{cpu}",
             rates(&self.times, self.start),
             self.sign_busy * 100.0
         )
@@ -814,10 +833,18 @@ struct Bench {
     /// Welcome times of the phase running.
     welcomes: Vec<Instant>,
     threads: usize,
+    /// TLS (this build's relay) or plain TCP (one from before TLS).
+    mode: Mode,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Bench {
-    fn new(addr: SocketAddr, keys: Arc<Vec<Identity>>, threads: usize) -> io::Result<Bench> {
+    fn new(
+        addr: SocketAddr,
+        keys: Arc<Vec<Identity>>,
+        threads: usize,
+        mode: Mode,
+    ) -> io::Result<Bench> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (jobs, job_rx) = mpsc::channel::<Job>();
@@ -843,8 +870,7 @@ impl Bench {
                     let user = name(job.name);
                     let key = &keys[job.name % keys.len()];
                     let t = Instant::now();
-                    let Ok(signature) = key.sign(&mut rng, &login_transcript(&job.nonce, &user))
-                    else {
+                    let Ok(signature) = key.sign(&mut rng, &job.transcript) else {
                         return;
                     };
                     SIGN_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -884,13 +910,17 @@ impl Bench {
             last_ping_sweep: Instant::now(),
             welcomes: Vec::new(),
             threads,
+            mode,
+            tls: common::client_config(),
         })
     }
 
     /// Start a login as `name`.
     fn open(&mut self, name: usize, role: Role) {
-        let mut stream = match TcpStream::connect(self.addr) {
-            Ok(s) => s,
+        let connect =
+            TcpStream::connect(self.addr).and_then(|s| Wire::new(s, self.mode, &self.tls));
+        let mut wire = match connect {
+            Ok(w) => w,
             Err(e) => {
                 *self.st.failed.entry(format!("connect: {e}")).or_default() += 1;
                 return;
@@ -901,7 +931,7 @@ impl Bench {
             self.conns.len() - 1
         });
         if let Err(e) = self.poll.registry().register(
-            &mut stream,
+            &mut wire.sock,
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -911,7 +941,7 @@ impl Bench {
         }
         self.next_gen += 1;
         self.conns[slot] = Some(Conn {
-            stream,
+            wire,
             gen: self.next_gen,
             name,
             role,
@@ -930,7 +960,7 @@ impl Bench {
         let Some(mut c) = self.conns[slot].take() else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut c.stream);
+        let _ = self.poll.registry().deregister(&mut c.wire.sock);
         if rst {
             let linger = libc::linger {
                 l_onoff: 1,
@@ -939,7 +969,7 @@ impl Bench {
             // SAFETY: setsockopt reads `linger` for the length given, on a socket we own.
             unsafe {
                 libc::setsockopt(
-                    c.stream.as_raw_fd(),
+                    c.wire.sock.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_LINGER,
                     (&linger as *const libc::linger).cast(),
@@ -965,8 +995,12 @@ impl Bench {
         let Some(c) = self.conns[slot].as_mut() else {
             return;
         };
+        // The ClientHello, and records TLS took but the socket did not.
+        if let Err(e) = c.wire.flush_tls() {
+            return self.close(slot, Some(format!("write: {e}")), false);
+        }
         while !c.out.is_empty() {
-            match c.stream.write(&c.out) {
+            match c.wire.write(&c.out) {
                 Ok(0) => return self.close(slot, Some("write: closed".into()), false),
                 Ok(k) => {
                     c.out.drain(..k);
@@ -984,7 +1018,7 @@ impl Bench {
             let Some(c) = self.conns[slot].as_mut() else {
                 return;
             };
-            match c.stream.read(&mut self.scratch) {
+            match c.wire.read(&mut self.scratch) {
                 Ok(0) => {
                     let why = if c.st == St::Established {
                         "closed by the relay without an Error"
@@ -1038,7 +1072,7 @@ impl Bench {
                     slot,
                     gen: c.gen,
                     name: c.name,
-                    nonce,
+                    transcript: common::transcript(&c.wire, &nonce, &name(c.name)),
                 };
                 if self.jobs.send(job).is_err() {
                     self.close(slot, Some("signing threads gone".into()), false);
@@ -1164,6 +1198,7 @@ impl Bench {
     ) -> Phase {
         let start = Instant::now();
         let sign_ns = SIGN_NS.load(Ordering::Relaxed);
+        let cpu_before = cpu_time(relay.pid);
         self.welcomes.clear();
         let mut next = names.start;
         let mut last_progress = Instant::now();
@@ -1231,6 +1266,9 @@ impl Bench {
             relay_died,
             sign_busy: (SIGN_NS.load(Ordering::Relaxed) - sign_ns) as f64
                 / (start.elapsed().as_nanos() as f64 * self.threads as f64),
+            relay_cpu: cpu_before
+                .zip(cpu_time(relay.pid))
+                .map(|(a, b)| b.saturating_sub(a)),
         }
     }
 
@@ -1349,7 +1387,7 @@ fn run(o: &Opts) -> Result<(), String> {
         keys[0]
             .sign(
                 &mut rand::thread_rng(),
-                &login_transcript(&[7; 32], "u000000"),
+                &login_transcript(&[7; 32], "u000000", &[9; 32]),
             )
             .map_err(|e| e.to_string())?;
     }
@@ -1385,7 +1423,9 @@ fn run(o: &Opts) -> Result<(), String> {
         o.chatd.display(),
         kib(rss_start)
     );
-    let mut b = Bench::new(relay.addr, Arc::clone(&keys), o.sign_threads)
+    let mode = common::probe(relay.addr).map_err(|e| format!("probe the relay: {e}"))?;
+    println!("scale: the relay speaks {mode:?}");
+    let mut b = Bench::new(relay.addr, Arc::clone(&keys), o.sign_threads, mode)
         .map_err(|e| format!("poll: {e}"))?;
     let mut rep = Report::default();
     let mut died_in: Option<String> = None;
@@ -1449,7 +1489,6 @@ fn run(o: &Opts) -> Result<(), String> {
         );
         let main_end = o.members - o.sample;
         println!("scale: logging in {} idle members", n(main_end as u64));
-        let cpu0 = cpu_time(relay.pid);
         let p = b.logins(
             &mut relay,
             "members",
@@ -1465,19 +1504,6 @@ fn run(o: &Opts) -> Result<(), String> {
             n(names_held as u64),
             p.rates()
         );
-        // What one login costs the relay itself: on a shared machine the bench's own signing
-        // (about 1 ms of CPU an RSA-2048 signature) caps the rate it can offer long before the
-        // relay does, so this is the figure to compare with the 2,000 a second target.
-        if let (Some(a), Some(z)) = (cpu0, cpu_time(relay.pid)) {
-            if p.ok > 0 {
-                let per = z.saturating_sub(a).as_secs_f64() / p.ok as f64;
-                v += &format!(
-                    "; relay CPU {:.0} µs per login (one core: {} logins/s)",
-                    per * 1e6,
-                    n((1.0 / per.max(1e-9)) as u64)
-                );
-            }
-        }
         if p.timed_out {
             v += &format!(
                 "; STOPPED at the phase deadline ({}), {} attempted",

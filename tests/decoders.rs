@@ -482,6 +482,7 @@ fn status_view() -> impl Strategy<Value = StatusView> {
                 uptime_s,
                 version,
                 state_dir,
+                relay_fingerprint: None,
             },
         )
 }
@@ -1125,6 +1126,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             uptime_s: 3,
             version: "0.1.0".into(),
             state_dir: "/tmp/x".into(),
+            relay_fingerprint: Some("SHA256:z".into()),
         })),
     );
     add(

@@ -612,6 +612,7 @@ fn chatctl_page_shows_the_json_keys_format_rs_prints() {
         uptime_s: 1,
         version: "0".into(),
         state_dir: "/s".into(),
+        relay_fingerprint: None,
     };
     let sent = Sent {
         id: [0; 16],

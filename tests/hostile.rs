@@ -54,10 +54,12 @@ trait Timed: Read + Write {
     fn set_timeout(&self, d: Duration);
 }
 
-impl Timed for TcpStream {
+impl Timed for TlsClient {
     fn set_timeout(&self, d: Duration) {
-        let _ = self.set_read_timeout(Some(d.max(Duration::from_millis(1))));
-        let _ = self.set_write_timeout(Some(Duration::from_secs(5)));
+        let _ = self
+            .tcp()
+            .set_read_timeout(Some(d.max(Duration::from_millis(1))));
+        let _ = self.tcp().set_write_timeout(Some(Duration::from_secs(5)));
     }
 }
 
@@ -86,10 +88,20 @@ struct Raw<S: Timed> {
     closed: bool,
 }
 
-impl Raw<TcpStream> {
-    fn tcp(addr: &str) -> Raw<TcpStream> {
-        let s = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect {addr}: {e}")));
+impl Raw<TlsClient> {
+    /// A TLS connection to the relay at `addr`, handshake done: what follows is frames.
+    fn tcp(addr: &str) -> Raw<TlsClient> {
+        let s = TlsClient::connect(addr).unwrap_or_else(|e| fail(&format!("connect {addr}: {e}")));
         Raw::new(s)
+    }
+
+    /// Sign the login transcript for this connection (its nonce and TLS session).
+    fn sign_login(&self, nonce: &[u8; 32], user: &str, id: &Identity) -> Vec<u8> {
+        id.sign(
+            &mut rand::rngs::OsRng,
+            &login_transcript(nonce, user, &self.s.exporter()),
+        )
+        .expect("sign the login transcript")
     }
 }
 
@@ -203,7 +215,7 @@ impl<S: Timed> Raw<S> {
     }
 }
 
-impl Raw<TcpStream> {
+impl Raw<TlsClient> {
     /// The next message from a relay.
     fn recv_relay(&mut self, timeout: Duration) -> Option<FromRelay> {
         match self.next(timeout) {
@@ -240,18 +252,29 @@ impl Raw<TcpStream> {
     }
 }
 
+/// A connection to `addr` is closed before its TLS handshake completes: it gets nothing, not
+/// even the relay's key.
+fn assert_refused(addr: &str, what: &str) {
+    if let Ok(c) = TlsClient::connect(addr) {
+        let mut c = Raw::new(c);
+        let frames = c.wait_closed(what, DEADLINE);
+        fail(&format!(
+            "{what}: TLS handshake completed ({} frames followed)",
+            frames.len()
+        ));
+    }
+}
+
 /// A fresh RSA identity for a raw client (2048 bits, as the test daemons use).
 fn identity() -> Identity {
     Identity::generate(&mut rand::thread_rng(), 2048).expect("generate an identity")
 }
 
 /// Connect to the relay at `addr` and send a real `Login` as `user`; the answer is not read.
-fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TlsClient> {
     let mut c = Raw::tcp(addr);
     let nonce = c.challenge();
-    let signature = id
-        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, user))
-        .expect("sign the login transcript");
+    let signature = c.sign_login(&nonce, user, id);
     c.send(&ToRelay::Login {
         user: user.to_string(),
         key: id.public().der().to_vec(),
@@ -261,7 +284,7 @@ fn send_login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
 }
 
 /// Connect to the relay at `addr` and log in as `user` for real; returns after `Welcome`.
-fn login(addr: &str, user: &str, id: &Identity) -> Raw<TcpStream> {
+fn login(addr: &str, user: &str, id: &Identity) -> Raw<TlsClient> {
     let mut c = send_login(addr, user, id);
     loop {
         match c.recv_relay(DEADLINE) {
@@ -1007,9 +1030,7 @@ fn max_connections_refuses_the_extra_connection_and_frees_slots() {
     let mut c2 = Raw::tcp(&addr);
     assert!(c2.gets_challenge(DEADLINE), "second connection accepted");
     let line = expect_new_line(&relay, "the third connection refused", &full, || {
-        let mut c3 = Raw::tcp(&addr);
-        let frames = c3.wait_closed("the connection over the limit", DEADLINE);
-        assert!(frames.is_empty(), "the extra connection gets nothing");
+        assert_refused(&addr, "the connection over the limit");
     });
     assert!(line.contains("limit of 2 connections"), "{line}");
 
@@ -1036,8 +1057,11 @@ fn max_connections_refuses_the_extra_connection_and_frees_slots() {
         DEADLINE,
         "two connections to be accepted after the storm",
         || {
-            let mut a = Raw::tcp(&addr);
-            let mut b = Raw::tcp(&addr);
+            // A slot still held by the storm refuses the handshake: try again.
+            let (Ok(a), Ok(b)) = (TlsClient::connect(&addr), TlsClient::connect(&addr)) else {
+                return false;
+            };
+            let (mut a, mut b) = (Raw::new(a), Raw::new(b));
             a.gets_challenge(Duration::from_secs(2)) && b.gets_challenge(Duration::from_secs(2))
         },
     );
@@ -1376,16 +1400,14 @@ fn a_relay_with_a_large_directory_still_logs_members_in() {
                     let user = format!("n{i:05}-{}", "x".repeat(25));
                     let mut c = Raw::tcp(&addr);
                     let nonce = c.challenge();
-                    let signature = key
-                        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, &user))
-                        .expect("sign");
+                    let signature = c.sign_login(&nonce, &user, &key);
                     c.send(&ToRelay::Login {
                         user,
                         key: key.public().der().to_vec(),
                         signature,
                     });
                     // Leave at once: the binding stays, the Welcome need not be read.
-                    let _ = c.s.shutdown(std::net::Shutdown::Write);
+                    let _ = c.s.tcp().shutdown(std::net::Shutdown::Write);
                 }
             })
         })
@@ -1406,9 +1428,7 @@ fn a_relay_with_a_large_directory_still_logs_members_in() {
     let carol_id = identity();
     let mut c = Raw::tcp(&addr);
     let nonce = c.challenge();
-    let signature = carol_id
-        .sign(&mut rand::rngs::OsRng, &login_transcript(&nonce, "carol"))
-        .expect("sign");
+    let signature = c.sign_login(&nonce, "carol", &carol_id);
     c.send(&ToRelay::Login {
         user: "carol".into(),
         key: carol_id.public().der().to_vec(),
@@ -1473,8 +1493,7 @@ fn limits_are_settable_in_chatd_toml() {
         "max_connections from the file",
         &|l| l.contains("limit of 1 connections (max_connections)"),
         || {
-            let mut c2 = Raw::tcp(&addr);
-            assert!(c2.wait_closed("second connection", DEADLINE).is_empty());
+            assert_refused(&addr, "the second connection");
         },
     );
     let errors = c1.wait_closed_errors("handshake_timeout from the file");
@@ -1628,11 +1647,16 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
         ],
     );
 
-    let mut s = accept("bob to connect to the fake relay");
+    let s = accept("bob to connect to the fake relay");
     s.set_nonblocking(false).expect("blocking");
-    s.set_write_timeout(Some(Duration::from_secs(2)))
+    let fake_id = identity();
+    let mut s = tls_accept(s, &fake_id).expect("bob's TLS handshake with the fake relay");
+    s.sock
+        .set_write_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
-    let send = |s: &mut TcpStream, m: &FromRelay| -> io::Result<()> {
+    let send = |s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+                m: &FromRelay|
+     -> io::Result<()> {
         let mut buf = Vec::new();
         encode_frame(m, &mut buf).expect("encode");
         s.write_all(&buf)
@@ -1644,7 +1668,7 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
         version: "fake".into(),
     };
     send(&mut s, &challenge).expect("send the challenge");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.sock.set_read_timeout(Some(DEADLINE)).expect("timeout");
     let login = frame::read_from(&mut s, MAX_FRAME).expect("read the login");
     assert!(matches!(
         login.as_deref().map(from_payload::<ToRelay>),
@@ -1802,4 +1826,166 @@ fn two_thousand_members_disconnect_at_once_and_the_relay_stays_small() {
     );
     // Still serving: a new member logs in.
     drop(login(&addr, "latecomer", &identity()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12, point 5: TLS handshakes are bounded like logins
+// ---------------------------------------------------------------------------------------------
+
+/// How long until the relay closes `s` (EOF or reset), reading and dropping whatever it sends;
+/// None if it is still open after `within`.
+fn closed_after(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < within {
+        let left = within.saturating_sub(start.elapsed());
+        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+/// A real client's first flight: the ClientHello a member would send.
+fn client_hello() -> Vec<u8> {
+    let mut session = tls_client_session();
+    let mut hello = Vec::new();
+    while session.wants_write() {
+        session.write_tls(&mut hello).expect("ClientHello bytes");
+    }
+    assert!(hello.len() > 100, "a ClientHello of {} bytes", hello.len());
+    hello
+}
+
+/// A handshake that never starts, one that stops halfway, one that crawls and garbage instead
+/// of a ClientHello are each cut off (the first three by `handshake_timeout`, garbage at once),
+/// a flood of them is held to `max_connections`, and a member logged in all along keeps being
+/// served and a new one gets in afterwards.
+#[test]
+fn tls_handshakes_that_do_not_complete_are_cut_off() {
+    let relay = relay_with(&["--handshake-timeout", "2", "--max-connections", "8"]);
+    let addr = relay.addr();
+    let mut pinger = login(&addr, "pinger", &identity());
+    let timeout = Duration::from_secs(2);
+    let early = Duration::from_millis(1800);
+    let hello = client_hello();
+
+    // Silent: TCP only.
+    let mut silent = TcpStream::connect(&addr).expect("connect");
+    // Half a ClientHello.
+    let mut half = TcpStream::connect(&addr).expect("connect");
+    half.write_all(&hello[..hello.len() / 2])
+        .expect("half a hello");
+    let took = closed_after(&mut silent, DEADLINE).expect("a silent connection is closed");
+    assert!(took >= early, "silent connection closed after {took:?}");
+    let took = closed_after(&mut half, DEADLINE).expect("half a handshake is closed");
+    assert!(
+        took < timeout + DEADLINE,
+        "half a handshake closed after {took:?}"
+    );
+
+    // Slow: the whole ClientHello, 8 bytes every 150 ms, so it is not done by the timeout.
+    let mut slow = TcpStream::connect(&addr).expect("connect");
+    let start = Instant::now();
+    let mut cut = None;
+    for chunk in hello.chunks(8) {
+        if slow.write_all(chunk).is_err() {
+            cut = Some(start.elapsed());
+            break;
+        }
+        if let Some(t) = closed_after(&mut slow, Duration::from_millis(150)) {
+            cut = Some(start.elapsed() - Duration::from_millis(150) + t);
+            break;
+        }
+    }
+    let cut = cut.unwrap_or_else(|| fail("a crawling handshake was never cut off"));
+    assert!(
+        cut >= early && cut < Duration::from_secs(10),
+        "a crawling handshake was cut off after {cut:?}"
+    );
+
+    // Garbage: closed at once, long before the timeout, without an answer worth reading.
+    let mut junk = TcpStream::connect(&addr).expect("connect");
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .expect("send garbage");
+    let took = closed_after(&mut junk, DEADLINE).expect("garbage is closed");
+    assert!(took < early, "garbage closed after {took:?}");
+    let mut frame_len = TcpStream::connect(&addr).expect("connect");
+    // A plaintext chatd frame (an old member) is garbage to TLS too.
+    let mut ping = Vec::new();
+    encode_frame(&ToRelay::Ping, &mut ping).expect("encode");
+    frame_len.write_all(&ping).expect("send a plaintext frame");
+    let took = closed_after(&mut frame_len, DEADLINE).expect("a plaintext frame is closed");
+    assert!(took < early, "a plaintext client closed after {took:?}");
+
+    // Flood: 40 connections that never handshake. The relay holds at most 8 (pinger is one);
+    // the rest are refused, and every held one is cut off at the timeout.
+    let full = |l: &str| l.contains("at the limit of 8 connections");
+    let before = count_lines(&relay, &full);
+    let mut flood: Vec<TcpStream> = (0..40)
+        .filter_map(|_| TcpStream::connect(&addr).ok())
+        .collect();
+    wait_until(DEADLINE, "the flood to meet max_connections", || {
+        count_lines(&relay, &full) > before
+    });
+    for s in &mut flood {
+        s.write_all(&hello[..10]).ok();
+    }
+    for (i, s) in flood.iter_mut().enumerate() {
+        if closed_after(s, DEADLINE).is_none() {
+            fail(&format!("flood connection {i} is still open"));
+        }
+    }
+
+    // The logged-in member was served all along, and a newcomer gets in.
+    pinger.send(&ToRelay::Ping);
+    loop {
+        match pinger.recv_relay(DEADLINE) {
+            Some(FromRelay::Pong) => break,
+            Some(FromRelay::Presence(_)) => {}
+            other => fail(&format!("the logged-in member got {other:?}")),
+        }
+    }
+    let _newcomer = login(&addr, "newcomer", &identity());
+}
+
+/// A login signed for one TLS session is refused on another (issue 12, point 4): someone who
+/// forwards or replays a member's login through a session of their own gets `bad_login`, and the
+/// same login signed for its own session is accepted.
+#[test]
+fn a_login_signed_for_another_tls_session_is_refused() {
+    let relay = Daemon::relay();
+    let addr = relay.addr();
+    let id = identity();
+    let mut first = Raw::tcp(&addr);
+    let mut second = Raw::tcp(&addr);
+    let nonce = second.challenge();
+    let _ = first.challenge();
+    // Signed over the second connection's challenge, but the first session's exporter value.
+    let forwarded = first.sign_login(&nonce, "mallory", &id);
+    second.send(&ToRelay::Login {
+        user: "mallory".into(),
+        key: id.public().der().to_vec(),
+        signature: forwarded,
+    });
+    let errors = second.wait_closed_errors("a login bound to another session");
+    assert!(
+        errors
+            .iter()
+            .any(|(code, reason)| code == "bad_login" && reason.contains("signature")),
+        "{errors:?}"
+    );
+    assert!(relay.who().is_empty(), "nothing was bound");
+    // The honest login on the first connection still works.
+    let _ = login(&addr, "mallory", &id);
 }

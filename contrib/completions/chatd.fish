@@ -1,6 +1,7 @@
 complete -c chatd -s c -l config -d 'Config file (default: $CONFIGURATION_DIRECTORY/chatd.toml, else $XDG_CONFIG_HOME/chatd/chatd.toml, else ~/.config/chatd/chatd.toml)' -r -F
 complete -c chatd -l user -d 'Your user name (1-32 of a-z 0-9 . _ -); makes this daemon a member' -r
-complete -c chatd -l connect -d 'Relay to connect to as a member (port defaults to 9999)' -r
+complete -c chatd -l connect -d 'Relay to connect to as a member (port defaults to 9999); SHA256:...@HOST:PORT pins its key' -r
+complete -c chatd -l relay-fingerprint -d 'Member: the relay\'s key fingerprint (SHA256:...); unset pins the key seen first' -r
 complete -c chatd -l listen -d 'Address to serve the relay on (e.g. 0.0.0.0:9999; port 0 picks a free one)' -r
 complete -c chatd -l state-dir -d 'State directory for the identity key and database (mode 0700)' -r -F
 complete -c chatd -l socket -d 'Control socket path [default: $CHATD_SOCKET, else $RUNTIME_DIRECTORY/control.sock, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F

@@ -338,7 +338,10 @@ fn relay_login(
         })
         .expect("a new connection gets a challenge");
     let signature = id
-        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, user))
+        .sign(
+            &mut rand::thread_rng(),
+            &login_transcript(&nonce, user, &[]),
+        )
         .expect("sign login");
     let login = ToRelay::Login {
         user: user.into(),

@@ -248,6 +248,9 @@ pub fn status(s: &StatusView, as_json: bool) -> Vec<String> {
         format!("relay:          {}", opt(&s.relay)),
         format!("connected:      {}", s.connected),
     ];
+    if let Some(k) = &s.relay_fingerprint {
+        v.push(format!("relay key:      {k}"));
+    }
     if let Some(e) = &s.relay_error {
         v.push(format!("relay error:    {}", escape(e)));
     }

@@ -12,6 +12,7 @@ use clap::builder::TypedValueParser;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::crypto::Fingerprint;
 use crate::relay::Limits;
 
 /// Default relay port (DESIGN "chatd").
@@ -34,12 +35,20 @@ settings! {
             check: [user_name],
             sighup: [restart(role)],
         }
-        /// Relay to connect to as a member (port defaults to 9999)
+        /// Relay to connect to as a member (port defaults to 9999); SHA256:...@HOST:PORT pins its key
         connect: String {
             flag: [value_name = "HOST:PORT"],
             env: [],
             default: [],
             check: [],
+            sighup: [restart(role)],
+        }
+        /// Member: the relay's key fingerprint (SHA256:...); unset pins the key seen first
+        relay_fingerprint: String {
+            flag: [value_name = "SHA256:..."],
+            env: [],
+            default: [],
+            check: [fingerprint_text],
             sighup: [restart(role)],
         }
         /// Address to serve the relay on (e.g. 0.0.0.0:9999; port 0 picks a free one)
@@ -290,6 +299,9 @@ pub enum Role {
         user: String,
         /// Relay address.
         connect: String,
+        /// The relay key the member insists on (`relay_fingerprint`, or the address's
+        /// `SHA256:...@`); without one, the first key seen is pinned in `known_relays`.
+        pin: Option<Fingerprint>,
     },
     /// Relay plus a member in one process.
     Host {
@@ -403,6 +415,15 @@ fn rsa_size(name: &str, bits: usize) -> Result<usize, ConfigError> {
     Ok(bits)
 }
 
+fn fingerprint_text(name: &str, f: String) -> Result<String, ConfigError> {
+    Fingerprint::parse(&f).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{name}: {e} (got {f:?}; the relay prints it with chatctl fingerprint)"
+        ))
+    })?;
+    Ok(f)
+}
+
 fn log_level_name(name: &str, l: String) -> Result<String, ConfigError> {
     if !["error", "warn", "info", "debug", "trace", "off"]
         .contains(&l.to_ascii_lowercase().as_str())
@@ -446,7 +467,7 @@ pub fn resolve_with(
     file_path: Option<PathBuf>,
 ) -> Result<Config, ConfigError> {
     let s = Layers { flags, file };
-    let role = role(s.user()?, s.connect()?, s.listen()?)?;
+    let role = role(s.user()?, s.connect()?, s.listen()?, s.relay_fingerprint()?)?;
     let state_dir = s.state_dir()?;
     let socket = s.socket()?;
     let key_bits = s.key_bits()?;
@@ -486,6 +507,7 @@ fn role(
     user: Option<String>,
     connect: Option<String>,
     listen: Option<String>,
+    fingerprint: Option<String>,
 ) -> Result<Role, ConfigError> {
     let with_port = |a: String| {
         if a.rsplit_once(':')
@@ -496,14 +518,24 @@ fn role(
             format!("{a}:{DEFAULT_PORT}")
         }
     };
+    if fingerprint.is_some() && connect.is_none() {
+        return Err(ConfigError::Conflict(
+            "relay_fingerprint is the key of the relay a member connects to: it needs --connect"
+                .into(),
+        ));
+    }
     match (user, connect, listen) {
         (None, None, Some(l)) => Ok(Role::Relay {
             listen: with_port(l),
         }),
-        (Some(u), Some(c), None) => Ok(Role::Member {
-            user: u,
-            connect: with_port(c),
-        }),
+        (Some(u), Some(c), None) => {
+            let (pin, c) = split_pin(&c, fingerprint.as_deref())?;
+            Ok(Role::Member {
+                user: u,
+                connect: with_port(c),
+                pin,
+            })
+        }
         (Some(u), None, Some(l)) => Ok(Role::Host {
             user: u,
             listen: with_port(l),
@@ -518,6 +550,31 @@ fn role(
             "--user needs --connect HOST:PORT (member) or --listen ADDR (host)".into(),
         )),
         (None, None, None) => Err(ConfigError::NoRole),
+    }
+}
+
+/// Split `SHA256:...@HOST:PORT` into its pin and address; the pin must agree with
+/// `relay_fingerprint` when both are given.
+fn split_pin(
+    connect: &str,
+    fingerprint: Option<&str>,
+) -> Result<(Option<Fingerprint>, String), ConfigError> {
+    let (in_addr, addr) = match connect.split_once('@') {
+        Some((fp, addr)) => (Some(fingerprint_text("connect", fp.to_string())?), addr),
+        None => (None, connect),
+    };
+    let flag = fingerprint
+        .map(|f| fingerprint_text("relay_fingerprint", f.to_string()))
+        .transpose()?;
+    let parse = |f: &str| Fingerprint::parse(f).ok();
+    match (
+        in_addr.as_deref().and_then(parse),
+        flag.as_deref().and_then(parse),
+    ) {
+        (Some(a), Some(b)) if a != b => Err(ConfigError::Conflict(format!(
+            "the relay address pins {a} but relay_fingerprint is {b}: give one"
+        ))),
+        (a, b) => Ok((a.or(b), addr.to_string())),
     }
 }
 
@@ -581,7 +638,8 @@ mod tests {
             c.role,
             Role::Member {
                 user: "bob".into(),
-                connect: "example.org:9999".into()
+                connect: "example.org:9999".into(),
+                pin: None,
             }
         );
         assert_eq!(c.key_bits, 3072, "RSA-3072 unless --key-bits");
@@ -725,5 +783,44 @@ mod tests {
         let e = parse_file(Path::new("c.toml"), "max_queue = \"lots\"\n").unwrap_err();
         let m = e.to_string();
         assert!(m.contains("line 1") && m.contains("max_queue"), "{m}");
+    }
+
+    /// The relay's pin comes from `relay_fingerprint` or from the address; two that disagree,
+    /// a malformed one, or one without `--connect` are errors that say so.
+    #[test]
+    fn relay_pin_from_flag_or_address() {
+        let fp = Fingerprint([5; 32]).to_string();
+        let other = Fingerprint([6; 32]).to_string();
+        let role =
+            |args: &[&str]| resolve_with(&flags(args), &File::default(), None).map(|c| c.role);
+        let base = ["--user", "bob", "--state-dir", "/x", "--connect"];
+        let at = format!("{fp}@example.org:7");
+        let want = Role::Member {
+            user: "bob".into(),
+            connect: "example.org:7".into(),
+            pin: Some(Fingerprint([5; 32])),
+        };
+        assert_eq!(role(&[&base[..], &[at.as_str()]].concat()).unwrap(), want);
+        let flag = [&base[..], &["example.org:7", "--relay-fingerprint", &fp]].concat();
+        assert_eq!(role(&flag).unwrap(), want);
+        let same = [&base[..], &[at.as_str(), "--relay-fingerprint", &fp]].concat();
+        assert_eq!(role(&same).unwrap(), want);
+        let clash = [&base[..], &[at.as_str(), "--relay-fingerprint", &other]].concat();
+        let e = role(&clash).unwrap_err().to_string();
+        assert!(e.contains(&fp) && e.contains(&other), "{e}");
+        let bad = [&base[..], &["SHA256:short@example.org:7"]].concat();
+        assert!(role(&bad).unwrap_err().to_string().contains("connect"));
+        let relay = [
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "/x",
+            "--relay-fingerprint",
+            &fp,
+        ];
+        assert!(role(&relay)
+            .unwrap_err()
+            .to_string()
+            .contains("needs --connect"));
     }
 }

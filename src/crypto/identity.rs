@@ -179,6 +179,15 @@ impl Identity {
             .map_err(|e| CryptoError::KeyFormat(e.to_string()))
     }
 
+    /// PKCS#8 DER of the private key, for the TLS layer to sign its handshakes with; zeroized
+    /// when dropped.
+    pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.key
+            .to_pkcs8_der()
+            .map(|d| Zeroizing::new(d.as_bytes().to_vec()))
+            .map_err(|e| CryptoError::KeyFormat(e.to_string()))
+    }
+
     /// Our public key.
     pub fn public(&self) -> &PublicKey {
         &self.public

@@ -75,12 +75,22 @@ pub(crate) fn put_field(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(field);
 }
 
+/// The TLS exporter label whose output binds a login to its TLS session (RFC 8446 7.5, no
+/// context). PROTOCOL.md "Connecting" fixes it with [`LOGIN_EXPORTER_LEN`].
+pub const LOGIN_EXPORTER_LABEL: &[u8] = b"EXPORTER-chatd-login-v1";
+/// Bytes taken from the exporter.
+pub const LOGIN_EXPORTER_LEN: usize = 32;
+
 /// Domain-separated login transcript: what a member signs to prove it holds its key.
 ///
-/// `"chatd-login-v1\0" || field(challenge) || field(user)`
-pub fn login_transcript(challenge: &[u8; 32], user: &str) -> Vec<u8> {
-    let mut t = b"chatd-login-v1\0".to_vec();
+/// `"chatd-login-v2\0" || field(challenge) || field(user) || field(channel)`, where `channel` is
+/// the TLS exporter value of the connection the login travels on ([`LOGIN_EXPORTER_LABEL`]), so
+/// a signed login is worth nothing on any other TLS session; empty on a host's in-process link,
+/// which has no TLS and no one in between.
+pub fn login_transcript(challenge: &[u8; 32], user: &str, channel: &[u8]) -> Vec<u8> {
+    let mut t = b"chatd-login-v2\0".to_vec();
     put_field(&mut t, challenge);
     put_field(&mut t, user.as_bytes());
+    put_field(&mut t, channel);
     t
 }

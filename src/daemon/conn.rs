@@ -1,8 +1,13 @@
-//! A buffered non-blocking connection: TCP (relay peers, the member's uplink) or Unix (control).
+//! A buffered non-blocking connection: TLS over TCP (relay peers, the member's uplink) or plain
+//! Unix (control).
 //!
-//! Owns reading until `WouldBlock`, writing until `WouldBlock` (partial writes kept), and the
+//! Owns reading until `WouldBlock`, writing until `WouldBlock` (partial writes kept), the
 //! per-turn watermark that lets the loop take back output produced by a turn whose database
-//! transaction failed to commit.
+//! transaction failed to commit, and driving a rustls connection the way rustls's
+//! `tlsserver-mio` does: socket bytes go through `read_tls`/`process_new_packets`, and only
+//! plaintext reaches the frame decoder; queued frames stay plaintext in `outbuf` (so a rewind
+//! still takes back exactly the turn's frames) until `flush` hands them to TLS. Must never:
+//! hand a frame of a TLS connection to anyone before its handshake completed.
 
 use std::io::{self, Read, Write};
 
@@ -60,6 +65,9 @@ pub struct ReadResult {
     /// The read budget ran out before `WouldBlock`: read again next turn (readiness is
     /// edge-triggered, so no new event will say so).
     pub more: bool,
+    /// The TLS handshake completed in this read: the session's login exporter value
+    /// (PROTOCOL.md "Connecting"). Frames of a TLS connection only come with or after it.
+    pub secured: Option<Vec<u8>>,
 }
 
 /// Bytes read from one connection per turn. Bounds the memory and time one fast peer can take
@@ -78,10 +86,30 @@ fn shrink_if_drained(buf: &mut Vec<u8>) {
     }
 }
 
+/// Take every whole frame (each capped at `max`) off the front of `inbuf`.
+fn take_frames(
+    inbuf: &mut Vec<u8>,
+    max: usize,
+    frames: &mut Vec<Vec<u8>>,
+) -> Result<(), FrameError> {
+    let mut start = 0;
+    while let Decoded::Frame { payload, consumed } = frame::decode(&inbuf[start..], max)? {
+        frames.push(payload.to_vec());
+        start += consumed;
+    }
+    inbuf.drain(..start);
+    shrink_if_drained(inbuf);
+    Ok(())
+}
+
 /// One connection and its buffers.
 pub struct Conn {
     /// The socket.
     pub stream: Stream,
+    /// The TLS session on `stream`, if it is a TLS connection.
+    tls: Option<Box<rustls::Connection>>,
+    /// The handshake completed and [`ReadResult::secured`] said so.
+    secured: bool,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     mark: usize,
@@ -95,12 +123,21 @@ impl Conn {
     pub fn new(stream: Stream) -> Conn {
         Conn {
             stream,
+            tls: None,
+            secured: false,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             mark: 0,
             writable: false,
             closing: false,
         }
+    }
+
+    /// Wrap a stream that speaks TLS through `tls`.
+    pub fn with_tls(stream: Stream, tls: rustls::Connection) -> Conn {
+        let mut c = Conn::new(stream);
+        c.tls = Some(Box::new(tls));
+        c
     }
 
     /// Register for reading.
@@ -122,7 +159,12 @@ impl Conn {
             eof: false,
             error: None,
             more: false,
+            secured: None,
         };
+        if self.tls.is_some() {
+            self.read_tls(max, &mut r);
+            return r;
+        }
         let mut budget = READ_BUDGET;
         loop {
             if budget == 0 {
@@ -158,15 +200,85 @@ impl Conn {
         r
     }
 
-    fn take_frames(&mut self, max: usize, frames: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {
-        let mut start = 0;
-        while let Decoded::Frame { payload, consumed } = frame::decode(&self.inbuf[start..], max)? {
-            frames.push(payload.to_vec());
-            start += consumed;
+    /// [`Conn::read_frames`] through TLS: the budget counts socket bytes.
+    fn read_tls(&mut self, max: usize, r: &mut ReadResult) {
+        let mut chunk = [0u8; 16 * 1024];
+        let mut budget = READ_BUDGET;
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return;
+        };
+        loop {
+            if budget == 0 {
+                r.more = true;
+                break;
+            }
+            let n = match tls.read_tls(&mut self.stream) {
+                Ok(0) => {
+                    r.eof = true;
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    r.error = Some(FrameError::Io(e));
+                    break;
+                }
+            };
+            budget = budget.saturating_sub(n);
+            let state = match tls.process_new_packets() {
+                Ok(s) => s,
+                Err(e) => {
+                    // Last gasp: tell the peer why (the alert), then close.
+                    let _ = tls.write_tls(&mut self.stream);
+                    r.error = Some(FrameError::Io(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("TLS: {e}"),
+                    )));
+                    break;
+                }
+            };
+            if !self.secured && !tls.is_handshaking() {
+                self.secured = true;
+                match super::tls::exporter(tls) {
+                    Some(v) => r.secured = Some(v),
+                    None => {
+                        r.error = Some(FrameError::Io(io::Error::other(
+                            "TLS: no exporter value after the handshake",
+                        )));
+                        break;
+                    }
+                }
+            }
+            let mut plain = state.plaintext_bytes_to_read();
+            while plain > 0 {
+                let want = plain.min(chunk.len());
+                match tls.reader().read(&mut chunk[..want]) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        plain -= k;
+                        self.inbuf.extend_from_slice(&chunk[..k]);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Decode as we go so a peer cannot make us buffer more than one frame.
+            if let Err(e) = take_frames(&mut self.inbuf, max, &mut r.frames) {
+                r.error = Some(e);
+                break;
+            }
+            if state.peer_has_closed() {
+                r.eof = true;
+                break;
+            }
         }
-        self.inbuf.drain(..start);
-        shrink_if_drained(&mut self.inbuf);
-        Ok(())
+        if r.eof && r.error.is_none() && !self.inbuf.is_empty() {
+            r.error = Some(FrameError::Truncated);
+        }
+    }
+
+    fn take_frames(&mut self, max: usize, frames: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {
+        take_frames(&mut self.inbuf, max, frames)
     }
 
     /// Queue bytes for writing.
@@ -174,9 +286,11 @@ impl Conn {
         self.outbuf.extend_from_slice(bytes);
     }
 
-    /// Output bytes not yet written.
+    /// Output bytes not yet written: the frames queued, plus one while TLS holds records it has
+    /// not written yet (rustls caps what it holds at its 64 KiB buffer limit, so this undercounts
+    /// by at most that much).
     pub fn pending(&self) -> usize {
-        self.outbuf.len()
+        self.outbuf.len() + usize::from(self.tls.as_ref().is_some_and(|t| t.wants_write()))
     }
 
     /// Remember where this turn's output starts.
@@ -193,7 +307,29 @@ impl Conn {
     /// remains.
     pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         let mut written = 0;
-        while written < self.outbuf.len() {
+        if let Some(tls) = self.tls.as_deref_mut() {
+            loop {
+                let mut progress = false;
+                if written < self.outbuf.len() {
+                    let n = tls.writer().write(&self.outbuf[written..])?;
+                    written += n;
+                    progress |= n > 0;
+                }
+                if tls.wants_write() {
+                    match tls.write_tls(&mut self.stream) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(_) => progress = true,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !progress {
+                    break;
+                }
+            }
+        }
+        while self.tls.is_none() && written < self.outbuf.len() {
             match self.stream.write(&self.outbuf[written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
@@ -205,7 +341,7 @@ impl Conn {
         self.outbuf.drain(..written);
         shrink_if_drained(&mut self.outbuf);
         self.mark = self.outbuf.len();
-        let want = !self.outbuf.is_empty();
+        let want = !self.outbuf.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write());
         if want != self.writable {
             let interest = if want {
                 Interest::READABLE | Interest::WRITABLE

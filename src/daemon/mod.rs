@@ -24,10 +24,12 @@ mod setup;
 mod status;
 pub mod systemd;
 mod table;
+pub mod tls;
 mod uplink;
 
 use crate::clock::{Clock, Now};
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -66,6 +68,8 @@ pub struct Daemon {
     store: Store,
     roles: Roles,
     listener: Option<TcpListener>,
+    /// The relay's TLS config over its identity key (relay roles only).
+    tls_server: Option<Arc<rustls::ServerConfig>>,
     control: UnixListener,
     signals: Signals,
     table: Table,
@@ -98,8 +102,8 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         setup::socket_path(&cfg.socket)?;
     }
     let store = Store::open(&cfg.state_dir.join("chatd.db")).map_err(DaemonError::Store)?;
-    // A relay needs an identity too: `status` and `fingerprint` show it, and a later TLS layer
-    // will authenticate the relay with it.
+    // A relay needs an identity too: `status` and `fingerprint` show it, and its TLS handshakes
+    // are signed with it (the key members pin).
     if !cfg.state_dir.join("identity.pem").exists() {
         sd.status(format!("generating an RSA-{} identity key", cfg.key_bits));
     }
@@ -108,6 +112,10 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     let listen = match &cfg.role {
         Role::Relay { listen } | Role::Host { listen, .. } => Some(listen.as_str()),
         Role::Member { .. } => None,
+    };
+    let tls_server = match listen {
+        Some(_) => Some(tls::server_config(&identity).map_err(DaemonError::Setup)?),
+        None => None,
     };
     let listening = setup::listener(listen, activated.relay, poll.registry(), LISTENER)?;
     let (listener, listen_addr) = listening.unzip();
@@ -128,9 +136,15 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     };
     let roles = match &cfg.role {
         Role::Relay { .. } => Roles::Relay(load_relay()?),
-        Role::Member { user, connect } => Roles::Member {
+        Role::Member { user, connect, pin } => Roles::Member {
             member: load_member(user)?,
-            uplink: Uplink::new(connect.clone()),
+            uplink: Uplink::new(
+                connect.clone(),
+                uplink::Pin {
+                    given: *pin,
+                    file: cfg.state_dir.join(tls::KNOWN_RELAYS),
+                },
+            ),
         },
         Role::Host { user, .. } => {
             let relay = load_relay()?;
@@ -154,6 +168,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         store,
         roles,
         listener,
+        tls_server,
         control,
         signals,
         table: Table::default(),
@@ -229,7 +244,7 @@ impl Daemon {
             let again = std::mem::take(&mut self.again);
             for t in &again {
                 match *t {
-                    UPSTREAM => self.on_uplink(false, now),
+                    UPSTREAM => self.on_uplink(now),
                     t => self.on_conn(t, now),
                 }
             }
@@ -244,7 +259,7 @@ impl Daemon {
                     ),
                     SIGNALS => self.on_signals(),
                     t if again.contains(&t) && !ev.is_writable() => {}
-                    UPSTREAM => self.on_uplink(ev.is_writable(), now),
+                    UPSTREAM => self.on_uplink(now),
                     t => self.on_conn(t, now),
                 }
             }
@@ -350,13 +365,13 @@ impl Daemon {
     }
 
     fn accept_peers(&mut self, now: Now) {
-        let Some(l) = self.listener.as_ref() else {
+        let (Some(l), Some(tls)) = (self.listener.as_ref(), self.tls_server.as_ref()) else {
             return;
         };
         let registry = self.poll.registry();
-        let new = self
-            .table
-            .accept_peers(l, registry, self.cfg.max_connections, self.stopping);
+        let new =
+            self.table
+                .accept_peers(l, registry, self.cfg.max_connections, self.stopping, tls);
         if let Some(r) = self.roles.relay_mut() {
             for id in new {
                 r.connect(id, now.mono);
@@ -441,12 +456,18 @@ impl Daemon {
             eof,
             error: err,
             more,
+            secured,
         } = entry.conn.read_frames(MAX_FRAME);
         let eof = eof || err.is_some();
         if more && !eof {
             self.again.push(token);
         }
         let is_peer = matches!(entry.kind, Kind::Peer);
+        // Reading may have produced output of its own (TLS handshake records, alerts).
+        self.table.touch(token);
+        if let (Some(channel), Some(r)) = (secured, self.roles.relay_mut()) {
+            r.bind_channel(table::conn_id(token), channel);
+        }
         for payload in frames {
             if is_peer {
                 if let Some(r) = self.roles.relay_mut() {
@@ -530,19 +551,12 @@ impl Daemon {
         }
     }
 
-    fn on_uplink(&mut self, writable: bool, now: Now) {
+    fn on_uplink(&mut self, now: Now) {
         let Roles::Member { member, uplink } = &mut self.roles else {
             return;
         };
         let max = self.cfg.max_write_buffer;
-        let read = uplink.ready(
-            self.poll.registry(),
-            member,
-            &mut self.store,
-            writable,
-            now,
-            max,
-        );
+        let read = uplink.ready(self.poll.registry(), member, &mut self.store, now, max);
         if read.again {
             self.again.push(UPSTREAM);
         }

@@ -37,6 +37,7 @@ pub struct Status {
     fingerprint: String,
     roles: Vec<String>,
     uplink: Option<String>,
+    relay_key: Option<String>,
     listen: Option<SocketAddr>,
     relay_online: Option<usize>,
     member: Option<MemberFacts>,
@@ -51,6 +52,10 @@ impl Status {
             fingerprint: info.fingerprint.to_string(),
             roles: roles.names(),
             uplink: roles.uplink().map(|u| u.addr().to_string()),
+            relay_key: roles
+                .uplink()
+                .and_then(|u| u.relay_key())
+                .map(|k| k.to_string()),
             listen: info.listen,
             relay_online: roles.relay().map(|r| r.online_count()),
             member: roles.member().map(|m| MemberFacts {
@@ -83,6 +88,7 @@ impl Status {
             uptime_s: self.uptime_s,
             version: crate::VERSION.to_string(),
             state_dir: self.state_dir.clone(),
+            relay_fingerprint: self.relay_key.clone(),
         }
     }
 

@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use log::{debug, warn};
 use mio::net::{TcpListener, UnixListener};
@@ -111,9 +112,10 @@ impl Sink for Buffer<'_> {
 }
 
 impl Table {
-    /// Connection `token` gets output this turn: mark it (so a failed commit can take the
-    /// turn's output back) the first time, and flush it after the turn.
-    fn touch(&mut self, token: Token) {
+    /// Connection `token` gets output this turn (or was read: a TLS connection answers its
+    /// handshake as it reads): mark it (so a failed commit can take the turn's output back) the
+    /// first time, and flush it after the turn.
+    pub fn touch(&mut self, token: Token) {
         if self.is_touched.insert(token) {
             if let Some(e) = self.entries.get_mut(&token) {
                 e.conn.mark();
@@ -151,13 +153,15 @@ impl Table {
         Some(e.kind)
     }
 
-    /// Accept relay peers until `WouldBlock`; returns the relay ids of the new connections.
+    /// Accept relay peers until `WouldBlock`, each as a TLS server connection with `tls`;
+    /// returns the relay ids of the new connections.
     pub fn accept_peers(
         &mut self,
         l: &TcpListener,
         registry: &Registry,
         max: usize,
         stopping: bool,
+        tls: &Arc<rustls::ServerConfig>,
     ) -> Vec<ConnId> {
         let mut new = Vec::new();
         loop {
@@ -174,8 +178,15 @@ impl Table {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    let server = match rustls::ServerConnection::new(tls.clone()) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!("cannot start TLS for connection from {addr}: {e}");
+                            continue;
+                        }
+                    };
                     let token = self.token();
-                    let mut conn = Conn::new(Stream::Tcp(stream));
+                    let mut conn = Conn::with_tls(Stream::Tcp(stream), server.into());
                     if let Err(e) = conn.register(registry, token) {
                         warn!("cannot register connection from {addr}: {e}");
                         continue;

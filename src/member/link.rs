@@ -23,6 +23,9 @@ pub(super) struct Login {
     /// When we last sent a frame; carried into [`Live`], as the keepalive counts from the last
     /// frame sent, whichever state sent it.
     last_tx: u64,
+    /// The TLS exporter value of this connection, signed into the login (empty on a host's
+    /// in-process link).
+    pub(super) channel: Vec<u8>,
 }
 
 impl Login {
@@ -31,6 +34,7 @@ impl Login {
         Login {
             since: self.since,
             last_tx: now,
+            channel: self.channel,
         }
     }
 
@@ -78,11 +82,12 @@ pub(super) enum Due {
 }
 
 impl Link {
-    /// A connection is open at `now`; expect the challenge.
-    pub(super) fn up(now: u64) -> Link {
+    /// A connection is open at `now`, its TLS session exporting `channel`; expect the challenge.
+    pub(super) fn up(now: u64, channel: Vec<u8>) -> Link {
         Link::ExpectChallenge(Login {
             since: now,
             last_tx: now,
+            channel,
         })
     }
 

@@ -156,9 +156,16 @@ impl Member {
         self.peers.online_count()
     }
 
-    /// A connection to the relay is open; expect its challenge.
+    /// An in-process connection to the relay is open (a host's own link: no TLS); expect its
+    /// challenge.
     pub fn link_up(&mut self, now: Now) {
-        self.link = Link::up(now.mono);
+        self.link_up_bound(now, Vec::new());
+    }
+
+    /// A TLS connection to the relay is up; `channel` is its exporter value, which the login
+    /// signs (PROTOCOL.md "Connecting"). Expect the relay's challenge.
+    pub fn link_up_bound(&mut self, now: Now, channel: Vec<u8>) {
+        self.link = Link::up(now.mono, channel);
     }
 
     /// The connection to the relay is gone.
@@ -278,7 +285,7 @@ impl Member {
     }
 
     fn challenged(&mut self, login: Login, nonce: &[u8; 32], now: Now) {
-        let t = login_transcript(nonce, &self.user);
+        let t = login_transcript(nonce, &self.user, &login.channel);
         match self.identity.sign(self.sending.rng(), &t) {
             Ok(signature) => {
                 self.link = Link::ExpectWelcome(login.login_sent(now.mono));

@@ -209,6 +209,10 @@ pub struct StatusView {
     pub version: String,
     /// State directory.
     pub state_dir: String,
+    /// The relay key a member checks: the one the relay showed, else the pin it must match (nil
+    /// before the first connection, and on a relay or host).
+    #[serde(default)]
+    pub relay_fingerprint: Option<String>,
 }
 
 /// What a failed request means, so `chatctl` can pick its exit code.

@@ -138,8 +138,9 @@ pub enum Out {
 }
 
 enum State {
-    /// Challenge sent; the only acceptable frame is `Login`.
-    ExpectLogin { nonce: [u8; 32] },
+    /// Challenge sent; the only acceptable frame is `Login`. `channel` is the TLS exporter value
+    /// of the connection the login must be signed for (empty on a host's in-process link).
+    ExpectLogin { nonce: [u8; 32], channel: Vec<u8> },
     /// Logged in as `user`.
     Established { user: String },
     /// An error was sent; everything else is ignored until the daemon closes it.
@@ -436,7 +437,10 @@ impl Relay {
         self.conns.insert(
             id,
             Conn {
-                state: State::ExpectLogin { nonce },
+                state: State::ExpectLogin {
+                    nonce,
+                    channel: Vec::new(),
+                },
                 since: now,
                 last_seen: now,
                 subs: HashSet::new(),
@@ -453,6 +457,19 @@ impl Relay {
                 version: crate::VERSION.to_string(),
             },
         ));
+    }
+
+    /// The connection's TLS handshake completed: a login on it must sign `channel`, the
+    /// exporter value the daemon took from the TLS session (PROTOCOL.md "Connecting"). The daemon
+    /// hands over no frame of a connection before this.
+    pub fn bind_channel(&mut self, id: ConnId, channel: Vec<u8>) {
+        if let Some(Conn {
+            state: State::ExpectLogin { channel: c, .. },
+            ..
+        }) = self.conns.get_mut(&id)
+        {
+            *c = channel;
+        }
     }
 
     /// A connection went away (closed by the peer, cut off, or closed after `Out::Close`).
@@ -528,15 +545,17 @@ impl Relay {
         conn.last_seen = now;
         match &conn.state {
             State::Closing => {}
-            State::ExpectLogin { nonce } => {
-                let nonce = *nonce;
+            State::ExpectLogin { nonce, channel } => {
+                let (nonce, channel) = (*nonce, channel.clone());
                 match msg {
                     ToRelay::Login {
                         user,
                         key,
                         signature,
                     } => {
-                        if let Err(e) = self.login(id, nonce, user, &key, &signature, now, store) {
+                        if let Err(e) =
+                            self.login(id, (nonce, &channel), user, &key, &signature, now, store)
+                        {
                             self.fail(id, e);
                         }
                     }
@@ -790,11 +809,11 @@ impl Relay {
         }
     }
 
-    #[allow(clippy::too_many_arguments)] // reason: the Login frame's three fields, its connection, nonce, clock and store
+    #[allow(clippy::too_many_arguments)] // reason: the Login frame's three fields, its connection, challenge and channel, clock and store
     fn login(
         &mut self,
         id: ConnId,
-        nonce: [u8; 32],
+        (nonce, channel): ([u8; 32], &[u8]),
         user: String,
         key: &[u8],
         signature: &[u8],
@@ -807,7 +826,7 @@ impl Relay {
             ));
         }
         let key = PublicKey::from_der(key).map_err(|e| RelayError::BadLogin(e.to_string()))?;
-        key.verify(&login_transcript(&nonce, &user), signature)
+        key.verify(&login_transcript(&nonce, &user, channel), signature)
             .map_err(|_| RelayError::BadLogin("signature does not match the key".into()))?;
         match self.bindings.get(&user) {
             Some(bound) if *bound != key => {

@@ -75,7 +75,10 @@ impl T {
         let nonce = self.connect(id);
         let me = identity(key);
         let signature = me
-            .sign(&mut rand::thread_rng(), &login_transcript(&nonce, user))
+            .sign(
+                &mut rand::thread_rng(),
+                &login_transcript(&nonce, user, &[]),
+            )
             .unwrap();
         self.handle(
             id,
@@ -195,7 +198,10 @@ fn challenge_then_login_then_welcome() {
     assert_ne!(nonce, other, "every connection gets its own challenge");
     let me = identity(ALICE);
     let signature = me
-        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, "alice"))
+        .sign(
+            &mut rand::thread_rng(),
+            &login_transcript(&nonce, "alice", &[]),
+        )
         .unwrap();
     let out = t.handle(
         1,
@@ -293,7 +299,10 @@ fn bad_login_signature_is_refused_and_binds_nothing() {
     let mut wrong = nonce;
     wrong[0] ^= 1;
     let signature = me
-        .sign(&mut rand::thread_rng(), &login_transcript(&wrong, "alice"))
+        .sign(
+            &mut rand::thread_rng(),
+            &login_transcript(&wrong, "alice", &[]),
+        )
         .unwrap();
     let out = t.handle(
         1,
@@ -315,7 +324,10 @@ fn login_signed_for_another_name_is_refused() {
     let nonce = t.connect(1);
     let me = identity(ALICE);
     let signature = me
-        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, "bob"))
+        .sign(
+            &mut rand::thread_rng(),
+            &login_transcript(&nonce, "bob", &[]),
+        )
         .unwrap();
     let out = t.handle(
         1,
@@ -959,7 +971,10 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
         };
         let me = identity(key);
         let signature = me
-            .sign(&mut rand::thread_rng(), &login_transcript(&nonce, user))
+            .sign(
+                &mut rand::thread_rng(),
+                &login_transcript(&nonce, user, &[]),
+            )
             .unwrap();
         let login = ToRelay::Login {
             user: user.into(),
@@ -1223,7 +1238,10 @@ fn presence_is_coalesced_per_turn_and_a_sender_is_announced_before_its_message()
     };
     let me = identity(BOB);
     let signature = me
-        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, "bob"))
+        .sign(
+            &mut rand::thread_rng(),
+            &login_transcript(&nonce, "bob", &[]),
+        )
         .unwrap();
     t.relay.handle(
         ConnId(3),

@@ -1103,3 +1103,140 @@ pub fn reconnect_delays(log: &str) -> Vec<f64> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS to and from a relay: the one client and server every test that speaks the relay protocol
+// over a socket uses (PROTOCOL.md "Connecting").
+
+/// The label and length of the login's TLS exporter value (PROTOCOL.md "Connecting").
+pub const LOGIN_EXPORTER_LABEL: &[u8] = b"EXPORTER-chatd-login-v1";
+/// See [`LOGIN_EXPORTER_LABEL`].
+pub const LOGIN_EXPORTER_LEN: usize = 32;
+
+fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A test client's verifier: takes any relay chain, but still checks the handshake signature
+/// with the key it shows.
+#[derive(Debug)]
+struct AnyRelayKey(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for AnyRelayKey {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        msg: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(msg, cert, dss, &self.0)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// A client TLS session for a relay, before any byte moved: for tests that drive the handshake
+/// themselves (slow or partial ones).
+pub fn tls_client_session() -> rustls::ClientConnection {
+    let p = tls_provider();
+    let algs = p.signature_verification_algorithms;
+    let cfg = rustls::ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyRelayKey(algs)))
+        .with_no_client_auth();
+    let name =
+        rustls::pki_types::ServerName::try_from(chatd::daemon::tls::RELAY_NAME).expect("a name");
+    rustls::ClientConnection::new(Arc::new(cfg), name).expect("a client session")
+}
+
+/// A blocking TLS 1.3 connection to a relay, as a member's daemon makes it; bytes written and
+/// read are the relay protocol's frames.
+pub struct TlsClient {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl TlsClient {
+    /// Connect to `addr` and complete the handshake (within [`DEADLINE`]).
+    pub fn connect(addr: &str) -> std::io::Result<TlsClient> {
+        TlsClient::over(TcpStream::connect(addr)?)
+    }
+
+    /// Complete a handshake over an open TCP connection.
+    pub fn over(mut tcp: TcpStream) -> std::io::Result<TlsClient> {
+        tcp.set_read_timeout(Some(DEADLINE))?;
+        tcp.set_write_timeout(Some(DEADLINE))?;
+        let mut conn = tls_client_session();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)?;
+        }
+        Ok(TlsClient {
+            s: rustls::StreamOwned::new(conn, tcp),
+        })
+    }
+
+    /// The session's login exporter value, which a `Login` signs.
+    pub fn exporter(&self) -> Vec<u8> {
+        self.s
+            .conn
+            .export_keying_material(vec![0u8; LOGIN_EXPORTER_LEN], LOGIN_EXPORTER_LABEL, None)
+            .expect("an exporter value after the handshake")
+    }
+
+    /// The TCP socket under the session (timeouts, shutdown).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.s.sock
+    }
+}
+
+impl Read for TlsClient {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.read(buf)
+    }
+}
+
+impl Write for TlsClient {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// The server side of a fake relay: TLS 1.3 over `id`'s key, with the real relay's server
+/// config. Completes the handshake on `tcp` (within [`DEADLINE`]).
+pub fn tls_accept(
+    mut tcp: TcpStream,
+    id: &chatd::crypto::Identity,
+) -> std::io::Result<rustls::StreamOwned<rustls::ServerConnection, TcpStream>> {
+    let cfg = chatd::daemon::tls::server_config(id).map_err(std::io::Error::other)?;
+    tcp.set_read_timeout(Some(DEADLINE))?;
+    tcp.set_write_timeout(Some(DEADLINE))?;
+    let mut conn =
+        rustls::ServerConnection::new(cfg).map_err(|e| std::io::Error::other(e.to_string()))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
