@@ -5,7 +5,9 @@
 //! 3 chatd not reachable, 4 `--wait` timed out, 5 recipient key changed. Must never: read a key
 //! file, or print diagnostics on stdout.
 
+mod chat;
 pub mod format;
+mod tui;
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, IsTerminal, Write};
@@ -80,6 +82,23 @@ pub enum Command {
         /// Only records to or from USER (and USER's presence)
         #[arg(long, value_name = "USER")]
         with: Option<String>,
+    },
+    /// Converse: full-screen on a terminal; with stdin or stdout not a terminal, line mode (stdin
+    /// lines sent to USER, USER's messages printed); with --json, one two-way JSON-lines stream
+    /// (requests with an "id" in, replies and every new record out). Keys and commands of the
+    /// full-screen chat: chatctl chat --help, or /help inside it
+    #[command(after_long_help = tui::HELP)]
+    Chat {
+        /// The peer (line mode: required; full screen: the first conversation; --json: only
+        /// records to or from USER)
+        #[arg(value_name = "USER")]
+        user: Option<String>,
+        /// History records to show first [default: 100 on the full screen, else 0: only new ones]
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<u64>,
+        /// Start after this seq (line mode and --json: print the records after SEQ first)
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
     },
     /// List peers: name, online, trust (trusted|pinned|changed), fingerprint
     Who,
@@ -160,6 +179,12 @@ struct Out {
 struct PipeClosed;
 
 impl Out {
+    fn stdout() -> Out {
+        Out {
+            stdout: io::stdout(),
+        }
+    }
+
     fn line(&mut self, s: &str) -> Result<(), PipeClosed> {
         let mut lock = self.stdout.lock();
         writeln!(lock, "{s}")
@@ -236,6 +261,27 @@ fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
                 (None, None) => Some(10),
             };
             tail(&path, as_json, &mut out, last, since, with, follow)
+        }
+        Command::Chat { user, lines, since } => {
+            let terminal = io::stdin().is_terminal() && io::stdout().is_terminal();
+            if as_json {
+                chat::json_mode(&path, &mut out, user, lines, since)
+            } else if terminal {
+                tui::run(&path, user, lines.unwrap_or(100), since)
+            } else {
+                match user {
+                    None => Err(fail(
+                        exit::USAGE,
+                        "chat without a terminal is line mode and needs a peer: chatctl chat USER \
+                         (or chatctl --json chat for the JSON stream)",
+                    )
+                    .into()),
+                    Some(u) => {
+                        check_name(&u)?;
+                        chat::line_mode(&path, &mut out, u, lines, since)
+                    }
+                }
+            }
         }
         Command::Who => who(&path, as_json, &mut out),
         Command::Status => simple(&path, as_json, &mut out, CtlRequest::Status),
@@ -320,6 +366,60 @@ fn split_send(
     Ok((users, text))
 }
 
+/// A user name chatctl will ask about, checked before anything is sent.
+fn check_name(u: &str) -> Result<(), Failure> {
+    if crate::proto::valid_user(u) {
+        Ok(())
+    } else {
+        Err(fail(
+            exit::FAILED,
+            format!(
+                "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit; nothing was sent"
+            ),
+        ))
+    }
+}
+
+/// The `Send` request for one text, after the checks chatctl makes before anything is sent
+/// (shared by `send`, `chat` and the JSON stream, so they refuse the same things alike).
+fn send_request(
+    users: Vec<String>,
+    all: bool,
+    text: String,
+    wait: Wait,
+    timeout_ms: u64,
+) -> Result<CtlRequest, Failure> {
+    if users.len() > crate::proto::MAX_RECIPIENTS {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "{} recipients; one send takes at most {}; nothing was sent",
+                users.len(),
+                crate::proto::MAX_RECIPIENTS
+            ),
+        ));
+    }
+    for u in &users {
+        check_name(u)?;
+    }
+    if text.len() > MAX_TEXT {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "message text is {} bytes; the limit is {MAX_TEXT} bytes; nothing was sent",
+                text.len()
+            ),
+        ));
+    }
+    Ok(CtlRequest::Send {
+        to: users,
+        all,
+        text,
+        wait,
+        timeout_ms,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn send(
     path: &std::path::Path,
@@ -331,56 +431,16 @@ fn send(
     wait: WaitArg,
     timeout: u64,
 ) -> Result<(), Step> {
-    if users.len() > crate::proto::MAX_RECIPIENTS {
-        return Err(fail(
-            exit::FAILED,
-            format!(
-                "{} recipients; one send takes at most {}; nothing was sent",
-                users.len(),
-                crate::proto::MAX_RECIPIENTS
-            ),
-        )
-        .into());
-    }
-    for u in &users {
-        if !crate::proto::valid_user(u) {
-            return Err(fail(
-                exit::FAILED,
-                format!(
-                    "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit; nothing was sent"
-                ),
-            )
-            .into());
-        }
-    }
+    // Refuse bad names and too many recipients before connecting.
+    send_request(users.clone(), all, String::new(), Wait::None, 0)?;
     let wait = match wait {
         WaitArg::None => Wait::None,
         WaitArg::Relay => Wait::Relay,
         WaitArg::Delivered => Wait::Delivered,
     };
-    let check = |t: &str| -> Result<(), Failure> {
-        if t.len() > MAX_TEXT {
-            Err(fail(
-                exit::FAILED,
-                format!(
-                    "message text is {} bytes; the limit is {MAX_TEXT} bytes; nothing was sent",
-                    t.len()
-                ),
-            ))
-        } else {
-            Ok(())
-        }
-    };
     let mut client = Client::connect(path)?;
     let one = |client: &mut Client, text: String, out: &mut Out| -> Result<(), Step> {
-        check(&text)?;
-        let req = CtlRequest::Send {
-            to: users.clone(),
-            all,
-            text,
-            wait,
-            timeout_ms: timeout.saturating_mul(1000),
-        };
+        let req = send_request(users.clone(), all, text, wait, timeout.saturating_mul(1000))?;
         let spinner = (wait != Wait::None && io::stderr().is_terminal()).then(|| {
             crate::progress::Spinner::start(match wait {
                 Wait::Relay => "waiting for the relay",
@@ -408,6 +468,10 @@ fn send(
             // no line ever comes.
             check_recipients(&mut client, &users)?;
             let stdin = io::stdin();
+            if stdin.is_terminal() {
+                // A person at a terminal would otherwise see a command that seems to hang.
+                let _ = writeln!(io::stderr(), "{}", waiting_line(&users, all));
+            }
             let mut buf = Vec::new();
             let mut lock = stdin.lock();
             loop {
@@ -418,25 +482,22 @@ fn send(
                 if n == 0 {
                     return Ok(());
                 }
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
-                    if buf.last() == Some(&b'\r') {
-                        buf.pop();
-                    }
+                if let Some(line) = chat::line_text(std::mem::take(&mut buf))? {
+                    one(&mut client, line, out)?;
                 }
-                if buf.is_empty() {
-                    continue;
-                }
-                let line = String::from_utf8(std::mem::take(&mut buf)).map_err(|_| {
-                    fail(
-                        exit::FAILED,
-                        "a line of stdin is not valid UTF-8; it and the lines after it were not sent",
-                    )
-                })?;
-                one(&mut client, line, out)?;
             }
         }
     }
+}
+
+/// What `send` without text says on a terminal before it reads stdin.
+fn waiting_line(users: &[String], all: bool) -> String {
+    let to = if all {
+        "everyone online".to_string()
+    } else {
+        users.join(", ")
+    };
+    format!("chatctl: type messages for {to}, one per line; Ctrl-D ends (Ctrl-C aborts)")
 }
 
 /// Ask `who` and hand each `Peers` frame to `each` as it comes, until `End`: the list is
