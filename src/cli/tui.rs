@@ -900,6 +900,10 @@ pub(crate) fn run(
             Event::Record(r) => chat.record(&r),
             Event::Lost(f) => break Err(f),
             Event::Answer(a) => {
+                if matches!(a, Answer::Done(_)) {
+                    // A trust changed what the status line shows.
+                    let _ = jobs.send(Job::Who { show: false });
+                }
                 if let Some(f) = chat.answer(a) {
                     break Err(f);
                 }
