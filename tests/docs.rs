@@ -938,3 +938,42 @@ fn readme_commands_match_ci_and_the_quickstart_does_not_collide() {
         );
     }
 }
+
+/// Every key and command the full-screen chat's help lists (`chatctl chat --help`, `/help`) is
+/// an `Ic` item of man/chatctl.1, so the page cannot fall behind the keys.
+#[test]
+fn chat_keys_and_commands_are_in_the_man_page() {
+    let cmd = chatd::cli::Args::command();
+    let chat = cmd
+        .find_subcommand("chat")
+        .expect("chatctl has a chat command");
+    let help = chat
+        .get_after_long_help()
+        .expect("chat --help lists its keys")
+        .to_string();
+    let page = read("man/chatctl.1");
+    let ic: BTreeSet<String> = macro_lines(&page)
+        .iter()
+        .flat_map(|w| {
+            w.windows(2)
+                .filter(|p| p[0] == "Ic")
+                .map(|p| p[1].to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut keys = Vec::new();
+    for line in help.lines().filter(|l| l.starts_with("  ")) {
+        let column = line.trim_start().split("  ").next().unwrap_or("");
+        if column.starts_with('/') {
+            keys.push(column.split(' ').next().unwrap_or("").to_string());
+        } else {
+            keys.extend(column.split(", ").map(str::to_string));
+        }
+    }
+    assert!(keys.len() > 20, "found the keys: {keys:?}");
+    let missing: Vec<&String> = keys.iter().filter(|k| !ic.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "man/chatctl.1 has no `.It Ic` for {missing:?} of chat's keys and commands"
+    );
+}

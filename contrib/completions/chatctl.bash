@@ -16,6 +16,9 @@ _chatctl() {
             ",$1")
                 cmd="chatctl"
                 ;;
+            chatctl,chat)
+                cmd="chatctl__subcmd__chat"
+                ;;
             chatctl,fingerprint)
                 cmd="chatctl__subcmd__fingerprint"
                 ;;
@@ -39,6 +42,9 @@ _chatctl() {
                 ;;
             chatctl,who)
                 cmd="chatctl__subcmd__who"
+                ;;
+            chatctl__subcmd__help,chat)
+                cmd="chatctl__subcmd__help__subcmd__chat"
                 ;;
             chatctl__subcmd__help,fingerprint)
                 cmd="chatctl__subcmd__help__subcmd__fingerprint"
@@ -71,12 +77,42 @@ _chatctl() {
 
     case "${cmd}" in
         chatctl)
-            opts="-h -V --socket --json --help --version send tail who status fingerprint trust forget help"
+            opts="-h -V --socket --json --help --version send tail chat who status fingerprint trust forget help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatctl__subcmd__chat)
+            opts="-n -h --lines --since --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --lines)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --since)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -125,8 +161,22 @@ _chatctl() {
             return 0
             ;;
         chatctl__subcmd__help)
-            opts="send tail who status fingerprint trust forget help"
+            opts="send tail chat who status fingerprint trust forget help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatctl__subcmd__help__subcmd__chat)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

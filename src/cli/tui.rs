@@ -41,23 +41,26 @@ use crate::proto::control::{
 /// Keys and commands, for `chatctl chat --help` and `/help` (man/chatctl.1 says the same;
 /// tests/docs.rs checks that every key and command here is in it).
 pub const HELP: &str = "\
-Full-screen chat (stdin and stdout a terminal, no --json):
-  Enter            send the input line (or run a /command)
-  Left, Right      move in the input line; Home or Ctrl-A, End or Ctrl-E: to its start or end
-  Backspace, Delete  delete before or under the cursor
-  Ctrl-W           delete the word before the cursor; Ctrl-U, Ctrl-K: to the start, to the end
-  Up, Down         earlier and later input lines (input history)
-  PageUp, PageDown scroll the conversation; End on an empty line: back to the newest
-  Ctrl-N, Ctrl-P   next and previous conversation; Alt-1..Alt-9: conversation 1 to 9
-  Ctrl-L           redraw the screen
-  Ctrl-C, Ctrl-D   quit (Ctrl-D on an empty input line)
+Full-screen chat (stdin and stdout a terminal, no --json). Keys:
+  Enter                      send the input line, or run the command it holds
+  Left, Right                move in the input line
+  Home, Ctrl-A, End, Ctrl-E  to the start or end of the input line
+  Backspace, Delete          delete the character before or under the cursor
+  Ctrl-W                     delete the word before the cursor
+  Ctrl-U, Ctrl-K             delete to the start, or to the end, of the input line
+  Up, Down                   earlier and later input lines (input history)
+  PageUp, PageDown           scroll the conversation (End on an empty line: the newest)
+  Ctrl-N, Ctrl-P             next and previous conversation
+  Alt-1..Alt-9               conversation 1 to 9
+  Ctrl-L                     redraw the screen
+  Ctrl-C, Ctrl-D             quit (Ctrl-D only on an empty input line)
 Commands:
-  /msg USER [TEXT]          open (or switch to) the conversation with USER, and send TEXT
-  /who                      contacts with online state and trust
-  /trust USER FINGERPRINT   accept USER's current key after checking it out of band
-  /help                     this help
-  /quit                     leave the chat
-Conversation 1 is chatd's own window: link up and down, presence and replies to /who.
+  /msg USER [TEXT]           open (or switch to) the conversation with USER, send TEXT
+  /who                       list the contacts with online state and trust
+  /trust USER FINGERPRINT    accept USER's current key after checking it out of band
+  /help                      list the keys and commands
+  /quit                      leave the chat
+Conversation 1 is chatd's own window: presence, link up and down, replies to /who.
 Own messages show their state: [queued], [relayed], [delivered], [failed: why].";
 
 /// A request the chat's worker thread sends to chatd.
