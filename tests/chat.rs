@@ -608,3 +608,160 @@ fn full_screen_chat_explains_a_changed_key_inline_and_trusts_it() {
     tmux.keys(&["C-d"]);
     assert_eq!(tmux.wait_chat_end(1), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plain tail reads like a chat (point 4); link records (point 5)
+
+fn plain_lines(d: &Daemon, args: &[&str]) -> Vec<String> {
+    let out = d.ctl(args);
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn plain_tail_shows_each_sent_message_with_its_state_and_follows_with_short_lines() {
+    let (_relay, alice, bob) = trio();
+    send(&alice, "bob", "lunch?");
+    send(&alice, "bob", "first line\nsecond line\r");
+    send(&bob, "alice", "yes");
+    let json = alice.history();
+    let receipts = json.iter().filter(|r| r["kind"] == "receipt").count();
+    assert!(receipts >= 4, "relayed and delivered for both: {json:#?}");
+
+    let lines = plain_lines(&alice, &["tail", "-n", "100"]);
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains(": relayed") || l.contains(": delivered ")),
+        "no separate receipt lines for messages in the history: {lines:#?}"
+    );
+    let lunch = lines
+        .iter()
+        .find(|l| l.contains("lunch?"))
+        .expect("lunch line");
+    assert!(
+        lunch.contains("alice -> bob: lunch?  [delivered] "),
+        "{lunch}"
+    );
+    let at = lines
+        .iter()
+        .position(|l| l.contains("first line"))
+        .expect("multi-line");
+    assert!(
+        !lines[at].contains("[delivered]"),
+        "the state follows the last line"
+    );
+    let cont = &lines[at + 1];
+    let indent = lines[at].find("first line").expect("text start");
+    assert_eq!(
+        &cont[..indent],
+        " ".repeat(indent),
+        "continuation indented under the text"
+    );
+    assert!(
+        cont[indent..].starts_with("second line\\r  [delivered] "),
+        "{cont}"
+    );
+    assert!(lines.iter().any(|l| l.contains("alice <- bob: yes")));
+    // The link record is one compact line naming who was online.
+    assert!(
+        lines.iter().any(|l| l.contains("* link up: ")),
+        "the login is shown: {lines:#?}"
+    );
+    // --json is unchanged: every receipt is still its own record.
+    assert_eq!(
+        alice
+            .ctl_json(&["tail", "-n", "100"])
+            .iter()
+            .filter(|r| r["kind"] == "receipt")
+            .count(),
+        receipts
+    );
+
+    // -f: a new message shows queued, then each state change is one short line.
+    let f = alice.converse(&["tail", "-f", "-n", "0"]);
+    let mut i = 0;
+    let first = wait_for(DEADLINE, "plain tail -f to print", || {
+        i += 1;
+        send(&alice, "bob", &format!("warm {i}"));
+        f.next_line(Duration::from_millis(500))
+    });
+    assert!(
+        first.contains("warm") && first.contains("[queued]"),
+        "{first}"
+    );
+    let id12 = first.rsplit(' ').next().expect("id").to_string();
+    let mut states = Vec::new();
+    let start = Instant::now();
+    while !states.iter().any(|l: &String| l.contains("delivered")) && start.elapsed() < DEADLINE {
+        if let Some(l) = f.next_line(Duration::from_millis(200)) {
+            if l.contains(&id12) {
+                states.push(l);
+            }
+        }
+    }
+    assert!(
+        states
+            .iter()
+            .any(|l| l.ends_with(&format!("-> bob: delivered {id12}"))),
+        "a short state line: {states:#?}"
+    );
+}
+
+#[test]
+fn link_records_say_when_the_relay_goes_and_comes_back() {
+    let mut relay = Daemon::relay();
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let bob = Daemon::member("bob", &addr);
+    alice.wait_peer_online("bob", true);
+    let links = |d: &Daemon| -> Vec<Value> {
+        d.history()
+            .into_iter()
+            .filter(|r| r["kind"] == "link")
+            .collect()
+    };
+    let first = links(&bob);
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0]["up"], true);
+    assert_eq!(first[0]["online"], serde_json::json!(["alice"]));
+    assert_eq!(first[0]["peers_online"], 1);
+
+    let mut f = alice.follow(&["-f", "-n", "0"]);
+    let mut seen = Vec::new();
+    let mut i = 0;
+    wait_for(DEADLINE, "tail -f to attach", || {
+        i += 1;
+        send(&alice, "bob", &format!("ping {i}"));
+        f.next(Duration::from_millis(500))
+    });
+    relay.stop();
+    let down = f.wait_record("link down", &mut seen, |r| r["kind"] == "link");
+    assert_eq!(down["up"], false, "{down}");
+    assert!(
+        down["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{down}"
+    );
+    relay.start_stopped();
+    let up = f.wait_record("link up", &mut seen, |r| {
+        r["kind"] == "link" && r["up"] == true
+    });
+    assert!(up["reason"].is_null());
+    // Reconnect attempts while the relay was away wrote nothing more.
+    let all = links(&alice);
+    assert_eq!(
+        all.iter().filter(|r| r["up"] == false).count(),
+        1,
+        "{all:#?}"
+    );
+    // --with leaves link records out.
+    assert!(alice
+        .ctl_json(&["tail", "-n", "1000", "--with", "bob"])
+        .iter()
+        .all(|r| r["kind"] != "link"));
+    let _ = f.is_running();
+}

@@ -625,6 +625,9 @@ fn tail(
     follow: bool,
 ) -> Result<(), Step> {
     let mut client = Client::connect(path)?;
+    if !as_json {
+        return tail_plain(&mut client, out, last, since, with, follow);
+    }
     client.send(&CtlRequest::Tail {
         last,
         since,
@@ -632,24 +635,86 @@ fn tail(
         follow,
     })?;
     loop {
-        let resp = match client.recv() {
-            Ok(r) => r,
-            Err(ClientError::Closed) if follow => {
-                return Err(fail(exit::UNREACHABLE, "chatd went away").into())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match resp {
-            CtlResponse::Record(r) => {
-                let line = if as_json {
-                    format::record_json(&r)
-                } else {
-                    format::record_plain(&r)
-                };
-                out.line(&line)?;
-            }
+        match next_record(&mut client, follow)? {
+            CtlResponse::Record(r) => out.line(&format::record_json(&r))?,
             CtlResponse::End => return Ok(()),
             other => return Err(error_of(other, as_json, out)),
+        }
+    }
+}
+
+fn next_record(client: &mut Client, follow: bool) -> Result<CtlResponse, Step> {
+    match client.recv() {
+        Ok(r) => Ok(r),
+        Err(ClientError::Closed) if follow => {
+            Err(fail(exit::UNREACHABLE, "chatd went away").into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Records of history that plain `tail` holds at most before it prints them: within a batch a
+/// sent message shows its latest state; a later receipt becomes a short line. Bounds memory
+/// whatever `--since` asks for.
+const PLAIN_BATCH: usize = 1024;
+
+/// Plain `tail`, read like a chat ([`format::ChatLines`]). The history is asked for without
+/// `follow` (so its end is known and each message can be printed with its latest state), then,
+/// with `-f`, a follower starts after the newest record that existed before the history was
+/// read or that it printed, so nothing is missed or printed twice.
+fn tail_plain(
+    client: &mut Client,
+    out: &mut Out,
+    last: Option<u64>,
+    since: Option<u64>,
+    with: Option<String>,
+    follow: bool,
+) -> Result<(), Step> {
+    let mut start = if follow { chat::end_seq(client)? } else { 0 };
+    client.send(&CtlRequest::Tail {
+        last,
+        since,
+        with: with.clone(),
+        follow: false,
+    })?;
+    let mut lines = format::ChatLines::default();
+    let mut batch = Vec::new();
+    loop {
+        match next_record(client, false)? {
+            CtlResponse::Record(r) => {
+                start = start.max(r.seq);
+                batch.push(r);
+                if batch.len() >= PLAIN_BATCH {
+                    for l in lines.history(&batch) {
+                        out.line(&l)?;
+                    }
+                    batch.clear();
+                }
+            }
+            CtlResponse::End => break,
+            other => return Err(error_of(other, false, out)),
+        }
+    }
+    for l in lines.history(&batch) {
+        out.line(&l)?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    client.send(&CtlRequest::Tail {
+        last: None,
+        since: Some(start.max(since.unwrap_or(0))),
+        with,
+        follow: true,
+    })?;
+    loop {
+        match next_record(client, true)? {
+            CtlResponse::Record(r) => {
+                for l in lines.live(&r) {
+                    out.line(&l)?;
+                }
+            }
+            other => return Err(error_of(other, false, out)),
         }
     }
 }

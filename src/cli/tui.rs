@@ -141,6 +141,8 @@ pub(crate) struct Chat {
     draft: Vec<char>,
     color: bool,
     quit: bool,
+    /// "online now" was said (once, at start).
+    said_online: bool,
 }
 
 /// What a key asks of the loop besides changing the state.
@@ -176,6 +178,7 @@ impl Chat {
             draft: Vec::new(),
             color,
             quit: false,
+            said_online: false,
         }
     }
 
@@ -249,6 +252,26 @@ impl Chat {
                     }
                 }
             }
+            RecordBody::Link {
+                up,
+                reason,
+                online,
+                peers_online,
+            } => {
+                if let Some(st) = &mut self.status {
+                    st.connected = *up;
+                    st.relay_error = reason.clone();
+                }
+                let item = Item::Info {
+                    time_ms: r.time_ms,
+                    text: format::link_text(*up, reason.as_deref(), online, *peers_online),
+                };
+                if self.current != 0 {
+                    let at = self.current;
+                    self.push(at, item.clone(), false);
+                }
+                self.push(0, item, false);
+            }
             RecordBody::Presence { user, online } => {
                 if let Some(p) = self.peers.get_mut(user) {
                     p.online = *online;
@@ -285,6 +308,23 @@ impl Chat {
                 for line in format::peers(&list, false).into_iter().filter(|_| show) {
                     self.info(at, line);
                 }
+                if !show && !self.said_online {
+                    self.said_online = true;
+                    // The first answer, at start: who is online now, said once (later changes
+                    // come as presence and link records).
+                    let mut online: Vec<&str> = list
+                        .iter()
+                        .filter(|p| p.online)
+                        .map(|p| p.user.as_str())
+                        .collect();
+                    online.sort_unstable();
+                    let text = if online.is_empty() {
+                        "online now: nobody else".to_string()
+                    } else {
+                        format!("online now: {}", online.join(", "))
+                    };
+                    self.info(0, text);
+                }
                 for p in list {
                     self.peers.insert(p.user.clone(), p);
                 }
@@ -296,21 +336,6 @@ impl Chat {
             Answer::Status(s) => {
                 if self.me.is_empty() {
                     self.me = s.user.clone().unwrap_or_default();
-                }
-                let was = self.status.as_ref().map(|s| s.connected);
-                if was.is_some() && was != Some(s.connected) {
-                    let text = if s.connected {
-                        "link up: connected to the relay".to_string()
-                    } else {
-                        format!(
-                            "link down{}",
-                            s.relay_error
-                                .as_deref()
-                                .map(|e| format!(": {e}"))
-                                .unwrap_or_default()
-                        )
-                    };
-                    self.info(0, text);
                 }
                 self.status = Some(s);
             }
