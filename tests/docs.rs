@@ -645,6 +645,15 @@ fn chatctl_page_shows_the_json_keys_format_rs_prints() {
                 reason: None,
             })),
         ),
+        (
+            "tail link",
+            format::record_json(&record(RecordBody::Link {
+                up: true,
+                reason: None,
+                online: vec!["bob".into()],
+                peers_online: 1,
+            })),
+        ),
         ("send", format::sent(&[sent], true).remove(0)),
         ("who", format::peers(&[peer(None)], true).remove(0)),
         (
