@@ -765,3 +765,134 @@ fn link_records_say_when_the_relay_goes_and_comes_back() {
         .all(|r| r["kind"] != "link"));
     let _ = f.is_running();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Completions know people (point 6)
+
+fn completion_file(name: &str) -> String {
+    format!("{}/contrib/completions/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A shell is installed, or (in CI, which installs it) the test fails.
+fn shell_available(shell: &str) -> bool {
+    let present = Command::new(shell)
+        .args(["-c", "exit 0"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+            panic!("{shell} is not installed, and CI is set: .ci/run installs it");
+        }
+        eprintln!(
+            "\n!!!!! SKIP: {shell} is not installed; its completions were NOT tested !!!!!\n"
+        );
+    }
+    present
+}
+
+/// Run `script` in `shell` with chatctl on PATH; its stdout lines (stderr must be empty).
+fn in_shell(shell: &str, args: &[&str], script: &str) -> Vec<String> {
+    let home = tempfile::tempdir().expect("tempdir");
+    let bin = Path::new(CHATCTL).parent().expect("bin dir");
+    let mut c = Command::new(shell);
+    c.args(args)
+        .arg(script)
+        .env("HOME", home.path())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env_remove("CHATD_SOCKET");
+    let out = run_bounded(c, None, CTL_DEADLINE);
+    assert!(out.status.success(), "{shell}: {}", describe(&out));
+    assert!(out.stderr.is_empty(), "{shell} said: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn completions_offer_user_names_from_the_running_daemon() {
+    let (relay, alice, _bob) = trio();
+    let _carol = Daemon::member("carol", &relay.addr());
+    alice.wait_peer_online("carol", true);
+    let sock = alice.socket();
+    let sock = sock.to_str().expect("UTF-8 socket path");
+    let gone = "/nonexistent/chatd.sock";
+    let people = ["bob", "carol"];
+
+    let bash = |words: &str, cword: usize| {
+        in_shell(
+            "bash",
+            &["--norc", "-c"],
+            &format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; _chatctl_people; \
+                 printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                completion_file("chatctl.bash")
+            ),
+        )
+    };
+    for (words, cword) in [
+        (format!("chatctl --socket {sock} send ''"), 4),
+        (format!("chatctl --socket {sock} chat ''"), 4),
+        (format!("chatctl --socket {sock} trust ''"), 4),
+        (format!("chatctl --socket {sock} fingerprint ''"), 4),
+        (format!("chatctl --socket {sock} tail --with ''"), 5),
+    ] {
+        assert_eq!(bash(&words, cword), people, "bash: {words}");
+    }
+    assert_eq!(
+        bash(&format!("chatctl --socket {sock} send c"), 4),
+        ["carol"]
+    );
+    // Not a user's place: the text after `--`, or the value of --wait.
+    let after = bash(&format!("chatctl --socket {sock} send bob -- ''"), 6);
+    assert!(!after.contains(&"carol".to_string()), "{after:?}");
+    // No chatd: quietly nothing.
+    assert_eq!(bash(&format!("chatctl --socket {gone} send ''"), 4), [""]);
+
+    if shell_available("zsh") {
+        let zsh = |words: &str| {
+            in_shell(
+                "zsh",
+                &["-fc"],
+                &format!(
+                    "autoload -U compinit; compinit -u -D; source {}; words=({words}); \
+                     _chatctl_user_names",
+                    completion_file("_chatctl")
+                ),
+            )
+        };
+        assert_eq!(zsh(&format!("chatctl --socket {sock} send ''")), people);
+        assert!(zsh(&format!("chatctl --socket {gone} send ''")).is_empty());
+        let script = fs::read_to_string(completion_file("_chatctl")).expect("_chatctl");
+        assert_eq!(script.matches(":_chatctl_users'").count(), 5);
+    }
+    if shell_available("fish") {
+        let fish = |line: &str| {
+            in_shell(
+                "fish",
+                &["--no-config", "-c"],
+                &format!(
+                    "source {}; complete -C '{line}'",
+                    completion_file("chatctl.fish")
+                ),
+            )
+        };
+        for line in [
+            format!("chatctl --socket {sock} send "),
+            format!("chatctl --socket {sock} chat "),
+            format!("chatctl --socket {sock} trust "),
+            format!("chatctl --socket {sock} fingerprint "),
+            format!("chatctl --socket {sock} tail --with "),
+        ] {
+            assert_eq!(fish(&line), people, "fish: {line}");
+        }
+        assert!(fish(&format!("chatctl --socket {gone} chat ")).is_empty());
+    }
+}

@@ -422,3 +422,48 @@ if [[ "${BASH_VERSINFO[0]}" -eq 4 && "${BASH_VERSINFO[1]}" -ge 4 || "${BASH_VERS
 else
     complete -F _chatctl -o bashdefault -o default chatctl
 fi
+
+# User names from the running chatd (written by tests/docs.rs, issue 11): for send, chat, trust,
+# fingerprint and tail --with; nothing when no chatd answers.
+_chatctl_users() {
+    local i sock=() t=()
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        if [[ ${COMP_WORDS[i]} == --socket ]]; then
+            sock=(--socket "${COMP_WORDS[i+1]}")
+        fi
+    done
+    command -v timeout >/dev/null 2>&1 && t=(timeout 2)
+    "${t[@]}" chatctl "${sock[@]}" who 2>/dev/null | while IFS=' ' read -r name _; do
+        printf '%s\n' "$name"
+    done
+}
+
+_chatctl_people() {
+    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} i sub= dashdash= people=
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+        --socket) ((i++)) ;;
+        -*) ;;
+        *) sub=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    for ((i++; i < COMP_CWORD; i++)); do
+        [[ ${COMP_WORDS[i]} == -- ]] && dashdash=1
+    done
+    if [[ $cur != -* ]]; then
+        case $sub:$prev in
+        tail:--with) people=1 ;;
+        send:--wait | send:--timeout | send:--socket) ;;
+        send:*) [[ -z $dashdash ]] && people=1 ;;
+        chat:chat | trust:trust | fingerprint:fingerprint) people=1 ;;
+        esac
+    fi
+    if [[ -n $people ]]; then
+        local IFS=$'\n'
+        COMPREPLY=($(compgen -W "$(_chatctl_users)" -- "$cur"))
+        return 0
+    fi
+    _chatctl "$@"
+}
+
+complete -F _chatctl_people -o bashdefault -o default chatctl

@@ -47,7 +47,7 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l json -d 'One JS
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s n -l lines -d 'How many of the last records to print [default: 10; all newer than SEQ with --since]' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l since -d 'Only records with a larger seq' -r
-complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r -f -a "(__fish_chatctl_users)"
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'
@@ -81,3 +81,36 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_see
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+
+# User names from the running chatd (written by tests/docs.rs, issue 11); nothing when no
+# chatd answers.
+function __fish_chatctl_users
+    set -l cmd (commandline -opc)
+    set -l sock
+    set -l i (contains -i -- --socket $cmd)
+    and set sock --socket $cmd[(math $i + 1)]
+    set -l t
+    command -q timeout
+    and set t timeout 2
+    $t chatctl $sock who 2>/dev/null | string replace -r ' .*' ''
+end
+# A user is wanted: any word of send before `--`; the first word after chat, trust, fingerprint.
+function __fish_chatctl_wants_user
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_chatctl_global_optspecs) -- $cmd 2>/dev/null
+    or return 1
+    set -q argv[1]
+    or return 1
+    set -l sub $argv[1]
+    set -e argv[1]
+    switch $sub
+        case send
+            not contains -- -- $argv
+        case chat trust fingerprint
+            test (count (string match -v -r -- '^-' $argv)) -eq 0
+        case '*'
+            return 1
+    end
+end
+complete -c chatctl -n "__fish_chatctl_wants_user" -f -a "(__fish_chatctl_users)"

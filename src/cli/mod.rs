@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum, ValueHint};
 
 use crate::client::{Client, ClientError};
 use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, PeerView, TrustState, Wait};
@@ -62,7 +62,7 @@ pub enum Command {
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         timeout: u64,
         /// Recipients (then the text, unless `--` separates them)
-        #[arg(value_name = "USER", num_args = 0..)]
+        #[arg(value_name = "USER", num_args = 0.., value_hint = ValueHint::Username)]
         words: Vec<OsString>,
         /// The text, after `--`
         #[arg(last = true, value_name = "TEXT")]
@@ -80,7 +80,7 @@ pub enum Command {
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
         /// Only records to or from USER (and USER's presence)
-        #[arg(long, value_name = "USER")]
+        #[arg(long, value_name = "USER", value_hint = ValueHint::Username)]
         with: Option<String>,
     },
     /// Converse: full-screen on a terminal; with stdin or stdout not a terminal, line mode (stdin
@@ -91,7 +91,7 @@ pub enum Command {
     Chat {
         /// The peer (line mode: required; full screen: the first conversation; --json: only
         /// records to or from USER)
-        #[arg(value_name = "USER")]
+        #[arg(value_name = "USER", value_hint = ValueHint::Username)]
         user: Option<String>,
         /// History records to show first [default: 100 on the full screen, else 0: only new ones]
         #[arg(short = 'n', long = "lines", value_name = "N")]
@@ -107,13 +107,13 @@ pub enum Command {
     /// Print own fingerprint, or USER's pinned one
     Fingerprint {
         /// The peer
-        #[arg(value_name = "USER")]
+        #[arg(value_name = "USER", value_hint = ValueHint::Username)]
         user: Option<String>,
     },
     /// Accept USER's current key after checking FINGERPRINT out of band
     Trust {
         /// The peer
-        #[arg(value_name = "USER")]
+        #[arg(value_name = "USER", value_hint = ValueHint::Username)]
         user: String,
         /// SHA256:... as `chatctl fingerprint` prints it on USER's machine
         #[arg(value_name = "FINGERPRINT")]
