@@ -476,6 +476,8 @@ fn full_screen_chat_types_receives_marks_delivery_resizes_and_quits() {
         s.contains("<alice> from the history") && s.contains("[bob] connected")
     });
     assert!(s.contains("2:alice (online, pinned)"), "{s}");
+    // The conversation's own history and the first records overlap: each is shown once.
+    assert_eq!(s.matches("from the history").count(), 1, "{s}");
     assert_eq!(rows(&s).len(), 24);
     assert!(
         has_colour(&tmux.screen_escapes()),

@@ -78,6 +78,10 @@ enum Job {
         fingerprint: String,
     },
     Status,
+    /// The last records with this peer, for its conversation's scrollback.
+    History {
+        peer: String,
+    },
 }
 
 /// What a request got back.
@@ -91,6 +95,8 @@ pub(crate) enum Answer {
     Done(String),
     /// Daemon status.
     Status(StatusView),
+    /// A peer's own history (oldest first).
+    History(String, Vec<Record>),
     /// A request failed (not a send).
     Failed(String),
     /// The request connection broke.
@@ -102,6 +108,7 @@ pub(crate) enum Answer {
 enum Item {
     /// A message; `state` is `Some` for our own.
     Msg {
+        id: [u8; 16],
         time_ms: u64,
         from: String,
         text: String,
@@ -119,15 +126,25 @@ struct Conv {
     unread: usize,
     /// Rows scrolled up from the newest.
     scroll: usize,
+    /// The oldest record shown here, so history asked for later goes before it.
+    oldest_seq: Option<u64>,
+    /// This peer's own history was asked for (once, when the conversation is first shown).
+    loaded: bool,
 }
+
+/// Items a conversation keeps; older ones are dropped (the history still has them).
+const SCROLLBACK: usize = 5000;
+
+/// Records of a peer's own history shown when its conversation is first opened.
+const PEER_HISTORY: u64 = 100;
 
 /// The whole chat: conversations, the input line, what the status line shows.
 pub(crate) struct Chat {
     me: String,
     convs: Vec<Conv>,
     current: usize,
-    /// Message id to (conversation, item), for a receipt to update its message in place.
-    by_id: HashMap<[u8; 16], (usize, usize)>,
+    /// Message id to the conversation holding it, for a receipt to update it in place.
+    by_id: HashMap<[u8; 16], usize>,
     peers: HashMap<String, PeerView>,
     status: Option<StatusView>,
     /// Records up to this seq are history: they never count as unread.
@@ -194,9 +211,12 @@ impl Chat {
         self.convs.len() - 1
     }
 
-    fn push(&mut self, at: usize, item: Item, live: bool) -> usize {
+    fn push(&mut self, at: usize, item: Item, live: bool) {
         let c = &mut self.convs[at];
         c.items.push(item);
+        if c.items.len() > SCROLLBACK {
+            c.items.drain(..c.items.len() - SCROLLBACK);
+        }
         if at != self.current && live {
             c.unread += 1;
         }
@@ -204,7 +224,54 @@ impl Chat {
             // Keep the rows the reader is looking at where they are.
             c.scroll += 1;
         }
-        c.items.len() - 1
+    }
+
+    /// The peer whose conversation is shown but whose own history was not asked for yet.
+    fn history_wanted(&mut self) -> Option<String> {
+        let c = &mut self.convs[self.current];
+        if c.peer.is_empty() || c.loaded {
+            return None;
+        }
+        c.loaded = true;
+        Some(c.peer.clone())
+    }
+
+    /// A peer's own history: what is older than the conversation shows goes before it.
+    fn history(&mut self, peer: &str, records: Vec<Record>) {
+        let at = self.conv(peer);
+        let before = self.convs[at].oldest_seq;
+        let older: Vec<Record> = records
+            .into_iter()
+            .filter(|r| before.map_or(true, |b| r.seq < b))
+            .collect();
+        let Some(first) = older.first().map(|r| r.seq) else {
+            return;
+        };
+        // Build the older part on its own, then put the newer items after it.
+        let newer = std::mem::take(&mut self.convs[at].items);
+        let (unread, scroll) = (self.convs[at].unread, self.convs[at].scroll);
+        let history_until = std::mem::replace(&mut self.history_until, u64::MAX);
+        for r in &older {
+            match &r.body {
+                RecordBody::Message { .. } | RecordBody::Receipt { .. } => self.record(r),
+                // Old presence belongs in this conversation only, and says nothing of now.
+                RecordBody::Presence { user, online } => {
+                    let text = format!("{user} {}", if *online { "joined" } else { "left" });
+                    let item = Item::Info {
+                        time_ms: r.time_ms,
+                        text,
+                    };
+                    self.push(at, item, false);
+                }
+                RecordBody::Link { .. } => {}
+            }
+        }
+        self.history_until = history_until;
+        let c = &mut self.convs[at];
+        c.items.extend(newer);
+        c.unread = unread;
+        c.scroll = scroll;
+        c.oldest_seq = Some(first);
     }
 
     fn info(&mut self, at: usize, text: impl Into<String>) {
@@ -228,10 +295,13 @@ impl Chat {
             } => {
                 let peer = if *dir == Dir::In { from } else { to };
                 let at = self.conv(peer);
+                let c = &mut self.convs[at];
+                c.oldest_seq = Some(c.oldest_seq.map_or(r.seq, |o| o.min(r.seq)));
                 let state = (*dir == Dir::Out).then_some((MsgState::Queued, None));
-                let i = self.push(
+                self.push(
                     at,
                     Item::Msg {
+                        id: *id,
                         time_ms: r.time_ms,
                         from: from.clone(),
                         text: text.clone(),
@@ -239,16 +309,30 @@ impl Chat {
                     },
                     live && *dir == Dir::In,
                 );
-                self.by_id.insert(*id, (at, i));
+                self.by_id.insert(*id, at);
             }
             RecordBody::Receipt {
                 id, state, reason, ..
             } => {
-                if let Some(&(c, i)) = self.by_id.get(id) {
-                    if let Some(Item::Msg { state: Some(s), .. }) = self.convs[c].items.get_mut(i) {
-                        if *state >= s.0 {
-                            *s = (*state, reason.clone());
-                        }
+                // Receipts follow their message closely: look from the newest item back.
+                let Some(&c) = self.by_id.get(id) else {
+                    return;
+                };
+                let item = self.convs[c]
+                    .items
+                    .iter_mut()
+                    .rev()
+                    .find_map(|it| match it {
+                        Item::Msg {
+                            id: i,
+                            state: Some(s),
+                            ..
+                        } if i == id => Some(s),
+                        _ => None,
+                    });
+                if let Some(s) = item {
+                    if *state >= s.0 {
+                        *s = (*state, reason.clone());
                     }
                 }
             }
@@ -282,6 +366,8 @@ impl Chat {
                     text: text.clone(),
                 };
                 if let Some(at) = self.convs.iter().position(|c| &c.peer == user) {
+                    let c = &mut self.convs[at];
+                    c.oldest_seq = Some(c.oldest_seq.map_or(r.seq, |o| o.min(r.seq)));
                     self.push(at, item.clone(), false);
                 }
                 self.push(0, item, false);
@@ -339,6 +425,7 @@ impl Chat {
                 }
                 self.status = Some(s);
             }
+            Answer::History(peer, records) => self.history(&peer, records),
             Answer::Failed(m) => {
                 let at = self.current;
                 self.info(at, format!("failed: {m}"));
@@ -539,6 +626,7 @@ impl Chat {
                 from,
                 text,
                 state,
+                ..
             } => {
                 let mine = state.is_some();
                 let tail = state.as_ref().map(|(s, why)| match (s, why) {
@@ -823,6 +911,7 @@ fn worker(path: &Path, tx: Sender<Event>) -> Result<Sender<Job>, Step> {
                         Err(e) => Some(Answer::Lost(e.into())),
                     }
                 }
+                Job::History { peer } => Some(peer_history(&mut client, peer)),
                 Job::Status => match client.request(&CtlRequest::Status) {
                     Ok(CtlResponse::Status(s)) => Some(Answer::Status(s)),
                     Ok(_) => None,
@@ -838,6 +927,29 @@ fn worker(path: &Path, tx: Sender<Event>) -> Result<Sender<Job>, Step> {
         }
     });
     Ok(jobs)
+}
+
+/// The last [`PEER_HISTORY`] records with `peer`.
+fn peer_history(client: &mut Client, peer: String) -> Answer {
+    let req = CtlRequest::Tail {
+        last: Some(PEER_HISTORY),
+        since: None,
+        with: Some(peer.clone()),
+        follow: false,
+    };
+    if let Err(e) = client.send(&req) {
+        return Answer::Lost(e.into());
+    }
+    let mut records = Vec::new();
+    loop {
+        match client.recv() {
+            Ok(CtlResponse::Record(r)) => records.push(r),
+            Ok(CtlResponse::End) => return Answer::History(peer, records),
+            Ok(CtlResponse::Error { message, .. }) => return Answer::Failed(message),
+            Ok(_) => return Answer::Failed("unexpected reply from chatd to a tail".into()),
+            Err(e) => return Answer::Lost(e.into()),
+        }
+    }
 }
 
 /// How often the status line asks chatd whether the link is up.
@@ -963,6 +1075,9 @@ pub(crate) fn run(
             Event::Term(_) => {}
             _ => {}
         }
+        if let Some(peer) = chat.history_wanted() {
+            let _ = jobs.send(Job::History { peer });
+        }
         if chat.quit {
             break Ok(());
         }
@@ -1053,6 +1168,49 @@ mod tests {
     }
 
     #[test]
+    fn a_peers_own_history_goes_before_what_is_shown_once() {
+        let mut chat = Chat::new("alice".into(), false);
+        chat.history_until = 60;
+        chat.record(&msg(50, 5, "bob", "alice", Dir::In, "shown already"));
+        let at = chat.conv("bob");
+        chat.switch(at);
+        assert_eq!(chat.history_wanted().as_deref(), Some("bob"));
+        assert_eq!(chat.history_wanted(), None, "asked once");
+        chat.history(
+            "bob",
+            vec![
+                msg(10, 1, "alice", "bob", Dir::Out, "older"),
+                Record {
+                    seq: 11,
+                    time_ms: 0,
+                    body: RecordBody::Receipt {
+                        id: [1; 16],
+                        to: "bob".into(),
+                        state: MsgState::Delivered,
+                        reason: None,
+                    },
+                },
+                msg(50, 5, "bob", "alice", Dir::In, "shown already"),
+            ],
+        );
+        let texts: Vec<String> = chat.convs[at]
+            .items
+            .iter()
+            .map(|i| {
+                chat.rows(i, 80)[0]
+                    .spans
+                    .iter()
+                    .map(|s| s.content.as_ref())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert!(texts[0].ends_with("<alice> older [delivered]"), "{texts:?}");
+        assert!(texts[1].ends_with("<bob> shown already"), "{texts:?}");
+        assert_eq!(chat.convs[at].unread, 0);
+    }
+
+    #[test]
     fn unread_counts_only_live_messages_elsewhere() {
         let mut chat = Chat::new("alice".into(), false);
         chat.history_until = 1;
@@ -1072,6 +1230,7 @@ mod tests {
     fn text_is_escaped_and_multi_line_is_indented() {
         let chat = Chat::new("alice".into(), false);
         let item = Item::Msg {
+            id: [0; 16],
             time_ms: 0,
             from: "bob".into(),
             text: "one\x1b[2J\ntwo\r".into(),
