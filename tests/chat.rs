@@ -385,12 +385,12 @@ impl Tmux {
         self.dir.path().join(name)
     }
 
-    /// Run chatctl's full-screen chat in the pane (env `env`, e.g. `NO_COLOR=1`), recording the
+    /// Run `chatctl ARGS` (the full-screen chat, say) in the pane (env `env`, e.g. `NO_COLOR=1`), recording the
     /// terminal mode before and after in `before.N`/`after.N` and the exit status in `rc.N`.
     fn run_chat(&self, n: u32, env: &str, socket: &Path, args: &str) {
         let d = self.dir.path().display();
         let line = format!(
-            "stty -g > {d}/before.{n}; {env} {CHATCTL} --socket {} chat {args}; echo $? > {d}/rc.{n}.tmp; \
+            "stty -g > {d}/before.{n}; {env} {CHATCTL} --socket {} {args}; echo $? > {d}/rc.{n}.tmp; \
              stty -g > {d}/after.{n}; mv {d}/rc.{n}.tmp {d}/rc.{n}; clear",
             socket.display()
         );
@@ -471,7 +471,7 @@ fn full_screen_chat_types_receives_marks_delivery_resizes_and_quits() {
     let (_relay, alice, bob) = trio();
     send(&alice, "bob", "from the history");
     let tmux = Tmux::start();
-    tmux.run_chat(1, "", &bob.socket(), "alice");
+    tmux.run_chat(1, "", &bob.socket(), "chat alice");
     let s = tmux.wait_screen("the history and the status line", |s| {
         s.contains("<alice> from the history") && s.contains("[bob] connected")
     });
@@ -542,13 +542,13 @@ fn full_screen_chat_gives_the_terminal_back_on_ctrl_c_sigterm_and_chatd_going_aw
     let (_relay, alice, mut bob) = trio();
     let tmux = Tmux::start();
 
-    tmux.run_chat(1, "NO_COLOR=1", &bob.socket(), "alice");
+    tmux.run_chat(1, "NO_COLOR=1", &bob.socket(), "chat alice");
     tmux.wait_screen("the chat", |s| s.contains("[bob] connected"));
     assert!(!has_colour(&tmux.screen_escapes()), "NO_COLOR: no colours");
     tmux.keys(&["C-c"]);
     assert_eq!(tmux.wait_chat_end(1), 0);
 
-    tmux.run_chat(2, "", &bob.socket(), "alice");
+    tmux.run_chat(2, "", &bob.socket(), "chat alice");
     tmux.wait_screen("the chat", |s| s.contains("[bob] connected"));
     let pid = tmux.chat_pid();
     // SAFETY: signalling the chatctl this test started in its pane.
@@ -557,7 +557,7 @@ fn full_screen_chat_gives_the_terminal_back_on_ctrl_c_sigterm_and_chatd_going_aw
     }
     assert_eq!(tmux.wait_chat_end(2), 0);
 
-    tmux.run_chat(3, "", &bob.socket(), "alice");
+    tmux.run_chat(3, "", &bob.socket(), "chat alice");
     tmux.wait_screen("the chat", |s| s.contains("[bob] connected"));
     send(&alice, "bob", "last words");
     tmux.wait_screen("the message", |s| s.contains("last words"));
@@ -586,7 +586,7 @@ fn full_screen_chat_explains_a_changed_key_inline_and_trusts_it() {
     });
 
     let tmux = Tmux::start();
-    tmux.run_chat(1, "", &alice.socket(), "");
+    tmux.run_chat(1, "", &alice.socket(), "chat ");
     tmux.wait_screen("the chat", |s| s.contains("[alice] connected"));
     tmux.type_text("/msg carol are you really carol?");
     tmux.keys(&["Enter"]);
@@ -897,4 +897,34 @@ fn completions_offer_user_names_from_the_running_daemon() {
         }
         assert!(fish(&format!("chatctl --socket {gone} chat ")).is_empty());
     }
+}
+
+#[test]
+fn send_on_a_terminal_says_what_it_waits_for_and_in_a_pipe_says_nothing() {
+    let (_relay, alice, bob) = trio();
+    let out = alice.ctl_stdin(&["send", "bob"], b"from a pipe\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        out.stderr.is_empty(),
+        "nothing on stderr in a pipe: {}",
+        describe(&out)
+    );
+    bob.wait_message("from a pipe");
+    if !tmux_available() {
+        return;
+    }
+    let tmux = Tmux::start();
+    tmux.run_chat(1, "", &alice.socket(), "send bob");
+    let s = tmux.wait_screen("the waiting line", |s| s.contains("type messages for bob"));
+    assert_eq!(
+        s.matches("chatctl: type messages for bob, one per line; Ctrl-D ends")
+            .count(),
+        1,
+        "{s}"
+    );
+    tmux.type_text("from a terminal");
+    tmux.keys(&["Enter"]);
+    bob.wait_message("from a terminal");
+    tmux.keys(&["C-d"]);
+    assert_eq!(tmux.wait_chat_end(1), 0);
 }

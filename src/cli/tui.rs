@@ -126,8 +126,9 @@ struct Conv {
     unread: usize,
     /// Rows scrolled up from the newest.
     scroll: usize,
-    /// The oldest record shown here, so history asked for later goes before it.
-    oldest_seq: Option<u64>,
+    /// The seqs of the records shown here: the peer's own history and the first records of
+    /// the stream overlap, and whichever comes first, each record is shown once.
+    seqs: std::collections::HashSet<u64>,
     /// This peer's own history was asked for (once, when the conversation is first shown).
     loaded: bool,
 }
@@ -239,14 +240,15 @@ impl Chat {
     /// A peer's own history: what is older than the conversation shows goes before it.
     fn history(&mut self, peer: &str, records: Vec<Record>) {
         let at = self.conv(peer);
-        let before = self.convs[at].oldest_seq;
+        // Whatever of it is not shown yet is older than everything shown: the stream began
+        // with the newest records, the peer's own history ends with its newest.
         let older: Vec<Record> = records
             .into_iter()
-            .filter(|r| before.map_or(true, |b| r.seq < b))
+            .filter(|r| !self.convs[at].seqs.contains(&r.seq))
             .collect();
-        let Some(first) = older.first().map(|r| r.seq) else {
+        if older.is_empty() {
             return;
-        };
+        }
         // Build the older part on its own, then put the newer items after it.
         let newer = std::mem::take(&mut self.convs[at].items);
         let (unread, scroll) = (self.convs[at].unread, self.convs[at].scroll);
@@ -261,6 +263,7 @@ impl Chat {
                         time_ms: r.time_ms,
                         text,
                     };
+                    self.convs[at].seqs.insert(r.seq);
                     self.push(at, item, false);
                 }
                 RecordBody::Link { .. } => {}
@@ -271,7 +274,6 @@ impl Chat {
         c.items.extend(newer);
         c.unread = unread;
         c.scroll = scroll;
-        c.oldest_seq = Some(first);
     }
 
     fn info(&mut self, at: usize, text: impl Into<String>) {
@@ -295,8 +297,9 @@ impl Chat {
             } => {
                 let peer = if *dir == Dir::In { from } else { to };
                 let at = self.conv(peer);
-                let c = &mut self.convs[at];
-                c.oldest_seq = Some(c.oldest_seq.map_or(r.seq, |o| o.min(r.seq)));
+                if !self.convs[at].seqs.insert(r.seq) {
+                    return;
+                }
                 let state = (*dir == Dir::Out).then_some((MsgState::Queued, None));
                 self.push(
                     at,
@@ -366,9 +369,9 @@ impl Chat {
                     text: text.clone(),
                 };
                 if let Some(at) = self.convs.iter().position(|c| &c.peer == user) {
-                    let c = &mut self.convs[at];
-                    c.oldest_seq = Some(c.oldest_seq.map_or(r.seq, |o| o.min(r.seq)));
-                    self.push(at, item.clone(), false);
+                    if self.convs[at].seqs.insert(r.seq) {
+                        self.push(at, item.clone(), false);
+                    }
                 }
                 self.push(0, item, false);
             }
@@ -1208,6 +1211,21 @@ mod tests {
         assert!(texts[0].ends_with("<alice> older [delivered]"), "{texts:?}");
         assert!(texts[1].ends_with("<bob> shown already"), "{texts:?}");
         assert_eq!(chat.convs[at].unread, 0);
+
+        // The other order: the peer's history first, then the stream's first records.
+        let mut chat = Chat::new("alice".into(), false);
+        chat.history_until = 60;
+        chat.history(
+            "bob",
+            vec![
+                msg(10, 1, "alice", "bob", Dir::Out, "older"),
+                msg(50, 5, "bob", "alice", Dir::In, "shown already"),
+            ],
+        );
+        chat.record(&msg(50, 5, "bob", "alice", Dir::In, "shown already"));
+        chat.record(&msg(61, 6, "bob", "alice", Dir::In, "new"));
+        let at = chat.conv("bob");
+        assert_eq!(chat.convs[at].items.len(), 3, "{:?}", chat.convs[at].items);
     }
 
     #[test]
