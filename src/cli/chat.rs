@@ -11,7 +11,7 @@
 //! Must never: read a key file, print diagnostics on stdout, or let message text reach the
 //! terminal unescaped in plain output.
 
-use std::io::{self, BufRead};
+use std::io::{self, BufRead, Read};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
@@ -30,8 +30,10 @@ pub(crate) enum Event {
     Record(Record),
     /// The `tail -f` connection ended: why, as chatctl's failure.
     Lost(Failure),
-    /// One line of stdin (without its newline).
+    /// One line of stdin (with its newline, if it had one).
     Line(Vec<u8>),
+    /// A line of stdin longer than [`LINE_MAX`]; it was skipped.
+    TooLong,
     /// Stdin ended.
     Eof,
     /// Stdin could not be read.
@@ -99,24 +101,58 @@ pub(crate) fn follow(
     Ok(())
 }
 
+/// The longest stdin line a chat reads (a frame's worth: the longest text, JSON-escaped, fits);
+/// a longer one is skipped, so no input can make chatctl hold unbounded memory.
+pub(crate) const LINE_MAX: usize = crate::proto::frame::MAX_FRAME;
+
 /// Read stdin line by line in a thread, each line to `tx`, then `Eof`.
 pub(crate) fn read_stdin(tx: Sender<Event>) {
     thread::spawn(move || {
         let stdin = io::stdin();
         let mut lock = stdin.lock();
         loop {
-            let mut buf = Vec::new();
-            let ev = match lock.read_until(b'\n', &mut buf) {
-                Ok(0) => Event::Eof,
-                Ok(_) => Event::Line(buf),
+            let ev = match read_line(&mut lock) {
+                Ok(None) => Event::Eof,
+                Ok(Some(Some(buf))) => Event::Line(buf),
+                Ok(Some(None)) => Event::TooLong,
                 Err(e) => Event::StdinError(format!("cannot read stdin: {e}")),
             };
-            let end = !matches!(ev, Event::Line(_));
+            let end = !matches!(ev, Event::Line(_) | Event::TooLong);
             if tx.send(ev).is_err() || end {
                 return;
             }
         }
     });
+}
+
+/// One line of at most [`LINE_MAX`] bytes: `None` at the end of input, `Some(None)` for a
+/// longer line (read to its end and dropped).
+fn read_line(r: &mut impl BufRead) -> io::Result<Option<Option<Vec<u8>>>> {
+    let mut buf = Vec::new();
+    let n = r
+        .by_ref()
+        .take(LINE_MAX as u64 + 1)
+        .read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() <= LINE_MAX || (buf.last() == Some(&b'\n') && buf.len() == LINE_MAX + 1) {
+        return Ok(Some(Some(buf)));
+    }
+    // Skip the rest of the line without keeping it.
+    loop {
+        let (done, used) = {
+            let chunk = r.fill_buf()?;
+            match chunk.iter().position(|b| *b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (chunk.is_empty(), chunk.len()),
+            }
+        };
+        r.consume(used);
+        if done {
+            return Ok(Some(None));
+        }
+    }
 }
 
 /// A line of stdin as text: its newline (and a CR before it) cut; `None` for an empty line.
@@ -181,6 +217,16 @@ pub(crate) fn line_mode(
                     CtlResponse::Sent(_) => {}
                     other => return Err(error_of(other, false, out)),
                 }
+            }
+            Event::TooLong => {
+                return Err(fail(
+                    exit::FAILED,
+                    format!(
+                        "a line of stdin is longer than {LINE_MAX} bytes; it and the lines after \
+                         it were not sent"
+                    ),
+                )
+                .into())
             }
             Event::Eof => return Ok(()),
             Event::StdinError(e) => return Err(fail(exit::FAILED, e).into()),
@@ -438,6 +484,19 @@ pub(crate) fn json_mode(
                     return Err(fail(exit::FAILED, "the request worker stopped").into());
                 }
             }
+            Event::TooLong => {
+                pending += 1;
+                let op = Err(format!("a request line is longer than {LINE_MAX} bytes"));
+                if jobs
+                    .send(Job {
+                        id: Value::Null,
+                        op,
+                    })
+                    .is_err()
+                {
+                    return Err(fail(exit::FAILED, "the request worker stopped").into());
+                }
+            }
             Event::Eof => eof = true,
             Event::StdinError(e) => return Err(fail(exit::FAILED, e).into()),
             Event::Lost(f) => return Err(f.into()),
@@ -517,6 +576,29 @@ mod tests {
             (Some("x"), Some(true))
         );
         assert_eq!(r["message"], "done");
+    }
+
+    #[test]
+    fn stdin_lines_are_capped() {
+        let mut long = vec![b'x'; LINE_MAX + 10];
+        long.extend_from_slice(b"\nnext\n");
+        let mut r = io::Cursor::new(long);
+        assert!(
+            matches!(read_line(&mut r), Ok(Some(None))),
+            "the long line is dropped"
+        );
+        assert_eq!(
+            read_line(&mut r).ok().flatten().flatten().as_deref(),
+            Some(&b"next\n"[..])
+        );
+        assert!(matches!(read_line(&mut r), Ok(None)));
+        let mut exact = vec![b'y'; LINE_MAX];
+        exact.push(b'\n');
+        let mut r = io::Cursor::new(exact);
+        assert_eq!(
+            read_line(&mut r).ok().flatten().flatten().map(|b| b.len()),
+            Some(LINE_MAX + 1)
+        );
     }
 
     #[test]
