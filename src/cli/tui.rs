@@ -60,7 +60,7 @@ Commands:
   /trust USER FINGERPRINT    accept USER's current key after checking it out of band
   /help                      list the keys and commands
   /quit                      leave the chat
-Conversation 1 is chatd's own window: presence, link up and down, replies to /who.
+Conversation 1 is chatd's own window: presence, key changes, link up and down, /who.
 Own messages show their state: [queued], [relayed], [delivered], [failed: why].";
 
 /// A request the chat's worker thread sends to chatd.
@@ -381,6 +381,11 @@ impl Chat {
     fn answer(&mut self, a: Answer) -> Option<Failure> {
         match a {
             Answer::SendFailed(peer, why, key_changed) => {
+                if key_changed {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.trust = TrustState::Changed;
+                    }
+                }
                 let at = self.conv(&peer);
                 let text = if key_changed {
                     format!("NOT SENT (as chatctl send's exit 5): {why}")
@@ -415,6 +420,7 @@ impl Chat {
                     self.info(0, text);
                 }
                 for p in list {
+                    self.key_news(&p);
                     self.peers.insert(p.user.clone(), p);
                 }
             }
@@ -436,6 +442,36 @@ impl Chat {
             Answer::Lost(f) => return Some(f),
         }
         None
+    }
+
+    /// Say inline when a peer's key changed, or was trusted after a change, since chat last
+    /// asked (`who` is asked again every [`WHO_EVERY`] status polls).
+    fn key_news(&mut self, p: &PeerView) {
+        let Some(was) = self
+            .peers
+            .get(&p.user)
+            .map(|o| o.trust == TrustState::Changed)
+        else {
+            return;
+        };
+        let text = match (was, p.trust == TrustState::Changed) {
+            (false, true) => format!(
+                "KEY CHANGED: {} was pinned to {}, the relay now presents {}; messages are \
+                 refused until you check it with {} and run /trust {} {}",
+                p.user,
+                p.fingerprint,
+                p.presented.as_deref().unwrap_or("?"),
+                p.user,
+                p.user,
+                p.presented.as_deref().unwrap_or("FINGERPRINT")
+            ),
+            (true, false) => format!("{}'s key is {} now", p.user, p.trust.as_str()),
+            _ => return,
+        };
+        if let Some(at) = self.convs.iter().position(|c| c.peer == p.user) {
+            self.info(at, text.clone());
+        }
+        self.info(0, text);
     }
 
     fn switch(&mut self, to: usize) {
@@ -955,6 +991,9 @@ fn peer_history(client: &mut Client, peer: String) -> Answer {
     }
 }
 
+/// Every this many status polls, `who` again: online state and trust (a key change shows inline).
+const WHO_EVERY: u32 = 5;
+
 /// How often the status line asks chatd whether the link is up.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
@@ -1027,6 +1066,7 @@ pub(crate) fn run(
             }
         });
     }
+    let mut polls: u32 = 0;
     let outcome = loop {
         if let Err(e) = terminal.draw(|f| chat.draw(f)) {
             break Err(fail(exit::FAILED, format!("cannot draw: {e}")));
@@ -1035,6 +1075,10 @@ pub(crate) fn run(
             Ok(ev) => ev,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = jobs.send(Job::Status);
+                polls += 1;
+                if polls % WHO_EVERY == 0 {
+                    let _ = jobs.send(Job::Who { show: false });
+                }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
@@ -1273,6 +1317,34 @@ mod tests {
         let rows = chat.rows(&long, 40);
         assert!(rows.len() >= 3);
         assert!(rows.iter().all(|l| l.width() <= 40));
+    }
+
+    #[test]
+    fn a_key_change_is_said_inline_once() {
+        let mut chat = Chat::new("alice".into(), false);
+        let view = |trust: TrustState| PeerView {
+            user: "bob".into(),
+            online: true,
+            trust: trust.clone(),
+            fingerprint: "SHA256:old".into(),
+            presented: (trust == TrustState::Changed).then(|| "SHA256:new".into()),
+        };
+        let at = chat.conv("bob");
+        chat.answer(Answer::Who(vec![view(TrustState::Pinned)], false));
+        let before = chat.convs[at].items.len();
+        chat.answer(Answer::Who(vec![view(TrustState::Changed)], false));
+        chat.answer(Answer::Who(vec![view(TrustState::Changed)], false));
+        let said: Vec<&Item> = chat.convs[at].items[before..].iter().collect();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            matches!(said[0], Item::Info { text, .. } if text.contains("KEY CHANGED")
+                && text.contains("SHA256:old") && text.contains("/trust bob SHA256:new")),
+            "{said:?}"
+        );
+        chat.switch(at);
+        assert!(chat.status_line().contains("KEY CHANGED"), "{}", chat.status_line());
+        chat.answer(Answer::Who(vec![view(TrustState::Trusted)], false));
+        assert_eq!(chat.convs[at].items.len(), before + 2);
     }
 
     #[test]
