@@ -1342,7 +1342,11 @@ mod tests {
             "{said:?}"
         );
         chat.switch(at);
-        assert!(chat.status_line().contains("KEY CHANGED"), "{}", chat.status_line());
+        assert!(
+            chat.status_line().contains("KEY CHANGED"),
+            "{}",
+            chat.status_line()
+        );
         chat.answer(Answer::Who(vec![view(TrustState::Trusted)], false));
         assert_eq!(chat.convs[at].items.len(), before + 2);
     }
