@@ -1053,6 +1053,14 @@ pub(crate) fn run(
     let mut terminal = ratatui::try_init()
         .map_err(|e| fail(exit::FAILED, format!("cannot set up the terminal: {e}")))?;
     let restore = Restore;
+    // ratatui's hook gives the terminal back and prints the panic; a panic in any of the chat's
+    // threads then ends chatctl (exit 101, as for a panic in main), since the screen is no
+    // longer raw and the chat cannot go on without that thread.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        hook(info);
+        std::process::exit(101);
+    }));
     {
         let tx = tx.clone();
         thread::spawn(move || loop {
