@@ -468,7 +468,9 @@ fn full_screen_chat_types_receives_marks_delivery_resizes_and_quits() {
     if !tmux_available() {
         return;
     }
-    let (_relay, alice, bob) = trio();
+    let (relay, alice, bob) = trio();
+    let carol = Daemon::member("carol", &relay.addr());
+    bob.wait_peer_online("carol", true);
     send(&alice, "bob", "from the history");
     let tmux = Tmux::start();
     tmux.run_chat(1, "", &bob.socket(), "chat alice");
@@ -509,6 +511,24 @@ fn full_screen_chat_types_receives_marks_delivery_resizes_and_quits() {
     tmux.type_text("ne");
     tmux.keys(&["Enter"]);
     alice.wait_message("half a line");
+
+    // Another peer writes: an unread count on the status line; Ctrl-N shows that conversation
+    // (and clears it), Ctrl-P goes back.
+    send(&carol, "bob", "psst");
+    tmux.wait_screen("carol's unread count", |s| s.contains("unread 3:carol(1)"));
+    assert!(
+        !tmux.screen().contains("psst"),
+        "not in alice's conversation"
+    );
+    tmux.keys(&["C-n"]);
+    let s = tmux.wait_screen("carol's conversation", |s| s.contains("<carol> psst"));
+    assert!(
+        s.contains("3:carol (online, pinned)") && !s.contains("unread"),
+        "{s}"
+    );
+    assert_eq!(input_row(&s), "[carol]");
+    tmux.keys(&["C-p"]);
+    tmux.wait_screen("alice's conversation again", |s| input_row(s) == "[alice]");
 
     // Resize: everything is redrawn for the new size.
     let out = tmux.cmd(&["resize-window", "-t", "chat", "-x", "50", "-y", "15"]);
