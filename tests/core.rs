@@ -1733,6 +1733,59 @@ fn who_lists_twenty_thousand_names_on_a_relay_and_a_member() {
     assert_error_line(&out, 1, "stdin send to an unknown name");
 }
 
+/// Issue 8: on a relay of 20,000 names a login gets no directory; a member looks up the key of
+/// a user it writes to (and the recipient the key of its new sender), pins it on first sight,
+/// and from then on hears only its contacts' joins and leaves; `who` lists the contacts, and
+/// `who --all` pages through all 20,000 names.
+#[test]
+fn a_large_relay_gives_keys_on_demand_and_pages_its_directory() {
+    const N: usize = 20_000;
+    let mut relay = Daemon::relay();
+    relay.stop();
+    preseed(&relay, N, true);
+    relay.start_stopped();
+    let alice = Daemon::member("alice", &relay.addr());
+    let mut bob = Daemon::member("bob", &relay.addr());
+    assert!(
+        alice.who().is_empty(),
+        "no directory at login on a large relay"
+    );
+    let out = alice.ctl(&["send", "bob", "first", "contact"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    bob.wait_message("first contact");
+    let contacts = alice.who();
+    assert_eq!(contacts.len(), 1, "{contacts:?}");
+    assert_eq!(contacts[0]["user"], "bob");
+    assert_eq!(contacts[0]["trust"], "pinned");
+    assert_eq!(contacts[0]["online"], true);
+    assert_eq!(bob.who().len(), 1, "bob pinned his new sender");
+    assert!(alice.log().contains("pinned bob"), "{}", alice.log());
+
+    let all = alice.ctl_json(&["who", "--all"]);
+    assert_eq!(all.len(), N + 1, "every name but alice's own, bob included");
+    assert!(all
+        .iter()
+        .any(|p| p["user"] == "bob" && p["trust"] == "pinned"));
+    assert_eq!(all.iter().filter(|p| p["trust"] == "bound").count(), N);
+    let some = alice.ctl_json(&["who", "--all", "--prefix", "p1999"]);
+    assert_eq!(some.len(), 10, "{some:?}");
+    assert_eq!(alice.who().len(), 1, "listing pins nothing");
+
+    // Carol's join reaches nobody (nobody follows her); bob's leave reaches alice.
+    let carol = Daemon::member("carol", &relay.addr());
+    bob.stop();
+    alice.wait_peer_online("bob", false);
+    let heard: Vec<Value> = alice
+        .tail(&[])
+        .into_iter()
+        .filter(|r| r["kind"] == "presence")
+        .collect();
+    assert!(heard.iter().all(|r| r["user"] == "bob"), "{heard:?}");
+    let out = alice.ctl(&["send", "zed", "to nobody"]);
+    assert_error_line(&out, 1, "send to a name the relay does not have");
+    drop(carol);
+}
+
 /// The other side of the uplink's backpressure (issue 10 point 1): a relay that reads is never
 /// dropped, however much waits for it. Alice's outbox, filled while the relay was down, is four
 /// times her 64 KiB write buffer; after the relay comes back she delivers all of it.

@@ -51,6 +51,10 @@ const FROM_CHALLENGE: &str = "81a94368616c6c656e676582a56e6f6e6365c4200000000000
 const TO_LOGIN: &str =
     "81a54c6f67696e83a475736572a5616c696365a36b6579c404aaaaaaaaa97369676e6174757265c404bbbbbbbb";
 const FROM_WELCOME: &str = "81a757656c636f6d6582a475736572a5616c696365a570656572739183a475736572a3626f62a36b6579c404aaaaaaaaa66f6e6c696e65c3";
+const TO_LOOKUP: &str = "81a64c6f6f6b757092a3626f62a37a6564";
+const TO_LIST: &str = "81a44c69737482a56166746572a5616c696365a6707265666978a0";
+const FROM_KEYS: &str = "81a44b65797382a570656572739183a475736572a3626f62a36b6579c404aaaaaaaaa66f6e6c696e65c3a7756e6b6e6f776e91a37a6564";
+const FROM_LISTING: &str = "81a74c697374696e6782a570656572739183a475736572a3626f62a36b6579c404aaaaaaaaa66f6e6c696e65c3a46d6f7265c3";
 const FROM_PRESENCE: &str =
     "81a850726573656e636583a475736572a56361726f6ca36b6579c404cccccccca66f6e6c696e65c2";
 const ROUTED_MESSAGE: &str = "81a74d65737361676588a26964c41002020202020202020202020202020202a466726f6da161a2746fa162a774696d655f6d7301a773657373696f6ec41003030303030303030303030303030303a7636f756e74657200aa6b65795f7061636b6574c0aa63697068657274657874c40109";
@@ -69,6 +73,7 @@ const FROM_ERROR: &str =
 const CTL_SEND: &str = "81a453656e6485a2746f91a3626f62a3616c6cc2a474657874a26869a477616974a552656c6179aa74696d656f75745f6d73cd7530";
 const CTL_TAIL: &str = "81a45461696c84a46c6173740aa573696e6365c0a477697468a3626f62a6666f6c6c6f77c3";
 const CTL_WHO: &str = "a357686f";
+const CTL_DIRECTORY: &str = "81a94469726563746f727981a6707265666978a162";
 const CTL_STATUS: &str = "a6537461747573";
 const CTL_FINGERPRINT: &str = "81ab46696e6765727072696e7481a475736572c0";
 const CTL_TRUST: &str = "81a5547275737482a475736572a56361726f6cab66696e6765727072696e74d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655";
@@ -99,6 +104,10 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("FromRelay::Pong", FROM_PONG),
     ("FromRelay::Challenge", FROM_CHALLENGE),
     ("ToRelay::Login", TO_LOGIN),
+    ("ToRelay::Lookup", TO_LOOKUP),
+    ("ToRelay::List", TO_LIST),
+    ("FromRelay::Keys", FROM_KEYS),
+    ("FromRelay::Listing", FROM_LISTING),
     ("FromRelay::Welcome", FROM_WELCOME),
     ("FromRelay::Presence", FROM_PRESENCE),
     ("Routed::Message", ROUTED_MESSAGE),
@@ -111,6 +120,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("CtlRequest::Send", CTL_SEND),
     ("CtlRequest::Tail", CTL_TAIL),
     ("CtlRequest::Who", CTL_WHO),
+    ("CtlRequest::Directory", CTL_DIRECTORY),
     ("CtlRequest::Status", CTL_STATUS),
     ("CtlRequest::Fingerprint", CTL_FINGERPRINT),
     ("CtlRequest::Trust", CTL_TRUST),
@@ -389,6 +399,41 @@ fn relay_welcome_with_one_peer() {
     check(&w, FROM_WELCOME);
 }
 
+fn bob_online() -> Peer {
+    Peer {
+        user: "bob".into(),
+        key: vec![0xaa; 4],
+        online: true,
+    }
+}
+
+#[test]
+fn relay_lookup_and_keys() {
+    check(
+        &ToRelay::Lookup(vec!["bob".into(), "zed".into()]),
+        TO_LOOKUP,
+    );
+    let keys = FromRelay::Keys {
+        peers: vec![bob_online()],
+        unknown: vec!["zed".into()],
+    };
+    check(&keys, FROM_KEYS);
+}
+
+#[test]
+fn relay_list_and_listing() {
+    let list = ToRelay::List {
+        after: "alice".into(),
+        prefix: "".into(),
+    };
+    check(&list, TO_LIST);
+    let listing = FromRelay::Listing {
+        peers: vec![bob_online()],
+        more: true,
+    };
+    check(&listing, FROM_LISTING);
+}
+
 #[test]
 fn relay_presence() {
     let p = FromRelay::Presence(Peer {
@@ -483,6 +528,12 @@ fn control_tail() {
 #[test]
 fn control_other_requests() {
     check(&CtlRequest::Who, CTL_WHO);
+    check(
+        &CtlRequest::Directory {
+            prefix: Some("b".into()),
+        },
+        CTL_DIRECTORY,
+    );
     check(&CtlRequest::Status, CTL_STATUS);
     check(&CtlRequest::Fingerprint { user: None }, CTL_FINGERPRINT);
     let trust = CtlRequest::Trust {

@@ -23,7 +23,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-c -h -V --config --user --connect --listen --state-dir --socket --key-bits --max-connections --max-queue --max-names-per-key --new-names-per-minute --handshake-timeout --idle-timeout --max-write-buffer --max-fanout --max-control-clients --help --version"
+            opts="-c -h -V --config --user --connect --listen --state-dir --socket --key-bits --max-connections --max-queue --max-names-per-key --new-names-per-minute --directory-push-max --max-subscriptions --handshake-timeout --idle-timeout --max-write-buffer --max-fanout --max-control-clients --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -74,6 +74,14 @@ _chatd() {
                     return 0
                     ;;
                 --new-names-per-minute)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --directory-push-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-subscriptions)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -11,6 +11,8 @@ complete -c chatd -l max-connections -d 'Relay: most simultaneous member connect
 complete -c chatd -l max-queue -d 'Relay: most items queued per user before new ones are refused' -r
 complete -c chatd -l max-names-per-key -d 'Relay: most names one key may register' -r
 complete -c chatd -l new-names-per-minute -d 'Relay: most new names registered per minute, by everyone together' -r
+complete -c chatd -l directory-push-max -d 'Relay: up to this many names, every login gets the whole directory and every join and leave goes to everyone' -r
+complete -c chatd -l max-subscriptions -d 'Relay: most names one connection may follow for joins and leaves' -r
 complete -c chatd -l handshake-timeout -d 'Relay: seconds a new connection has to log in' -r
 complete -c chatd -l idle-timeout -d 'Relay: seconds of silence before a connection is closed' -r
 complete -c chatd -l max-write-buffer -d 'Bytes queued for one connection before it is cut off as a slow reader' -r

@@ -185,7 +185,7 @@ pub(crate) fn line_mode(
     since: Option<u64>,
 ) -> Result<(), Step> {
     let mut client = Client::connect(path)?;
-    check_recipients(&mut client, std::slice::from_ref(&user))?;
+    check_recipients(path, &mut client, std::slice::from_ref(&user))?;
     let since = match (last, since) {
         (None, None) => Some(end_seq(&mut client)?),
         (_, s) => s,
@@ -383,7 +383,7 @@ fn answer(client: &mut Client, id: &Value, op: Op) -> String {
         }
         Op::Who => {
             let mut peers = Vec::new();
-            return match who_stream(client, |chunk| {
+            return match who_stream(client, &CtlRequest::Who, |chunk| {
                 peers.extend(values(format::peers(&chunk, true)));
                 Ok(())
             }) {

@@ -100,8 +100,17 @@ pub enum Command {
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
     },
-    /// List peers: name, online, trust (trusted|pinned|changed), fingerprint
-    Who,
+    /// List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with
+    /// --all, every name on the relay (a page at a time); on a relay, its registrations
+    Who {
+        /// Every name on the relay, not only your contacts (names you have not pinned show
+        /// trust `bound`)
+        #[arg(long)]
+        all: bool,
+        /// With --all: only names that start with P
+        #[arg(long, value_name = "P", requires = "all")]
+        prefix: Option<String>,
+    },
     /// Show own name and fingerprint, roles, relay, connection, outbox, uptime, version
     Status,
     /// Print own fingerprint, or USER's pinned one
@@ -283,7 +292,14 @@ fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Who => who(&path, as_json, &mut out),
+        Command::Who { all, prefix } => {
+            let req = if all {
+                CtlRequest::Directory { prefix }
+            } else {
+                CtlRequest::Who
+            };
+            who(&path, &req, as_json, &mut out)
+        }
         Command::Status => simple(&path, as_json, &mut out, CtlRequest::Status),
         Command::Fingerprint { user } => {
             simple(&path, as_json, &mut out, CtlRequest::Fingerprint { user })
@@ -466,7 +482,7 @@ fn send(
         None => {
             // Check the recipients before waiting on stdin, so a typo fails at once even when
             // no line ever comes.
-            check_recipients(&mut client, &users)?;
+            check_recipients(path, &mut client, &users)?;
             let stdin = io::stdin();
             if stdin.is_terminal() {
                 // A person at a terminal would otherwise see a command that seems to hang.
@@ -504,11 +520,12 @@ fn waiting_line(users: &[String], all: bool) -> String {
 /// streamed in chunks, so it can be longer than any one frame.
 fn who_stream(
     client: &mut Client,
+    req: &CtlRequest,
     mut each: impl FnMut(Vec<PeerView>) -> Result<(), Step>,
 ) -> Result<(), Step> {
     // `request` reads the first answer even if the send failed: a daemon at its client limit
     // answers (saying so) and closes before it reads.
-    let mut next = client.request(&CtlRequest::Who)?;
+    let mut next = client.request(req)?;
     loop {
         let resp = std::mem::replace(&mut next, CtlResponse::End);
         match resp {
@@ -530,9 +547,9 @@ fn who_stream(
 }
 
 /// `who`: one line per peer, printed as the chunks arrive.
-fn who(path: &std::path::Path, as_json: bool, out: &mut Out) -> Result<(), Step> {
+fn who(path: &std::path::Path, req: &CtlRequest, as_json: bool, out: &mut Out) -> Result<(), Step> {
     let mut client = Client::connect(path)?;
-    who_stream(&mut client, |list| {
+    who_stream(&mut client, req, |list| {
         for l in format::peers(&list, as_json) {
             out.line(&l)?;
         }
@@ -541,22 +558,20 @@ fn who(path: &std::path::Path, as_json: bool, out: &mut Out) -> Result<(), Step>
 }
 
 /// Fail as `send` would for an unknown recipient or one whose key changed.
-fn check_recipients(client: &mut Client, users: &[String]) -> Result<(), Step> {
+fn check_recipients(
+    path: &std::path::Path,
+    client: &mut Client,
+    users: &[String],
+) -> Result<(), Step> {
     let mut peers = Vec::new();
-    who_stream(client, |chunk| {
-        // Keep only the entries asked about: the directory may be far longer than `users`.
+    who_stream(client, &CtlRequest::Who, |chunk| {
+        // Keep only the entries asked about: the contacts may be far more than `users`.
         peers.extend(chunk.into_iter().filter(|p| users.contains(&p.user)));
         Ok(())
     })?;
     for u in users {
         match peers.iter().find(|p| &p.user == u) {
-            None => {
-                return Err(fail(
-                    exit::FAILED,
-                    format!("unknown user {u}: the relay has no such name; nothing was sent"),
-                )
-                .into())
-            }
+            None => relay_knows(path, u)?,
             Some(p) if p.trust == TrustState::Changed => {
                 let new = p.presented.as_deref().unwrap_or("?");
                 return Err(fail(
@@ -573,6 +588,34 @@ fn check_recipients(client: &mut Client, users: &[String]) -> Result<(), Step> {
         }
     }
     Ok(())
+}
+
+/// Ask the relay, through the daemon, whether `user` (not a contact yet) is bound: the first
+/// entry of a listing with `user` as its prefix is `user` itself if it is. On a connection of
+/// its own, dropped after the first page.
+fn relay_knows(path: &std::path::Path, user: &str) -> Result<(), Step> {
+    let mut client = Client::connect(path)?;
+    let req = CtlRequest::Directory {
+        prefix: Some(user.to_string()),
+    };
+    match client.request(&req)? {
+        CtlResponse::Peers(p) if p.first().is_some_and(|p| p.user == user) => Ok(()),
+        CtlResponse::Peers(_) | CtlResponse::End => Err(fail(
+            exit::FAILED,
+            format!("unknown user {user}: the relay has no such name; nothing was sent"),
+        )
+        .into()),
+        CtlResponse::Error { message, .. } => Err(fail(
+            exit::FAILED,
+            format!("cannot check {user} on the relay: {message}; nothing was sent"),
+        )
+        .into()),
+        other => Err(fail(
+            exit::FAILED,
+            format!("unexpected reply from chatd: {}", reply_name(&other)),
+        )
+        .into()),
+    }
 }
 
 fn error_of(resp: CtlResponse, as_json: bool, out: &mut Out) -> Step {

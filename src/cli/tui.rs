@@ -932,7 +932,7 @@ fn worker(path: &Path, tx: Sender<Event>) -> Result<Sender<Job>, Step> {
                 }
                 Job::Who { show } => {
                     let mut all = Vec::new();
-                    match who_stream(&mut client, |chunk| {
+                    match who_stream(&mut client, &CtlRequest::Who, |chunk| {
                         all.extend(chunk);
                         Ok(())
                     }) {

@@ -111,6 +111,22 @@ settings! {
             check: [positive],
             sighup: [apply(9 new_names_per_minute = limits.new_names_per_minute)],
         }
+        /// Relay: up to this many names, every login gets the whole directory and every join and leave goes to everyone
+        directory_push_max: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [Limits::default().directory_push_max],
+            check: [positive],
+            sighup: [apply(11 directory_push_max = limits.directory_push_max)],
+        }
+        /// Relay: most names one connection may follow for joins and leaves
+        max_subscriptions: usize {
+            flag: [value_name = "N"],
+            env: [],
+            default: [Limits::default().max_subscriptions],
+            check: [positive],
+            sighup: [apply(12 max_subscriptions = limits.max_subscriptions)],
+        }
         /// Relay: seconds a new connection has to log in
         handshake_timeout: u64 {
             flag: [value_name = "SECS"],
@@ -453,6 +469,8 @@ pub fn resolve_with(
             window_bytes: max_write_buffer / 2,
             max_names_per_key,
             new_names_per_minute,
+            directory_push_max: s.directory_push_max()?,
+            max_subscriptions: s.max_subscriptions()?,
         },
         max_connections: s.max_connections()?,
         max_write_buffer,

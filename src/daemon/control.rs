@@ -35,6 +35,87 @@ pub enum Reply {
     Tail(Cursor),
     /// Several frames at once (`who`: the list in chunks, then `End`).
     Stream(Vec<CtlResponse>),
+    /// A send that waits for the relay's answer to a key lookup: asked again when it comes.
+    Park(Parked),
+    /// `who --all` (and `who` on a relay): the directory, a page at a time as the client reads.
+    List(Listing),
+}
+
+/// The next page of a listing on a relay, from its own directory, into `out`; true after the
+/// last (`End` queued).
+pub fn relay_page(
+    relay: &crate::relay::Relay,
+    list: &mut Listing,
+    out: &mut Vec<CtlResponse>,
+) -> bool {
+    let (views, more) = relay.directory(&list.after, &list.prefix, WHO_FRAME_ENTRIES);
+    let next = if more {
+        views.last().map(|v| v.user.clone())
+    } else {
+        None
+    };
+    list.page(views, next, out)
+}
+
+/// How long a send waits for the relay to answer a key lookup (and a `who --all` for a page).
+pub use crate::member::LOOKUP_TIMEOUT_MS;
+
+/// A request parked on a key lookup.
+#[derive(Debug)]
+pub struct Parked {
+    req: CtlRequest,
+    users: Vec<String>,
+    deadline: u64,
+}
+
+/// Where a directory listing is.
+#[derive(Debug)]
+pub struct Listing {
+    /// Only names with this prefix.
+    pub prefix: String,
+    /// The last name sent (`""` before the first page).
+    pub after: String,
+    /// A page was asked of the relay and has not come back.
+    pub in_flight: bool,
+    /// When that page was asked (monotonic ms): a relay that does not answer in
+    /// [`LOOKUP_TIMEOUT_MS`] ends the listing with an error.
+    pub asked_at: u64,
+}
+
+impl Listing {
+    fn new(prefix: Option<String>) -> Listing {
+        Listing {
+            prefix: prefix.unwrap_or_default(),
+            after: String::new(),
+            in_flight: false,
+            asked_at: 0,
+        }
+    }
+
+    /// A page arrived: queue its frames, and `End` after the last page.
+    pub fn page(
+        &mut self,
+        views: Vec<PeerView>,
+        next: Option<String>,
+        out: &mut Vec<CtlResponse>,
+    ) -> bool {
+        out.extend(
+            views
+                .chunks(WHO_FRAME_ENTRIES)
+                .map(|c| CtlResponse::Peers(c.to_vec())),
+        );
+        self.in_flight = false;
+        match next {
+            Some(n) => {
+                self.after = n;
+                false
+            }
+            None => {
+                out.push(CtlResponse::End);
+                true
+            }
+        }
+    }
 }
 
 /// Entries the daemon puts in one `Peers` frame: far fewer than the protocol's [`WHO_CHUNK`], so
@@ -91,11 +172,17 @@ pub fn request(
             with,
             follow,
         } => tail(roles, store, last, since, with, follow),
-        CtlRequest::Who => Reply::Stream(who_frames(match (roles.member(), roles.relay()) {
-            (Some(m), _) => m.who(),
-            (None, Some(r)) => r.directory(),
-            (None, None) => Vec::new(),
-        })),
+        CtlRequest::Who => match roles.member() {
+            Some(m) => Reply::Stream(who_frames(m.who())),
+            // A relay's registrations: any number, so paged like `who --all`.
+            None => Reply::List(Listing::new(None)),
+        },
+        CtlRequest::Directory { prefix } => match prefix {
+            Some(p) if !p.is_empty() && !prefix_ok(&p) => Reply::Now(failed(format!(
+                "invalid prefix {p:?}: user names are made of a-z 0-9 . _ -"
+            ))),
+            prefix => Reply::List(Listing::new(prefix)),
+        },
         CtlRequest::Status => {
             let outbox = store.outbox_messages().unwrap_or(0);
             Reply::Now(CtlResponse::Status(Status::of(roles, info).view(outbox)))
@@ -129,6 +216,17 @@ fn send(
         ));
     };
     match m.send(to, all, text, now, store) {
+        Err(MemberError::KeysPending(users)) => Reply::Park(Parked {
+            req: CtlRequest::Send {
+                to: to.to_vec(),
+                all,
+                text: text.to_string(),
+                wait,
+                timeout_ms,
+            },
+            users,
+            deadline: now.mono.saturating_add(LOOKUP_TIMEOUT_MS),
+        }),
         Ok(sent) => {
             let target = match wait {
                 Wait::None => return Reply::Now(CtlResponse::Sent(sent)),
@@ -152,6 +250,13 @@ fn send(
             sent: Vec::new(),
         }),
     }
+}
+
+/// A prefix of a valid user name (at most 32 of a-z 0-9 . _ -).
+fn prefix_ok(p: &str) -> bool {
+    p.len() <= 32
+        && p.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
 fn tail(
@@ -215,11 +320,7 @@ fn fingerprint(roles: &Roles, info: &Info, user: Option<String>) -> CtlResponse 
     };
     let fp = match (roles.member(), roles.relay()) {
         (Some(m), _) => m.pinned(&u).map(|f| f.to_string()),
-        (None, Some(r)) => r
-            .directory()
-            .into_iter()
-            .find(|p| p.user == u)
-            .map(|p| p.fingerprint),
+        (None, Some(r)) => r.bound(&u).map(|f| f.to_string()),
         _ => None,
     };
     match fp {
@@ -243,17 +344,28 @@ pub struct Ctl {
     /// Frames of a streamed answer (`who`) not queued yet: they go out as the client reads, like
     /// a `tail`, so a long directory never fills the write buffer past its cap.
     pub stream: std::collections::VecDeque<CtlResponse>,
+    /// A directory listing: the next page is fetched once `stream` is sent.
+    pub list: Option<Listing>,
 }
 
 impl Ctl {
     /// A tail only reads: whatever else its client sends is ignored.
     pub fn tailing(&self) -> bool {
-        self.follow.is_some() || self.paging()
+        self.follow.is_some() || self.paging() || self.list.is_some()
     }
 
-    /// Something is waiting to be sent as the client reads (a tail's history, a stream).
+    /// Something is waiting to be sent as the client reads (a tail's history, a stream, the
+    /// next page of a listing that is not waiting for the relay).
     pub fn paging(&self) -> bool {
-        self.cursor.is_some() || !self.stream.is_empty()
+        self.cursor.is_some()
+            || !self.stream.is_empty()
+            || self.list.as_ref().is_some_and(|l| !l.in_flight)
+    }
+
+    /// The listing wants its next page now: what was queued of it is sent, and the relay was
+    /// not asked already.
+    pub fn wants_page(&self) -> bool {
+        self.stream.is_empty() && self.list.as_ref().is_some_and(|l| !l.in_flight)
     }
 }
 
@@ -388,14 +500,60 @@ struct Waiter {
     fresh: bool,
 }
 
-/// Every `send --wait` in progress.
+/// A request parked on a key lookup, and its client.
+struct ParkedFor {
+    token: Token,
+    parked: Parked,
+    fresh: bool,
+}
+
+/// Every `send --wait` in progress, and every send parked on a key lookup.
 #[derive(Default)]
-pub struct Waiters(Vec<Waiter>);
+pub struct Waiters {
+    waits: Vec<Waiter>,
+    parked: Vec<ParkedFor>,
+    /// The member heard back from the relay since the parked requests were last tried.
+    looked: bool,
+}
 
 impl Waiters {
+    /// Client `token`'s request waits for the relay's answer to a lookup.
+    pub fn park(&mut self, token: Token, parked: Parked) {
+        self.parked.push(ParkedFor {
+            token,
+            parked,
+            fresh: true,
+        });
+    }
+
+    /// The member heard back from the relay (or lost it): parked requests can be tried again.
+    pub fn looked(&mut self) {
+        self.looked = true;
+    }
+
+    /// If the member heard back since the last call: the parked requests to try again now
+    /// (maybe none).
+    pub fn take_parked(&mut self) -> Option<Vec<(Token, CtlRequest, u64)>> {
+        if !std::mem::take(&mut self.looked) {
+            return None;
+        }
+        Some(
+            std::mem::take(&mut self.parked)
+                .into_iter()
+                .map(|p| (p.token, p.parked.req, p.parked.deadline))
+                .collect(),
+        )
+    }
+
+    /// Park again a request that still waits, with its first deadline.
+    pub fn repark(&mut self, token: Token, mut parked: Parked, deadline: u64) {
+        parked.deadline = deadline;
+        self.park(token, parked);
+    }
+
     /// Client `token` waits for `pending`.
     pub fn add(&mut self, token: Token, pending: Pending) {
-        self.0.push(Waiter {
+        self.waits.push(Waiter {
             token,
             pending,
             fresh: true,
@@ -404,19 +562,24 @@ impl Waiters {
 
     /// A turn begins: the waiters from earlier turns are durable.
     pub fn begin_turn(&mut self) {
-        for w in &mut self.0 {
+        for w in &mut self.waits {
             w.fresh = false;
+        }
+        for p in &mut self.parked {
+            p.fresh = false;
         }
     }
 
     /// The turn's commit failed: its waiters go (their clients get the storage error).
     pub fn fail_turn(&mut self) {
-        self.0.retain(|w| !w.fresh);
+        self.waits.retain(|w| !w.fresh);
+        self.parked.retain(|p| !p.fresh);
     }
 
     /// Client `token` is gone.
     pub fn forget(&mut self, token: Token) {
-        self.0.retain(|w| w.token != token);
+        self.waits.retain(|w| w.token != token);
+        self.parked.retain(|p| p.token != token);
     }
 
     /// A sent message changed state: the replies for the waiters that are now done.
@@ -427,7 +590,7 @@ impl Waiters {
         why: Option<&str>,
     ) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();
-        self.0.retain_mut(|w| {
+        self.waits.retain_mut(|w| {
             let mut touched = false;
             for s in w.pending.sent.iter_mut().filter(|s| s.id == id) {
                 if state > s.state {
@@ -453,16 +616,35 @@ impl Waiters {
 
     /// The earliest `--wait` deadline (monotonic ms), if anyone waits.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.0.iter().map(|w| w.pending.deadline).min()
+        let parked = self.parked.iter().map(|p| p.parked.deadline);
+        self.waits
+            .iter()
+            .map(|w| w.pending.deadline)
+            .chain(parked)
+            .min()
     }
 
     /// The replies for the waiters whose time is up at `now`.
     pub fn expire(&mut self, now: Now) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();
+        self.parked.retain(|p| {
+            if now.mono < p.parked.deadline {
+                return true;
+            }
+            replies.push((
+                p.token,
+                failed(format!(
+                    "the relay did not answer the key lookup of {} within {} s; nothing was sent",
+                    p.parked.users.join(", "),
+                    LOOKUP_TIMEOUT_MS / 1000
+                )),
+            ));
+            false
+        });
         let mut i = 0;
-        while i < self.0.len() {
-            if now.mono >= self.0[i].pending.deadline {
-                let w = self.0.remove(i);
+        while i < self.waits.len() {
+            if now.mono >= self.waits[i].pending.deadline {
+                let w = self.waits.remove(i);
                 let want = w.pending.target.as_str();
                 let resp = CtlResponse::Error {
                     kind: ErrorKind::Timeout,

@@ -52,6 +52,8 @@ fn member_out(table: &mut Table, waiters: &mut Waiters, out: member::Out) {
                 table.reply(token, &resp);
             }
         }
+        member::Out::Looked => waiters.looked(),
+        member::Out::Listed { req, page } => table.listed(req, page),
         member::Out::Frame(_) | member::Out::Close => {}
     }
 }

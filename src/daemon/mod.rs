@@ -245,7 +245,11 @@ impl Daemon {
             if self.next_deadline().is_some_and(|d| now.mono >= d) {
                 self.tick(now);
             }
+            self.pump_lists(now);
             self.pump(now);
+            if self.retry_parked(now) {
+                self.pump(now);
+            }
             match self.store.commit() {
                 Ok(()) => {}
                 Err(e) => self.commit_failed(e, now),
@@ -299,7 +303,7 @@ impl Daemon {
         };
         cores
             .into_iter()
-            .chain([self.waiters.next_deadline()])
+            .chain([self.waiters.next_deadline(), self.table.list_deadline()])
             .flatten()
             .min()
     }
@@ -470,6 +474,12 @@ impl Daemon {
                 }
             }
             Reply::Wait(pending) => self.waiters.add(token, pending),
+            Reply::Park(parked) => self.waiters.park(token, parked),
+            Reply::List(list) => {
+                if let Some(c) = self.table.ctl_mut(token) {
+                    c.list = Some(list);
+                }
+            }
             Reply::Tail(cursor) => {
                 if let Some(c) = self.table.ctl_mut(token) {
                     c.cursor = Some(cursor);
@@ -541,6 +551,76 @@ impl Daemon {
             registry,
             now,
         );
+    }
+
+    /// Ask for the next page of every directory listing whose client has read the last one:
+    /// from the relay core on a relay, from the relay through the member otherwise.
+    fn pump_lists(&mut self, now: Now) {
+        for token in self.table.lists_late(now.mono) {
+            if let Some(c) = self.table.ctl_mut(token) {
+                c.list = None;
+                c.stream.push_back(control::failed(format!(
+                    "the relay did not send the next page of the directory within {} s",
+                    control::LOOKUP_TIMEOUT_MS / 1000
+                )));
+            }
+        }
+        for token in self.table.lists_ready(self.cfg.max_write_buffer / 2) {
+            let Some(c) = self.table.ctl_mut(token) else {
+                continue;
+            };
+            let Some(list) = c.list.as_mut() else {
+                continue;
+            };
+            let mut frames = Vec::new();
+            let done = match &mut self.roles {
+                Roles::Relay(relay) => control::relay_page(relay, list, &mut frames),
+                Roles::Member { member, .. } | Roles::Host { member, .. } => {
+                    match member.list(token.0 as u64, &list.after, &list.prefix, now) {
+                        Ok(()) => {
+                            list.in_flight = true;
+                            list.asked_at = now.mono;
+                            false
+                        }
+                        Err(e) => {
+                            frames.push(control::failed(e.to_string()));
+                            true
+                        }
+                    }
+                }
+            };
+            c.stream.extend(frames);
+            if done {
+                c.list = None;
+            }
+        }
+    }
+
+    /// Try again the sends parked on a key lookup, once the member has heard back. True if
+    /// any was tried (its frames are to be pumped).
+    fn retry_parked(&mut self, now: Now) -> bool {
+        let Some(parked) = self.waiters.take_parked() else {
+            return false;
+        };
+        let tried = !parked.is_empty();
+        for (token, req, deadline) in parked {
+            // Answered in this turn: if its commit fails, this client hears why.
+            if let Some(c) = self.table.ctl_mut(token) {
+                c.asked = true;
+            }
+            match control::request(&mut self.roles, &mut self.store, &self.info, req, now) {
+                Reply::Park(p) => self.waiters.repark(token, p, deadline),
+                Reply::Now(resp) => self.table.reply(token, &resp),
+                Reply::Wait(pending) => self.waiters.add(token, pending),
+                // A parked request is a send, which answers in one of the ways above.
+                Reply::Stream(_) | Reply::Tail(_) | Reply::List(_) => {}
+            }
+        }
+        // The answers were used (or nobody was waiting for them): a later send asks afresh.
+        if let Some(m) = self.roles.member_mut() {
+            m.clear_missing();
+        }
+        tried
     }
 
     fn flush_all(&mut self) {

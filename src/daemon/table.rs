@@ -5,7 +5,7 @@
 //! Must never: decide what a reply says (that is `control`), or write a reply before the turn
 //! commits (replies are queued here and flushed by the loop after the commit).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -55,11 +55,20 @@ pub struct Entry {
 }
 
 /// Every accepted connection, by token.
+///
+/// A turn touches few of what may be tens of thousands of idle connections, so nothing here
+/// walks them all: the control clients are kept apart, and flushing visits only the connections
+/// given output this turn (`touched`, marked for a rewind at their first output) and those whose
+/// output did not all leave before (`backlog`).
 pub struct Table {
     entries: HashMap<Token, Entry>,
     next_token: usize,
     peers: usize,
     controls: usize,
+    control_tokens: BTreeSet<Token>,
+    touched: Vec<Token>,
+    is_touched: HashSet<Token>,
+    backlog: HashSet<Token>,
 }
 
 impl Default for Table {
@@ -69,6 +78,10 @@ impl Default for Table {
             next_token: FIRST_CONN,
             peers: 0,
             controls: 0,
+            control_tokens: BTreeSet::new(),
+            touched: Vec::new(),
+            is_touched: HashSet::new(),
+            backlog: HashSet::new(),
         }
     }
 }
@@ -92,6 +105,17 @@ impl Sink for Buffer<'_> {
 }
 
 impl Table {
+    /// Connection `token` gets output this turn: mark it (so a failed commit can take the
+    /// turn's output back) the first time, and flush it after the turn.
+    fn touch(&mut self, token: Token) {
+        if self.is_touched.insert(token) {
+            if let Some(e) = self.entries.get_mut(&token) {
+                e.conn.mark();
+            }
+            self.touched.push(token);
+        }
+    }
+
     fn token(&mut self) -> Token {
         let t = Token(self.next_token);
         self.next_token += 1;
@@ -112,6 +136,8 @@ impl Table {
     pub fn remove(&mut self, registry: &Registry, token: Token) -> Option<Kind> {
         let mut e = self.entries.remove(&token)?;
         e.conn.deregister(registry);
+        self.control_tokens.remove(&token);
+        self.backlog.remove(&token);
         match e.kind {
             Kind::Peer => self.peers -= 1,
             Kind::Control(_) => self.controls -= 1,
@@ -221,6 +247,7 @@ impl Table {
                     self.controls += 1;
                     let kind = Kind::Control(Ctl::default());
                     self.entries.insert(token, Entry { conn, kind });
+                    self.control_tokens.insert(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -236,7 +263,9 @@ impl Table {
     pub fn relay_out(&mut self, out: relay::Out) {
         match out {
             relay::Out::Send(id, msg) => {
-                if let Some(e) = token_of(id).and_then(|t| self.entries.get_mut(&t)) {
+                let Some(t) = token_of(id) else { return };
+                self.touch(t);
+                if let Some(e) = self.entries.get_mut(&t) {
                     let mut buf = Vec::new();
                     match encode_frame(&msg, &mut buf) {
                         Ok(()) => e.conn.queue(&buf),
@@ -245,7 +274,9 @@ impl Table {
                 }
             }
             relay::Out::Close(id) => {
-                if let Some(e) = token_of(id).and_then(|t| self.entries.get_mut(&t)) {
+                let Some(t) = token_of(id) else { return };
+                self.touch(t);
+                if let Some(e) = self.entries.get_mut(&t) {
                     e.conn.closing = true;
                 }
             }
@@ -254,8 +285,15 @@ impl Table {
 
     /// Close every relay peer once its output is written (the relay core was rebuilt).
     pub fn close_peers(&mut self) {
-        for e in self.entries.values_mut() {
-            if matches!(e.kind, Kind::Peer) {
+        let peers: Vec<Token> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e.kind, Kind::Peer))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in peers {
+            self.touch(t);
+            if let Some(e) = self.entries.get_mut(&t) {
                 e.conn.closing = true;
             }
         }
@@ -263,6 +301,7 @@ impl Table {
 
     /// Queue a reply to a control client.
     pub fn reply(&mut self, token: Token, resp: &CtlResponse) {
+        self.touch(token);
         let Some(e) = self.entries.get_mut(&token) else {
             return;
         };
@@ -297,9 +336,14 @@ impl Table {
 
     /// Start of a turn: no client has asked anything yet.
     pub fn begin_turn(&mut self) {
-        for e in self.entries.values_mut() {
-            e.conn.mark();
-            if let Kind::Control(c) = &mut e.kind {
+        self.touched.clear();
+        self.is_touched.clear();
+        for t in &self.control_tokens {
+            if let Some(Entry {
+                kind: Kind::Control(c),
+                ..
+            }) = self.entries.get_mut(t)
+            {
                 c.asked = false;
             }
         }
@@ -308,14 +352,16 @@ impl Table {
     /// The turn's commit failed: take back its output; every client that asked something this
     /// turn gets `resp`.
     pub fn fail_turn(&mut self, resp: &CtlResponse) {
-        for e in self.entries.values_mut() {
-            e.conn.rewind();
+        for t in &self.touched {
+            if let Some(e) = self.entries.get_mut(t) {
+                e.conn.rewind();
+            }
         }
         let asked: Vec<Token> = self
-            .entries
+            .control_tokens
             .iter()
-            .filter(|(_, e)| matches!(&e.kind, Kind::Control(c) if c.asked))
-            .map(|(t, _)| *t)
+            .filter(|t| matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(c), .. }) if c.asked))
+            .copied()
             .collect();
         for t in asked {
             self.reply(t, resp);
@@ -328,12 +374,21 @@ impl Table {
         if encode_frame(&CtlResponse::Record(rec.clone()), &mut buf).is_err() {
             return;
         }
-        for e in self.entries.values_mut() {
-            if let Kind::Control(Ctl {
-                follow: Some(f), ..
-            }) = &mut e.kind
-            {
-                if f.take(rec) {
+        let tokens: Vec<Token> = self.control_tokens.iter().copied().collect();
+        for t in tokens {
+            let takes = match self.entries.get_mut(&t) {
+                Some(Entry {
+                    kind:
+                        Kind::Control(Ctl {
+                            follow: Some(f), ..
+                        }),
+                    ..
+                }) => f.take(rec),
+                _ => false,
+            };
+            if takes {
+                self.touch(t);
+                if let Some(e) = self.entries.get_mut(&t) {
                     e.conn.queue(&buf);
                 }
             }
@@ -341,16 +396,98 @@ impl Table {
     }
 
     /// Whether some `tail` can send more now, given the output `limit` per client.
+    /// A page of a member's `who --all` arrived for listing `req` (the client's token).
+    pub fn listed(&mut self, req: u64, page: Result<crate::member::ListPage, String>) {
+        let Some(c) = usize::try_from(req)
+            .ok()
+            .and_then(|t| self.ctl_mut(Token(t)))
+        else {
+            return;
+        };
+        let Some(list) = c.list.as_mut() else {
+            return;
+        };
+        let mut frames = Vec::new();
+        let done = match page {
+            Ok(p) => list.page(p.views, p.next, &mut frames),
+            Err(why) => {
+                frames.push(super::control::failed(format!(
+                    "the directory listing stopped: {why}"
+                )));
+                true
+            }
+        };
+        c.stream.extend(frames);
+        if done {
+            c.list = None;
+        }
+    }
+
+    /// The listings waiting for the relay's page longer than the lookup timeout at `now`.
+    pub fn lists_late(&self, now: u64) -> Vec<Token> {
+        self.control_tokens
+            .iter()
+            .filter(|t| {
+                matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(Ctl { list: Some(l), .. }), .. })
+                    if l.in_flight && now.saturating_sub(l.asked_at) >= super::control::LOOKUP_TIMEOUT_MS)
+            })
+            .copied()
+            .collect()
+    }
+
+    /// When the earliest listing waiting for the relay times out (monotonic ms).
+    pub fn list_deadline(&self) -> Option<u64> {
+        self.control_tokens
+            .iter()
+            .filter_map(|t| match self.entries.get(t) {
+                Some(Entry {
+                    kind: Kind::Control(Ctl { list: Some(l), .. }),
+                    ..
+                }) if l.in_flight => {
+                    Some(l.asked_at.saturating_add(super::control::LOOKUP_TIMEOUT_MS))
+                }
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Control clients whose listing wants its next page, and have room for it.
+    pub fn lists_ready(&self, limit: usize) -> Vec<Token> {
+        self.control_tokens
+            .iter()
+            .filter(|t| {
+                self.entries.get(t).is_some_and(|e| {
+                    matches!(&e.kind, Kind::Control(c) if c.wants_page())
+                        && e.conn.pending() < limit
+                })
+            })
+            .copied()
+            .collect()
+    }
+
     pub fn tails_ready(&self, limit: usize) -> bool {
-        self.entries
-            .values()
-            .any(|e| matches!(&e.kind, Kind::Control(c) if c.paging()) && e.conn.pending() < limit)
+        self.control_tokens.iter().any(|t| {
+            self.entries.get(t).is_some_and(|e| {
+                matches!(&e.kind, Kind::Control(c) if c.paging()) && e.conn.pending() < limit
+            })
+        })
     }
 
     /// Send more history to every `tail` in progress while less than `limit` bytes wait to be
     /// written to it (half the write-buffer cap).
     pub fn pump_tails(&mut self, store: &Store, limit: usize) {
-        for e in self.entries.values_mut() {
+        let tokens: Vec<Token> = self.control_tokens.iter().copied().collect();
+        for t in tokens {
+            let wants = self.entries.get(&t).is_some_and(|e| {
+                matches!(&e.kind, Kind::Control(c) if c.paging()) && e.conn.pending() < limit
+            });
+            if !wants {
+                continue;
+            }
+            self.touch(t);
+            let Some(e) = self.entries.get_mut(&t) else {
+                continue;
+            };
             let Kind::Control(c) = &mut e.kind else {
                 continue;
             };
@@ -382,7 +519,14 @@ impl Table {
     /// reader, or closing with nothing left to write).
     pub fn flush(&mut self, registry: &Registry, max_write_buffer: usize) -> Vec<Token> {
         let mut dead = Vec::new();
-        for (token, e) in self.entries.iter_mut() {
+        let mut visit: Vec<Token> = self.touched.clone();
+        visit.extend(self.backlog.drain());
+        visit.sort_unstable();
+        visit.dedup();
+        for token in &visit {
+            let Some(e) = self.entries.get_mut(token) else {
+                continue;
+            };
             if e.conn.pending() > 0 {
                 if let Err(err) = e.conn.flush(registry, *token) {
                     debug!("write to {} failed: {err}", token.0);
@@ -399,6 +543,8 @@ impl Table {
                 dead.push(*token);
             } else if e.conn.closing && e.conn.pending() == 0 {
                 dead.push(*token);
+            } else if e.conn.pending() > 0 {
+                self.backlog.insert(*token);
             }
         }
         dead

@@ -17,6 +17,15 @@ pub enum MemberError {
     BadUser(String),
     /// The relay has never bound this name.
     UnknownUser(String),
+    /// No key is pinned for this name, and there is no relay to ask.
+    UnknownOffline(String),
+    /// Not an answer yet: the member asked the relay for these names' keys, and the request is
+    /// tried again when the relay answers (the daemon parks it meanwhile).
+    KeysPending(Vec<String>),
+    /// The request needs the relay, and the link is down.
+    NotConnected,
+    /// Too many key lookups wait for the relay's answer (a relay that does not answer).
+    TooManyLookups,
     /// Sending to oneself is refused (the copy would collide with the sent one).
     SelfSend,
     /// `--all` with nobody online.
@@ -65,6 +74,25 @@ impl std::fmt::Display for MemberError {
                 "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit"
             ),
             MemberError::UnknownUser(u) => write!(f, "unknown user {u}: the relay has no such name"),
+            MemberError::UnknownOffline(u) => write!(
+                f,
+                "no key is pinned for {u}, and chatd is not connected to the relay to look it up; \
+                 nothing was sent (try again once `chatctl status` shows connected: true)"
+            ),
+            MemberError::KeysPending(users) => {
+                write!(f, "looking up the keys of {} on the relay", users.join(", "))
+            }
+            MemberError::TooManyLookups => write!(
+                f,
+                "{} key lookups are waiting for the relay's answer; nothing was sent (try again \
+                 in a few seconds; if it persists, the relay is not answering)",
+                super::lookup::MAX_PENDING_LOOKUPS
+            ),
+            MemberError::NotConnected => write!(
+                f,
+                "chatd is not connected to the relay, which this asks; `chatctl who` lists your \
+                 contacts without it"
+            ),
             MemberError::SelfSend => write!(f, "cannot send a message to yourself"),
             MemberError::NoPeersOnline => write!(f, "no peer is online; nothing was sent"),
             MemberError::FanoutTooLarge { online, max } => write!(

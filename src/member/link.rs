@@ -163,6 +163,8 @@ pub(super) fn msg_name(m: &FromRelay) -> &'static str {
         FromRelay::Challenge { .. } => "Challenge",
         FromRelay::Welcome { .. } => "Welcome",
         FromRelay::Directory(_) => "Directory",
+        FromRelay::Keys { .. } => "Keys",
+        FromRelay::Listing { .. } => "Listing",
         FromRelay::Presence(_) => "Presence",
         FromRelay::Deliver(_) => "Deliver",
         FromRelay::Accepted(_) => "Accepted",

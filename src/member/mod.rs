@@ -17,6 +17,7 @@
 
 mod error;
 mod link;
+mod lookup;
 mod out;
 mod peers;
 mod receive;
@@ -36,10 +37,12 @@ use crate::proto::{from_payload, hex};
 use crate::store::{MemberStore, StoreError};
 
 pub use error::MemberError;
-pub use out::Out;
+pub use out::{ListPage, Out};
 pub use send::SESSION_MESSAGES;
 
 use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
+pub use lookup::LOOKUP_TIMEOUT_MS;
+use lookup::{Ask, Lookups};
 use peers::{Observed, Peers, Trusted};
 use receive::Receiving;
 use send::Sending;
@@ -59,6 +62,9 @@ pub struct Member {
     /// An established link went down and its `Link` record is not written yet: `link_down` has
     /// no store, so the next `tick` (due at once) writes it, with the reason the daemon gave.
     down_record: bool,
+    lookups: Lookups,
+    /// The pin bound was logged (once per run: a relay could otherwise flood the log).
+    pins_full_said: bool,
 }
 
 /// The default of `max_fanout`: `send --all` is for a room, not a broadcast to a whole relay.
@@ -83,6 +89,8 @@ impl Member {
             out: VecDeque::new(),
             max_fanout: DEFAULT_MAX_FANOUT,
             down_record: false,
+            lookups: Lookups::default(),
+            pins_full_said: false,
         })
     }
 
@@ -95,7 +103,10 @@ impl Member {
         self.sending.reset();
         self.receiving = Receiving::new();
         self.out.clear();
-        self.link = Link::Down;
+        self.link_down();
+        // The daemon restarts the link after a failed commit: not news for the history (and
+        // the store may still be failing).
+        self.down_record = false;
         Ok(())
     }
 
@@ -163,6 +174,17 @@ impl Member {
         self.down_record |= self.link.established();
         self.link = Link::Down;
         self.peers.all_offline();
+        let (asked, listings) = self.lookups.reset();
+        for req in listings {
+            self.out.push_back(Out::Listed {
+                req,
+                page: Err("the connection to the relay went down".into()),
+            });
+        }
+        if asked {
+            // Requests parked on a lookup get their answer now: there is no relay to ask.
+            self.out.push_back(Out::Looked);
+        }
     }
 
     fn frame(&mut self, msg: ToRelay, now: Now) {
@@ -353,6 +375,136 @@ impl Member {
         for item in send::outbox(store, false) {
             self.frame(ToRelay::Send(item), now);
         }
+        // Follow every contact: their keys (a change is caught at login, as a full directory
+        // would catch it), whether they are online, and from now on their joins and leaves.
+        // Two chunks at a time, the next as each answer comes, so a member with many contacts
+        // is never sent more than it reads.
+        let chunks: Vec<Vec<String>> = self
+            .peers
+            .names()
+            .chunks(crate::proto::LOOKUP_CHUNK)
+            .map(<[String]>::to_vec)
+            .collect();
+        for chunk in self.lookups.start_login(chunks) {
+            self.frame(ToRelay::Lookup(chunk), now);
+        }
+    }
+
+    /// Ask the relay for `user`'s key, unless that is already under way.
+    fn ask(&mut self, user: &str, now: Now) -> Ask {
+        if !self.link.established() {
+            return Ask::Full;
+        }
+        let ask = self.lookups.ask(user, now.mono);
+        if ask == Ask::Send {
+            self.frame(ToRelay::Lookup(vec![user.to_string()]), now);
+        }
+        ask
+    }
+
+    /// A `Keys` answer: pin on first sight what we asked for, check what we know.
+    fn keys(
+        &mut self,
+        peers: Vec<Peer>,
+        unknown: Vec<String>,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) {
+        for p in peers {
+            let asked = self.lookups.answered(&p.user);
+            // Only names we asked for or already pinned: a relay cannot push pins on us.
+            if !asked && !self.peers.knows(&p.user) {
+                continue;
+            }
+            if self.observe(&p, store) {
+                self.release_held(&p.user, now, store);
+            }
+        }
+        for u in unknown {
+            if self.lookups.not_bound(&u) {
+                info!("the relay has no user named {u}");
+            }
+        }
+        if let Some(next) = self.lookups.next_login_chunk() {
+            self.frame(ToRelay::Lookup(next), now);
+        }
+        self.out.push_back(Out::Looked);
+    }
+
+    /// A `Listing` answer: the page for the oldest listing in flight.
+    fn listing(&mut self, peers: Vec<Peer>, more: bool, store: &mut dyn MemberStore) {
+        let Some((req, after)) = self.lookups.listed() else {
+            warn!("relay sent a directory page nobody asked for; ignored");
+            return;
+        };
+        // Each page must move forward, or a relay could keep `who --all` going for ever.
+        let mut last = after.as_str();
+        for p in &peers {
+            if p.user.as_str() <= last {
+                warn!("relay sent a directory page out of order; the listing is stopped");
+                self.out.push_back(Out::Listed {
+                    req,
+                    page: Err("the relay sent a directory page out of order".into()),
+                });
+                return;
+            }
+            last = p.user.as_str();
+        }
+        let next = if more {
+            peers.last().map(|p| p.user.clone())
+        } else {
+            None
+        };
+        let mut views = Vec::with_capacity(peers.len());
+        for p in peers {
+            if p.user == self.user || !crate::proto::valid_user(&p.user) {
+                continue;
+            }
+            if self.peers.knows(&p.user) {
+                // A contact: its entry is checked like any other presentation of its key.
+                self.observe(&p, store);
+                views.extend(self.peers.view(&p.user));
+            } else if let Ok(k) = crate::crypto::PublicKey::from_der(&p.key) {
+                views.push(PeerView {
+                    user: p.user,
+                    online: p.online,
+                    trust: crate::proto::control::TrustState::Bound,
+                    fingerprint: k.fingerprint().to_string(),
+                    presented: None,
+                });
+            }
+        }
+        self.out.push_back(Out::Listed {
+            req,
+            page: Ok(ListPage { views, next }),
+        });
+    }
+
+    /// Ask the relay for the page of its directory after `after`, for listing `req`.
+    pub fn list(
+        &mut self,
+        req: u64,
+        after: &str,
+        prefix: &str,
+        now: Now,
+    ) -> Result<(), MemberError> {
+        if !self.link.established() {
+            return Err(MemberError::NotConnected);
+        }
+        self.lookups.listing(req, after);
+        self.frame(
+            ToRelay::List {
+                after: after.to_string(),
+                prefix: prefix.to_string(),
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    /// The requests parked on missing names have been answered: forget the answers.
+    pub fn clear_missing(&mut self) {
+        self.lookups.clear_missing();
     }
 
     fn established(&mut self, msg: FromRelay, now: Now, store: &mut dyn MemberStore) {
@@ -364,6 +516,11 @@ impl Member {
                 let was = self.peers.online(&p.user);
                 if self.observe(&p, store) {
                     self.release_held(&p.user, now, store);
+                }
+                if was.is_none() && self.peers.knows(&p.user) {
+                    // A new contact from a room's presence: follow it, so its joins and leaves
+                    // keep coming if the relay outgrows a room.
+                    self.ask(&p.user, now);
                 }
                 if was != Some(p.online) {
                     let body = RecordBody::Presence {
@@ -377,11 +534,18 @@ impl Member {
             }
             FromRelay::Directory(peers) => {
                 for p in peers {
+                    let new = !self.peers.knows(&p.user);
                     if self.observe(&p, store) {
                         self.release_held(&p.user, now, store);
                     }
+                    if new && self.peers.knows(&p.user) {
+                        // Pinned after the login's lookups went out: follow it too.
+                        self.ask(&p.user, now);
+                    }
                 }
             }
+            FromRelay::Keys { peers, unknown } => self.keys(peers, unknown, now, store),
+            FromRelay::Listing { peers, more } => self.listing(peers, more, store),
             FromRelay::Deliver(Routed::Message(env)) => {
                 self.accept(env, now, store);
             }
@@ -424,7 +588,15 @@ impl Member {
                  send to or accept from {} until `chatctl trust {} {presented}`",
                 p.user, p.user, p.user
             ),
-            Observed::Ignored | Observed::Restored | Observed::Same => {}
+            Observed::Full if !self.pins_full_said => {
+                self.pins_full_said = true;
+                warn!(
+                    "not pinning {} or any other new name: this member holds {} pins already",
+                    p.user,
+                    peers::MAX_PINS
+                );
+            }
+            Observed::Full | Observed::Ignored | Observed::Restored | Observed::Same => {}
         }
         if seen.changed() {
             self.save_pin(&p.user, store);
@@ -448,8 +620,14 @@ impl Member {
             .receiving
             .judge(&self.user, &self.identity, &self.peers, &env, store);
         let mut outs = Vec::new();
+        let from = env.from.clone();
         let settled = self.receiving.settle(env, judged, now, store, &mut outs);
         self.emit(now, outs);
+        // Held from a sender we have no key for: ask the relay (keys on demand); the answer
+        // pins it and releases what we hold.
+        if !self.peers.knows(&from) && from != self.user && crate::proto::valid_user(&from) {
+            self.ask(&from, now);
+        }
         settled
     }
 
@@ -489,6 +667,26 @@ impl Member {
         now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<Vec<Sent>, MemberError> {
+        // Keys on demand: a name with no pin is looked up, and the request waits for the answer.
+        let mut pending = Vec::new();
+        for u in to {
+            if self.peers.knows(u) || *u == self.user || !crate::proto::valid_user(u) {
+                continue;
+            }
+            if self.lookups.is_missing(u) {
+                return Err(MemberError::UnknownUser(u.clone()));
+            }
+            if !self.link.established() {
+                return Err(MemberError::UnknownOffline(u.clone()));
+            }
+            match self.ask(u, now) {
+                Ask::Send | Ask::Pending => pending.push(u.clone()),
+                Ask::Full => return Err(MemberError::TooManyLookups),
+            }
+        }
+        if !pending.is_empty() {
+            return Err(MemberError::KeysPending(pending));
+        }
         let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
         let queued = self.sending.queue(
             &self.identity,

@@ -7,7 +7,7 @@
 use crate::clock::Now;
 use log::warn;
 
-use crate::proto::control::{MsgState, Record, RecordBody};
+use crate::proto::control::{MsgState, PeerView, Record, RecordBody};
 use crate::proto::relay::ToRelay;
 use crate::store::MemberStore;
 
@@ -22,6 +22,25 @@ pub enum Out {
     Record(Record),
     /// A sent message reached a new state (with the reason for `Failed`), for `send --wait`.
     State([u8; 16], MsgState, Option<String>),
+    /// The relay answered a key lookup, or the link went down: requests parked on
+    /// [`MemberError::KeysPending`](super::MemberError::KeysPending) can be tried again.
+    Looked,
+    /// A page of `who --all` for request `req`, or why the listing ended early.
+    Listed {
+        /// The daemon's number for the listing.
+        req: u64,
+        /// The page, or the reason there is none.
+        page: Result<ListPage, String>,
+    },
+}
+
+/// One page of the relay's directory as `who --all` shows it.
+#[derive(Debug)]
+pub struct ListPage {
+    /// The entries, in name order.
+    pub views: Vec<PeerView>,
+    /// Where the next page starts (the last name of this one), if more follow.
+    pub next: Option<String>,
 }
 
 /// Append a history record and announce it; a failed write is logged and nothing is announced,

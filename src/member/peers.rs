@@ -33,11 +33,18 @@ struct PeerState {
     online: bool,
 }
 
+/// Pins one member keeps at most. A relay introduces names (in `Welcome`, `Directory` and a
+/// room's `Presence`), and each pin is looked up at every login: this bounds what a relay can
+/// make a member hold and ask, far above any real contact list.
+pub(super) const MAX_PINS: usize = 100_000;
+
 /// What [`Peers::observe`] made of a directory entry.
 #[derive(Debug)]
 pub(super) enum Observed {
     /// Ourselves, or a name no relay may bind: not a peer.
     Ignored,
+    /// A new name, not pinned: the member holds [`MAX_PINS`] already.
+    Full,
     /// The relay presented a key that does not parse.
     Unusable(CryptoError),
     /// A new peer, now pinned to this key.
@@ -147,6 +154,9 @@ impl Peers {
             Err(e) => return Observed::Unusable(e),
         };
         let Some(st) = self.map.get_mut(&p.user) else {
+            if self.map.len() >= MAX_PINS {
+                return Observed::Full;
+            }
             let fingerprint = key.fingerprint();
             self.map.insert(
                 p.user.clone(),
@@ -260,21 +270,32 @@ impl Peers {
         self.pinned_key(user).map(|k| k.fingerprint())
     }
 
-    /// The directory as `who` shows it.
+    /// The contacts as `who` shows them.
     pub(super) fn who(&self) -> Vec<PeerView> {
-        self.map
-            .iter()
-            .map(|(user, st)| PeerView {
-                user: user.clone(),
-                online: st.online,
-                trust: if st.presented.is_some() {
-                    TrustState::Changed
-                } else {
-                    trust_state(st.trust)
-                },
-                fingerprint: st.pinned.fingerprint().to_string(),
-                presented: st.presented.as_ref().map(|k| k.fingerprint().to_string()),
-            })
-            .collect()
+        self.map.iter().map(|(user, st)| view(user, st)).collect()
+    }
+
+    /// One contact as `who` shows it.
+    pub(super) fn view(&self, user: &str) -> Option<PeerView> {
+        self.map.get(user).map(|st| view(user, st))
+    }
+
+    /// The names of every contact (pinned peer), in name order.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.map.keys().cloned().collect()
+    }
+}
+
+fn view(user: &str, st: &PeerState) -> PeerView {
+    PeerView {
+        user: user.to_string(),
+        online: st.online,
+        trust: if st.presented.is_some() {
+            TrustState::Changed
+        } else {
+            trust_state(st.trust)
+        },
+        fingerprint: st.pinned.fingerprint().to_string(),
+        presented: st.presented.as_ref().map(|k| k.fingerprint().to_string()),
     }
 }

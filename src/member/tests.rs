@@ -220,6 +220,7 @@ impl Net {
                     }
                     Out::Record(r) => node.records.push(r),
                     Out::State(id, s, why) => node.states.push((id, s, why)),
+                    Out::Looked | Out::Listed { .. } => {}
                 }
             }
             if close {
@@ -453,6 +454,8 @@ fn kind(m: &Msg) -> &'static str {
         Msg::Up(ToRelay::Send(_)) => "Send",
         Msg::Up(ToRelay::Ack(_)) => "Ack",
         Msg::Up(ToRelay::Ping) => "Ping",
+        Msg::Up(ToRelay::Lookup(_)) => "Lookup",
+        Msg::Up(ToRelay::List { .. }) => "List",
         Msg::Close => "Close",
     }
 }
@@ -749,6 +752,12 @@ fn send_errors_store_nothing() {
         net.try_send(a, &["alice"], "x"),
         Err(MemberError::SelfSend)
     ));
+    // Keys on demand: the first try asks the relay, the answer makes the second one fail.
+    assert!(matches!(
+        net.try_send(a, &["nobody"], "x"),
+        Err(MemberError::KeysPending(u)) if u == ["nobody"]
+    ));
+    net.transfer();
     assert!(matches!(
         net.try_send(a, &["nobody"], "x"),
         Err(MemberError::UnknownUser(u)) if u == "nobody"
@@ -2057,4 +2066,175 @@ fn link_records_say_who_is_online_when_up_and_why_when_down() {
     assert!(with_bob
         .iter()
         .all(|r| !matches!(r.body, RecordBody::Link { .. })));
+}
+
+/// A relay that stops being a room at its second name: members learn keys only by `Lookup`.
+fn large_net() -> Net {
+    Net::with_limits(Limits {
+        directory_push_max: 1,
+        ..Limits::default()
+    })
+}
+
+#[test]
+fn keys_on_demand_pin_a_new_recipient_and_a_new_sender() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    let b = net.join("bob", BOB);
+    assert!(net.nodes[a].member.who().is_empty(), "no directory pushed");
+    // Alice's first send to bob asks the relay; the answer pins bob (TOFU) and the send goes.
+    assert!(matches!(
+        net.try_send(a, &["bob"], "x"),
+        Err(MemberError::KeysPending(u)) if u == ["bob"]
+    ));
+    assert_eq!(net.nodes[a].store.outbox_messages().unwrap(), 0);
+    net.transfer();
+    assert_eq!(
+        net.nodes[a].member.pinned("bob"),
+        Some(public(BOB).fingerprint())
+    );
+    let view = net.who(a, "bob");
+    assert!(view.online);
+    assert_eq!(view.trust, "pinned");
+    net.send(a, "bob", "hello bob");
+    net.transfer();
+    // Bob had no key for alice: he held the message, looked her up, pinned her, opened it.
+    assert_eq!(net.inbox(b), inbox_of(&[("alice", "hello bob")]));
+    assert_eq!(
+        net.nodes[b].member.pinned("alice"),
+        Some(public(ALICE).fingerprint())
+    );
+    assert!(net.trace.iter().any(|(who, m)| who == "bob"
+        && matches!(m, Msg::Up(ToRelay::Lookup(n)) if n == &["alice".to_string()])));
+}
+
+#[test]
+fn a_key_change_is_caught_at_login_and_by_presence_on_a_large_relay() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    net.join("carol", CAROL);
+    let _ = net.try_send(a, &["carol"], "x");
+    net.transfer();
+    assert_eq!(
+        net.nodes[a].member.pinned("carol"),
+        Some(public(CAROL).fingerprint())
+    );
+    // Carol returns with a new key while alice is online: alice follows her, so hears it.
+    net.forget("carol");
+    net.transfer();
+    net.join("carol", CAROL2);
+    let view = net.who(a, "carol");
+    assert_eq!(view.trust, "changed");
+    assert_eq!(
+        view.presented,
+        Some(public(CAROL2).fingerprint().to_string())
+    );
+    assert!(matches!(
+        net.try_send(a, &["carol"], "x"),
+        Err(MemberError::KeyChanged { .. })
+    ));
+    // And after a restart, the login's lookup of every contact finds it again.
+    net.restart(a);
+    net.connect(a);
+    net.transfer();
+    assert_eq!(net.who(a, "carol").trust, "changed");
+}
+
+#[test]
+fn a_relay_cannot_push_pins_the_member_did_not_ask_for() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    net.join("bob", BOB);
+    let bob = Peer {
+        user: "bob".into(),
+        key: public(BOB).der().to_vec(),
+        online: true,
+    };
+    let node = &mut net.nodes[a];
+    node.member.handle(
+        FromRelay::Keys {
+            peers: vec![bob],
+            unknown: vec![],
+        },
+        Now::at(net.now),
+        &mut node.store,
+    );
+    assert!(
+        node.member.who().is_empty(),
+        "an answer to no question pins nothing"
+    );
+}
+
+#[test]
+fn a_login_keeps_at_most_two_contact_lookups_unanswered() {
+    let mut net = large_net();
+    let a = net.add("alice", ALICE);
+    {
+        let store = &mut net.nodes[a].store;
+        store.begin().unwrap();
+        for i in 0..1500 {
+            store
+                .put_pin(&crate::store::Pin {
+                    user: format!("c{i:04}"),
+                    key: public(BOB).der().to_vec(),
+                    trust: crate::store::PinTrust::Pinned,
+                    presented: None,
+                })
+                .unwrap();
+        }
+        store.commit().unwrap();
+        let node = &mut net.nodes[a];
+        node.member = Member::load("alice".into(), identity(ALICE), &node.store).unwrap();
+    }
+    net.connect(a);
+    net.transfer();
+    let (mut asked, mut most, mut names) = (0i64, 0i64, 0usize);
+    for (who, m) in &net.trace {
+        if who != "alice" {
+            continue;
+        }
+        match m {
+            Msg::Up(ToRelay::Lookup(n)) => {
+                asked += 1;
+                names += n.len();
+                most = most.max(asked);
+            }
+            Msg::Down(FromRelay::Keys { .. }) => asked -= 1,
+            _ => {}
+        }
+    }
+    assert_eq!(names, 1500, "every contact looked up once");
+    assert_eq!(asked, 0, "every lookup answered");
+    assert!(
+        most <= 2,
+        "at most two lookups unanswered at once, saw {most}"
+    );
+}
+
+#[test]
+fn a_directory_page_that_does_not_move_forward_ends_the_listing() {
+    let mut net = large_net();
+    let a = net.join("alice", ALICE);
+    let t = Now::at(net.now);
+    let node = &mut net.nodes[a];
+    node.member.list(9, "bob", "", t).unwrap();
+    drain(&mut node.member);
+    let bob = Peer {
+        user: "bob".into(),
+        key: public(BOB).der().to_vec(),
+        online: true,
+    };
+    node.member.handle(
+        FromRelay::Listing {
+            peers: vec![bob],
+            more: true,
+        },
+        t,
+        &mut node.store,
+    );
+    let out = drain(&mut node.member);
+    assert!(
+        matches!(&out[..], [Out::Listed { req: 9, page: Err(why) }] if why.contains("out of order")),
+        "{out:?}"
+    );
 }

@@ -54,8 +54,15 @@ pub enum CtlRequest {
         /// Keep the stream open for new records.
         follow: bool,
     },
-    /// The peer directory.
+    /// A member's contacts (the peers it has pinned) with their online state; on a relay, its
+    /// registrations. `Peers` frames, then `End`.
     Who,
+    /// The relay's whole directory, or the names in it that start with `prefix`, a page at a
+    /// time: `Peers` frames, then `End`. Added in 0.2 (issue 8): `who --all`.
+    Directory {
+        /// Only names that start with this.
+        prefix: Option<String>,
+    },
     /// Daemon status.
     Status,
     /// Own fingerprint, or a peer's pinned one.

@@ -98,8 +98,12 @@ where
 /// Most recipients of one `send`.
 pub const MAX_RECIPIENTS: usize = 256;
 
-/// Most directory entries in one `Welcome` or `Directory` frame (the relay sends this many).
+/// Most directory entries in one `Welcome`, `Directory` or `Listing` frame (512 entries with
+/// 8192-bit keys, about 1.1 KB each, stay well under the 1 MiB frame cap).
 pub const DIRECTORY_CHUNK: usize = 512;
+
+/// Most names in one `Lookup`, and most entries in each list of its `Keys` answer.
+pub const LOOKUP_CHUNK: usize = 512;
 
 /// Random 16-byte identifiers (message ids, session ids) are shown as 32 lowercase hex digits.
 pub fn hex(bytes: &[u8]) -> String {

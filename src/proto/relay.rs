@@ -156,6 +156,24 @@ pub enum ToRelay {
     Ack(ItemKey),
     /// Keep-alive; the relay answers `Pong`.
     Ping,
+    /// Keys on demand: the key and online state of each of these names (at most
+    /// [`LOOKUP_CHUNK`](crate::proto::LOOKUP_CHUNK)); the relay answers `Keys`, in order with
+    /// other lookups, and from then on tells this connection when each name found joins or
+    /// leaves (a subscription, up to the relay's `max_subscriptions`).
+    Lookup(
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::LOOKUP_CHUNK }>"
+        )]
+        Vec<String>,
+    ),
+    /// One page of the relay's directory: names that start with `prefix`, in byte order, after
+    /// `after` (`""` for the first page). The relay answers `Listing`.
+    List {
+        /// The last name of the previous page, or `""`.
+        after: String,
+        /// Only names that start with this (`""` for all).
+        prefix: String,
+    },
 }
 
 /// Relay to member.
@@ -200,6 +218,29 @@ pub enum FromRelay {
         code: RefuseCode,
         /// Human-readable reason.
         reason: String,
+    },
+    /// Answer to `Lookup`: the names that are bound, with their keys, and those that are not.
+    Keys {
+        /// Every name asked for that is bound.
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::LOOKUP_CHUNK }>"
+        )]
+        peers: Vec<Peer>,
+        /// Every name asked for that is not.
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::LOOKUP_CHUNK }>"
+        )]
+        unknown: Vec<String>,
+    },
+    /// Answer to `List`: one page of the directory, in name order.
+    Listing {
+        /// At most [`DIRECTORY_CHUNK`](crate::proto::DIRECTORY_CHUNK) entries.
+        #[serde(
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { crate::proto::DIRECTORY_CHUNK }>"
+        )]
+        peers: Vec<Peer>,
+        /// More names follow the last one: ask again with it as `after`.
+        more: bool,
     },
     /// Answer to `Ping`.
     Pong,

@@ -8,7 +8,7 @@
 //! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
 //! until the turn's transaction commits).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use log::{info, warn};
 use rand::rngs::StdRng;
@@ -72,6 +72,14 @@ pub struct Limits {
     pub max_names_per_key: usize,
     /// New names the relay binds in any 60 s, from everyone together.
     pub new_names_per_minute: usize,
+    /// While the relay holds at most this many names it behaves as a room: `Welcome` carries
+    /// the whole directory and every join and leave goes to everyone. Above it, a member learns
+    /// keys by `Lookup` and hears the presence of the names it looked up only, so a login costs
+    /// the relay the same whatever its size.
+    pub directory_push_max: usize,
+    /// Names one connection may follow (`Lookup` subscribes it to each name found). Bounds what
+    /// one join or leave fans out to, and the relay's memory per connection.
+    pub max_subscriptions: usize,
 }
 
 impl Default for Limits {
@@ -83,9 +91,21 @@ impl Default for Limits {
             window_bytes: 8 << 20,
             max_names_per_key: 8,
             new_names_per_minute: 600,
+            directory_push_max: DEFAULT_DIRECTORY_PUSH_MAX,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
         }
     }
 }
+
+/// The default of `directory_push_max`: a room of a few hundred people still sees everyone.
+pub const DEFAULT_DIRECTORY_PUSH_MAX: usize = 256;
+
+/// The default of `max_subscriptions`: contacts one member hears joins and leaves of.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
+
+/// Directory entries the relay puts in one `Listing` (with 2048-bit keys about 80 KB), and in one
+/// page of a relay's own `who`.
+pub const LIST_PAGE: usize = 256;
 
 /// What the daemon must do for the relay.
 #[derive(Debug, PartialEq)]
@@ -109,6 +129,8 @@ struct Conn {
     state: State,
     since: u64,
     last_seen: u64,
+    /// The names this connection follows (it looked them up), for presence.
+    subs: HashSet<String>,
 }
 
 fn name_of(msg: &ToRelay) -> &'static str {
@@ -117,6 +139,8 @@ fn name_of(msg: &ToRelay) -> &'static str {
         ToRelay::Send(_) => "Send",
         ToRelay::Ack(_) => "Ack",
         ToRelay::Ping => "Ping",
+        ToRelay::Lookup(_) => "Lookup",
+        ToRelay::List { .. } => "List",
     }
 }
 
@@ -135,6 +159,16 @@ pub struct Relay {
     names_per_key: HashMap<Vec<u8>, usize>,
     /// When each new name of the last [`REGISTRATION_WINDOW_MS`] was bound (monotonic ms).
     recent_binds: VecDeque<u64>,
+    /// Who follows each name (connections that looked it up), for presence on a large relay.
+    watchers: HashMap<String, HashSet<ConnId>>,
+    /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
+    /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
+    /// moves deadlines later), so the loop need not walk every connection each turn.
+    earliest: Option<u64>,
+    /// Joins and leaves of this turn not sent yet, the latest state of each name: they go out
+    /// when the turn's output is drained, so a name that toggles in one turn costs its followers
+    /// one frame, and a mass disconnect costs each follower one frame per name it follows.
+    presence: BTreeMap<String, bool>,
 }
 
 /// The window `new_names_per_minute` counts over.
@@ -170,6 +204,9 @@ impl Relay {
             rng: StdRng::from_entropy(),
             names_per_key,
             recent_binds: VecDeque::new(),
+            watchers: HashMap::new(),
+            presence: BTreeMap::new(),
+            earliest: None,
         })
     }
 
@@ -183,6 +220,16 @@ impl Relay {
     /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which `tick` has
     /// something to do, so the daemon can sleep until then instead of waking on a fixed tick.
     pub fn next_deadline(&self) -> Option<u64> {
+        self.earliest
+    }
+
+    /// Lower the earliest deadline to `at` if it is earlier.
+    fn due_by(&mut self, at: u64) {
+        self.earliest = Some(self.earliest.map_or(at, |e| e.min(at)));
+    }
+
+    /// The earliest deadline of any connection, walking them all (after a tick).
+    fn compute_deadline(&self) -> Option<u64> {
         self.conns
             .values()
             .filter_map(|c| match c.state {
@@ -206,17 +253,78 @@ impl Relay {
     /// Replace the limits (config reload).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
+        self.earliest = self.compute_deadline();
     }
 
-    /// The next action for the daemon.
+    /// The next action for the daemon. The turn's joins and leaves go out once everything else
+    /// of the turn is taken (coalesced per name).
     pub fn poll(&mut self) -> Option<Out> {
+        if self.out.is_empty() {
+            self.flush_presence();
+        }
         self.out.pop_front()
     }
 
     /// Whether actions wait for [`Self::poll`]: the daemon must not sleep on them (a host's link
     /// is attached before the loop's first turn).
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || !self.presence.is_empty()
+    }
+
+    /// A small relay behaves as a room (see [`Limits::directory_push_max`]).
+    fn is_room(&self) -> bool {
+        self.bindings.len() <= self.limits.directory_push_max
+    }
+
+    /// Send every pending join and leave to those who hear it.
+    fn flush_presence(&mut self) {
+        let pending = std::mem::take(&mut self.presence);
+        for (user, online) in pending {
+            self.announce(&user, online);
+        }
+    }
+
+    /// Send `user`'s pending join or leave now (before anything else of theirs, so a follower
+    /// learns a new key before the first message under it).
+    fn flush_presence_of(&mut self, user: &str) {
+        if let Some(online) = self.presence.remove(user) {
+            self.announce(user, online);
+        }
+    }
+
+    /// Tell who hears it that `user` is `online`: everyone on a room-sized relay, the
+    /// connections that follow `user` otherwise.
+    fn announce(&mut self, user: &str, online: bool) {
+        let Some(key) = self.bindings.get(user) else {
+            return;
+        };
+        let p = Peer {
+            user: user.to_string(),
+            key: key.der().to_vec(),
+            online,
+        };
+        if self.is_room() {
+            for (name, id) in &self.online {
+                if name != user {
+                    self.out
+                        .push_back(Out::Send(*id, FromRelay::Presence(p.clone())));
+                }
+            }
+        } else if let Some(ids) = self.watchers.get(user) {
+            // In id order, so a seeded run repeats (a set's order is random per process).
+            let mut ids: Vec<ConnId> = ids.iter().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                let logged_in = self
+                    .conns
+                    .get(&id)
+                    .is_some_and(|c| matches!(c.state, State::Established { .. }));
+                if logged_in {
+                    self.out
+                        .push_back(Out::Send(id, FromRelay::Presence(p.clone())));
+                }
+            }
+        }
     }
 
     /// A new connection: send it a challenge.
@@ -229,7 +337,12 @@ impl Relay {
                 state: State::ExpectLogin { nonce },
                 since: now,
                 last_seen: now,
+                subs: HashSet::new(),
             },
+        );
+        self.due_by(
+            now.saturating_add(self.limits.handshake_timeout_ms)
+                .saturating_add(1),
         );
         self.out.push_back(Out::Send(
             id,
@@ -245,8 +358,21 @@ impl Relay {
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
+        self.unwatch(id, &conn.subs);
         if let State::Established { user } = conn.state {
             self.went_offline(id, &user, true);
+        }
+    }
+
+    /// Connection `id`, which followed `subs`, follows nobody any more.
+    fn unwatch(&mut self, id: ConnId, subs: &HashSet<String>) {
+        for name in subs {
+            if let Some(ids) = self.watchers.get_mut(name) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.watchers.remove(name);
+                }
+            }
         }
     }
 
@@ -260,14 +386,7 @@ impl Relay {
             return;
         }
         info!("{user} left");
-        if let Some(key) = self.bindings.get(user) {
-            let p = Peer {
-                user: user.to_string(),
-                key: key.der().to_vec(),
-                online: false,
-            };
-            self.broadcast(user, FromRelay::Presence(p));
-        }
+        self.presence.insert(user.to_string(), false);
     }
 
     /// One frame payload from a connection.
@@ -320,10 +439,16 @@ impl Relay {
                     ToRelay::Send(item) => self.route(id, &user, item, store),
                     ToRelay::Ack(key) => self.ack(&user, key, store),
                     ToRelay::Ping => self.out.push_back(Out::Send(id, FromRelay::Pong)),
+                    ToRelay::Lookup(names) => self.lookup(id, names),
+                    ToRelay::List { after, prefix } => {
+                        let (peers, more) = self.page(&after, &prefix, LIST_PAGE);
+                        self.out
+                            .push_back(Out::Send(id, FromRelay::Listing { peers, more }));
+                    }
                     ToRelay::Login { .. } => self.fail(
                         id,
                         RelayError::Unexpected {
-                            expected: "Send, Ack or Ping",
+                            expected: "Send, Ack, Ping, Lookup or List",
                             got: "Login",
                         },
                     ),
@@ -356,6 +481,7 @@ impl Relay {
             info!("connection {id}: {why}");
             self.close_with(id, ErrorCode::Timeout, why.to_string());
         }
+        self.earliest = self.compute_deadline();
     }
 
     /// Drop a name's binding and queue so a new key may claim it. True if the name was bound.
@@ -372,6 +498,8 @@ impl Relay {
             );
             self.disconnect(id);
         }
+        // The others hear that the name left while it still has a key to name.
+        self.flush_presence_of(user);
         if let Some(key) = self.bindings.remove(user) {
             self.unbound(&key);
         }
@@ -380,18 +508,98 @@ impl Relay {
         Ok(true)
     }
 
-    /// Registered names, for `who` on a relay.
-    pub fn directory(&self) -> Vec<PeerView> {
-        self.bindings
-            .iter()
-            .map(|(user, key)| PeerView {
-                user: user.clone(),
-                online: self.online.contains_key(user),
+    /// Registered names, for `who` on a relay: at most `max` that start with `prefix`, after
+    /// `after` in name order, and whether more follow. A page at a time, so `who` on a relay of
+    /// any size costs bounded memory.
+    pub fn directory(&self, after: &str, prefix: &str, max: usize) -> (Vec<PeerView>, bool) {
+        let (peers, more) = self.page(after, prefix, max);
+        let views = peers
+            .into_iter()
+            .map(|p| PeerView {
+                online: p.online,
                 trust: TrustState::Bound,
-                fingerprint: key.fingerprint().to_string(),
+                fingerprint: self
+                    .bindings
+                    .get(&p.user)
+                    .map(|k| k.fingerprint().to_string())
+                    .unwrap_or_default(),
                 presented: None,
+                user: p.user,
             })
-            .collect()
+            .collect();
+        (views, more)
+    }
+
+    /// The fingerprint bound to `user`.
+    pub fn bound(&self, user: &str) -> Option<crate::crypto::Fingerprint> {
+        self.bindings.get(user).map(|k| k.fingerprint())
+    }
+
+    /// How many names are bound.
+    pub fn bound_count(&self) -> usize {
+        self.bindings.len()
+    }
+
+    /// At most `max` directory entries that start with `prefix`, after `after`; and whether
+    /// more follow.
+    fn page(&self, after: &str, prefix: &str, max: usize) -> (Vec<Peer>, bool) {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let start = if after.is_empty() || after < prefix {
+            Included(prefix)
+        } else {
+            Excluded(after)
+        };
+        let mut it = self
+            .bindings
+            .range::<str, _>((start, Unbounded))
+            .take_while(|(name, _)| name.starts_with(prefix));
+        let peers: Vec<Peer> = it
+            .by_ref()
+            .take(max)
+            .map(|(name, k)| Peer {
+                user: name.clone(),
+                key: k.der().to_vec(),
+                online: self.online.contains_key(name),
+            })
+            .collect();
+        let more = it.next().is_some();
+        (peers, more)
+    }
+
+    /// Answer a `Lookup`, and follow each name found (up to `max_subscriptions`).
+    fn lookup(&mut self, id: ConnId, names: Vec<String>) {
+        let mut peers = Vec::new();
+        let mut unknown = Vec::new();
+        for name in names {
+            // A join or leave still pending must not arrive after the answer it predates.
+            self.flush_presence_of(&name);
+            match self.bindings.get(&name) {
+                Some(k) => {
+                    peers.push(Peer {
+                        user: name.clone(),
+                        key: k.der().to_vec(),
+                        online: self.online.contains_key(&name),
+                    });
+                    self.watch(id, name);
+                }
+                None => unknown.push(name),
+            }
+        }
+        self.out
+            .push_back(Out::Send(id, FromRelay::Keys { peers, unknown }));
+    }
+
+    /// Connection `id` follows `name` from now on, if it may follow one more.
+    fn watch(&mut self, id: ConnId, name: String) {
+        let max = self.limits.max_subscriptions;
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.subs.len() >= max || c.subs.contains(&name) {
+            return;
+        }
+        c.subs.insert(name.clone());
+        self.watchers.entry(name).or_default().insert(id);
     }
 
     /// How many names are online.
@@ -501,18 +709,27 @@ impl Relay {
         if let Some(c) = self.conns.get_mut(&id) {
             c.state = State::Established { user: user.clone() };
         }
+        self.due_by(
+            now.saturating_add(self.limits.idle_timeout_ms)
+                .saturating_add(1),
+        );
         self.online.insert(user.clone(), id);
         info!("{user} joined ({})", key.fingerprint());
-        let mut peers: Vec<Peer> = self
-            .bindings
-            .iter()
-            .filter(|(name, _)| **name != user)
-            .map(|(name, k)| Peer {
-                user: name.clone(),
-                key: k.der().to_vec(),
-                online: self.online.contains_key(name),
-            })
-            .collect();
+        // A room-sized relay sends its whole directory; a large one nothing (members look up
+        // the names they need), so a login costs the same whatever the relay holds.
+        let mut peers: Vec<Peer> = if self.is_room() {
+            self.bindings
+                .iter()
+                .filter(|(name, _)| **name != user)
+                .map(|(name, k)| Peer {
+                    user: name.clone(),
+                    key: k.der().to_vec(),
+                    online: self.online.contains_key(name),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // A large directory goes out in chunks that each fit a frame whatever the key sizes.
         let rest = peers.split_off(peers.len().min(DIRECTORY_CHUNK));
         self.out.push_back(Out::Send(
@@ -527,12 +744,7 @@ impl Relay {
                 .push_back(Out::Send(id, FromRelay::Directory(chunk.to_vec())));
         }
         if !was_online {
-            let p = Peer {
-                user: user.clone(),
-                key: key.der().to_vec(),
-                online: true,
-            };
-            self.broadcast(&user, FromRelay::Presence(p));
+            self.presence.insert(user.clone(), true);
         }
         // A new connection has seen none of the queue: start the window over.
         if let Some(q) = self.queues.get_mut(&user) {
@@ -600,6 +812,8 @@ impl Relay {
             self.out.push_back(r);
             return;
         }
+        // Followers learn of the sender's join (and key) before its first message.
+        self.flush_presence_of(user);
         let to = item.to().to_string();
         if !self.bindings.contains_key(&to) {
             self.out.push_back(refuse(
@@ -664,14 +878,6 @@ impl Relay {
         }
         q.remove(key);
         self.fill(user, store);
-    }
-
-    fn broadcast(&mut self, except: &str, msg: FromRelay) {
-        for (name, id) in &self.online {
-            if name != except {
-                self.out.push_back(Out::Send(*id, msg.clone()));
-            }
-        }
     }
 
     fn close_with(&mut self, id: ConnId, code: ErrorCode, reason: String) {

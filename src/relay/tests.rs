@@ -206,7 +206,7 @@ fn challenge_then_login_then_welcome() {
         t.store.bindings().unwrap(),
         [("alice".to_string(), me.public().der().to_vec())]
     );
-    let dir = t.relay.directory();
+    let dir = t.relay.directory("", "", usize::MAX).0;
     assert_eq!(dir.len(), 1);
     assert_eq!(dir[0].user, "alice");
     assert!(dir[0].online);
@@ -290,7 +290,7 @@ fn bad_login_signature_is_refused_and_binds_nothing() {
     );
     assert_eq!(error_code(&out, 1).as_deref(), Some("bad_login"));
     assert!(t.store.bindings().unwrap().is_empty());
-    assert!(t.relay.directory().is_empty());
+    assert!(t.relay.directory("", "", usize::MAX).0.is_empty());
     assert_eq!(t.relay.online_count(), 0);
 }
 
@@ -311,7 +311,7 @@ fn login_signed_for_another_name_is_refused() {
         },
     );
     assert_eq!(error_code(&out, 1).as_deref(), Some("bad_login"));
-    assert!(t.relay.directory().is_empty());
+    assert!(t.relay.directory("", "", usize::MAX).0.is_empty());
 }
 
 #[test]
@@ -329,7 +329,7 @@ fn invalid_name_and_garbage_key_are_refused() {
         },
     );
     assert_eq!(error_code(&out, 2).as_deref(), Some("bad_login"));
-    assert!(t.relay.directory().is_empty());
+    assert!(t.relay.directory("", "", usize::MAX).0.is_empty());
 }
 
 #[test]
@@ -345,7 +345,8 @@ fn impersonation_gets_name_taken_and_the_owner_stays_online() {
     assert_eq!(t.relay.online_count(), 2);
     let alice = t
         .relay
-        .directory()
+        .directory("", "", usize::MAX)
+        .0
         .into_iter()
         .find(|p| p.user == "alice")
         .unwrap();
@@ -549,7 +550,7 @@ fn offline_recipient_queue_survives_restart_and_is_delivered_on_login_in_order()
         now: t.now,
     };
     assert_eq!(t.relay.queued_count(), 3);
-    assert_eq!(t.relay.directory().len(), 2);
+    assert_eq!(t.relay.directory("", "", usize::MAX).0.len(), 2);
     let out = t.login(5, "bob", BOB);
     let got = to(&out, 5);
     assert!(matches!(got[0], FromRelay::Welcome { .. }));
@@ -732,7 +733,7 @@ fn forget_drops_binding_and_queue_and_lets_a_new_key_claim_the_name() {
         Some(FromRelay::Welcome { .. })
     ));
     assert_eq!(
-        t.relay.directory()[0].fingerprint,
+        t.relay.directory("", "", usize::MAX).0[0].fingerprint,
         identity(MALLORY).public().fingerprint().to_string()
     );
 }
@@ -972,16 +973,21 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     assert_eq!(relay.queued_count(), 0);
 }
 
-/// `next_deadline` names the first instant at which `tick` closes someone: nothing closes a
-/// millisecond before it, the late connection closes at it, and an established one moves it to
-/// its idle timeout.
+/// `next_deadline` is never later than the first instant at which `tick` closes someone, and
+/// exact after a tick (it is kept, not recomputed from every connection each turn): nothing
+/// closes a millisecond before it, the late connection closes at it, and an established one
+/// moves it to its idle timeout.
 #[test]
 fn next_deadline_is_when_tick_acts() {
     let mut t = T::new();
     assert_eq!(t.relay.next_deadline(), None);
     t.logged_in(1, "alice", ALICE);
-    let idle = t.relay.next_deadline().unwrap();
-    assert_eq!(idle, t.now + Limits::default().idle_timeout_ms + 1);
+    let idle = t.now + Limits::default().idle_timeout_ms + 1;
+    // Before a tick, a lower bound: here the handshake deadline of the login just made.
+    assert!(t.relay.next_deadline().unwrap() <= idle);
+    t.relay.tick(t.now);
+    assert!(t.drain().is_empty());
+    assert_eq!(t.relay.next_deadline(), Some(idle));
     t.now += 10;
     t.connect(2);
     let handshake = t.now + Limits::default().handshake_timeout_ms + 1;
@@ -1021,7 +1027,11 @@ fn a_key_holds_at_most_max_names_per_key() {
     let out = t.login(3, "m3", MALLORY);
     assert_eq!(error_code(&out, 3).as_deref(), Some("too_many_names"));
     assert!(
-        !t.relay.directory().iter().any(|p| p.user == "m3"),
+        !t.relay
+            .directory("", "", usize::MAX)
+            .0
+            .iter()
+            .any(|p| p.user == "m3"),
         "m3 was not bound"
     );
     assert!(t.store.bindings().unwrap().iter().all(|(u, _)| u != "m3"));
@@ -1075,4 +1085,201 @@ fn a_timeout_of_forever_never_falls_due() {
     assert_eq!(t.relay.next_deadline(), Some(u64::MAX));
     t.relay.tick(u64::MAX - 1);
     assert!(t.drain().is_empty(), "nobody is timed out");
+}
+
+/// A relay above `directory_push_max` names: `directory_push_max` 2, and `extra` names bound
+/// directly in the store before it loads (so logins cost no registrations).
+fn large(extra: usize) -> T {
+    let mut t = T::new();
+    let key = identity(MALLORY).public().der().to_vec();
+    t.store.begin().unwrap();
+    for i in 0..extra {
+        t.store.bind(&format!("z{i:05}"), &key).unwrap();
+    }
+    t.store.commit().unwrap();
+    t.relay = Relay::load(
+        &t.store,
+        Limits {
+            directory_push_max: 2,
+            max_subscriptions: 3,
+            max_names_per_key: 1000,
+            ..Limits::default()
+        },
+    )
+    .unwrap();
+    t
+}
+
+#[test]
+fn a_large_relay_sends_no_directory_at_login_and_presence_only_to_followers() {
+    let mut t = large(10);
+    t.logged_in(1, "alice", ALICE);
+    let out = t.login(2, "bob", BOB);
+    assert!(
+        matches!(&to(&out, 2)[..], [FromRelay::Welcome { peers, .. }] if peers.is_empty()),
+        "no directory at login on a large relay: {out:?}"
+    );
+    assert!(to(&out, 1).is_empty(), "alice does not follow bob: {out:?}");
+    // Alice looks bob up: his key, online, and from now on his joins and leaves.
+    let out = t.handle(1, ToRelay::Lookup(vec!["bob".into(), "nobody".into()]));
+    match &to(&out, 1)[..] {
+        [FromRelay::Keys { peers, unknown }] => {
+            assert_eq!(peers.len(), 1);
+            assert_eq!(peers[0].user, "bob");
+            assert!(peers[0].online);
+            assert_eq!(peers[0].key, identity(BOB).public().der().to_vec());
+            assert_eq!(unknown, &["nobody".to_string()]);
+        }
+        other => panic!("expected Keys, got {other:?}"),
+    }
+    t.relay.disconnect(ConnId(2));
+    let out = t.drain();
+    assert!(
+        matches!(&to(&out, 1)[..], [FromRelay::Presence(p)] if p.user == "bob" && !p.online),
+        "{out:?}"
+    );
+    // Carol joins: nobody follows her, so nobody hears of it.
+    let out = t.login(3, "carol", MALLORY);
+    assert!(to(&out, 1).is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_room_sized_relay_tells_everyone_everything() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    let out = t.login(2, "bob", BOB);
+    assert!(matches!(
+        &to(&out, 2)[..],
+        [FromRelay::Welcome { peers, .. }] if peers.len() == 1 && peers[0].user == "alice"
+    ));
+    assert!(matches!(&to(&out, 1)[..], [FromRelay::Presence(p)] if p.user == "bob" && p.online));
+}
+
+#[test]
+fn subscriptions_stop_at_max_subscriptions() {
+    let mut t = large(10);
+    t.logged_in(1, "alice", ALICE);
+    let names: Vec<String> = (0..5).map(|i| format!("z{i:05}")).collect();
+    let out = t.handle(1, ToRelay::Lookup(names));
+    // Every key is answered, whatever the bound.
+    assert!(matches!(&to(&out, 1)[..], [FromRelay::Keys { peers, .. }] if peers.len() == 5));
+    // Only the first three (max_subscriptions) are followed: log in as each of the five.
+    let mut heard = Vec::new();
+    for i in 0..5u64 {
+        let out = t.login(10 + i, &format!("z{i:05}"), MALLORY);
+        for m in to(&out, 1) {
+            if let FromRelay::Presence(p) = m {
+                heard.push(p.user);
+            }
+        }
+    }
+    assert_eq!(heard, ["z00000", "z00001", "z00002"]);
+}
+
+#[test]
+fn presence_is_coalesced_per_turn_and_a_sender_is_announced_before_its_message() {
+    let mut t = large(10);
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.handle(1, ToRelay::Lookup(vec!["bob".into()]));
+    // Bob leaves and comes back in one turn (nothing is drained between): one frame.
+    t.relay.disconnect(ConnId(2));
+    let nonce = {
+        t.relay.connect(ConnId(3), t.now);
+        match t.relay.poll() {
+            Some(Out::Send(_, FromRelay::Challenge { nonce, .. })) => nonce,
+            other => panic!("{other:?}"),
+        }
+    };
+    let me = identity(BOB);
+    let signature = me
+        .sign(&mut rand::thread_rng(), &login_transcript(&nonce, "bob"))
+        .unwrap();
+    t.relay.handle(
+        ConnId(3),
+        ToRelay::Login {
+            user: "bob".into(),
+            key: me.public().der().to_vec(),
+            signature,
+        },
+        t.now,
+        &mut t.store,
+    );
+    // Before the turn ends bob sends alice a message: his join must reach her first.
+    let env = Routed::Message(Envelope {
+        id: [7; 16],
+        from: "bob".into(),
+        to: "alice".into(),
+        time_ms: 1,
+        session: [1; 16],
+        counter: 0,
+        key_packet: None,
+        ciphertext: vec![0; 17],
+    });
+    t.relay
+        .handle(ConnId(3), ToRelay::Send(env), t.now, &mut t.store);
+    let out = t.drain();
+    let alice = to(&out, 1);
+    assert!(
+        matches!(&alice[..], [FromRelay::Presence(p), FromRelay::Deliver(_)] if p.user == "bob" && p.online),
+        "one presence, then the message: {alice:?}"
+    );
+}
+
+#[test]
+fn a_mass_disconnect_sends_nothing_to_nobody_on_a_large_relay() {
+    let mut t = large(0);
+    for i in 0..50u64 {
+        t.logged_in(100 + i, &format!("m{i:03}"), ALICE);
+    }
+    t.logged_in(1, "alice", BOB);
+    t.handle(1, ToRelay::Lookup(vec!["m000".into()]));
+    for i in 0..50u64 {
+        t.relay.disconnect(ConnId(100 + i));
+    }
+    let out = t.drain();
+    // Only alice's one follow is told, once.
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(matches!(&to(&out, 1)[..], [FromRelay::Presence(p)] if p.user == "m000"));
+}
+
+#[test]
+fn list_pages_the_directory_in_name_order_with_a_prefix() {
+    let mut t = large(600);
+    t.logged_in(1, "alice", ALICE);
+    let mut names = Vec::new();
+    let mut after = String::new();
+    loop {
+        let out = t.handle(
+            1,
+            ToRelay::List {
+                after: after.clone(),
+                prefix: "z".into(),
+            },
+        );
+        let [FromRelay::Listing { peers, more }] = &to(&out, 1)[..] else {
+            panic!("expected a Listing: {out:?}");
+        };
+        assert!(peers.len() <= LIST_PAGE);
+        names.extend(peers.iter().map(|p| p.user.clone()));
+        if !more {
+            break;
+        }
+        after = peers.last().unwrap().user.clone();
+    }
+    assert_eq!(names.len(), 600, "every z name once, and not alice");
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    let out = t.handle(
+        1,
+        ToRelay::List {
+            after: String::new(),
+            prefix: "z0059".into(),
+        },
+    );
+    assert!(matches!(
+        &to(&out, 1)[..],
+        [FromRelay::Listing { peers, more: false }] if peers.len() == 10
+    ));
 }

@@ -187,6 +187,13 @@ fn a_relay_refuses_member_requests() {
 #[test]
 fn send_to_an_unknown_user_fails_and_sends_nothing() {
     let mut net = Net::new();
+    // Keys on demand: carol has no pin, so the send waits for the relay's answer.
+    assert!(matches!(
+        net.request(send("carol", Wait::None, 0)),
+        Reply::Park(_)
+    ));
+    net.pump();
+    // The relay has no carol: asked again, the send fails.
     let (kind, msg) = error_of(net.request(send("carol", Wait::None, 0)));
     assert_eq!(kind, ErrorKind::Failed);
     assert!(msg.contains("carol"), "{msg}");
@@ -480,11 +487,7 @@ fn who_streams_in_chunks_then_end() {
     }
     store.commit().unwrap();
     let mut roles = Roles::Relay(Relay::load(&store, Limits::default()).unwrap());
-    let Reply::Stream(frames) =
-        request(&mut roles, &mut store, &info, CtlRequest::Who, Now::at(T0))
-    else {
-        panic!("who must stream");
-    };
+    let frames = relay_list(&mut roles, &mut store, &info);
     let sizes: Vec<usize> = frames
         .iter()
         .map(|f| match f {
@@ -515,10 +518,62 @@ fn who_streams_in_chunks_then_end() {
 
     // Nothing known: just `End`.
     let (_dir, mut roles, mut store, info) = relay_only();
-    let Reply::Stream(frames) =
-        request(&mut roles, &mut store, &info, CtlRequest::Who, Now::at(T0))
-    else {
-        panic!("who must stream");
+    assert_eq!(
+        relay_list(&mut roles, &mut store, &info),
+        [CtlResponse::End]
+    );
+}
+
+/// `who` on a relay, paged to the end as the loop pages it.
+fn relay_list(roles: &mut Roles, store: &mut Store, info: &Info) -> Vec<CtlResponse> {
+    let Reply::List(mut list) = request(roles, store, info, CtlRequest::Who, Now::at(T0)) else {
+        panic!("who on a relay must page");
     };
-    assert_eq!(frames, [CtlResponse::End]);
+    let relay = roles.relay().expect("relay");
+    let mut frames = Vec::new();
+    while !relay_page(relay, &mut list, &mut frames) {}
+    frames
+}
+
+/// A send to a name with no pin waits for the relay's lookup answer at most
+/// `LOOKUP_TIMEOUT_MS`, then fails with nothing stored; and it is tried again only once the
+/// member heard back.
+#[test]
+fn a_send_parked_on_a_lookup_fails_when_the_relay_does_not_answer() {
+    let mut net = Net::new();
+    let Reply::Park(parked) = net.request(send("carol", Wait::None, 0)) else {
+        panic!("a send to a name with no pin waits for the lookup");
+    };
+    let mut waiters = Waiters::default();
+    waiters.park(CLIENT, parked);
+    assert!(waiters.take_parked().is_none(), "nothing heard back yet");
+    assert_eq!(waiters.next_deadline(), Some(T0 + LOOKUP_TIMEOUT_MS));
+    assert!(waiters
+        .expire(Now::at(T0 + LOOKUP_TIMEOUT_MS - 1))
+        .is_empty());
+    let replies = waiters.expire(Now::at(T0 + LOOKUP_TIMEOUT_MS));
+    match &replies[..] {
+        [(CLIENT, CtlResponse::Error { kind, message, .. })] => {
+            assert_eq!(*kind, ErrorKind::Failed);
+            assert!(
+                message.contains("carol") && message.contains("nothing was sent"),
+                "{message}"
+            );
+        }
+        other => panic!("expected one failure, got {other:?}"),
+    }
+    assert_eq!(waiters.next_deadline(), None);
+    assert_eq!(net.store.outbox_messages().expect("outbox"), 0);
+
+    // Heard back: the parked request comes out once, to be asked again.
+    let Reply::Park(parked) = net.request(send("dave", Wait::None, 0)) else {
+        panic!("dave has no pin either");
+    };
+    waiters.park(CLIENT, parked);
+    waiters.looked();
+    let again = waiters.take_parked().expect("heard back");
+    assert!(
+        matches!(&again[..], [(CLIENT, CtlRequest::Send { to, .. }, _)] if to == &["dave".to_string()])
+    );
+    assert!(waiters.take_parked().is_none());
 }
