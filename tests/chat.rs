@@ -179,6 +179,7 @@ fn json_chat_answers_by_id_and_streams_every_new_record() {
     chat.write_line(r#"{"id":5,"op":"send","to":"nobody","text":"x"}"#);
     chat.write_line(r#"{"id":6,"op":"send","to":"bob","text":"x","wiat":"relay"}"#);
     chat.write_line(r#"{"id":7,"op":"fingerprint"}"#);
+    chat.write_line(r#"{"id":8,"op":"who","all":true,"prefix":"b"}"#);
 
     let r = wait_json(&chat, "send reply", &mut seen, reply_to("s1".into()));
     assert_eq!(r["ok"], true, "{r}");
@@ -238,6 +239,15 @@ fn json_chat_answers_by_id_and_streams_every_new_record() {
     let r = wait_json(&chat, "fingerprint reply", &mut seen, reply_to(7.into()));
     assert_eq!(r["fingerprint"], alice.fingerprint());
 
+    let r = wait_json(&chat, "who --all reply", &mut seen, reply_to(8.into()));
+    let names: Vec<&str> = r["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter_map(|p| p["user"].as_str())
+        .collect();
+    assert_eq!(names, ["bob"], "the relay's names starting with b: {r}");
+
     // Replies come in request order.
     let order: Vec<Value> = seen
         .iter()
@@ -253,7 +263,8 @@ fn json_chat_answers_by_id_and_streams_every_new_record() {
             Value::Null,
             5.into(),
             6.into(),
-            7.into()
+            7.into(),
+            8.into()
         ]
     );
     // Nothing was refused by mistake: bob got exactly the one good send.

@@ -270,7 +270,14 @@ enum Op {
         #[serde(default)]
         timeout: Option<u64>,
     },
-    Who,
+    Who {
+        /// Every name on the relay, a page at a time (as `who --all`), not only the contacts.
+        #[serde(default)]
+        all: bool,
+        /// With `all`: only names that start with this.
+        #[serde(default)]
+        prefix: Option<String>,
+    },
     Status,
     Fingerprint {
         #[serde(default)]
@@ -381,9 +388,22 @@ fn answer(client: &mut Client, id: &Value, op: Op) -> String {
                 Err(f) => return from_failure(f),
             }
         }
-        Op::Who => {
+        Op::Who { all, prefix } => {
+            let req = match (all, prefix) {
+                (true, prefix) => CtlRequest::Directory { prefix },
+                (false, None) => CtlRequest::Who,
+                (false, Some(_)) => {
+                    return reply_err(
+                        id,
+                        exit::USAGE,
+                        "bad_request",
+                        "who takes \"prefix\" only with \"all\": true",
+                        vec![],
+                    )
+                }
+            };
             let mut peers = Vec::new();
-            return match who_stream(client, &CtlRequest::Who, |chunk| {
+            return match who_stream(client, &req, |chunk| {
                 peers.extend(values(format::peers(&chunk, true)));
                 Ok(())
             }) {
@@ -542,7 +562,14 @@ mod tests {
         );
         assert!(matches!(
             parse_request(r#"{"id":1,"op":"who"}"#).1,
-            Ok(Op::Who)
+            Ok(Op::Who {
+                all: false,
+                prefix: None
+            })
+        ));
+        assert!(matches!(
+            parse_request(r#"{"id":1,"op":"who","all":true,"prefix":"a"}"#).1,
+            Ok(Op::Who { all: true, prefix: Some(p) }) if p == "a"
         ));
     }
 
