@@ -18,7 +18,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ratatui::crossterm::event::{
     self, Event as TermEvent, KeyCode, KeyEvent, KeyEventKind, KeyModifiers,
@@ -1075,20 +1075,24 @@ pub(crate) fn run(
         });
     }
     let mut polls: u32 = 0;
+    // A deadline, not a quiet spell: a busy conversation must not starve the status line.
+    let mut next_poll = Instant::now() + STATUS_EVERY;
     let outcome = loop {
         if let Err(e) = terminal.draw(|f| chat.draw(f)) {
             break Err(fail(exit::FAILED, format!("cannot draw: {e}")));
         }
-        let ev = match rx.recv_timeout(STATUS_EVERY) {
-            Ok(ev) => ev,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = jobs.send(Job::Status);
-                polls += 1;
-                if polls % WHO_EVERY == 0 {
-                    let _ = jobs.send(Job::Who { show: false });
-                }
-                continue;
+        let now = Instant::now();
+        if now >= next_poll {
+            next_poll = now + STATUS_EVERY;
+            let _ = jobs.send(Job::Status);
+            polls += 1;
+            if polls % WHO_EVERY == 0 {
+                let _ = jobs.send(Job::Who { show: false });
             }
+        }
+        let ev = match rx.recv_timeout(next_poll.saturating_duration_since(now)) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
         };
         match ev {
