@@ -99,6 +99,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             sent += 1;
         }
         host::pump(&mut net, now);
+        // The batch's commit: anything the relay still holds only in memory is written first
+        // (with bob acknowledging within the pump, normally nothing).
+        net.relay.sync(now.mono, &mut net.rstore, true);
+        host::pump(&mut net, now);
         net.rstore.commit()?;
         for n in net.nodes.iter_mut() {
             n.store.commit()?;

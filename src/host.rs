@@ -16,7 +16,8 @@ use crate::clock::Now;
 use log::warn;
 
 use crate::member::{self, Member};
-use crate::proto::relay::{FromRelay, ToRelay};
+use crate::proto::from_payload;
+use crate::proto::relay::{FromRelay, Routed, ToRelay};
 use crate::relay::{self, ConnId, Relay};
 use crate::store::Store;
 
@@ -130,17 +131,30 @@ pub fn pump<C: Cores + ?Sized>(c: &mut C, now: Now) {
             let (relay, _) = c.relay();
             while let Some(out) = relay.poll() {
                 progressed = true;
-                let (id, msg) = match out {
-                    relay::Out::Send(id, msg) => (id, Some(msg)),
-                    relay::Out::Close(id) => (id, None),
+                let id = match &out {
+                    relay::Out::Send(id, _)
+                    | relay::Out::AfterCommit(id, _)
+                    | relay::Out::Deliver(id, _)
+                    | relay::Out::Close(id) => *id,
                 };
-                match ids.iter().position(|l| *l == id) {
-                    Some(i) => down[i].push(msg),
-                    None => foreign.push(match msg {
-                        Some(msg) => relay::Out::Send(id, msg),
-                        None => relay::Out::Close(id),
-                    }),
-                }
+                let Some(i) = ids.iter().position(|l| *l == id) else {
+                    foreign.push(out);
+                    continue;
+                };
+                // A linked member writes in the relay's transaction (a host shares its store;
+                // a harness commits both together), so what waits for the commit need not wait
+                // for it here; and it takes messages, not bytes.
+                down[i].push(match out {
+                    relay::Out::Send(_, m) | relay::Out::AfterCommit(_, m) => Some(m),
+                    relay::Out::Deliver(_, bytes) => match from_payload::<Routed>(&bytes) {
+                        Ok(item) => Some(FromRelay::Deliver(item)),
+                        Err(e) => {
+                            warn!("dropped an undecodable delivery on the host link: {e}");
+                            continue;
+                        }
+                    },
+                    relay::Out::Close(_) => None,
+                });
             }
         }
         for out in foreign {

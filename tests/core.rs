@@ -856,7 +856,8 @@ fn wait_relay_and_delivered_report_receipts() {
 
     let r = send_json(&alice, &["--wait", "relay", "bob", "w-relay"]);
     assert_eq!(r.len(), 1);
-    let id_relay = check_sent(&r[0], "bob", &["relayed"]);
+    // Forward first: bob's receipt may reach alice before the relay's `Accepted` does.
+    let id_relay = check_sent(&r[0], "bob", &["relayed", "delivered"]);
 
     let r = send_json(&alice, &["--wait", "delivered", "bob", "w-delivered"]);
     let id_deliv = check_sent(&r[0], "bob", &["delivered"]);

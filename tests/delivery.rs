@@ -882,3 +882,52 @@ fn full_disk_fails_send_clearly_and_recovers() {
     );
     alice.kill();
 }
+
+/// Issue 9: with forward first, a relay can die after it forwarded an item and before it wrote
+/// it. The relay here aborts in that very window (`CHATD_TEST_ABORT_BEFORE_COMMIT`), again and
+/// again, while alice sends 300 messages to bob in six bursts; each time it is started again.
+/// Every message must reach bob exactly once and in order, and alice's outbox must drain.
+#[test]
+fn a_relay_killed_between_forward_and_commit_loses_and_duplicates_nothing() {
+    const BURSTS: usize = 6;
+    const PER: usize = 50;
+    let mut relay = Daemon::relay();
+    let alice = Daemon::member("alice", &relay.addr());
+    let bob = Daemon::member("bob", &relay.addr());
+    alice.wait_peer_online("bob", true);
+    let mut crashes = 0;
+    for b in 0..BURSTS {
+        // Armed: the relay aborts in its first or second turn with items in memory only.
+        relay.set_env(
+            "CHATD_TEST_ABORT_BEFORE_COMMIT",
+            Some(if b % 2 == 0 { "1" } else { "2" }),
+        );
+        // Not waited for: alice's outbox from the last burst may make it abort at once.
+        relay.restart_no_wait();
+        let lines: String = (b * PER..(b + 1) * PER)
+            .map(|i| format!("m{i:04}\n"))
+            .collect();
+        let out = alice.ctl_stdin(&["send", "bob"], lines.as_bytes());
+        assert!(out.status.success(), "{}", describe(&out));
+        wait_until(DEADLINE, "the armed relay to abort", || !relay.is_running());
+        crashes += 1;
+    }
+    // Unarmed: everything gets through.
+    relay.set_env("CHATD_TEST_ABORT_BEFORE_COMMIT", None);
+    relay.restart();
+    let n = BURSTS * PER;
+    wait_until(
+        Duration::from_secs(60),
+        "bob to have every message and alice an empty outbox",
+        || bob.texts("in").len() >= n && alice.outbox_pending() == 0,
+    );
+    assert_eq!(crashes, BURSTS);
+    let aborts = relay
+        .log()
+        .matches("aborting between forward and commit")
+        .count();
+    assert!(aborts >= BURSTS, "{aborts} aborts logged");
+    let got = bob.texts("in");
+    let want: Vec<String> = (0..n).map(|i| format!("m{i:04}")).collect();
+    assert_eq!(got, want, "every message once, in order");
+}

@@ -74,6 +74,10 @@ pub struct Daemon {
     again: Vec<Token>,
     info: Info,
     stopping: bool,
+    /// Crash tests only (`CHATD_TEST_ABORT_BEFORE_COMMIT=N`): abort the process in the N-th turn
+    /// that wrote to a peer while routed items were held in memory only, after the forward and
+    /// before the commit, the window that forward-first opens. Unset in every real deployment.
+    abort_before_commit: Option<u64>,
     /// Notifications to systemd (`Type=notify`); a no-op without `$NOTIFY_SOCKET`.
     sd: systemd::Notifier,
     /// The control socket came from systemd (socket activation): systemd owns its file.
@@ -157,6 +161,9 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
         again: Vec::new(),
         info,
         stopping: false,
+        abort_before_commit: std::env::var("CHATD_TEST_ABORT_BEFORE_COMMIT")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         sd,
         control_activated,
         clock: Clock::new(),
@@ -250,8 +257,31 @@ impl Daemon {
             if self.retry_parked(now) {
                 self.pump(now);
             }
+            // Routed items not acknowledged in time go to the store in this transaction.
+            if let Some(r) = self.roles.relay_mut() {
+                r.sync(now.mono, &mut self.store, false);
+                self.pump(now);
+            }
+            // Forward first: what the relay sends its peers promises nothing about the store,
+            // so it leaves now; an `Accepted` for what this turn wrote waits for the commit.
+            let (dead, forwarded) = self.table.flush_peers_early(self.poll.registry());
+            for t in dead {
+                self.drop_conn(t);
+            }
+            let in_memory = self.roles.relay().is_some_and(|r| r.unsynced_count() > 0);
+            if forwarded && in_memory {
+                if let Some(n) = self.abort_before_commit.as_mut() {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        error!(
+                            "CHATD_TEST_ABORT_BEFORE_COMMIT: aborting between forward and commit"
+                        );
+                        std::process::abort();
+                    }
+                }
+            }
             match self.store.commit() {
-                Ok(()) => {}
+                Ok(()) => self.table.committed(),
                 Err(e) => self.commit_failed(e, now),
             }
             // After the commit: history pages only read, and must not be taken back by a
@@ -689,6 +719,21 @@ impl Daemon {
     fn shutdown(&mut self) {
         if let Some(m) = self.roles.member() {
             debug!("stopping member {}", m.user());
+        }
+        // What the relay holds in memory only is written now, so a planned restart does not
+        // make every sender send it again; its `Accepted`s go out with the rest below.
+        if self.roles.relay().is_some() {
+            let now = self.clock.now();
+            if self.store.begin().is_ok() {
+                if let Some(r) = self.roles.relay_mut() {
+                    r.sync(now.mono, &mut self.store, true);
+                }
+                self.pump(now);
+                match self.store.commit() {
+                    Ok(()) => self.table.committed(),
+                    Err(e) => warn!("cannot write what the relay held in memory: {e}"),
+                }
+            }
         }
         // Best effort: let queued replies and frames out before closing.
         let registry = self.poll.registry();

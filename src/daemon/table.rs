@@ -52,6 +52,9 @@ pub struct Entry {
     pub conn: Conn,
     /// What it is.
     pub kind: Kind,
+    /// Frames that may leave only once the turn commits (a relay's `Accepted` for what the
+    /// turn wrote), queued behind everything else then.
+    late: Vec<u8>,
 }
 
 /// Every accepted connection, by token.
@@ -66,6 +69,8 @@ pub struct Table {
     peers: usize,
     controls: usize,
     control_tokens: BTreeSet<Token>,
+    /// Connections with frames waiting for the commit.
+    late: Vec<Token>,
     touched: Vec<Token>,
     is_touched: HashSet<Token>,
     backlog: HashSet<Token>,
@@ -79,6 +84,7 @@ impl Default for Table {
             peers: 0,
             controls: 0,
             control_tokens: BTreeSet::new(),
+            late: Vec::new(),
             touched: Vec::new(),
             is_touched: HashSet::new(),
             backlog: HashSet::new(),
@@ -177,7 +183,14 @@ impl Table {
                     debug!("connection {} from {addr}", token.0);
                     self.peers += 1;
                     let kind = Kind::Peer;
-                    self.entries.insert(token, Entry { conn, kind });
+                    self.entries.insert(
+                        token,
+                        Entry {
+                            conn,
+                            kind,
+                            late: Vec::new(),
+                        },
+                    );
                     new.push(conn_id(token));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return new,
@@ -246,7 +259,14 @@ impl Table {
                     }
                     self.controls += 1;
                     let kind = Kind::Control(Ctl::default());
-                    self.entries.insert(token, Entry { conn, kind });
+                    self.entries.insert(
+                        token,
+                        Entry {
+                            conn,
+                            kind,
+                            late: Vec::new(),
+                        },
+                    );
                     self.control_tokens.insert(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -273,6 +293,30 @@ impl Table {
                     }
                 }
             }
+            relay::Out::Deliver(id, item) => {
+                let Some(t) = token_of(id) else { return };
+                self.touch(t);
+                if let Some(e) = self.entries.get_mut(&t) {
+                    let mut buf = Vec::new();
+                    match crate::proto::frame::encode_parts(
+                        crate::proto::DELIVER_PREFIX,
+                        &item,
+                        &mut buf,
+                    ) {
+                        Ok(()) => e.conn.queue(&buf),
+                        Err(err) => warn!("cannot frame a delivery for connection {id}: {err}"),
+                    }
+                }
+            }
+            relay::Out::AfterCommit(id, msg) => {
+                let Some(t) = token_of(id) else { return };
+                if let Some(e) = self.entries.get_mut(&t) {
+                    match encode_frame(&msg, &mut e.late) {
+                        Ok(()) => self.late.push(t),
+                        Err(err) => warn!("cannot encode frame for connection {id}: {err}"),
+                    }
+                }
+            }
             relay::Out::Close(id) => {
                 let Some(t) = token_of(id) else { return };
                 self.touch(t);
@@ -281,6 +325,46 @@ impl Table {
                 }
             }
         }
+    }
+
+    /// The turn committed: what waited for it joins the connections' output.
+    pub fn committed(&mut self) {
+        for t in std::mem::take(&mut self.late) {
+            let Some(e) = self.entries.get_mut(&t) else {
+                continue;
+            };
+            if e.late.is_empty() {
+                continue;
+            }
+            let late = std::mem::take(&mut e.late);
+            self.touch(t);
+            if let Some(e) = self.entries.get_mut(&t) {
+                e.conn.queue(&late);
+            }
+        }
+    }
+
+    /// Write what relay peers were given this turn now, before the commit: it promises nothing
+    /// about the store (what does waits in `late`). Returns the connections that failed, and
+    /// whether anything was written.
+    pub fn flush_peers_early(&mut self, registry: &Registry) -> (Vec<Token>, bool) {
+        let mut dead = Vec::new();
+        let mut wrote = false;
+        for t in &self.touched {
+            let Some(e) = self.entries.get_mut(t) else {
+                continue;
+            };
+            if !matches!(e.kind, Kind::Peer) || e.conn.pending() == 0 {
+                continue;
+            }
+            let before = e.conn.pending();
+            if let Err(err) = e.conn.flush(registry, *t) {
+                debug!("write to {} failed: {err}", t.0);
+                dead.push(*t);
+            }
+            wrote |= e.conn.pending() < before;
+        }
+        (dead, wrote)
     }
 
     /// Close every relay peer once its output is written (the relay core was rebuilt).
@@ -352,6 +436,11 @@ impl Table {
     /// The turn's commit failed: take back its output; every client that asked something this
     /// turn gets `resp`.
     pub fn fail_turn(&mut self, resp: &CtlResponse) {
+        for t in std::mem::take(&mut self.late) {
+            if let Some(e) = self.entries.get_mut(&t) {
+                e.late.clear();
+            }
+        }
         for t in &self.touched {
             if let Some(e) = self.entries.get_mut(t) {
                 e.conn.rewind();

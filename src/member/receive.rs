@@ -300,7 +300,12 @@ impl Receiving {
                 match stored {
                     Ok(r) => {
                         out.push(Out::Record(r));
+                        // The ack first: the relay forwards the receipt at once, and its
+                        // `Accepted` for the message (which the ack releases) should reach the
+                        // sender before the receipt does, so `relayed` comes before `delivered`.
+                        out.push(Out::Frame(ToRelay::Ack(key)));
                         out.push(Out::Frame(ToRelay::Send(receipt)));
+                        return true;
                     }
                     Err(e) => {
                         warn!("cannot store message {idh}: {e}; the relay keeps it for later");

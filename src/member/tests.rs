@@ -186,7 +186,13 @@ impl Net {
     fn pump(&mut self) {
         while let Some(o) = self.relay.poll() {
             let (conn, msg) = match o {
-                RelayOut::Send(c, m) => (c, Msg::Down(m)),
+                RelayOut::Send(c, m) | RelayOut::AfterCommit(c, m) => (c, Msg::Down(m)),
+                RelayOut::Deliver(c, bytes) => (
+                    c,
+                    Msg::Down(FromRelay::Deliver(
+                        crate::proto::from_payload(&bytes).expect("a delivery decodes"),
+                    )),
+                ),
                 RelayOut::Close(c) => (c, Msg::Close),
             };
             let node = *self
@@ -262,6 +268,8 @@ impl Net {
             Msg::Up(m) if live => {
                 self.trace.push((node.name.clone(), Msg::Up(m.clone())));
                 self.relay.handle(p.conn, m, now, &mut self.rstore);
+                // Each relay step is a committed turn here: what it holds in memory is written.
+                self.relay.sync(now, &mut self.rstore, true);
             }
             Msg::Down(m) if live => {
                 self.trace.push((node.name.clone(), Msg::Down(m.clone())));
@@ -1294,8 +1302,8 @@ fn judging_writes_nothing_and_settling_writes_it_all() {
         out[..],
         [
             Out::Record(_),
-            Out::Frame(ToRelay::Send(Routed::Receipt(_))),
-            Out::Frame(ToRelay::Ack(_))
+            Out::Frame(ToRelay::Ack(_)),
+            Out::Frame(ToRelay::Send(Routed::Receipt(_)))
         ]
     ));
 }

@@ -95,6 +95,23 @@ pub fn encode(payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// Append one frame whose payload is `head` then `body` (a relay's `Deliver`: a fixed prefix,
+/// then the routed item's bytes as they came), without joining them first.
+pub fn encode_parts(head: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let len = head.len() + body.len();
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    out.reserve(HEADER + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(body);
+    Ok(())
+}
+
 /// Blocking read of one frame. `Ok(None)` is a clean end of stream between frames.
 pub fn read_from(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; HEADER];

@@ -23,6 +23,8 @@ pub enum ProtoError {
     Encode(rmp_serde::encode::Error),
     /// The encoded message would exceed the frame cap.
     TooLarge(usize),
+    /// Bytes follow the message in its payload.
+    Trailing(usize),
 }
 
 impl std::fmt::Display for ProtoError {
@@ -31,6 +33,7 @@ impl std::fmt::Display for ProtoError {
             ProtoError::Decode(e) => write!(f, "malformed message: {e}"),
             ProtoError::Encode(e) => write!(f, "cannot encode message: {e}"),
             ProtoError::TooLarge(n) => write!(f, "message of {n} bytes exceeds the frame limit"),
+            ProtoError::Trailing(n) => write!(f, "malformed message: {n} bytes after its end"),
         }
     }
 }
@@ -40,7 +43,7 @@ impl std::error::Error for ProtoError {
         match self {
             ProtoError::Decode(e) => Some(e),
             ProtoError::Encode(e) => Some(e),
-            ProtoError::TooLarge(_) => None,
+            ProtoError::TooLarge(_) | ProtoError::Trailing(_) => None,
         }
     }
 }
@@ -64,6 +67,28 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Prot
 pub fn from_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
     rmp_serde::from_slice(payload).map_err(ProtoError::Decode)
 }
+
+/// Decode a payload that must hold exactly one message and nothing after it (the relay forwards
+/// the bytes of what it routes, so they must be exactly the item).
+pub fn from_payload_whole<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
+    let mut rest = payload;
+    let msg = {
+        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        T::deserialize(&mut de).map_err(ProtoError::Decode)?
+    };
+    if rest.is_empty() {
+        Ok(msg)
+    } else {
+        Err(ProtoError::Trailing(rest.len()))
+    }
+}
+
+/// The first bytes of every canonical `ToRelay::Send` payload (a map of one entry, the variant
+/// name as a fixstr): what follows is the routed item's own encoding.
+pub const SEND_PREFIX: &[u8] = b"\x81\xa4Send";
+
+/// The first bytes of a `FromRelay::Deliver` payload, before the routed item's encoding.
+pub const DELIVER_PREFIX: &[u8] = b"\x81\xa7Deliver";
 
 /// Decode a list of at most `MAX` entries. A list entry can take far more memory than its bytes
 /// on the wire (an empty `Peer` is 5 bytes of MessagePack and 56 in memory), so the frame cap

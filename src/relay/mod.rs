@@ -5,10 +5,12 @@
 //! clock in milliseconds: the relay stamps nothing, so it never needs the wall clock); it answers
 //! with [`Out`] actions (messages to send, connections to close) and writes through the
 //! [`RelayStore`]. Must never: touch a socket, read a message body (it only ever sees envelopes),
-//! or acknowledge an item before it is written to the store (the daemon sends nothing of a turn
-//! until the turn's transaction commits).
+//! or acknowledge an item before it is durable: `Accepted` goes out when the recipient has
+//! acknowledged the item, or as [`Out::AfterCommit`] once the relay's write of it commits.
+//! Everything else may leave before the turn commits: it promises nothing about the store.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use log::{info, warn};
 use rand::rngs::StdRng;
@@ -16,8 +18,9 @@ use rand::{RngCore, SeedableRng};
 
 use crate::crypto::{login_transcript, PublicKey};
 use crate::proto::control::{PeerView, TrustState};
+use crate::proto::frame::MAX_FRAME;
 use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Routed, ToRelay};
-use crate::proto::{from_payload, to_payload, valid_user};
+use crate::proto::{from_payload_whole, to_payload, valid_user, DELIVER_PREFIX, SEND_PREFIX};
 use crate::store::{RelayStore, StoreError};
 
 mod error;
@@ -107,11 +110,29 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 /// page of a relay's own `who`.
 pub const LIST_PAGE: usize = 256;
 
+/// How long the relay keeps a routed item in memory only, waiting for its recipient's `Ack`,
+/// before it writes it to the store. An item acknowledged within it never touches the disk (the
+/// insert and the delete cancel); one that is not is written, and its sender hears `Accepted`
+/// once that write commits.
+pub const SYNC_DELAY_MS: u64 = 10;
+
+/// Bytes of routed items the relay keeps in memory only, at most: past it, everything pending
+/// is written at the end of the turn, whatever its age.
+pub const MAX_UNSYNCED_BYTES: usize = 8 << 20;
+
 /// What the daemon must do for the relay.
 #[derive(Debug, PartialEq)]
 pub enum Out {
-    /// Send a message on a connection.
+    /// Send a message on a connection; it may leave before the turn commits (it promises
+    /// nothing about the store: a forwarded item, presence, answers).
     Send(ConnId, FromRelay),
+    /// Deliver a routed item: its encoding as it came (the daemon frames it as
+    /// `{"Deliver": item}` without decoding or encoding it). Like `Send`, it may leave before the
+    /// turn commits.
+    Deliver(ConnId, Arc<[u8]>),
+    /// Send a message on a connection only once the turn's transaction has committed: an
+    /// `Accepted` for an item this turn wrote to the store. If the commit fails, drop it.
+    AfterCommit(ConnId, FromRelay),
     /// Close a connection once what is queued for it has been written.
     Close(ConnId),
 }
@@ -123,6 +144,20 @@ enum State {
     Established { user: String },
     /// An error was sent; everything else is ignored until the daemon closes it.
     Closing,
+}
+
+/// A routed item held in memory only: not in the store yet, not acknowledged yet.
+struct Unsynced {
+    /// Its encoding, as it came in the `Send` frame.
+    bytes: Arc<[u8]>,
+    /// Connections that sent it and wait for `Accepted` (a retransmission adds one).
+    senders: Vec<ConnId>,
+    /// When it arrived (monotonic ms).
+    at: u64,
+    /// Arrival order: items of one turn share `at`, and the store must get them in the order
+    /// they came (it is the queue's order after a restart).
+    seq: u64,
+    size: usize,
 }
 
 struct Conn {
@@ -161,6 +196,12 @@ pub struct Relay {
     recent_binds: VecDeque<u64>,
     /// Who follows each name (connections that looked it up), for presence on a large relay.
     watchers: HashMap<String, HashSet<ConnId>>,
+    /// Routed items in memory only, by recipient and key (see [`SYNC_DELAY_MS`]).
+    unsynced: HashMap<(String, ItemKey), Unsynced>,
+    /// Their encoded sizes, summed.
+    unsynced_bytes: usize,
+    /// The next [`Unsynced::seq`].
+    next_seq: u64,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
     /// moves deadlines later), so the loop need not walk every connection each turn.
@@ -207,6 +248,9 @@ impl Relay {
             watchers: HashMap::new(),
             presence: BTreeMap::new(),
             earliest: None,
+            unsynced: HashMap::new(),
+            unsynced_bytes: 0,
+            next_seq: 0,
         })
     }
 
@@ -220,7 +264,65 @@ impl Relay {
     /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which `tick` has
     /// something to do, so the daemon can sleep until then instead of waking on a fixed tick.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.earliest
+        let sync = self
+            .unsynced
+            .values()
+            .map(|u| u.at.saturating_add(SYNC_DELAY_MS))
+            .min();
+        [self.earliest, sync].into_iter().flatten().min()
+    }
+
+    /// Before the turn commits: write to the store the items that waited [`SYNC_DELAY_MS`] in
+    /// memory without an `Ack` (all of them past [`MAX_UNSYNCED_BYTES`], or with `all`: a
+    /// harness that commits in batches); their senders get `Accepted` after the commit
+    /// ([`Out::AfterCommit`]).
+    pub fn sync(&mut self, now: u64, store: &mut dyn RelayStore, all: bool) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let all = all || self.unsynced_bytes > MAX_UNSYNCED_BYTES;
+        let mut due: Vec<(String, ItemKey)> = self
+            .unsynced
+            .iter()
+            .filter(|(_, u)| all || now.saturating_sub(u.at) >= SYNC_DELAY_MS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        // In arrival order, so a seeded run repeats and the store's order is the queue's.
+        due.sort_by_key(|k| self.unsynced.get(k).map(|u| u.seq));
+        for k in due {
+            let Some(u) = self.unsynced.remove(&k) else {
+                continue;
+            };
+            self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
+            let (to, key) = k;
+            let stored = store.enqueue(&to, key, &u.bytes).map_err(|e| e.to_string());
+            match stored {
+                Ok(()) => {
+                    for s in u.senders {
+                        self.out
+                            .push_back(Out::AfterCommit(s, FromRelay::Accepted(key)));
+                    }
+                }
+                Err(e) => {
+                    // Not durable: take it out of the queue (it may have been delivered; the
+                    // recipient drops the copy the sender sends again).
+                    warn!("cannot queue item for {to}: {e}");
+                    if let Some(q) = self.queues.get_mut(&to) {
+                        q.remove(key);
+                    }
+                    for s in u.senders {
+                        self.out.push_back(Out::Send(
+                            s,
+                            FromRelay::Refused {
+                                key,
+                                code: RefuseCode::Storage,
+                                reason: format!("relay storage failed: {e}"),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// Lower the earliest deadline to `at` if it is earlier.
@@ -398,14 +500,28 @@ impl Relay {
             Some(c) if matches!(c.state, State::Closing) => return,
             Some(_) => {}
         }
-        match from_payload::<ToRelay>(payload) {
-            Ok(msg) => self.handle(id, msg, now, store),
+        // Whole: the relay forwards what it routes as it came, so nothing may trail it.
+        match from_payload_whole::<ToRelay>(payload) {
+            Ok(msg) => self.handle_sized(id, msg, Some(payload), now, store),
             Err(e) => self.fail(id, RelayError::Malformed(e.to_string())),
         }
     }
 
     /// One decoded message from a connection (the host's in-process member skips the codec).
     pub fn handle(&mut self, id: ConnId, msg: ToRelay, now: u64, store: &mut dyn RelayStore) {
+        self.handle_sized(id, msg, None, now, store)
+    }
+
+    /// `handle`, with the frame's payload if it came as bytes (so a routed item is forwarded and
+    /// stored as it came, not encoded again).
+    fn handle_sized(
+        &mut self,
+        id: ConnId,
+        msg: ToRelay,
+        raw: Option<&[u8]>,
+        now: u64,
+        store: &mut dyn RelayStore,
+    ) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -436,7 +552,7 @@ impl Relay {
             State::Established { user } => {
                 let user = user.clone();
                 match msg {
-                    ToRelay::Send(item) => self.route(id, &user, item, store),
+                    ToRelay::Send(item) => self.route(id, &user, item, raw, now, store),
                     ToRelay::Ack(key) => self.ack(&user, key, store),
                     ToRelay::Ping => self.out.push_back(Out::Send(id, FromRelay::Pong)),
                     ToRelay::Lookup(names) => self.lookup(id, names),
@@ -504,6 +620,17 @@ impl Relay {
             self.unbound(&key);
         }
         self.queues.remove(user);
+        let gone: Vec<(String, ItemKey)> = self
+            .unsynced
+            .keys()
+            .filter(|(to, _)| to == user)
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(u) = self.unsynced.remove(&k) {
+                self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
+            }
+        }
         info!("forgot {user}: binding and queue dropped");
         Ok(true)
     }
@@ -607,6 +734,11 @@ impl Relay {
         self.online.len()
     }
 
+    /// Routed items held in memory only (not written, not acknowledged).
+    pub fn unsynced_count(&self) -> usize {
+        self.unsynced.len()
+    }
+
     /// Total items queued, across users.
     pub fn queued_count(&self) -> usize {
         self.queues.values().map(|q| q.items.len()).sum()
@@ -625,9 +757,18 @@ impl Relay {
             if q.sent > 0 && q.sent_bytes + size > self.limits.window_bytes {
                 break;
             }
-            let item = match store.queued_item(user, key) {
-                Ok(Some(bytes)) => match from_payload::<Routed>(&bytes) {
-                    Ok(item) => item,
+            if let Some(u) = self.unsynced.get(&(user.to_string(), key)) {
+                // Still in memory: forwarded as it came, without a read of the store.
+                q.sent += 1;
+                q.sent_bytes += size;
+                self.out.push_back(Out::Deliver(id, Arc::clone(&u.bytes)));
+                continue;
+            }
+            // Checked before it goes out (the database is outside the process), then sent as
+            // stored.
+            let item: Arc<[u8]> = match store.queued_item(user, key) {
+                Ok(Some(bytes)) => match from_payload_whole::<Routed>(&bytes) {
+                    Ok(_) => bytes.into(),
                     Err(e) => {
                         warn!("queued item for {user} is unreadable ({e}); delivery paused");
                         break;
@@ -645,7 +786,7 @@ impl Relay {
             };
             q.sent += 1;
             q.sent_bytes += size;
-            self.out.push_back(Out::Send(id, FromRelay::Deliver(item)));
+            self.out.push_back(Out::Deliver(id, item));
         }
     }
 
@@ -799,7 +940,15 @@ impl Relay {
         }
     }
 
-    fn route(&mut self, id: ConnId, user: &str, item: Routed, store: &mut dyn RelayStore) {
+    fn route(
+        &mut self,
+        id: ConnId,
+        user: &str,
+        item: Routed,
+        raw: Option<&[u8]>,
+        now: u64,
+        store: &mut dyn RelayStore,
+    ) {
         let key = item.key();
         let refuse = |code: RefuseCode, reason: String| {
             Out::Send(id, FromRelay::Refused { key, code, reason })
@@ -824,8 +973,16 @@ impl Relay {
         }
         let queue = self.queues.entry(to.clone()).or_default();
         if queue.keys.contains(&key) {
-            // A retransmission of something we already hold: acknowledge again, store nothing.
-            self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
+            // A retransmission of something we already hold: store nothing; acknowledge again
+            // now if it is in the store, when it is durable if it is still in memory only.
+            match self.unsynced.get_mut(&(to, key)) {
+                Some(u) => {
+                    if !u.senders.contains(&id) {
+                        u.senders.push(id);
+                    }
+                }
+                None => self.out.push_back(Out::Send(id, FromRelay::Accepted(key))),
+            }
             return;
         }
         if queue.items.len() >= self.limits.max_queue {
@@ -843,24 +1000,45 @@ impl Relay {
             self.out.push_back(r);
             return;
         }
-        let bytes = match to_payload(&item) {
-            Ok(b) => b,
-            Err(e) => {
-                self.out
-                    .push_back(refuse(RefuseCode::TooLarge, e.to_string()));
-                return;
-            }
+        // The item's bytes as they came (a canonical `Send`); encoded again only when they came
+        // another way (the host's in-process member, or an unusual but valid encoding).
+        let bytes: Arc<[u8]> = match raw.and_then(|p| p.strip_prefix(SEND_PREFIX)) {
+            Some(b) => b.into(),
+            None => match to_payload(&item) {
+                Ok(b) => b.into(),
+                Err(e) => {
+                    self.out
+                        .push_back(refuse(RefuseCode::TooLarge, e.to_string()));
+                    return;
+                }
+            },
         };
-        if let Err(e) = store.enqueue(&to, key, &bytes) {
-            warn!("cannot queue item for {to}: {e}");
+        if bytes.len() + DELIVER_PREFIX.len() > MAX_FRAME {
             self.out.push_back(refuse(
-                RefuseCode::Storage,
-                format!("relay storage failed: {e}"),
+                RefuseCode::TooLarge,
+                format!(
+                    "the item is {} bytes; delivered it would exceed the {MAX_FRAME}-byte frame cap",
+                    bytes.len()
+                ),
             ));
             return;
         }
-        queue.push(key, bytes.len());
-        self.out.push_back(Out::Send(id, FromRelay::Accepted(key)));
+        let size = bytes.len();
+        // Forward first, write later: held in memory, delivered now if the recipient is online,
+        // written to the store only if not acknowledged within SYNC_DELAY_MS.
+        queue.push(key, size);
+        self.unsynced.insert(
+            (to.clone(), key),
+            Unsynced {
+                bytes,
+                senders: vec![id],
+                at: now,
+                seq: self.next_seq,
+                size,
+            },
+        );
+        self.next_seq += 1;
+        self.unsynced_bytes += size;
         self.fill(&to, store);
     }
 
@@ -869,6 +1047,17 @@ impl Relay {
             return;
         };
         if !q.keys.contains(&key) {
+            return;
+        }
+        if let Some(u) = self.unsynced.remove(&(user.to_string(), key)) {
+            // Acknowledged before it was written: durable at the recipient, so its senders hear
+            // `Accepted` now, and the store never sees it.
+            self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
+            q.remove(key);
+            for s in u.senders {
+                self.out.push_back(Out::Send(s, FromRelay::Accepted(key)));
+            }
+            self.fill(user, store);
             return;
         }
         if let Err(e) = store.dequeue(user, key) {

@@ -46,7 +46,7 @@ impl T {
 
     /// Everything the relay wants done, in order.
     fn drain(&mut self) -> Vec<Out> {
-        std::iter::from_fn(|| self.relay.poll()).collect()
+        std::iter::from_fn(|| self.relay.poll()).map(norm).collect()
     }
 
     /// Open connection `id` and return the challenge nonce it was sent.
@@ -63,6 +63,9 @@ impl T {
         let id: ConnId = id.into();
         self.now += 1;
         self.relay.handle(id, msg, self.now, &mut self.store);
+        // A turn that commits: what the relay holds in memory is written (tests of the
+        // in-memory path call `handle` and `sync` themselves).
+        self.relay.sync(self.now, &mut self.store, true);
         self.drain()
     }
 
@@ -100,12 +103,24 @@ impl T {
     }
 }
 
+/// A delivery as the message it frames (the relay hands the daemon its bytes), so tests compare
+/// messages.
+fn norm(o: Out) -> Out {
+    match o {
+        Out::Deliver(c, bytes) => Out::Send(
+            c,
+            FromRelay::Deliver(crate::proto::from_payload(&bytes).expect("a delivery decodes")),
+        ),
+        other => other,
+    }
+}
+
 /// The messages sent on one connection.
 fn to(out: &[Out], id: impl Into<ConnId>) -> Vec<FromRelay> {
     let id: ConnId = id.into();
     out.iter()
         .filter_map(|o| match o {
-            Out::Send(c, m) if *c == id => Some(m.clone()),
+            Out::Send(c, m) | Out::AfterCommit(c, m) if *c == id => Some(m.clone()),
             _ => None,
         })
         .collect()
@@ -494,12 +509,12 @@ fn routed_to_online_user_then_acknowledged() {
     t.logged_in(2, "bob", BOB);
     let item = message("alice", "bob", 7);
     let out = t.send(1, item.clone());
-    // Accepted only after it is in the store; delivered at once.
+    // Delivered at once (before the commit); Accepted only after it is in the store.
     assert_eq!(
         out,
         [
-            Out::Send(ConnId(1), FromRelay::Accepted(msg_key(7))),
             Out::Send(ConnId(2), FromRelay::Deliver(item.clone())),
+            Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(7))),
         ]
     );
     assert_eq!(t.store.queued().unwrap().len(), 1);
@@ -521,8 +536,8 @@ fn routed_to_online_user_then_acknowledged() {
     assert_eq!(
         out,
         [
-            Out::Send(ConnId(2), FromRelay::Accepted(rkey)),
             Out::Send(ConnId(1), FromRelay::Deliver(r)),
+            Out::AfterCommit(ConnId(2), FromRelay::Accepted(rkey)),
         ]
     );
     // A message ack does not drop the receipt with the same id.
@@ -540,7 +555,10 @@ fn offline_recipient_queue_survives_restart_and_is_delivered_on_login_in_order()
     t.logged_in(2, "alice", ALICE);
     for n in 1..=3 {
         let out = t.send(2, message("alice", "bob", n));
-        assert_eq!(out, [Out::Send(ConnId(2), FromRelay::Accepted(msg_key(n)))]);
+        assert_eq!(
+            out,
+            [Out::AfterCommit(ConnId(2), FromRelay::Accepted(msg_key(n)))]
+        );
     }
     assert_eq!(t.relay.queued_count(), 3);
     // The relay restarts: bindings and queues come back from the store.
@@ -583,7 +601,10 @@ fn retransmission_is_accepted_again_and_stored_once() {
     t.relay.disconnect(ConnId(2));
     t.drain();
     let out = t.send(1, message("alice", "bob", 1));
-    assert_eq!(out, [Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))]);
+    assert_eq!(
+        out,
+        [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(1)))]
+    );
     let out = t.send(1, message("alice", "bob", 1));
     assert_eq!(out, [Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))]);
     assert_eq!(t.relay.queued_count(), 1);
@@ -639,7 +660,10 @@ fn per_user_queue_limit_refuses_the_fourth_item() {
     t.logged_in(2, "alice", ALICE);
     for n in 1..=3 {
         let out = t.send(2, message("alice", "bob", n));
-        assert_eq!(out, [Out::Send(ConnId(2), FromRelay::Accepted(msg_key(n)))]);
+        assert_eq!(
+            out,
+            [Out::AfterCommit(ConnId(2), FromRelay::Accepted(msg_key(n)))]
+        );
     }
     let out = t.send(2, message("alice", "bob", 4));
     match &out[..] {
@@ -656,19 +680,19 @@ fn per_user_queue_limit_refuses_the_fourth_item() {
     assert_eq!(out, [Out::Send(ConnId(2), FromRelay::Accepted(msg_key(2)))]);
     // Alice's own queue is separate.
     let out = t.send(2, message("alice", "alice", 9));
-    assert_eq!(
-        out[0],
-        Out::Send(ConnId(2), FromRelay::Accepted(msg_key(9)))
-    );
+    assert!(out.contains(&Out::AfterCommit(
+        ConnId(2),
+        FromRelay::Accepted(msg_key(9))
+    )));
     // Once bob acks one, there is room again.
     let out = t.login(3, "bob", BOB);
     assert_eq!(to(&out, 3).len(), 4, "welcome + three deliveries");
     t.handle(3, ToRelay::Ack(msg_key(1)));
     let out = t.send(2, message("alice", "bob", 4));
-    assert_eq!(
-        out[0],
-        Out::Send(ConnId(2), FromRelay::Accepted(msg_key(4)))
-    );
+    assert!(out.contains(&Out::AfterCommit(
+        ConnId(2),
+        FromRelay::Accepted(msg_key(4))
+    )));
 }
 
 #[test]
@@ -765,9 +789,10 @@ fn storage_failure_refuses_instead_of_accepting() {
     t.logged_in(2, "bob", BOB);
     t.store.fail_writes(true);
     let out = t.send(1, message("alice", "bob", 1));
+    // Forwarded before the write (bob drops the copy alice sends again), never Accepted.
     assert!(
-        matches!(&out[..], [Out::Send(ConnId(1), FromRelay::Refused { code, .. })] if code == "storage"),
-        "never Accepted, never delivered: {out:?}"
+        matches!(&out[..], [Out::Send(ConnId(2), FromRelay::Deliver(_)), Out::Send(ConnId(1), FromRelay::Refused { code, .. })] if code == "storage"),
+        "never Accepted: {out:?}"
     );
     assert_eq!(t.relay.queued_count(), 0);
     // A first login cannot be bound either.
@@ -775,9 +800,12 @@ fn storage_failure_refuses_instead_of_accepting() {
     assert_eq!(error_code(&out, 3).as_deref(), Some("storage"));
     t.store.fail_writes(false);
     let out = t.send(1, message("alice", "bob", 1));
-    assert_eq!(
-        out[0],
-        Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))
+    assert!(
+        out.contains(&Out::AfterCommit(
+            ConnId(1),
+            FromRelay::Accepted(msg_key(1))
+        )),
+        "{out:?}"
     );
 }
 
@@ -953,7 +981,9 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
         3,
         &mut store,
     );
-    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
+    // The turn commits: the item is written before bob's ack comes.
+    relay.sync(3, &mut store, true);
+    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).map(norm).collect();
     assert!(to(&out, 2).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
     relay.handle(ConnId(2), ToRelay::Ack(msg_key(1)), 4, &mut store);
     assert_eq!(
@@ -967,7 +997,7 @@ fn a_failed_dequeue_keeps_the_item_for_redelivery() {
     let mut relay = Relay::load(&store, Limits::default()).unwrap();
     assert_eq!(relay.queued_count(), 1);
     login(&mut relay, &mut store, 3, "bob", BOB);
-    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).collect();
+    let out: Vec<Out> = std::iter::from_fn(|| relay.poll()).map(norm).collect();
     assert!(to(&out, 3).contains(&FromRelay::Deliver(message("alice", "bob", 1))));
     relay.handle(ConnId(3), ToRelay::Ack(msg_key(1)), 5, &mut store);
     assert_eq!(relay.queued_count(), 0);
@@ -1282,4 +1312,133 @@ fn list_pages_the_directory_in_name_order_with_a_prefix() {
         &to(&out, 1)[..],
         [FromRelay::Listing { peers, more: false }] if peers.len() == 10
     ));
+}
+
+/// Issue 9: forward first, write only what is not acknowledged in time.
+#[test]
+fn an_item_acknowledged_before_it_is_written_never_reaches_the_store() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let item = message("alice", "bob", 5);
+    t.relay
+        .handle(ConnId(1), ToRelay::Send(item.clone()), t.now, &mut t.store);
+    let out = t.drain();
+    assert_eq!(
+        out,
+        [Out::Send(ConnId(2), FromRelay::Deliver(item))],
+        "forwarded at once, not Accepted yet"
+    );
+    assert!(t.store.queued().unwrap().is_empty(), "not written");
+    assert_eq!(
+        t.relay.next_deadline(),
+        Some(t.now + SYNC_DELAY_MS),
+        "the loop wakes to write it if no ack comes"
+    );
+    // Bob's ack: durable at bob, so alice hears Accepted now, and nothing is ever written.
+    t.relay
+        .handle(ConnId(2), ToRelay::Ack(msg_key(5)), t.now + 1, &mut t.store);
+    t.relay.sync(t.now + 1_000, &mut t.store, false);
+    let out = t.drain();
+    assert_eq!(out, [Out::Send(ConnId(1), FromRelay::Accepted(msg_key(5)))]);
+    assert!(t.store.queued().unwrap().is_empty());
+    assert_eq!(t.relay.queued_count(), 0);
+}
+
+#[test]
+fn an_item_not_acknowledged_in_time_is_written_then_accepted_after_the_commit() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.relay.disconnect(ConnId(2));
+    t.drain();
+    let at = t.now;
+    t.relay.handle(
+        ConnId(1),
+        ToRelay::Send(message("alice", "bob", 6)),
+        at,
+        &mut t.store,
+    );
+    // A retransmission while it is in memory only: no Accepted for it either, yet.
+    t.relay.handle(
+        ConnId(1),
+        ToRelay::Send(message("alice", "bob", 6)),
+        at,
+        &mut t.store,
+    );
+    assert!(t.drain().is_empty());
+    t.relay.sync(at + SYNC_DELAY_MS - 1, &mut t.store, false);
+    assert!(t.drain().is_empty(), "not due yet");
+    assert!(t.store.queued().unwrap().is_empty());
+    t.relay.sync(at + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(
+        t.drain(),
+        [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(6)))],
+        "once, and only after the commit"
+    );
+    assert_eq!(t.store.queued().unwrap().len(), 1);
+    // Bob comes back: delivered from the store, and his ack drops it there.
+    let out = t.login(3, "bob", BOB);
+    assert!(to(&out, 3).contains(&FromRelay::Deliver(message("alice", "bob", 6))));
+    t.handle(3, ToRelay::Ack(msg_key(6)));
+    assert!(t.store.queued().unwrap().is_empty());
+}
+
+#[test]
+fn items_of_one_turn_are_written_in_the_order_they_came() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.relay.disconnect(ConnId(2));
+    t.drain();
+    for n in 1..=40u8 {
+        t.relay.handle(
+            ConnId(1),
+            ToRelay::Send(message("alice", "bob", n)),
+            t.now,
+            &mut t.store,
+        );
+    }
+    t.relay.sync(t.now, &mut t.store, true);
+    let stored: Vec<u8> = t
+        .store
+        .queued()
+        .unwrap()
+        .iter()
+        .map(|q| q.key.id[0])
+        .collect();
+    assert_eq!(stored, (1..=40).collect::<Vec<u8>>());
+}
+
+/// Issue 9: the relay forwards the bytes it received (no decode and encode again on the way
+/// out, no read of the store), and so refuses a frame with anything after the message.
+#[test]
+fn a_routed_item_is_forwarded_as_it_came_and_nothing_may_trail_it() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let payload = to_payload(&ToRelay::Send(message("alice", "bob", 3))).unwrap();
+    assert!(payload.starts_with(crate::proto::SEND_PREFIX));
+    t.relay.receive(ConnId(1), &payload, t.now, &mut t.store);
+    let out: Vec<Out> = std::iter::from_fn(|| t.relay.poll()).collect();
+    assert_eq!(
+        out,
+        [Out::Deliver(
+            ConnId(2),
+            payload[crate::proto::SEND_PREFIX.len()..].into()
+        )]
+    );
+    let mut trailing = to_payload(&ToRelay::Send(message("alice", "bob", 4))).unwrap();
+    trailing.push(0xc0);
+    t.relay.receive(ConnId(1), &trailing, t.now, &mut t.store);
+    let out = t.drain();
+    assert_eq!(error_code(&out, 1).as_deref(), Some("protocol"));
+    // Bob hears alice leave, and nothing else: no delivery of the bad frame's item.
+    assert!(
+        !out.iter().any(|o| matches!(
+            o,
+            Out::Send(ConnId(2), FromRelay::Deliver(_)) | Out::Deliver(..)
+        )),
+        "{out:?}"
+    );
 }

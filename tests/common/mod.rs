@@ -206,6 +206,8 @@ pub struct Daemon {
     child: Option<Child>,
     listen: Option<String>,
     dir: tempfile::TempDir,
+    /// Extra environment for the next starts (`set_env`).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -262,6 +264,7 @@ impl Daemon {
             child: None,
             listen: None,
             dir,
+            env: Vec::new(),
         };
         LOGS.with(|l| {
             l.borrow_mut()
@@ -298,6 +301,8 @@ impl Daemon {
             .env_remove("CHATD_SOCKET")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
+            .env_remove("CHATD_TEST_ABORT_BEFORE_COMMIT")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log handle"))
             .stderr(log);
@@ -450,6 +455,26 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Set (or with `None` remove) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Kill (if running) and start again with the same state dir, socket, arguments and port,
+    /// without waiting for it (a crash test's daemon may die before it would answer).
+    pub fn restart_no_wait(&mut self) {
+        self.kill();
+        if let Some(addr) = &self.listen {
+            if let Some(i) = self.args.iter().position(|a| a == "--listen") {
+                self.args[i + 1] = addr.clone();
+            }
+        }
+        self.start_child();
     }
 
     /// Kill (if running) and start again with the same state dir, socket and arguments, then wait
@@ -1038,6 +1063,7 @@ impl Daemon {
             child: None,
             listen: None,
             dir,
+            env: Vec::new(),
         };
         LOGS.with(|l| {
             l.borrow_mut()

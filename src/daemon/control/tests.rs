@@ -112,6 +112,10 @@ impl Net {
     fn pump(&mut self) {
         let now = self.now;
         host::pump(self, now);
+        // A committed turn: what the relay held in memory is written, then answered.
+        let (relay, store) = self.relay();
+        relay.sync(now.mono, store, true);
+        host::pump(self, now);
     }
 
     fn request(&mut self, req: CtlRequest) -> Reply {
