@@ -72,8 +72,142 @@ fn generate(shell: Shell, bin: &str) -> Vec<u8> {
     };
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, bin, &mut out);
+    if bin == "chatctl" {
+        let script = String::from_utf8(out).expect("clap_complete writes UTF-8");
+        return with_people(shell, script).into_bytes();
+    }
     out
 }
+
+/// chatctl's arguments that name a user (`ValueHint::Username`) complete from the running
+/// chatd's `who` (issue 11), not from the system's accounts: clap_complete's scripts get the
+/// shell's own user completion for them, and this replaces it. Each shell asks
+/// `chatctl [--socket PATH] who` (PATH as given on the line), at most 2 s, and completes
+/// nothing when no chatd answers.
+fn with_people(shell: Shell, script: String) -> String {
+    match shell {
+        Shell::Bash => script + BASH_PEOPLE,
+        Shell::Zsh => {
+            let n = script.matches(":_users'").count();
+            assert_eq!(n, 5, "zsh: the five user arguments use _users");
+            let script = script.replace(":_users'", ":_chatctl_users'");
+            let tail = "if [ \"$funcstack[1]\" = \"_chatctl\" ]; then";
+            let at = script
+                .rfind(tail)
+                .expect("the zsh script ends by registering _chatctl");
+            format!("{}{ZSH_PEOPLE}{}", &script[..at], &script[at..])
+        }
+        Shell::Fish => {
+            assert_eq!(script.matches("(__fish_complete_users)").count(), 1);
+            script.replace("(__fish_complete_users)", "(__fish_chatctl_users)") + FISH_PEOPLE
+        }
+        other => panic!("no user completion for {other}"),
+    }
+}
+
+const BASH_PEOPLE: &str = r#"
+# User names from the running chatd (written by tests/docs.rs, issue 11): for send, chat, trust,
+# fingerprint and tail --with; nothing when no chatd answers.
+_chatctl_users() {
+    local i sock=() t=()
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        if [[ ${COMP_WORDS[i]} == --socket ]]; then
+            sock=(--socket "${COMP_WORDS[i+1]}")
+        fi
+    done
+    command -v timeout >/dev/null 2>&1 && t=(timeout 2)
+    "${t[@]}" chatctl "${sock[@]}" who 2>/dev/null | while IFS=' ' read -r name _; do
+        printf '%s\n' "$name"
+    done
+}
+
+_chatctl_people() {
+    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} i sub= dashdash= people=
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+        --socket) ((i++)) ;;
+        -*) ;;
+        *) sub=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    for ((i++; i < COMP_CWORD; i++)); do
+        [[ ${COMP_WORDS[i]} == -- ]] && dashdash=1
+    done
+    if [[ $cur != -* ]]; then
+        case $sub:$prev in
+        tail:--with) people=1 ;;
+        send:--wait | send:--timeout | send:--socket) ;;
+        send:*) [[ -z $dashdash ]] && people=1 ;;
+        chat:chat | trust:trust | fingerprint:fingerprint) people=1 ;;
+        esac
+    fi
+    if [[ -n $people ]]; then
+        local IFS=$'\n'
+        COMPREPLY=($(compgen -W "$(_chatctl_users)" -- "$cur"))
+        return 0
+    fi
+    _chatctl "$@"
+}
+
+complete -F _chatctl_people -o bashdefault -o default chatctl
+"#;
+
+const ZSH_PEOPLE: &str = r#"# User names from the running chatd (written by tests/docs.rs, issue 11); nothing when no
+# chatd answers.
+(( $+functions[_chatctl_user_names] )) ||
+_chatctl_user_names() {
+    local -a sock t
+    local i=${words[(i)--socket]}
+    (( i < $#words )) && sock=(--socket "${words[i+1]}")
+    (( $+commands[timeout] )) && t=(timeout 2)
+    local line
+    $t chatctl $sock who 2>/dev/null | while read -r line; do
+        print -r -- "${line%% *}"
+    done
+}
+(( $+functions[_chatctl_users] )) ||
+_chatctl_users() {
+    local -a names
+    names=(${(f)"$(_chatctl_user_names)"})
+    compadd -a names
+}
+
+"#;
+
+const FISH_PEOPLE: &str = r#"
+# User names from the running chatd (written by tests/docs.rs, issue 11); nothing when no
+# chatd answers.
+function __fish_chatctl_users
+    set -l cmd (commandline -opc)
+    set -l sock
+    set -l i (contains -i -- --socket $cmd)
+    and set sock --socket $cmd[(math $i + 1)]
+    set -l t
+    command -q timeout
+    and set t timeout 2
+    $t chatctl $sock who 2>/dev/null | string replace -r ' .*' ''
+end
+# A user is wanted: any word of send before `--`; the first word after chat, trust, fingerprint.
+function __fish_chatctl_wants_user
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_chatctl_global_optspecs) -- $cmd 2>/dev/null
+    or return 1
+    set -q argv[1]
+    or return 1
+    set -l sub $argv[1]
+    set -e argv[1]
+    switch $sub
+        case send
+            not contains -- -- $argv
+        case chat trust fingerprint
+            test (count (string match -v -r -- '^-' $argv)) -eq 0
+        case '*'
+            return 1
+    end
+end
+complete -c chatctl -n "__fish_chatctl_wants_user" -f -a "(__fish_chatctl_users)"
+"#;
 
 #[test]
 fn completions_match_the_flag_definitions() {
@@ -646,6 +780,15 @@ fn chatctl_page_shows_the_json_keys_format_rs_prints() {
                 reason: None,
             })),
         ),
+        (
+            "tail link",
+            format::record_json(&record(RecordBody::Link {
+                up: true,
+                reason: None,
+                online: vec!["bob".into()],
+                peers_online: 1,
+            })),
+        ),
         ("send", format::sent(&[sent], true).remove(0)),
         ("who", format::peers(&[peer(None)], true).remove(0)),
         (
@@ -938,4 +1081,43 @@ fn readme_commands_match_ci_and_the_quickstart_does_not_collide() {
             "the quickstart names terminal {n}"
         );
     }
+}
+
+/// Every key and command the full-screen chat's help lists (`chatctl chat --help`, `/help`) is
+/// an `Ic` item of man/chatctl.1, so the page cannot fall behind the keys.
+#[test]
+fn chat_keys_and_commands_are_in_the_man_page() {
+    let cmd = chatd::cli::Args::command();
+    let chat = cmd
+        .find_subcommand("chat")
+        .expect("chatctl has a chat command");
+    let help = chat
+        .get_after_long_help()
+        .expect("chat --help lists its keys")
+        .to_string();
+    let page = read("man/chatctl.1");
+    let ic: BTreeSet<String> = macro_lines(&page)
+        .iter()
+        .flat_map(|w| {
+            w.windows(2)
+                .filter(|p| p[0] == "Ic")
+                .map(|p| p[1].to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut keys = Vec::new();
+    for line in help.lines().filter(|l| l.starts_with("  ")) {
+        let column = line.trim_start().split("  ").next().unwrap_or("");
+        if column.starts_with('/') {
+            keys.push(column.split(' ').next().unwrap_or("").to_string());
+        } else {
+            keys.extend(column.split(", ").map(str::to_string));
+        }
+    }
+    assert!(keys.len() > 20, "found the keys: {keys:?}");
+    let missing: Vec<&String> = keys.iter().filter(|k| !ic.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "man/chatctl.1 has no `.It Ic` for {missing:?} of chat's keys and commands"
+    );
 }

@@ -5,7 +5,8 @@
 //! The scripts are run as they ship (their `#!` line and executable bit included), with
 //! `CHATD_SOCKET` pointing at a daemon's socket and `CHATCTL` at the chatctl under test. Each
 //! runs in its own process group, which a [`Script`] kills on drop, so no `chatctl tail` it
-//! started can outlive a test.
+//! started can outlive a test. The echo bot is one `chatctl --json chat` process (the two-way
+//! stream); the log forwarder and the tail tests use `tail`.
 
 mod common;
 
@@ -219,7 +220,7 @@ fn echo_bot_answers_and_resumes_after_a_restart() {
         state_seq(&state).is_some_and(|s| s >= tricky_seq)
     });
 
-    // Stop it cleanly: it exits 0 and takes its `chatctl tail` with it.
+    // Stop it cleanly: it exits 0 and takes its `chatctl chat` with it.
     let status = bot.terminate();
     assert_eq!(
         status.code(),
@@ -227,7 +228,7 @@ fn echo_bot_answers_and_resumes_after_a_restart() {
         "SIGTERM stops the bot with 0; stderr:\n{}",
         bot.stderr()
     );
-    wait_until(DEADLINE, "the bot's chatctl tail to be gone", || {
+    wait_until(DEADLINE, "the bot's chatctl chat to be gone", || {
         !bot.group_alive()
     });
     drop(bot);

@@ -81,6 +81,7 @@ const CTL_FORGET: &str = "81a6466f7267657481a475736572a56361726f6c";
 const RESP_SENT: &str = "81a453656e749183a26964c41011111111111111111111111111111111a2746fa3626f62a57374617465a6517565756564";
 const RESP_RECORD_MESSAGE: &str = "81a65265636f726483a37365710ca774696d655f6d73cf0000018bcfe56800a4626f647981a74d65737361676585a26964c410ababababababababababababababababa466726f6da5616c696365a2746fa3626f62a3646972a2496ea474657874a568656c6c6f";
 const RESP_RECORD_PRESENCE: &str = "81a65265636f726483a37365710da774696d655f6d73cf0000018bcfe56be8a4626f647981a850726573656e636582a475736572a56361726f6ca66f6e6c696e65c2";
+const RESP_RECORD_LINK: &str = "81a65265636f726483a37365710fa774696d655f6d73cf0000018bcfe573b8a4626f647981a44c696e6b84a27570c3a6726561736f6ec0a66f6e6c696e6591a3626f62ac70656572735f6f6e6c696e6501";
 const RESP_RECORD_RECEIPT: &str = "81a65265636f726483a37365710ea774696d655f6d73cf0000018bcfe56fd0a4626f647981a75265636569707484a26964c41011111111111111111111111111111111a2746fa37a6564a57374617465a64661696c6564a6726561736f6ebf756e6b6e6f776e5f757365723a206e6f2075736572206e616d6564207a6564";
 const RESP_END: &str = "a3456e64";
 const RESP_PEERS: &str = "81a550656572739185a475736572a3626f62a66f6e6c696e65c3a57472757374a670696e6e6564ab66696e6765727072696e74d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655a970726573656e746564c0";
@@ -128,6 +129,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("CtlResponse::Record (message)", RESP_RECORD_MESSAGE),
     ("CtlResponse::Record (presence)", RESP_RECORD_PRESENCE),
     ("CtlResponse::Record (receipt)", RESP_RECORD_RECEIPT),
+    ("CtlResponse::Record (link)", RESP_RECORD_LINK),
     ("CtlResponse::End", RESP_END),
     ("CtlResponse::Peers", RESP_PEERS),
     ("CtlResponse::Status", RESP_STATUS),
@@ -146,6 +148,8 @@ const JSON_MESSAGE: &str = r#"{"kind":"message","seq":12,"id":"ababababababababa
 const JSON_PRESENCE: &str =
     r#"{"kind":"presence","seq":13,"time":"2023-11-14T22:13:21Z","user":"carol","online":false}"#;
 const JSON_RECEIPT: &str = r#"{"kind":"receipt","seq":14,"time":"2023-11-14T22:13:22Z","id":"11111111111111111111111111111111","to":"zed","state":"failed","reason":"unknown_user: no user named zed"}"#;
+const JSON_LINK: &str = r#"{"kind":"link","seq":15,"time":"2023-11-14T22:13:23Z","up":true,"reason":null,"online":["bob"],"peers_online":1}"#;
+const JSON_LINK_DOWN: &str = r#"{"kind":"link","seq":16,"time":"2023-11-14T22:13:24Z","up":false,"reason":"relay stopped answering","online":[],"peers_online":0}"#;
 const JSON_WHO: &str = r#"{"user":"bob","online":true,"trust":"pinned","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"}"#;
 const JSON_WHO_CHANGED: &str = r#"{"user":"bob","online":false,"trust":"changed","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU","presented":"SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE"}"#;
 const JSON_STATUS: &str = r#"{"user":"alice","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU","roles":["member"],"relay":"127.0.0.1:9999","connected":true,"relay_error":null,"listen":null,"peers_online":1,"outbox_pending":0,"uptime_s":42,"version":"0.1.0","state_dir":"/var/lib/chatd","relay_fingerprint":null}"#;
@@ -159,6 +163,8 @@ const ALL_JSON: &[&str] = &[
     JSON_MESSAGE,
     JSON_PRESENCE,
     JSON_RECEIPT,
+    JSON_LINK,
+    JSON_LINK_DOWN,
     JSON_WHO,
     JSON_WHO_CHANGED,
     JSON_STATUS,
@@ -237,6 +243,32 @@ fn record_receipt() -> Record {
             to: "zed".into(),
             state: MsgState::Failed,
             reason: Some("unknown_user: no user named zed".into()),
+        },
+    }
+}
+
+fn record_link() -> Record {
+    Record {
+        seq: 15,
+        time_ms: 1_700_000_003_000,
+        body: RecordBody::Link {
+            up: true,
+            reason: None,
+            online: vec!["bob".into()],
+            peers_online: 1,
+        },
+    }
+}
+
+fn record_link_down() -> Record {
+    Record {
+        seq: 16,
+        time_ms: 1_700_000_004_000,
+        body: RecordBody::Link {
+            up: false,
+            reason: Some("relay stopped answering".into()),
+            online: vec![],
+            peers_online: 0,
         },
     }
 }
@@ -535,6 +567,7 @@ fn control_records_and_end() {
         RESP_RECORD_PRESENCE,
     );
     check(&CtlResponse::Record(record_receipt()), RESP_RECORD_RECEIPT);
+    check(&CtlResponse::Record(record_link()), RESP_RECORD_LINK);
     check(&CtlResponse::End, RESP_END);
 }
 
@@ -704,6 +737,8 @@ fn json_lines() {
     assert_eq!(format::record_json(&record_message()), JSON_MESSAGE);
     assert_eq!(format::record_json(&record_presence()), JSON_PRESENCE);
     assert_eq!(format::record_json(&record_receipt()), JSON_RECEIPT);
+    assert_eq!(format::record_json(&record_link()), JSON_LINK);
+    assert_eq!(format::record_json(&record_link_down()), JSON_LINK_DOWN);
     assert_eq!(format::peers(&[peer_view()], true), vec![JSON_WHO]);
     let mut changed = peer_view();
     changed.online = false;

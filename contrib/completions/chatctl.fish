@@ -30,6 +30,7 @@ complete -c chatctl -n "__fish_chatctl_needs_command" -s h -l help -d 'Print hel
 complete -c chatctl -n "__fish_chatctl_needs_command" -s V -l version -d 'Print version'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "chat" -d 'Converse: full-screen on a terminal; with stdin or stdout not a terminal, line mode (stdin lines sent to USER, USER\'s messages printed); with --json, one two-way JSON-lines stream (requests with an "id" in, replies and every new record out). Keys and commands of the full-screen chat: chatctl chat --help, or /help inside it'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "who" -d 'List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with --all, every name on the relay (a page at a time); on a relay, its registrations'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
@@ -46,11 +47,16 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l json -d 'One JS
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s n -l lines -d 'How many of the last records to print [default: 10; all newer than SEQ with --since]' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l since -d 'Only records with a larger seq' -r
-complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r -f -a "(__fish_chatctl_users)"
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s h -l help -d 'Print help'
+complete -c chatctl -n "__fish_chatctl_using_subcommand chat" -s n -l lines -d 'History records to show first [default: 100 on the full screen, else 0: only new ones]' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand chat" -l since -d 'Start after this seq (line mode and --json: print the records after SEQ first)' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand chat" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
+complete -c chatctl -n "__fish_chatctl_using_subcommand chat" -l json -d 'One JSON object per line on stdout'
+complete -c chatctl -n "__fish_chatctl_using_subcommand chat" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l prefix -d 'With --all: only names that start with P' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand who" -l all -d 'Every name on the relay, not only your contacts (names you have not pinned show trust `bound`)'
@@ -68,11 +74,45 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand trust" -s h -l help -d '
 complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -l json -d 'One JSON object per line on stdout'
 complete -c chatctl -n "__fish_chatctl_using_subcommand forget" -s h -l help -d 'Print help'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "who" -d 'List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with --all, every name on the relay (a page at a time); on a relay, its registrations'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail who status fingerprint trust forget help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "send" -d 'Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`; without TEXT every line of stdin is one message'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "tail" -d 'Print history (last N records), then with -f new records as they come'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "chat" -d 'Converse: full-screen on a terminal; with stdin or stdout not a terminal, line mode (stdin lines sent to USER, USER\'s messages printed); with --json, one two-way JSON-lines stream (requests with an "id" in, replies and every new record out). Keys and commands of the full-screen chat: chatctl chat --help, or /help inside it'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "who" -d 'List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with --all, every name on the relay (a page at a time); on a relay, its registrations'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+
+# User names from the running chatd (written by tests/docs.rs, issue 11); nothing when no
+# chatd answers.
+function __fish_chatctl_users
+    set -l cmd (commandline -opc)
+    set -l sock
+    set -l i (contains -i -- --socket $cmd)
+    and set sock --socket $cmd[(math $i + 1)]
+    set -l t
+    command -q timeout
+    and set t timeout 2
+    $t chatctl $sock who 2>/dev/null | string replace -r ' .*' ''
+end
+# A user is wanted: any word of send before `--`; the first word after chat, trust, fingerprint.
+function __fish_chatctl_wants_user
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_chatctl_global_optspecs) -- $cmd 2>/dev/null
+    or return 1
+    set -q argv[1]
+    or return 1
+    set -l sub $argv[1]
+    set -e argv[1]
+    switch $sub
+        case send
+            not contains -- -- $argv
+        case chat trust fingerprint
+            test (count (string match -v -r -- '^-' $argv)) -eq 0
+        case '*'
+            return 1
+    end
+end
+complete -c chatctl -n "__fish_chatctl_wants_user" -f -a "(__fish_chatctl_users)"

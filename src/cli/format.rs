@@ -5,9 +5,11 @@
 //! controls and bidirectional overrides are shown as escapes, so a message can neither forge a
 //! line nor move the cursor; `--json` keeps the exact text (JSON escapes what it must).
 
+use std::collections::{HashMap, VecDeque};
+
 use serde::Serialize;
 
-use crate::proto::control::{Dir, PeerView, Record, RecordBody, Sent, StatusView};
+use crate::proto::control::{Dir, MsgState, PeerView, Record, RecordBody, Sent, StatusView};
 use crate::proto::hex;
 
 /// Escape text for a terminal: `\` becomes `\\`, `\n` `\r` `\t` their escapes, other control
@@ -99,6 +101,17 @@ struct JsonReceipt<'a> {
     reason: Option<&'a str>,
 }
 
+#[derive(Serialize)]
+struct JsonLink<'a> {
+    kind: &'static str,
+    seq: u64,
+    time: String,
+    up: bool,
+    reason: Option<&'a str>,
+    online: &'a [String],
+    peers_online: u64,
+}
+
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
@@ -147,7 +160,38 @@ pub fn record_json(r: &Record) -> String {
             state: state.as_str(),
             reason: reason.as_deref(),
         }),
+        RecordBody::Link {
+            up,
+            reason,
+            online,
+            peers_online,
+        } => json(&JsonLink {
+            kind: "link",
+            seq: r.seq,
+            time,
+            up: *up,
+            reason: reason.as_deref(),
+            online,
+            peers_online: *peers_online,
+        }),
     }
+}
+
+/// What a `Link` record says, for people: `link up: 2 online: bob, carol` or `link down: why`
+/// (not escaped: the caller escapes, as for any text).
+pub fn link_text(up: bool, reason: Option<&str>, online: &[String], peers_online: u64) -> String {
+    if !up {
+        return format!("link down: {}", reason.unwrap_or("connection closed"));
+    }
+    if peers_online == 0 {
+        return "link up: nobody else online".into();
+    }
+    let mut names = online.join(", ");
+    let more = peers_online.saturating_sub(online.len() as u64);
+    if more > 0 {
+        names.push_str(&format!(" and {more} more"));
+    }
+    format!("link up: {peers_online} online: {names}")
 }
 
 /// One tail record as a plain line: time, seq, then what happened.
@@ -193,6 +237,173 @@ pub fn record_plain(r: &Record) -> String {
                 .map(|w| format!(" ({})", escape(w)))
                 .unwrap_or_default()
         ),
+        RecordBody::Link {
+            up,
+            reason,
+            online,
+            peers_online,
+        } => format!(
+            "{time} #{} * {}",
+            r.seq,
+            escape(&link_text(*up, reason.as_deref(), online, *peers_online))
+        ),
+    }
+}
+
+/// A message's lines: the first after `head`, every later line of a multi-line text indented
+/// under it (so no line of a text can start where a record's time does), each escaped; `tag`
+/// after the last.
+fn message_lines(head: String, text: &str, tag: &str) -> Vec<String> {
+    let indent = " ".repeat(head.chars().count());
+    let parts: Vec<&str> = text.split('\n').collect();
+    let last = parts.len() - 1;
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let lead = if i == 0 {
+                head.as_str()
+            } else {
+                indent.as_str()
+            };
+            let tail = if i == last { tag } else { "" };
+            format!("{lead}{}{tail}", escape(part))
+        })
+        .collect()
+}
+
+fn state_tag(state: MsgState, reason: Option<&str>) -> String {
+    match (state, reason) {
+        (MsgState::Failed, Some(why)) => format!("  [failed: {}]", escape(why)),
+        (s, _) => format!("  [{}]", s.as_str()),
+    }
+}
+
+/// How many own messages [`ChatLines`] remembers for the short state lines of `tail -f`.
+const KNOWN_MAX: usize = 4096;
+
+/// Plain `tail`, read like a chat: a sent message shows its latest state at the end of its own
+/// line (`[delivered]`) instead of separate receipt lines; a state change that comes later (with
+/// `-f`, or for a message older than the history printed) is one short line; a multi-line
+/// message prints as indented continuation lines. Pure: records in, lines out.
+#[derive(Default)]
+pub struct ChatLines {
+    /// Own messages seen in this run, newest last: id to recipient, for the short lines.
+    known: HashMap<[u8; 16], String>,
+    order: VecDeque<[u8; 16]>,
+}
+
+impl ChatLines {
+    /// The lines of a batch of history: each sent message with the latest state the batch holds
+    /// for it; receipts of the batch's own messages print nothing.
+    pub fn history(&mut self, batch: &[Record]) -> Vec<String> {
+        let mut latest: HashMap<[u8; 16], (MsgState, Option<&str>)> = HashMap::new();
+        for r in batch {
+            if let RecordBody::Receipt {
+                id, state, reason, ..
+            } = &r.body
+            {
+                let e = latest.entry(*id).or_insert((MsgState::Queued, None));
+                if *state >= e.0 {
+                    *e = (*state, reason.as_deref());
+                }
+            }
+        }
+        let mut lines = Vec::new();
+        let mut shown: std::collections::HashSet<[u8; 16]> = std::collections::HashSet::new();
+        for r in batch {
+            match &r.body {
+                RecordBody::Message {
+                    id, dir: Dir::Out, ..
+                } => {
+                    let (state, why) = latest.get(id).copied().unwrap_or((MsgState::Queued, None));
+                    shown.insert(*id);
+                    self.remember(r);
+                    lines.extend(self.message(r, Some((state, why))));
+                }
+                RecordBody::Receipt { id, .. } if shown.contains(id) => {}
+                _ => lines.extend(self.live(r)),
+            }
+        }
+        lines
+    }
+
+    /// The lines of one record as it arrives: a receipt is one short line.
+    pub fn live(&mut self, r: &Record) -> Vec<String> {
+        match &r.body {
+            RecordBody::Message { dir, .. } => {
+                self.remember(r);
+                let state = (*dir == Dir::Out).then_some((MsgState::Queued, None));
+                self.message(r, state)
+            }
+            RecordBody::Receipt {
+                id,
+                to,
+                state,
+                reason,
+            } => {
+                let time = rfc3339(r.time_ms);
+                let known = if self.known.contains_key(id) {
+                    ""
+                } else {
+                    " (an earlier message)"
+                };
+                vec![format!(
+                    "{time} #{} -> {}: {}{} {}{known}",
+                    r.seq,
+                    escape(to),
+                    state.as_str(),
+                    reason
+                        .as_deref()
+                        .map(|w| format!(" ({})", escape(w)))
+                        .unwrap_or_default(),
+                    &hex(id)[..12]
+                )]
+            }
+            _ => vec![record_plain(r)],
+        }
+    }
+
+    fn remember(&mut self, r: &Record) {
+        if let RecordBody::Message {
+            id,
+            to,
+            dir: Dir::Out,
+            ..
+        } = &r.body
+        {
+            if self.known.insert(*id, to.clone()).is_none() {
+                self.order.push_back(*id);
+                if self.order.len() > KNOWN_MAX {
+                    if let Some(old) = self.order.pop_front() {
+                        self.known.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    fn message(&self, r: &Record, state: Option<(MsgState, Option<&str>)>) -> Vec<String> {
+        let RecordBody::Message {
+            id,
+            from,
+            to,
+            dir,
+            text,
+        } = &r.body
+        else {
+            return vec![record_plain(r)];
+        };
+        let (me, arrow, peer) = match dir {
+            Dir::In => (to, "<-", from),
+            Dir::Out => (from, "->", to),
+        };
+        let head = format!("{} #{} {me} {arrow} {peer}: ", rfc3339(r.time_ms), r.seq);
+        let tag = match state {
+            Some((s, why)) => format!("{} {}", state_tag(s, why), &hex(id)[..12]),
+            None => String::new(),
+        };
+        message_lines(head, text, &tag)
     }
 }
 
@@ -371,6 +582,96 @@ mod tests {
         assert_eq!(
             record_json(&r),
             r#"{"kind":"presence","seq":13,"time":"1970-01-01T00:00:00Z","user":"carol","online":false}"#
+        );
+    }
+
+    fn out(seq: u64, id: u8, text: &str) -> Record {
+        Record {
+            seq,
+            time_ms: 0,
+            body: RecordBody::Message {
+                id: [id; 16],
+                from: "alice".into(),
+                to: "bob".into(),
+                dir: Dir::Out,
+                text: text.into(),
+            },
+        }
+    }
+
+    fn receipt(seq: u64, id: u8, state: MsgState) -> Record {
+        Record {
+            seq,
+            time_ms: 0,
+            body: RecordBody::Receipt {
+                id: [id; 16],
+                to: "bob".into(),
+                state,
+                reason: (state == MsgState::Failed)
+                    .then(|| "queue_full: bob's queue is full".into()),
+            },
+        }
+    }
+
+    #[test]
+    fn plain_history_shows_each_message_with_its_latest_state() {
+        let batch = [
+            out(1, 1, "first"),
+            out(2, 2, "second"),
+            receipt(3, 1, MsgState::Relayed),
+            receipt(4, 1, MsgState::Delivered),
+            receipt(5, 2, MsgState::Failed),
+            // A receipt for a message before this history: one short line.
+            receipt(6, 9, MsgState::Delivered),
+        ];
+        let lines = ChatLines::default().history(&batch);
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].ends_with("#1 alice -> bob: first  [delivered] 010101010101"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("second  [failed: queue_full: bob's queue is full]"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("#6 -> bob: delivered 090909090909 (an earlier message)"),
+            "{}",
+            lines[2]
+        );
+    }
+
+    #[test]
+    fn plain_follow_prints_a_state_change_as_one_short_line() {
+        let mut c = ChatLines::default();
+        let l = c.live(&out(1, 1, "hi"));
+        assert_eq!(l.len(), 1);
+        assert!(l[0].ends_with("hi  [queued] 010101010101"), "{l:?}");
+        let l = c.live(&receipt(2, 1, MsgState::Delivered));
+        assert_eq!(
+            l,
+            ["1970-01-01T00:00:00Z #2 -> bob: delivered 010101010101"]
+        );
+    }
+
+    #[test]
+    fn multi_line_messages_continue_indented_and_escaped() {
+        let lines = ChatLines::default().history(&[out(
+            1,
+            1,
+            "one\n1970-01-01T00:00:00Z #9 forged\r\x1b[2K",
+        )]);
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let head = "1970-01-01T00:00:00Z #1 alice -> bob: ";
+        assert_eq!(lines[0], format!("{head}one"));
+        assert_eq!(
+            lines[1],
+            format!(
+                "{}1970-01-01T00:00:00Z #9 forged\\r\\x1b[2K  [queued] 010101010101",
+                " ".repeat(head.len())
+            )
         );
     }
 

@@ -5,13 +5,15 @@
 //! 3 chatd not reachable, 4 `--wait` timed out, 5 recipient key changed. Must never: read a key
 //! file, or print diagnostics on stdout.
 
+mod chat;
 pub mod format;
+mod tui;
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum, ValueHint};
 
 use crate::client::{Client, ClientError};
 use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, PeerView, TrustState, Wait};
@@ -60,7 +62,7 @@ pub enum Command {
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         timeout: u64,
         /// Recipients (then the text, unless `--` separates them)
-        #[arg(value_name = "USER", num_args = 0..)]
+        #[arg(value_name = "USER", num_args = 0.., value_hint = ValueHint::Username)]
         words: Vec<OsString>,
         /// The text, after `--`
         #[arg(last = true, value_name = "TEXT")]
@@ -78,8 +80,25 @@ pub enum Command {
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
         /// Only records to or from USER (and USER's presence)
-        #[arg(long, value_name = "USER")]
+        #[arg(long, value_name = "USER", value_hint = ValueHint::Username)]
         with: Option<String>,
+    },
+    /// Converse: full-screen on a terminal; with stdin or stdout not a terminal, line mode (stdin
+    /// lines sent to USER, USER's messages printed); with --json, one two-way JSON-lines stream
+    /// (requests with an "id" in, replies and every new record out). Keys and commands of the
+    /// full-screen chat: chatctl chat --help, or /help inside it
+    #[command(after_long_help = tui::HELP)]
+    Chat {
+        /// The peer (line mode: required; full screen: the first conversation; --json: only
+        /// records to or from USER)
+        #[arg(value_name = "USER", value_hint = ValueHint::Username)]
+        user: Option<String>,
+        /// History records to show first [default: 100 on the full screen, else 0: only new ones]
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<u64>,
+        /// Start after this seq (line mode and --json: print the records after SEQ first)
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
     },
     /// List your contacts: name, online, trust (trusted|pinned|changed), fingerprint; with
     /// --all, every name on the relay (a page at a time); on a relay, its registrations
@@ -97,13 +116,13 @@ pub enum Command {
     /// Print own fingerprint, or USER's pinned one
     Fingerprint {
         /// The peer
-        #[arg(value_name = "USER")]
+        #[arg(value_name = "USER", value_hint = ValueHint::Username)]
         user: Option<String>,
     },
     /// Accept USER's current key after checking FINGERPRINT out of band
     Trust {
         /// The peer
-        #[arg(value_name = "USER")]
+        #[arg(value_name = "USER", value_hint = ValueHint::Username)]
         user: String,
         /// SHA256:... as `chatctl fingerprint` prints it on USER's machine
         #[arg(value_name = "FINGERPRINT")]
@@ -169,6 +188,12 @@ struct Out {
 struct PipeClosed;
 
 impl Out {
+    fn stdout() -> Out {
+        Out {
+            stdout: io::stdout(),
+        }
+    }
+
     fn line(&mut self, s: &str) -> Result<(), PipeClosed> {
         let mut lock = self.stdout.lock();
         writeln!(lock, "{s}")
@@ -245,6 +270,27 @@ fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
                 (None, None) => Some(10),
             };
             tail(&path, as_json, &mut out, last, since, with, follow)
+        }
+        Command::Chat { user, lines, since } => {
+            let terminal = io::stdin().is_terminal() && io::stdout().is_terminal();
+            if as_json {
+                chat::json_mode(&path, &mut out, user, lines, since)
+            } else if terminal {
+                tui::run(&path, user, lines.unwrap_or(100), since)
+            } else {
+                match user {
+                    None => Err(fail(
+                        exit::USAGE,
+                        "chat without a terminal is line mode and needs a peer: chatctl chat USER \
+                         (or chatctl --json chat for the JSON stream)",
+                    )
+                    .into()),
+                    Some(u) => {
+                        check_name(&u)?;
+                        chat::line_mode(&path, &mut out, u, lines, since)
+                    }
+                }
+            }
         }
         Command::Who { all, prefix } => {
             let req = if all {
@@ -336,6 +382,60 @@ fn split_send(
     Ok((users, text))
 }
 
+/// A user name chatctl will ask about, checked before anything is sent.
+fn check_name(u: &str) -> Result<(), Failure> {
+    if crate::proto::valid_user(u) {
+        Ok(())
+    } else {
+        Err(fail(
+            exit::FAILED,
+            format!(
+                "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit; nothing was sent"
+            ),
+        ))
+    }
+}
+
+/// The `Send` request for one text, after the checks chatctl makes before anything is sent
+/// (shared by `send`, `chat` and the JSON stream, so they refuse the same things alike).
+fn send_request(
+    users: Vec<String>,
+    all: bool,
+    text: String,
+    wait: Wait,
+    timeout_ms: u64,
+) -> Result<CtlRequest, Failure> {
+    if users.len() > crate::proto::MAX_RECIPIENTS {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "{} recipients; one send takes at most {}; nothing was sent",
+                users.len(),
+                crate::proto::MAX_RECIPIENTS
+            ),
+        ));
+    }
+    for u in &users {
+        check_name(u)?;
+    }
+    if text.len() > MAX_TEXT {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "message text is {} bytes; the limit is {MAX_TEXT} bytes; nothing was sent",
+                text.len()
+            ),
+        ));
+    }
+    Ok(CtlRequest::Send {
+        to: users,
+        all,
+        text,
+        wait,
+        timeout_ms,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn send(
     path: &std::path::Path,
@@ -347,56 +447,16 @@ fn send(
     wait: WaitArg,
     timeout: u64,
 ) -> Result<(), Step> {
-    if users.len() > crate::proto::MAX_RECIPIENTS {
-        return Err(fail(
-            exit::FAILED,
-            format!(
-                "{} recipients; one send takes at most {}; nothing was sent",
-                users.len(),
-                crate::proto::MAX_RECIPIENTS
-            ),
-        )
-        .into());
-    }
-    for u in &users {
-        if !crate::proto::valid_user(u) {
-            return Err(fail(
-                exit::FAILED,
-                format!(
-                    "invalid user name {u:?}: names are 1 to 32 of a-z 0-9 . _ - starting with a letter or digit; nothing was sent"
-                ),
-            )
-            .into());
-        }
-    }
+    // Refuse bad names and too many recipients before connecting.
+    send_request(users.clone(), all, String::new(), Wait::None, 0)?;
     let wait = match wait {
         WaitArg::None => Wait::None,
         WaitArg::Relay => Wait::Relay,
         WaitArg::Delivered => Wait::Delivered,
     };
-    let check = |t: &str| -> Result<(), Failure> {
-        if t.len() > MAX_TEXT {
-            Err(fail(
-                exit::FAILED,
-                format!(
-                    "message text is {} bytes; the limit is {MAX_TEXT} bytes; nothing was sent",
-                    t.len()
-                ),
-            ))
-        } else {
-            Ok(())
-        }
-    };
     let mut client = Client::connect(path)?;
     let one = |client: &mut Client, text: String, out: &mut Out| -> Result<(), Step> {
-        check(&text)?;
-        let req = CtlRequest::Send {
-            to: users.clone(),
-            all,
-            text,
-            wait,
-            timeout_ms: timeout.saturating_mul(1000),
-        };
+        let req = send_request(users.clone(), all, text, wait, timeout.saturating_mul(1000))?;
         let spinner = (wait != Wait::None && io::stderr().is_terminal()).then(|| {
             crate::progress::Spinner::start(match wait {
                 Wait::Relay => "waiting for the relay",
@@ -424,6 +484,10 @@ fn send(
             // no line ever comes.
             check_recipients(path, &mut client, &users)?;
             let stdin = io::stdin();
+            if stdin.is_terminal() {
+                // A person at a terminal would otherwise see a command that seems to hang.
+                let _ = writeln!(io::stderr(), "{}", waiting_line(&users, all));
+            }
             let mut buf = Vec::new();
             let mut lock = stdin.lock();
             loop {
@@ -434,25 +498,22 @@ fn send(
                 if n == 0 {
                     return Ok(());
                 }
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
-                    if buf.last() == Some(&b'\r') {
-                        buf.pop();
-                    }
+                if let Some(line) = chat::line_text(std::mem::take(&mut buf))? {
+                    one(&mut client, line, out)?;
                 }
-                if buf.is_empty() {
-                    continue;
-                }
-                let line = String::from_utf8(std::mem::take(&mut buf)).map_err(|_| {
-                    fail(
-                        exit::FAILED,
-                        "a line of stdin is not valid UTF-8; it and the lines after it were not sent",
-                    )
-                })?;
-                one(&mut client, line, out)?;
             }
         }
     }
+}
+
+/// What `send` without text says on a terminal before it reads stdin.
+fn waiting_line(users: &[String], all: bool) -> String {
+    let to = if all {
+        "everyone online".to_string()
+    } else {
+        users.join(", ")
+    };
+    format!("chatctl: type messages for {to}, one per line; Ctrl-D ends (Ctrl-C aborts)")
 }
 
 /// Ask `who` and hand each `Peers` frame to `each` as it comes, until `End`: the list is
@@ -607,6 +668,9 @@ fn tail(
     follow: bool,
 ) -> Result<(), Step> {
     let mut client = Client::connect(path)?;
+    if !as_json {
+        return tail_plain(&mut client, out, last, since, with, follow);
+    }
     client.send(&CtlRequest::Tail {
         last,
         since,
@@ -614,24 +678,86 @@ fn tail(
         follow,
     })?;
     loop {
-        let resp = match client.recv() {
-            Ok(r) => r,
-            Err(ClientError::Closed) if follow => {
-                return Err(fail(exit::UNREACHABLE, "chatd went away").into())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match resp {
-            CtlResponse::Record(r) => {
-                let line = if as_json {
-                    format::record_json(&r)
-                } else {
-                    format::record_plain(&r)
-                };
-                out.line(&line)?;
-            }
+        match next_record(&mut client, follow)? {
+            CtlResponse::Record(r) => out.line(&format::record_json(&r))?,
             CtlResponse::End => return Ok(()),
             other => return Err(error_of(other, as_json, out)),
+        }
+    }
+}
+
+fn next_record(client: &mut Client, follow: bool) -> Result<CtlResponse, Step> {
+    match client.recv() {
+        Ok(r) => Ok(r),
+        Err(ClientError::Closed) if follow => {
+            Err(fail(exit::UNREACHABLE, "chatd went away").into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Records of history that plain `tail` holds at most before it prints them: within a batch a
+/// sent message shows its latest state; a later receipt becomes a short line. Bounds memory
+/// whatever `--since` asks for.
+const PLAIN_BATCH: usize = 1024;
+
+/// Plain `tail`, read like a chat ([`format::ChatLines`]). The history is asked for without
+/// `follow` (so its end is known and each message can be printed with its latest state), then,
+/// with `-f`, a follower starts after the newest record that existed before the history was
+/// read or that it printed, so nothing is missed or printed twice.
+fn tail_plain(
+    client: &mut Client,
+    out: &mut Out,
+    last: Option<u64>,
+    since: Option<u64>,
+    with: Option<String>,
+    follow: bool,
+) -> Result<(), Step> {
+    let mut start = if follow { chat::end_seq(client)? } else { 0 };
+    client.send(&CtlRequest::Tail {
+        last,
+        since,
+        with: with.clone(),
+        follow: false,
+    })?;
+    let mut lines = format::ChatLines::default();
+    let mut batch = Vec::new();
+    loop {
+        match next_record(client, false)? {
+            CtlResponse::Record(r) => {
+                start = start.max(r.seq);
+                batch.push(r);
+                if batch.len() >= PLAIN_BATCH {
+                    for l in lines.history(&batch) {
+                        out.line(&l)?;
+                    }
+                    batch.clear();
+                }
+            }
+            CtlResponse::End => break,
+            other => return Err(error_of(other, false, out)),
+        }
+    }
+    for l in lines.history(&batch) {
+        out.line(&l)?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    client.send(&CtlRequest::Tail {
+        last: None,
+        since: Some(start.max(since.unwrap_or(0))),
+        with,
+        follow: true,
+    })?;
+    loop {
+        match next_record(client, true)? {
+            CtlResponse::Record(r) => {
+                for l in lines.live(&r) {
+                    out.line(&l)?;
+                }
+            }
+            other => return Err(error_of(other, false, out)),
         }
     }
 }

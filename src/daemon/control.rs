@@ -463,6 +463,8 @@ fn record_peer(r: &Record) -> &str {
         },
         RecordBody::Presence { user, .. } => user,
         RecordBody::Receipt { to, .. } => to,
+        // About no peer: a `--with` follower does not get it (the store's `peer` is "" too).
+        RecordBody::Link { .. } => "",
     }
 }
 

@@ -59,6 +59,9 @@ pub struct Member {
     out: VecDeque<Out>,
     /// The most recipients `send --all` may reach (`max_fanout`).
     max_fanout: usize,
+    /// An established link went down and its `Link` record is not written yet: `link_down` has
+    /// no store, so the next `tick` (due at once) writes it, with the reason the daemon gave.
+    down_record: bool,
     lookups: Lookups,
     /// The pin bound was logged (once per run: a relay could otherwise flood the log).
     pins_full_said: bool,
@@ -85,6 +88,7 @@ impl Member {
             relay_error: None,
             out: VecDeque::new(),
             max_fanout: DEFAULT_MAX_FANOUT,
+            down_record: false,
             lookups: Lookups::default(),
             pins_full_said: false,
         })
@@ -100,6 +104,9 @@ impl Member {
         self.receiving = Receiving::new();
         self.out.clear();
         self.link_down();
+        // The daemon restarts the link after a failed commit: not news for the history (and
+        // the store may still be failing).
+        self.down_record = false;
         Ok(())
     }
 
@@ -170,6 +177,8 @@ impl Member {
 
     /// The connection to the relay is gone.
     pub fn link_down(&mut self) {
+        // Only a link that was up is news: a failed reconnect every few seconds is not.
+        self.down_record |= self.link.established();
         self.link = Link::Down;
         self.peers.all_offline();
         let (asked, listings) = self.lookups.reset();
@@ -208,11 +217,30 @@ impl Member {
     /// daemon sleeps until then (quinn's `poll_timeout`).
     pub fn next_deadline(&self) -> Option<u64> {
         let retry = self.sending.retry_at().filter(|_| self.link.established());
-        [self.link.deadline(), retry].into_iter().flatten().min()
+        let record = self.down_record.then_some(0);
+        [self.link.deadline(), retry, record]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Keep-alive, timeouts, retries.
     pub fn tick(&mut self, now: Now, store: &mut dyn MemberStore) {
+        if std::mem::take(&mut self.down_record) {
+            let body = RecordBody::Link {
+                up: false,
+                reason: Some(
+                    self.relay_error
+                        .clone()
+                        .unwrap_or_else(|| "connection closed".into()),
+                ),
+                online: Vec::new(),
+                peers_online: 0,
+            };
+            let mut outs = Vec::new();
+            out::record(store, now, "", body, &mut outs);
+            self.emit(now, outs);
+        }
         match self.link.due(now.mono) {
             None => {}
             Some(Due::Ping) => self.frame(ToRelay::Ping, now),
@@ -338,6 +366,19 @@ impl Member {
             self.user,
             self.peers_online()
         );
+        let mut online: Vec<String> = self.peers.online_users().map(String::from).collect();
+        online.sort();
+        let peers_online = online.len() as u64;
+        online.truncate(crate::proto::control::LINK_ONLINE_MAX);
+        let body = RecordBody::Link {
+            up: true,
+            reason: None,
+            online,
+            peers_online,
+        };
+        let mut outs = Vec::new();
+        out::record(store, now, "", body, &mut outs);
+        self.emit(now, outs);
         for item in send::outbox(store, false) {
             self.frame(ToRelay::Send(item), now);
         }

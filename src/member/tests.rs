@@ -2012,6 +2012,70 @@ fn send_all_above_max_fanout_sends_nothing() {
     assert_eq!(sent.len(), 2);
 }
 
+fn links(net: &Net, n: usize) -> Vec<RecordBody> {
+    net.history(n)
+        .into_iter()
+        .map(|r| r.body)
+        .filter(|b| matches!(b, RecordBody::Link { .. }))
+        .collect()
+}
+
+/// Logging in writes one `Link` record naming the peers online then; an established link going
+/// down writes one with the daemon's reason at the next tick, which is due at once (`link_down`
+/// has no store); a connection that never logged in writes none, so a relay that stays away
+/// does not fill the history with a record per retry.
+#[test]
+fn link_records_say_who_is_online_when_up_and_why_when_down() {
+    let mut net = Net::new();
+    let a = net.join("alice", ALICE);
+    let b = net.join("bob", BOB);
+    let up = |online: &[&str]| RecordBody::Link {
+        up: true,
+        reason: None,
+        online: online.iter().map(|s| s.to_string()).collect(),
+        peers_online: online.len() as u64,
+    };
+    assert_eq!(links(&net, a), [up(&[])]);
+    assert_eq!(links(&net, b), [up(&["alice"])]);
+
+    let now = Now::at(net.now);
+    let node = &mut net.nodes[a];
+    node.member.link_down();
+    node.member
+        .set_relay_error("relay stopped answering".into());
+    assert_eq!(
+        node.member.next_deadline(),
+        Some(0),
+        "the record is due now"
+    );
+    node.member.tick(now, &mut node.store);
+    let recorded: Vec<Out> = std::iter::from_fn(|| node.member.poll()).collect();
+    assert!(
+        recorded.iter().any(
+            |o| matches!(o, Out::Record(r) if matches!(&r.body, RecordBody::Link { up: false, .. }))
+        ),
+        "tail -f followers hear of it: {recorded:?}"
+    );
+    assert_eq!(node.member.next_deadline(), None, "written once");
+    // Down again without having logged in: nothing new.
+    node.member.link_up(now);
+    node.member.link_down();
+    assert_eq!(node.member.next_deadline(), None);
+    node.member.tick(now, &mut node.store);
+    let down = RecordBody::Link {
+        up: false,
+        reason: Some("relay stopped answering".into()),
+        online: vec![],
+        peers_online: 0,
+    };
+    assert_eq!(links(&net, a), [up(&[]), down]);
+    // About no peer: `tail --with` leaves it out.
+    let with_bob = net.nodes[a].store.records(0, Some("bob"), None).unwrap();
+    assert!(with_bob
+        .iter()
+        .all(|r| !matches!(r.body, RecordBody::Link { .. })));
+}
+
 /// A relay that stops being a room at its second name: members learn keys only by `Lookup`.
 fn large_net() -> Net {
     Net::with_limits(Limits {

@@ -154,7 +154,23 @@ pub enum RecordBody {
         /// Why it failed, for `Failed`.
         reason: Option<String>,
     },
+    /// The member's link to the relay came up (logged in) or went down.
+    Link {
+        /// Logged in (true) or gone (false).
+        up: bool,
+        /// Why it went down; None when up.
+        reason: Option<String>,
+        /// When up: the peers online at that moment, sorted, at most [`LINK_ONLINE_MAX`].
+        #[serde(deserialize_with = "crate::proto::bounded_vec::<_, _, { LINK_ONLINE_MAX }>")]
+        online: Vec<String>,
+        /// When up: how many peers were online (more than `online` holds when it is cut).
+        peers_online: u64,
+    },
 }
+
+/// Most names a `Link` record lists: enough for a room, and a large relay (where only contacts'
+/// presence is known anyway) cannot make one record large.
+pub const LINK_ONLINE_MAX: usize = 64;
 
 /// One history record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

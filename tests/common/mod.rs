@@ -613,11 +613,48 @@ impl Daemon {
     /// can be read as they come.
     pub fn follow(&self, args: &[&str]) -> Follower {
         let mut cmd = self.ctl_cmd(&["--json", "tail"]);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start chatctl tail -f");
+        cmd.args(args).stdin(Stdio::null());
+        Follower::spawn(cmd)
+    }
+
+    /// Start `chatctl --socket SOCK ARGS` with stdin a pipe ([`Follower::write_line`]) and its
+    /// stdout lines read as they come (`chat` in line or JSON mode).
+    pub fn converse(&self, args: &[&str]) -> Follower {
+        let mut cmd = self.ctl_cmd(args);
+        cmd.stdin(Stdio::piped());
+        Follower::spawn(cmd)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() && !LOGS_DUMPED.with(Cell::get) {
+            eprintln!(
+                "\n===== log of {} (test failed) =====\n{}",
+                self.label,
+                self.log()
+            );
+        }
+        let path = self.log_path();
+        LOGS.with(|l| l.borrow_mut().retain(|(_, p)| *p != path));
+    }
+}
+
+/// A running `chatctl --json tail ...` (or `chat`) whose stdout lines arrive on a channel.
+/// Killed on drop.
+pub struct Follower {
+    child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Follower {
+    fn spawn(mut cmd: Command) -> Follower {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start chatctl");
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout piped");
         let mut stderr = child.stderr.take().expect("stderr piped");
         let (tx, rx) = mpsc::channel();
@@ -638,35 +675,30 @@ impl Daemon {
         });
         Follower {
             child: Some(child),
+            stdin,
             lines: rx,
             stderr: err,
         }
     }
-}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        if thread::panicking() && !LOGS_DUMPED.with(Cell::get) {
-            eprintln!(
-                "\n===== log of {} (test failed) =====\n{}",
-                self.label,
-                self.log()
-            );
-        }
-        let path = self.log_path();
-        LOGS.with(|l| l.borrow_mut().retain(|(_, p)| *p != path));
+    /// Write one line (a newline is added) to the child's stdin.
+    pub fn write_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin piped and open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| fail(&format!("cannot write to chatctl's stdin: {e}")));
     }
-}
 
-/// A running `chatctl --json tail ...` whose stdout lines arrive on a channel. Killed on drop.
-pub struct Follower {
-    child: Option<Child>,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
+    /// Close the child's stdin (end of input).
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
 
-impl Follower {
+    /// The next stdout line as it is, or `None` if none comes within `timeout` or stdout closed.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// The next record, or `None` if none comes within `timeout` or stdout closed.
     pub fn next(&self, timeout: Duration) -> Option<Value> {
         match self.lines.recv_timeout(timeout) {
