@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::proto::control::{Dir, PeerView, Record, RecordBody, Sent, StatusView};
+use crate::proto::control::{Dir, KeyEvent, PeerView, Record, RecordBody, Sent, StatusView};
 use crate::proto::hex;
 
 /// Escape text for a terminal: `\` becomes `\\`, `\n` `\r` `\t` their escapes, other control
@@ -99,6 +99,17 @@ struct JsonReceipt<'a> {
     reason: Option<&'a str>,
 }
 
+#[derive(Serialize)]
+struct JsonKey<'a> {
+    kind: &'static str,
+    seq: u64,
+    time: String,
+    user: &'a str,
+    event: &'a str,
+    fingerprint: &'a str,
+    other: Option<&'a str>,
+}
+
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
@@ -147,6 +158,20 @@ pub fn record_json(r: &Record) -> String {
             state: state.as_str(),
             reason: reason.as_deref(),
         }),
+        RecordBody::Key {
+            user,
+            event,
+            fingerprint,
+            other,
+        } => json(&JsonKey {
+            kind: "key",
+            seq: r.seq,
+            time,
+            user,
+            event: event.as_str(),
+            fingerprint,
+            other: other.as_deref(),
+        }),
     }
 }
 
@@ -193,6 +218,36 @@ pub fn record_plain(r: &Record) -> String {
                 .map(|w| format!(" ({})", escape(w)))
                 .unwrap_or_default()
         ),
+        RecordBody::Key {
+            user,
+            event,
+            fingerprint,
+            other,
+        } => format!(
+            "{time} #{} ! {}",
+            r.seq,
+            escape(&key_line(user, event, fingerprint, other.as_deref()))
+        ),
+    }
+}
+
+/// What a key record says, in words.
+fn key_line(user: &str, event: &KeyEvent, fp: &str, other: Option<&str>) -> String {
+    let before = other.unwrap_or("an unknown key");
+    match event {
+        KeyEvent::Pinned => format!("pinned {user}'s key {fp} (first sight)"),
+        KeyEvent::Changed => format!(
+            "KEY CHANGED for {user}: the relay presents {fp}, pinned is {before}; check it, then chatctl trust {user} FINGERPRINT"
+        ),
+        KeyEvent::Returned => format!(
+            "the relay presents {user}'s pinned key {fp} again (after {before}); {user} stays changed until chatctl trust"
+        ),
+        KeyEvent::Trusted => match other {
+            None => format!("{user}'s key {fp} is trusted"),
+            Some(old) => format!("{user}'s new key {fp} is trusted (replaces {old})"),
+        },
+        KeyEvent::Forgotten => format!("forgot {user}'s key {fp}"),
+        KeyEvent::Other(e) => format!("key event {e} for {user}: {fp}"),
     }
 }
 

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{Client, ClientError};
-use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, PeerView, TrustState, Wait};
+use crate::proto::control::{
+    CtlRequest, CtlResponse, ErrorKind, PeerView, RecordKind, TrustState, Wait,
+};
 use crate::proto::MAX_TEXT;
 
 /// chatctl: send and read end-to-end encrypted messages through chatd.
@@ -80,6 +82,9 @@ pub enum Command {
         /// Only records to or from USER (and USER's presence)
         #[arg(long, value_name = "USER")]
         with: Option<String>,
+        /// Only records of these kinds (comma-separated: message,presence,receipt,key)
+        #[arg(long = "kind", value_name = "KINDS", value_delimiter = ',', value_parser = kind_parser())]
+        kinds: Vec<String>,
     },
     /// List peers: name, online, trust (trusted|pinned|changed), fingerprint
     Who,
@@ -229,13 +234,26 @@ fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
             follow,
             since,
             with,
+            kinds,
         } => {
+            let kinds = kinds.iter().map(|k| RecordKind::from(k.as_str())).collect();
             let last = match (lines, since) {
                 (Some(n), _) => Some(n),
                 (None, Some(_)) => None,
                 (None, None) => Some(10),
             };
-            tail(&path, as_json, &mut out, last, since, with, follow)
+            tail(
+                &path,
+                as_json,
+                &mut out,
+                Tail {
+                    last,
+                    since,
+                    with,
+                    kinds,
+                    follow,
+                },
+            )
         }
         Command::Who => who(&path, as_json, &mut out),
         Command::Status => simple(&path, as_json, &mut out, CtlRequest::Status),
@@ -554,21 +572,29 @@ fn reply_name(r: &CtlResponse) -> &'static str {
     }
 }
 
-fn tail(
-    path: &std::path::Path,
-    as_json: bool,
-    out: &mut Out,
+/// The kinds `--kind` accepts: every kind this version knows (so completions list them).
+fn kind_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(RecordKind::KNOWN.iter().map(RecordKind::as_str))
+}
+
+/// What `tail` asks for.
+struct Tail {
     last: Option<u64>,
     since: Option<u64>,
     with: Option<String>,
+    kinds: Vec<RecordKind>,
     follow: bool,
-) -> Result<(), Step> {
+}
+
+fn tail(path: &std::path::Path, as_json: bool, out: &mut Out, t: Tail) -> Result<(), Step> {
+    let follow = t.follow;
     let mut client = Client::connect(path)?;
     client.send(&CtlRequest::Tail {
-        last,
-        since,
-        with,
-        follow,
+        last: t.last,
+        since: t.since,
+        with: t.with,
+        follow: t.follow,
+        kinds: t.kinds,
     })?;
     loop {
         let resp = match client.recv() {

@@ -15,11 +15,11 @@ use super::roles::Roles;
 use super::status::{Info, Status};
 use crate::member::MemberError;
 use crate::proto::control::{
-    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, Sent, Wait,
+    CtlRequest, CtlResponse, ErrorKind, MsgState, PeerView, Record, RecordKind, Sent, Wait,
     WHO_CHUNK,
 };
 use crate::proto::{hex, valid_user};
-use crate::store::{Store, StoreError};
+use crate::store::{Filter, Store, StoreError};
 
 /// Records read from the database at a time for a `tail`.
 const PAGE: u64 = 64;
@@ -90,7 +90,15 @@ pub fn request(
             since,
             with,
             follow,
-        } => tail(roles, store, last, since, with, follow),
+            kinds,
+        } => tail(
+            roles,
+            store,
+            last,
+            since,
+            Filter { peer: with, kinds },
+            follow,
+        ),
         CtlRequest::Who => Reply::Stream(who_frames(match (roles.member(), roles.relay()) {
             (Some(m), _) => m.who(),
             (None, Some(r)) => r.directory(),
@@ -159,7 +167,7 @@ fn tail(
     store: &Store,
     last: Option<u64>,
     since: Option<u64>,
-    with: Option<String>,
+    filter: Filter,
     follow: bool,
 ) -> Reply {
     if roles.member().is_none() {
@@ -167,24 +175,43 @@ fn tail(
             "this chatd is a relay only: it keeps no message history (relays only see envelopes)",
         ));
     }
-    if let Some(w) = &with {
+    if let Some(w) = &filter.peer {
         if !valid_user(w) {
             return Reply::Now(failed(format!("invalid user name {w:?}")));
         }
     }
+    if let Some(RecordKind::Other(k)) = filter
+        .kinds
+        .iter()
+        .find(|k| matches!(k, RecordKind::Other(_)))
+    {
+        return Reply::Now(failed(format!(
+            "unknown record kind {k:?}; this chatd knows {}",
+            known_kinds()
+        )));
+    }
     let since = since.unwrap_or(0);
     let after = match last {
-        Some(n) => store.start_of_last(since, with.as_deref(), n),
+        Some(n) => store.start_of_last(since, &filter, n),
         None => Ok(since),
     };
     match after {
         Ok(after) => Reply::Tail(Cursor {
             after,
-            with,
+            filter,
             follow,
         }),
         Err(e) => Reply::Now(failed(format!("cannot read history: {e}"))),
     }
+}
+
+/// The record kinds this version knows, for an error message.
+fn known_kinds() -> String {
+    RecordKind::KNOWN
+        .iter()
+        .map(RecordKind::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn forget(roles: &mut Roles, store: &mut Store, user: &str) -> CtlResponse {
@@ -261,7 +288,7 @@ impl Ctl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     after: u64,
-    with: Option<String>,
+    filter: Filter,
     follow: bool,
 }
 
@@ -289,7 +316,7 @@ impl Cursor {
     /// bounded memory, and a client that reads is never cut off as slow).
     pub fn page(&mut self, store: &Store, sink: &mut dyn Sink) -> Paged {
         while sink.room() {
-            let page = match store.page(self.after, self.with.as_deref(), PAGE) {
+            let page = match store.page(self.after, &self.filter, PAGE) {
                 Ok(p) => p,
                 Err(err) => {
                     sink.emit(&failed(format!("cannot read history: {err}")));
@@ -302,7 +329,7 @@ impl Cursor {
                 // twice.
                 if self.follow {
                     return Paged::Follow(Follow {
-                        with: self.with.clone(),
+                        filter: self.filter.clone(),
                         last_seq: self.after,
                     });
                 }
@@ -324,7 +351,7 @@ impl Cursor {
 /// A `tail -f` after its history.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Follow {
-    with: Option<String>,
+    filter: Filter,
     last_seq: u64,
 }
 
@@ -335,22 +362,11 @@ impl Follow {
         if rec.seq <= self.last_seq {
             return false;
         }
-        if self.with.as_deref().is_some_and(|w| w != record_peer(rec)) {
+        if !self.filter.matches(rec) {
             return false;
         }
         self.last_seq = rec.seq;
         true
-    }
-}
-
-fn record_peer(r: &Record) -> &str {
-    match &r.body {
-        RecordBody::Message { from, to, dir, .. } => match dir {
-            Dir::In => from,
-            Dir::Out => to,
-        },
-        RecordBody::Presence { user, .. } => user,
-        RecordBody::Receipt { to, .. } => to,
     }
 }
 

@@ -30,7 +30,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::crypto::{login_transcript, Fingerprint, Identity};
-use crate::proto::control::{PeerView, RecordBody, Sent};
+use crate::proto::control::{KeyEvent, PeerView, RecordBody, Sent};
 use crate::proto::relay::{Envelope, FromRelay, Peer, Routed, ToRelay};
 use crate::proto::{from_payload, hex};
 use crate::store::{MemberStore, StoreError};
@@ -298,7 +298,7 @@ impl Member {
         }
         let mut introduced = Vec::new();
         for p in peers {
-            if self.observe(&p, store) {
+            if self.observe(&p, now, store) {
                 introduced.push(p.user);
             }
         }
@@ -324,7 +324,7 @@ impl Member {
                     return;
                 }
                 let was = self.peers.online(&p.user);
-                if self.observe(&p, store) {
+                if self.observe(&p, now, store) {
                     self.release_held(&p.user, now, store);
                 }
                 if was != Some(p.online) {
@@ -339,7 +339,7 @@ impl Member {
             }
             FromRelay::Directory(peers) => {
                 for p in peers {
-                    if self.observe(&p, store) {
+                    if self.observe(&p, now, store) {
                         self.release_held(&p.user, now, store);
                     }
                 }
@@ -372,26 +372,80 @@ impl Member {
         }
     }
 
-    /// Take note of a directory entry (see [`Peers::observe`]), log it, and save a changed pin.
-    /// True when the peer just became someone we accept messages from.
-    fn observe(&mut self, p: &Peer, store: &mut dyn MemberStore) -> bool {
+    /// Take note of a directory entry (see [`Peers::observe`]), log it, record a key event,
+    /// and save a changed pin. True when the peer just became someone we accept messages from.
+    /// Every path that learns a peer's key (welcome, presence, directory, a key looked up by
+    /// name) comes through here, so no key event escapes the history.
+    fn observe(&mut self, p: &Peer, now: Now, store: &mut dyn MemberStore) -> bool {
         let seen = self.peers.observe(&self.user, p);
         match &seen {
             Observed::Unusable(e) => {
                 warn!("relay presented an unusable key for {}: {e}", p.user)
             }
-            Observed::FirstSight(fp) => info!("pinned {} to {fp} (first sight)", p.user),
-            Observed::Changed { pinned, presented } => warn!(
-                "key for {} changed: pinned {pinned}, relay presents {presented}; refusing to \
-                 send to or accept from {} until `chatctl trust {} {presented}`",
-                p.user, p.user, p.user
+            Observed::FirstSight(fp) => {
+                self.key_event(&p.user, KeyEvent::Pinned, fp, None, now, store)
+            }
+            Observed::Changed { pinned, presented } => self.key_event(
+                &p.user,
+                KeyEvent::Changed,
+                presented,
+                Some(pinned),
+                now,
+                store,
             ),
-            Observed::Ignored | Observed::Restored | Observed::Same => {}
+            Observed::Returned { pinned, presented } => self.key_event(
+                &p.user,
+                KeyEvent::Returned,
+                pinned,
+                Some(presented),
+                now,
+                store,
+            ),
+            Observed::Ignored | Observed::Same => {}
         }
         if seen.changed() {
             self.save_pin(&p.user, store);
         }
         seen.acceptable()
+    }
+
+    /// The one place a key event is logged and written into the history (a `key` record):
+    /// first pin, change, return of the pinned key, trust, forget.
+    fn key_event(
+        &mut self,
+        user: &str,
+        event: KeyEvent,
+        fingerprint: &Fingerprint,
+        other: Option<&Fingerprint>,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) {
+        match (&event, other) {
+            (KeyEvent::Pinned, _) => info!("pinned {user} to {fingerprint} (first sight)"),
+            (KeyEvent::Changed, Some(pinned)) => warn!(
+                "key for {user} changed: pinned {pinned}, relay presents {fingerprint}; refusing \
+                 to send to or accept from {user} until `chatctl trust {user} {fingerprint}`"
+            ),
+            (KeyEvent::Returned, Some(other)) => warn!(
+                "relay presents {user}'s pinned key {fingerprint} again after {other}; {user} \
+                 stays changed until `chatctl trust`"
+            ),
+            (KeyEvent::Trusted, Some(old)) => {
+                warn!("{user}'s new key {fingerprint} is now trusted (replaces {old})")
+            }
+            (KeyEvent::Trusted, None) => info!("{user}'s key {fingerprint} is trusted"),
+            (KeyEvent::Forgotten, _) => info!("forgot {user}'s key {fingerprint}"),
+            (e, _) => info!("key event {e} for {user}: {fingerprint}"),
+        }
+        let body = RecordBody::Key {
+            user: user.to_string(),
+            event,
+            fingerprint: fingerprint.to_string(),
+            other: other.map(|f| f.to_string()),
+        };
+        let mut outs = Vec::new();
+        out::record(store, now, user, body, &mut outs);
+        self.emit(now, outs);
     }
 
     fn save_pin(&mut self, user: &str, store: &mut dyn MemberStore) {
@@ -484,11 +538,17 @@ impl Member {
         store: &mut dyn MemberStore,
     ) -> Result<String, MemberError> {
         let given = Fingerprint::parse(fingerprint).map_err(MemberError::BadFingerprint)?;
-        let msg = match self.peers.trust(user, given)? {
-            Trusted::NewKey => {
-                warn!("{user}'s new key {given} is now trusted (by chatctl trust)");
-                format!("{user}'s new key {given} is trusted")
-            }
+        let trusted = self.peers.trust(user, given)?;
+        let old = match &trusted {
+            Trusted::NewKey { old, .. } => Some(*old),
+            Trusted::Pinned(_) => None,
+        };
+        self.key_event(user, KeyEvent::Trusted, &given, old.as_ref(), now, store);
+        let msg = match trusted {
+            Trusted::NewKey { still: false, .. } => format!("{user}'s new key {given} is trusted"),
+            Trusted::NewKey { old, still: true } => format!(
+                "{user}'s new key {given} is trusted; the relay presents the old key ({old}) now, so {user} stays `changed`"
+            ),
             Trusted::Pinned(Some(p)) => format!(
                 "{user}'s pinned key {given} is trusted; the relay still presents another key ({p}), so {user} stays `changed`"
             ),

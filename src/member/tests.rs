@@ -1879,8 +1879,11 @@ fn key_change_seen_in_the_welcome_after_being_away() {
     ));
 }
 
+/// A relay that presents another key and then the pinned one again cannot erase the warning:
+/// bob stays `changed` (sending refused, messages held) until `trust`, and every step is a `key`
+/// record in the history.
 #[test]
-fn the_pinned_key_presented_again_clears_the_change() {
+fn the_pinned_key_presented_again_keeps_the_warning_until_trust() {
     let (mut net, a, _b) = pair();
     let presence = |key: usize, online: bool| {
         FromRelay::Presence(Peer {
@@ -1896,10 +1899,82 @@ fn the_pinned_key_presented_again_clears_the_change() {
     net.inject(a, presence(BOB, true));
     net.transfer();
     let view = net.who(a, "bob");
-    assert_eq!(view.trust, "pinned");
-    assert_eq!(view.presented, None);
-    assert_eq!(net.nodes[a].store.pins().unwrap()[0].presented, None);
+    assert_eq!(view.trust, "changed", "the warning must stay");
+    assert_eq!(
+        view.presented,
+        Some(public(MALLORY).fingerprint().to_string())
+    );
+    assert!(net.nodes[a].store.pins().unwrap()[0].presented.is_some());
+    assert!(matches!(
+        net.try_send(a, &["bob"], "x"),
+        Err(MemberError::KeyChanged { .. })
+    ));
+    // The same flip again adds no record: only news is written.
+    net.inject(a, presence(MALLORY, true));
+    net.inject(a, presence(BOB, true));
+    net.transfer();
+    let bob = public(BOB).fingerprint().to_string();
+    let mallory = public(MALLORY).fingerprint().to_string();
+    let node = &mut net.nodes[a];
+    let msg = node
+        .member
+        .trust("bob", &bob, Now::at(net.now), &mut node.store)
+        .unwrap();
+    assert!(msg.contains("is trusted"), "{msg}");
+    assert_eq!(net.who(a, "bob").trust, "trusted");
+    assert_eq!(net.who(a, "bob").presented, None);
     net.try_send(a, &["bob"], "x").unwrap();
+    let keys: Vec<(String, String, Option<String>)> = net
+        .history(a)
+        .into_iter()
+        .filter_map(|r| match r.body {
+            RecordBody::Key {
+                user,
+                event,
+                fingerprint,
+                other,
+            } if user == "bob" => Some((event.to_string(), fingerprint, other)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("pinned".to_string(), bob.clone(), None),
+            ("changed".to_string(), mallory.clone(), Some(bob.clone())),
+            ("returned".to_string(), bob.clone(), Some(mallory.clone())),
+            ("trusted".to_string(), bob.clone(), None),
+        ]
+    );
+}
+
+/// Trusting the key the relay presents while the relay shows the old pinned key again leaves the
+/// peer `changed`, now with the old key as the warning: what the relay shows is never trusted
+/// without the user.
+#[test]
+fn trusting_the_new_key_while_the_old_one_is_shown_stays_changed() {
+    let (mut net, a, _b) = pair();
+    let presence = |key: usize| {
+        FromRelay::Presence(Peer {
+            user: "bob".into(),
+            key: public(key).der().to_vec(),
+            online: true,
+        })
+    };
+    net.inject(a, presence(MALLORY));
+    net.inject(a, presence(BOB));
+    net.transfer();
+    let mallory = public(MALLORY).fingerprint().to_string();
+    let node = &mut net.nodes[a];
+    let msg = node
+        .member
+        .trust("bob", &mallory, Now::at(net.now), &mut node.store)
+        .unwrap();
+    assert!(msg.contains("stays `changed`"), "{msg}");
+    let view = net.who(a, "bob");
+    assert_eq!(view.trust, "changed");
+    assert_eq!(view.fingerprint, mallory);
+    assert_eq!(view.presented, Some(public(BOB).fingerprint().to_string()));
 }
 
 #[test]

@@ -137,6 +137,37 @@ codes! {
     }
 }
 
+codes! {
+    /// The kinds of history record (`tail --kind`, the `kind` of `tail --json`). A script must
+    /// skip a kind it does not know: newer versions add kinds.
+    RecordKind {
+        /// A message, either direction.
+        Message => "message",
+        /// A peer joined or left.
+        Presence => "presence",
+        /// A sent message changed state.
+        Receipt => "receipt",
+        /// A peer's key was pinned, changed, came back, was trusted or was forgotten.
+        Key => "key",
+    }
+}
+
+codes! {
+    /// What happened to a peer's key, in a `key` history record.
+    KeyEvent {
+        /// First sight: the relay introduced the peer and its key is now pinned (TOFU).
+        Pinned => "pinned",
+        /// The relay presents a key other than the pinned one: the peer is `changed`.
+        Changed => "changed",
+        /// The relay presents the pinned key again; the peer stays `changed` until `trust`.
+        Returned => "returned",
+        /// The user ran `chatctl trust`: the warning is cleared (or the pin replaced).
+        Trusted => "trusted",
+        /// The user ran `chatctl forget`: the pin and what was held are gone.
+        Forgotten => "forgotten",
+    }
+}
+
 impl RefuseCode {
     /// A refusal that may pass: the item can be offered again later.
     pub fn is_transient(&self) -> bool {

@@ -14,8 +14,10 @@ impl Store {
         self.check_write()?;
         let blob = to_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.conn
-            .prepare_cached("INSERT INTO history (time_ms, peer, body) VALUES (?1, ?2, ?3)")?
-            .execute(params![time_ms as i64, peer, blob])?;
+            .prepare_cached(
+                "INSERT INTO history (time_ms, peer, body, kind) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![time_ms as i64, peer, blob, body.kind().as_str()])?;
         let seq = self.conn.last_insert_rowid() as u64;
         Ok(Record { seq, time_ms, body })
     }
@@ -28,16 +30,17 @@ impl Store {
         peer: Option<&str>,
         last: Option<u64>,
     ) -> Result<Vec<Record>> {
+        let filter = Filter::peer(peer);
         let after = match last {
-            Some(n) => self.start_of_last(since, peer, n)?,
+            Some(n) => self.start_of_last(since, &filter, n)?,
             None => since,
         };
-        self.page(after, peer, i64::MAX as u64)
+        self.page(after, &filter, i64::MAX as u64)
     }
 
-    /// The seq after which the last `n` records newer than `since` (only `peer`'s, if given)
-    /// begin; `since` when there are fewer.
-    pub fn start_of_last(&self, since: u64, peer: Option<&str>, n: u64) -> Result<u64> {
+    /// The seq after which the last `n` records newer than `since` that pass `filter` begin;
+    /// `since` when there are fewer.
+    pub fn start_of_last(&self, since: u64, filter: &Filter, n: u64) -> Result<u64> {
         if n == 0 {
             return Ok(self.last_seq()?.max(since));
         }
@@ -45,10 +48,16 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT seq FROM history WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+                 AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
                  ORDER BY seq DESC LIMIT 1 OFFSET ?3",
             )?
             .query_row(
-                params![since as i64, peer, (n - 1).min(i64::MAX as u64) as i64],
+                params![
+                    since as i64,
+                    filter.peer.as_deref(),
+                    (n - 1).min(i64::MAX as u64) as i64,
+                    filter.kinds_param()
+                ],
                 |r| r.get(0),
             )
             .optional()?;
@@ -58,14 +67,20 @@ impl Store {
         })
     }
 
-    /// Up to `limit` records with seq > `after` (only `peer`'s, if given), oldest first.
-    pub fn page(&self, after: u64, peer: Option<&str>, limit: u64) -> Result<Vec<Record>> {
+    /// Up to `limit` records with seq > `after` that pass `filter`, oldest first.
+    pub fn page(&self, after: u64, filter: &Filter, limit: u64) -> Result<Vec<Record>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, time_ms, body FROM history
              WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+             AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
              ORDER BY seq ASC LIMIT ?3",
         )?;
-        let out = history_rows(stmt.query(params![after as i64, peer, limit as i64])?)?;
+        let out = history_rows(stmt.query(params![
+            after as i64,
+            filter.peer.as_deref(),
+            limit as i64,
+            filter.kinds_param()
+        ])?)?;
         Ok(out)
     }
 

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use super::*;
+use crate::proto::control::RecordBody;
 use crate::crypto::Identity;
 use crate::host::{self, Cores, Link, CLOSED_BY_RELAY};
 use crate::member::{self, Member};
@@ -139,6 +140,7 @@ fn tail(last: Option<u64>, with: Option<&str>, follow: bool) -> CtlRequest {
         since: None,
         with: with.map(str::to_string),
         follow,
+        kinds: Vec::new(),
     }
 }
 
