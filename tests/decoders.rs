@@ -44,8 +44,8 @@ use chatd::clock::Now;
 use chatd::crypto::{Fingerprint, Identity, PublicKey};
 use chatd::member::{self, Member};
 use chatd::proto::control::{
-    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, Sent,
-    StatusView, Wait,
+    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, RecordKind,
+    Sent, StatusView, Wait,
 };
 use chatd::proto::frame::{self, Decoded, FrameError, HEADER, MAX_FRAME};
 use chatd::proto::relay::{
@@ -385,7 +385,8 @@ fn ctl_request() -> impl Strategy<Value = CtlRequest> {
                 last,
                 since,
                 with,
-                follow
+                follow,
+                kinds: vec![RecordKind::Key],
             }),
         Just(CtlRequest::Who),
         Just(CtlRequest::Status),

@@ -35,6 +35,7 @@ use chatd::proto::{from_payload, hex, to_payload};
 
 /// `Fingerprint::of_spki(b"")`: SHA-256 of the empty string, in the `SHA256:` form.
 const FP: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+const FP2: &str = "SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE";
 /// The session key of the AEAD vectors.
 const KEY: [u8; 32] = [0x42; 32];
 /// The receipt tag of the message vector (`RECEIPT_TAG`, also carried by `FROM_DELIVER_RECEIPT`).
@@ -67,7 +68,7 @@ const FROM_ERROR: &str =
 // ---- golden bytes: control socket ---------------------------------------------------------------
 
 const CTL_SEND: &str = "81a453656e6485a2746f91a3626f62a3616c6cc2a474657874a26869a477616974a552656c6179aa74696d656f75745f6d73cd7530";
-const CTL_TAIL: &str = "81a45461696c84a46c6173740aa573696e6365c0a477697468a3626f62a6666f6c6c6f77c3";
+const CTL_TAIL: &str = "81a45461696c85a46c6173740aa573696e6365c0a477697468a3626f62a6666f6c6c6f77c3a56b696e647392a76d657373616765a36b6579";
 const CTL_WHO: &str = "a357686f";
 const CTL_STATUS: &str = "a6537461747573";
 const CTL_FINGERPRINT: &str = "81ab46696e6765727072696e7481a475736572c0";
@@ -77,6 +78,7 @@ const RESP_SENT: &str = "81a453656e749183a26964c41011111111111111111111111111111
 const RESP_RECORD_MESSAGE: &str = "81a65265636f726483a37365710ca774696d655f6d73cf0000018bcfe56800a4626f647981a74d65737361676585a26964c410ababababababababababababababababa466726f6da5616c696365a2746fa3626f62a3646972a2496ea474657874a568656c6c6f";
 const RESP_RECORD_PRESENCE: &str = "81a65265636f726483a37365710da774696d655f6d73cf0000018bcfe56be8a4626f647981a850726573656e636582a475736572a56361726f6ca66f6e6c696e65c2";
 const RESP_RECORD_RECEIPT: &str = "81a65265636f726483a37365710ea774696d655f6d73cf0000018bcfe56fd0a4626f647981a75265636569707484a26964c41011111111111111111111111111111111a2746fa37a6564a57374617465a64661696c6564a6726561736f6ebf756e6b6e6f776e5f757365723a206e6f2075736572206e616d6564207a6564";
+const RESP_RECORD_KEY: &str = "81a65265636f726483a37365710fa774696d655f6d73cf0000018bcfe573b8a4626f647981a34b657984a475736572a3626f62a56576656e74a76368616e676564ab66696e6765727072696e74d9325348413235363a4c5845575172636d73455142596e79702b3677793963685444374751504d54624169574846354961534945a56f74686572d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655";
 const RESP_END: &str = "a3456e64";
 const RESP_PEERS: &str = "81a550656572739185a475736572a3626f62a66f6e6c696e65c3a57472757374a670696e6e6564ab66696e6765727072696e74d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655a970726573656e746564c0";
 const RESP_STATUS: &str = "81a65374617475738ca475736572a5616c696365ab66696e6765727072696e74d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655a5726f6c657391a66d656d626572a572656c6179ae3132372e302e302e313a39393939a9636f6e6e6563746564c3ab72656c61795f6572726f72c0a66c697374656ec0ac70656572735f6f6e6c696e6501ae6f7574626f785f70656e64696e6700a8757074696d655f732aa776657273696f6ea5302e312e30a973746174655f646972ae2f7661722f6c69622f6368617464";
@@ -118,6 +120,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("CtlResponse::Record (message)", RESP_RECORD_MESSAGE),
     ("CtlResponse::Record (presence)", RESP_RECORD_PRESENCE),
     ("CtlResponse::Record (receipt)", RESP_RECORD_RECEIPT),
+    ("CtlResponse::Record (key)", RESP_RECORD_KEY),
     ("CtlResponse::End", RESP_END),
     ("CtlResponse::Peers", RESP_PEERS),
     ("CtlResponse::Status", RESP_STATUS),
@@ -136,6 +139,7 @@ const JSON_MESSAGE: &str = r#"{"kind":"message","seq":12,"id":"ababababababababa
 const JSON_PRESENCE: &str =
     r#"{"kind":"presence","seq":13,"time":"2023-11-14T22:13:21Z","user":"carol","online":false}"#;
 const JSON_RECEIPT: &str = r#"{"kind":"receipt","seq":14,"time":"2023-11-14T22:13:22Z","id":"11111111111111111111111111111111","to":"zed","state":"failed","reason":"unknown_user: no user named zed"}"#;
+const JSON_KEY: &str = r#"{"kind":"key","seq":15,"time":"2023-11-14T22:13:23Z","user":"bob","event":"changed","fingerprint":"SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE","other":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"}"#;
 const JSON_WHO: &str = r#"{"user":"bob","online":true,"trust":"pinned","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"}"#;
 const JSON_WHO_CHANGED: &str = r#"{"user":"bob","online":false,"trust":"changed","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU","presented":"SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE"}"#;
 const JSON_STATUS: &str = r#"{"user":"alice","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU","roles":["member"],"relay":"127.0.0.1:9999","connected":true,"relay_error":null,"listen":null,"peers_online":1,"outbox_pending":0,"uptime_s":42,"version":"0.1.0","state_dir":"/var/lib/chatd"}"#;
@@ -149,6 +153,7 @@ const ALL_JSON: &[&str] = &[
     JSON_MESSAGE,
     JSON_PRESENCE,
     JSON_RECEIPT,
+    JSON_KEY,
     JSON_WHO,
     JSON_WHO_CHANGED,
     JSON_STATUS,
@@ -227,6 +232,19 @@ fn record_receipt() -> Record {
             to: "zed".into(),
             state: MsgState::Failed,
             reason: Some("unknown_user: no user named zed".into()),
+        },
+    }
+}
+
+fn record_key() -> Record {
+    Record {
+        seq: 15,
+        time_ms: 1_700_000_003_000,
+        body: RecordBody::Key {
+            user: "bob".into(),
+            event: KeyEvent::Changed,
+            fingerprint: FP2.into(),
+            other: Some(FP.into()),
         },
     }
 }
@@ -444,6 +462,7 @@ fn control_tail() {
         since: None,
         with: Some("bob".into()),
         follow: true,
+        kinds: vec![RecordKind::Message, RecordKind::Key],
     };
     check(&req, CTL_TAIL);
 }
@@ -483,6 +502,7 @@ fn control_records_and_end() {
         RESP_RECORD_PRESENCE,
     );
     check(&CtlResponse::Record(record_receipt()), RESP_RECORD_RECEIPT);
+    check(&CtlResponse::Record(record_key()), RESP_RECORD_KEY);
     check(&CtlResponse::End, RESP_END);
 }
 
@@ -521,7 +541,8 @@ fn decoder_tolerance() {
             last: None,
             since: None,
             with: None,
-            follow: false
+            follow: false,
+            kinds: Vec::new(),
         }
     );
     assert_eq!(
@@ -530,7 +551,8 @@ fn decoder_tolerance() {
             last: Some(5),
             since: None,
             with: None,
-            follow: false
+            follow: false,
+            kinds: Vec::new(),
         }
     );
     // A 15-byte id is an error, not a panic and not a truncation.
@@ -649,6 +671,7 @@ fn json_lines() {
     assert_eq!(format::record_json(&record_message()), JSON_MESSAGE);
     assert_eq!(format::record_json(&record_presence()), JSON_PRESENCE);
     assert_eq!(format::record_json(&record_receipt()), JSON_RECEIPT);
+    assert_eq!(format::record_json(&record_key()), JSON_KEY);
     assert_eq!(format::peers(&[peer_view()], true), vec![JSON_WHO]);
     let mut changed = peer_view();
     changed.online = false;

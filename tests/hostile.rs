@@ -28,7 +28,7 @@ mod common;
 use chatd::crypto::{login_transcript, Identity};
 use chatd::proto::control::{CtlRequest, CtlResponse};
 use chatd::proto::frame::{self, Decoded, MAX_FRAME};
-use chatd::proto::relay::{Envelope, FromRelay, ItemKey, Kind, Routed, ToRelay};
+use chatd::proto::relay::{Envelope, FromRelay, ItemKey, Kind, Peer, Routed, ToRelay};
 use chatd::proto::{encode_frame, from_payload};
 use common::*;
 use rand::RngCore;
@@ -1705,4 +1705,189 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
     // And he comes back, with backoff, on a new connection.
     drop(s);
     let _again = accept("bob to reconnect after dropping the link");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 10: a hostile relay against a real member
+// ---------------------------------------------------------------------------------------------
+
+/// A test-only relay that speaks the real protocol to one real member and obeys the test: it
+/// sends a challenge, takes the login without checking it (a hostile relay need not), welcomes
+/// the member with the peers the test gives, then sends whatever the test says and reads what the
+/// member sends, answering its pings. The member cannot tell it from a relay that was taken over.
+struct FakeRelay {
+    listener: std::net::TcpListener,
+    conn: Option<Raw<TcpStream>>,
+}
+
+impl FakeRelay {
+    fn bind() -> FakeRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake relay");
+        listener.set_nonblocking(true).expect("nonblocking");
+        FakeRelay {
+            listener,
+            conn: None,
+        }
+    }
+
+    fn addr(&self) -> String {
+        self.listener.local_addr().expect("address").to_string()
+    }
+
+    /// Wait for the member to connect, and log it in as `user` with `peers` in the welcome.
+    fn accept(&mut self, user: &str, peers: Vec<Peer>) {
+        let s = wait_for(DEADLINE, "the member to connect to the fake relay", || {
+            self.listener.accept().ok().map(|(s, _)| s)
+        });
+        s.set_nonblocking(false).expect("blocking");
+        let mut c = Raw::new(s);
+        let mut nonce = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        c.send(&FromRelay::Challenge {
+            nonce,
+            version: "fake".into(),
+        });
+        match c.next(DEADLINE) {
+            Next::Frame(p) => match from_payload::<ToRelay>(&p) {
+                Ok(ToRelay::Login { user: u, .. }) if u == user => {}
+                other => fail(&format!("expected {user}'s Login, got {other:?}")),
+            },
+            other => fail(&format!("expected a Login, got {other:?}")),
+        }
+        c.send(&FromRelay::Welcome {
+            user: user.into(),
+            peers,
+        });
+        self.conn = Some(c);
+    }
+
+    fn conn(&mut self) -> &mut Raw<TcpStream> {
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| fail("the fake relay has no member connected"))
+    }
+
+    fn send(&mut self, msg: &FromRelay) {
+        if !self.conn().send(msg) {
+            fail("the member closed the link to the fake relay");
+        }
+    }
+
+    /// The member's next frame that is not a ping (pings are answered), within `timeout`.
+    fn recv(&mut self, timeout: Duration) -> Option<ToRelay> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.conn().next(left) {
+                Next::Frame(p) => match from_payload::<ToRelay>(&p) {
+                    Ok(ToRelay::Ping) => {
+                        self.send(&FromRelay::Pong);
+                    }
+                    Ok(m) => return Some(m),
+                    Err(e) => fail(&format!("the member sent a non-ToRelay frame: {e}")),
+                },
+                Next::Closed | Next::Quiet => return None,
+            }
+        }
+    }
+}
+
+/// A directory entry for `user` with `id`'s key.
+fn peer_entry(user: &str, id: &Identity, online: bool) -> Peer {
+    Peer {
+        user: user.into(),
+        key: id.public().der().to_vec(),
+        online,
+    }
+}
+
+/// `tail --json` records of `d` of one kind (the last 1000).
+fn records_of(d: &Daemon, kind: &str) -> Vec<Value> {
+    d.tail(&["--kind", kind])
+}
+
+/// Point 4: a relay presents another key for alice, then her pinned key again. The warning stays
+/// (`changed`, sending refused) until `chatctl trust`, and each step is a `key` record that
+/// `tail --json` shows; a relay flipping between the two keys adds no record per flip.
+#[test]
+fn a_relay_cannot_erase_a_key_change_by_presenting_the_pinned_key_again() {
+    let mut relay = FakeRelay::bind();
+    let bob = Daemon::spawn(
+        "bob",
+        Role::Member,
+        &["--user", "bob", "--connect", &relay.addr()],
+    );
+    let (alice, mallory) = (identity(), identity());
+    relay.accept("bob", vec![peer_entry("alice", &alice, true)]);
+    bob.wait_connected();
+    let fp = |id: &Identity| id.public().fingerprint().to_string();
+    relay.send(&FromRelay::Presence(peer_entry("alice", &mallory, true)));
+    for _ in 0..3 {
+        relay.send(&FromRelay::Presence(peer_entry("alice", &alice, true)));
+        relay.send(&FromRelay::Presence(peer_entry("alice", &mallory, true)));
+    }
+    relay.send(&FromRelay::Presence(peer_entry("alice", &alice, true)));
+    wait_until(DEADLINE, "bob to record the return of alice's key", || {
+        records_of(&bob, "key")
+            .iter()
+            .any(|r| r["event"] == "returned")
+    });
+    let view = bob
+        .peer("alice")
+        .unwrap_or_else(|| fail("bob does not know alice"));
+    assert_eq!(view["trust"], "changed", "{view}");
+    assert_eq!(view["presented"], fp(&mallory), "{view}");
+    let out = bob.ctl(&["send", "alice", "hi"]);
+    assert_exit(
+        &out,
+        5,
+        "send to alice after the relay presented her old key again",
+    );
+
+    let keys = records_of(&bob, "key");
+    let events: Vec<(&str, &str)> = keys
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap_or("?"),
+                r["fingerprint"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    let (a, m) = (fp(&alice), fp(&mallory));
+    assert_eq!(
+        events,
+        [
+            ("pinned", a.as_str()),
+            ("changed", m.as_str()),
+            ("returned", a.as_str())
+        ],
+        "{keys:?}"
+    );
+    assert_eq!(keys[1]["other"], a);
+    assert_eq!(keys[2]["other"], m);
+    // --kind filters: no key record among the presence ones, none of them among the keys.
+    assert!(records_of(&bob, "presence")
+        .iter()
+        .all(|r| r["kind"] == "presence"));
+
+    let out = bob.ctl(&["trust", "alice", &a]);
+    assert_exit(&out, 0, "trust alice's pinned key");
+    let view = bob
+        .peer("alice")
+        .unwrap_or_else(|| fail("bob forgot alice"));
+    assert_eq!(view["trust"], "trusted", "{view}");
+    let last = records_of(&bob, "key");
+    assert_eq!(last.len(), 4, "{last:?}");
+    assert_eq!(last[3]["event"], "trusted");
+    assert_eq!(last[3]["fingerprint"], a);
+    // Plain output says it too, and a bad kind is a usage error.
+    let plain = bob.ctl(&["tail", "--kind", "key"]);
+    assert_exit(&plain, 0, "plain tail --kind key");
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("KEY CHANGED for alice"));
+    assert_exit(
+        &bob.ctl(&["tail", "--kind", "nonsense"]),
+        2,
+        "tail --kind nonsense",
+    );
 }

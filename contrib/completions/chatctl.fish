@@ -47,6 +47,10 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand send" -s h -l help -d 'P
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s n -l lines -d 'How many of the last records to print [default: 10; all newer than SEQ with --since]' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l since -d 'Only records with a larger seq' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l kind -d 'Only records of these kinds (comma-separated: message,presence,receipt,key)' -r -f -a "message\t''
+presence\t''
+receipt\t''
+key\t''"
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'

@@ -187,7 +187,7 @@ impl Peers {
                 // The warning stays: only the first return after a change is news.
                 Some(presented) if !std::mem::replace(&mut st.return_noted, true) => {
                     Observed::Returned {
-                    pinned: st.pinned.fingerprint(),
+                        pinned: st.pinned.fingerprint(),
                         presented: presented.fingerprint(),
                     }
                 }

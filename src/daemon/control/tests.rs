@@ -8,10 +8,10 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use super::*;
-use crate::proto::control::RecordBody;
 use crate::crypto::Identity;
 use crate::host::{self, Cores, Link, CLOSED_BY_RELAY};
 use crate::member::{self, Member};
+use crate::proto::control::RecordBody;
 use crate::relay::{Limits, Relay};
 
 const T0: u64 = 1_000_000;
