@@ -1773,6 +1773,16 @@ impl FakeRelay {
         }
     }
 
+    /// Send many frames as fast as the member reads them (one long write, patient).
+    fn flood(&mut self, frames: &[u8]) {
+        let c = self.conn();
+        let _ = c.s.set_write_timeout(Some(Duration::from_secs(120)));
+        if let Err(e) = c.s.write_all(frames) {
+            fail(&format!("the member stopped reading the flood: {e}"));
+        }
+        c.s.set_timeout(Duration::from_secs(1));
+    }
+
     /// The member's next frame that is not a ping (pings are answered), within `timeout`.
     fn recv(&mut self, timeout: Duration) -> Option<ToRelay> {
         let deadline = Instant::now() + timeout;
@@ -1890,4 +1900,68 @@ fn a_relay_cannot_erase_a_key_change_by_presenting_the_pinned_key_again() {
         2,
         "tail --kind nonsense",
     );
+}
+
+/// Point 5: a relay toggles alice online and offline 100,000 times (the reproduction of the issue). Bob's history gets a handful
+/// of presence records (a change is recorded once it has lasted 2 s, at most 4 a minute per
+/// peer), his messages stay in `tail -n 10`, and `tail --kind message` shows only messages.
+#[test]
+fn presence_churn_cannot_bury_messages() {
+    let mut relay = FakeRelay::bind();
+    let bob = Daemon::spawn(
+        "bob",
+        Role::Member,
+        &["--user", "bob", "--connect", &relay.addr()],
+    );
+    let alice = identity();
+    relay.accept("bob", vec![peer_entry("alice", &alice, true)]);
+    bob.wait_connected();
+    for text in ["one", "two"] {
+        assert_exit(&bob.ctl(&["send", "alice", text]), 0, "send to alice");
+    }
+    let start = Instant::now();
+    let mut frames = Vec::new();
+    const TOGGLES: usize = 100_000;
+    for i in 0..TOGGLES {
+        let p = FromRelay::Presence(peer_entry("alice", &alice, i % 2 == 0));
+        encode_frame(&p, &mut frames).expect("encode");
+    }
+    relay.flood(&frames);
+    // A new peer after the flood: once bob knows carol, he has read every toggle.
+    relay.send(&FromRelay::Presence(peer_entry("carol", &identity(), true)));
+    wait_until(DEADLINE, "bob to read the whole flood", || {
+        bob.peer("carol").is_some()
+    });
+    assert_eq!(
+        bob.peer("alice").map(|p| p["online"].clone()),
+        Some(Value::Bool(false))
+    );
+    // The last state is recorded once it settled (2 s); wait for it.
+    wait_until(DEADLINE, "bob to record alice's last state", || {
+        records_of(&bob, "presence")
+            .iter()
+            .rev()
+            .find(|r| r["user"] == "alice")
+            .is_some_and(|r| r["online"] == false)
+    });
+    let minutes = start.elapsed().as_secs() / 60 + 1;
+    let alice_records = records_of(&bob, "presence")
+        .iter()
+        .filter(|r| r["user"] == "alice")
+        .count() as u64;
+    assert!(
+        alice_records <= 4 * minutes + 1,
+        "{alice_records} presence records for alice from {TOGGLES} toggles in {minutes} min"
+    );
+    let last10 = bob.ctl_json(&["tail", "-n", "10"]);
+    let texts: Vec<&str> = last10.iter().filter_map(|r| r["text"].as_str()).collect();
+    assert_eq!(texts, ["one", "two"], "{last10:?}");
+    let messages = records_of(&bob, "message");
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages.iter().all(|r| r["kind"] == "message"));
+    let mixed = records_of(&bob, "message,presence");
+    assert!(mixed
+        .iter()
+        .all(|r| r["kind"] == "message" || r["kind"] == "presence"));
+    assert_eq!(mixed.len() as u64, 2 + alice_records + 1, "{mixed:?}");
 }

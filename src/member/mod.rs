@@ -19,6 +19,7 @@ mod error;
 mod link;
 mod out;
 mod peers;
+mod presence;
 mod receive;
 mod send;
 
@@ -41,6 +42,7 @@ pub use send::SESSION_MESSAGES;
 
 use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
 use peers::{Observed, Peers, Trusted};
+use presence::Presence;
 use receive::Receiving;
 use send::Sending;
 
@@ -50,6 +52,7 @@ pub struct Member {
     identity: Identity,
     link: Link,
     peers: Peers,
+    presence: Presence,
     sending: Sending,
     receiving: Receiving,
     relay_error: Option<String>,
@@ -74,6 +77,7 @@ impl Member {
             identity,
             link: Link::Down,
             peers,
+            presence: Presence::default(),
             sending: Sending::new(StdRng::from_entropy()),
             receiving: Receiving::new(),
             relay_error: None,
@@ -86,6 +90,7 @@ impl Member {
     /// retry timer) and reload pins. The link must be restarted by the caller.
     pub fn reload(&mut self, store: &dyn MemberStore) -> Result<(), StoreError> {
         self.peers = Peers::from_pins(store.pins()?);
+        self.presence = Presence::default();
         // Sessions and the receipt retry timer together: the outbox the timer would resend may
         // be rolled back, and the next login offers whatever it still holds.
         self.sending.reset();
@@ -157,6 +162,7 @@ impl Member {
     pub fn link_down(&mut self) {
         self.link = Link::Down;
         self.peers.all_offline();
+        self.presence.link_down();
     }
 
     fn frame(&mut self, msg: ToRelay, now: Now) {
@@ -182,11 +188,25 @@ impl Member {
     /// daemon sleeps until then (quinn's `poll_timeout`).
     pub fn next_deadline(&self) -> Option<u64> {
         let retry = self.sending.retry_at().filter(|_| self.link.established());
-        [self.link.deadline(), retry].into_iter().flatten().min()
+        [self.link.deadline(), retry, self.presence.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Keep-alive, timeouts, retries.
+    /// Keep-alive, timeouts, retries, presence records that settled.
     pub fn tick(&mut self, now: Now, store: &mut dyn MemberStore) {
+        let mut outs = Vec::new();
+        for (user, online, wall) in self.presence.due(now.mono) {
+            let body = RecordBody::Presence {
+                user: user.clone(),
+                online,
+            };
+            // Stamped with the time of the change, not of the record.
+            let at = Now { wall, ..now };
+            out::record(store, at, &user, body, &mut outs);
+        }
+        self.emit(now, outs);
         match self.link.due(now.mono) {
             None => {}
             Some(Due::Ping) => self.frame(ToRelay::Ping, now),
@@ -323,18 +343,12 @@ impl Member {
                 if p.user == self.user {
                     return;
                 }
-                let was = self.peers.online(&p.user);
                 if self.observe(&p, now, store) {
                     self.release_held(&p.user, now, store);
                 }
-                if was != Some(p.online) {
-                    let body = RecordBody::Presence {
-                        user: p.user.clone(),
-                        online: p.online,
-                    };
-                    let mut outs = Vec::new();
-                    out::record(store, now, &p.user, body, &mut outs);
-                    self.emit(now, outs);
+                // Recorded once it has settled (see `presence`), so churn cannot bury messages.
+                if self.peers.knows(&p.user) {
+                    self.presence.changed(&p.user, p.online, now.mono, now.wall);
                 }
             }
             FromRelay::Directory(peers) => {

@@ -280,6 +280,17 @@ impl Net {
         true
     }
 
+    /// Let presence changes settle: the clock moves past `presence::SETTLE_MS`, every member
+    /// ticks (writing the presence records that are due), and the network runs until quiet.
+    fn settle(&mut self) {
+        self.transfer();
+        self.now += super::presence::SETTLE_MS;
+        for node in &mut self.nodes {
+            node.member.tick(Now::at(self.now), &mut node.store);
+        }
+        self.transfer();
+    }
+
     /// Run until nothing moves.
     fn transfer(&mut self) {
         for _ in 0..100_000 {
@@ -429,6 +440,7 @@ fn pair() -> (Net, usize, usize) {
     let mut net = Net::new();
     let a = net.join("alice", ALICE);
     let b = net.join("bob", BOB);
+    net.settle();
     (net, a, b)
 }
 
@@ -604,8 +616,11 @@ fn directory_reaches_a_joining_member_and_presence_reaches_the_others() {
     assert_eq!(net.nodes[a].store.pins().unwrap()[0].user, "bob");
 
     let c = net.join("carol", CAROL);
+    net.settle();
     net.disconnect(c);
     net.transfer();
+    assert!(!net.who(a, "carol").online, "who sees presence at once");
+    net.settle();
     let want = [("carol".to_string(), true), ("carol".to_string(), false)];
     assert_eq!(net.presence(a)[1..], want);
     assert_eq!(net.presence(b), want);
@@ -614,7 +629,7 @@ fn directory_reaches_a_joining_member_and_presence_reaches_the_others() {
     assert!(net.presence(c).is_empty());
     // Carol comes back: joined again, and she still knows both.
     net.connect(c);
-    net.transfer();
+    net.settle();
     assert_eq!(net.presence(a).last(), Some(&("carol".to_string(), true)));
     assert_eq!(net.nodes[c].member.peers_online(), 2);
 }
