@@ -1047,6 +1047,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             since: None,
             with: Some("bob".into()),
             follow: true,
+            kinds: Vec::new(),
         }),
     );
     add("control_request-who", req(CtlRequest::Who));

@@ -1965,3 +1965,238 @@ fn presence_churn_cannot_bury_messages() {
         .all(|r| r["kind"] == "message" || r["kind"] == "presence"));
     assert_eq!(mixed.len() as u64, 2 + alice_records + 1, "{mixed:?}");
 }
+
+/// Deliver `n` junk envelopes of `size` bytes "from" `from` to bob, and read bob's `Ack` for
+/// each (every envelope is settled: held, or refused at once; none is left to clog the relay).
+fn deliver_junk(relay: &mut FakeRelay, from: &str, n: usize, size: usize) {
+    let mut frame = Vec::new();
+    for i in 0..n {
+        frame.clear();
+        let env = junk_envelope(from, "bob", i as u64, size);
+        encode_frame(&FromRelay::Deliver(env), &mut frame).expect("encode");
+        relay.flood(&frame);
+    }
+    let mut acks = 0;
+    while acks < n {
+        match relay.recv(DEADLINE) {
+            Some(ToRelay::Ack(_)) => acks += 1,
+            Some(_) => {}
+            None => fail(&format!(
+                "bob acknowledged {acks} of {n} envelopes from {from}"
+            )),
+        }
+    }
+}
+
+/// Point 2: a relay delivers 300 envelopes of 1 MB "from" a name it never introduced (the
+/// issue's reproduction), then 300 of 60 KB, then some from bob's own name and from an invalid
+/// name. What can never be opened is refused at once; at most `max_held_per_sender` (100) are
+/// held; bob's memory stays bounded while they arrive and while they are released in batches;
+/// and `chatctl forget` drops a pin and what is held, saying how much.
+///
+/// The RSS bound, 48 MiB of growth: what bob may hold is on disk (at most 8 MiB from one sender
+/// by default), a release reads 16 envelopes (about 1 MiB) at a time, and a 1 MiB frame is read
+/// into a buffer of about that size; the rest is SQLite's page cache and allocator slack. Before
+/// the bounds, the same attack grew a member by about 300 MiB.
+#[test]
+fn held_envelopes_are_bounded_and_forget_drops_them() {
+    let mut relay = FakeRelay::bind();
+    let bob = Daemon::spawn(
+        "bob",
+        Role::Member,
+        &["--user", "bob", "--connect", &relay.addr()],
+    );
+    relay.accept("bob", Vec::new());
+    bob.wait_connected();
+    let before = rss_kib(bob.pid());
+    let count = |what: &str| count_lines(&bob, &|l: &str| l.contains(what));
+
+    deliver_junk(&mut relay, "zed", 300, 1_000_000);
+    assert_eq!(count("more than any text of at most 64 KiB"), 300);
+    deliver_junk(&mut relay, "zed", 300, 60_000);
+    assert_eq!(count("holding message"), 100, "{}", bob.log());
+    assert_eq!(
+        count("already holding 100 messages from zed, the most max_held_per_sender allows"),
+        200
+    );
+    deliver_junk(&mut relay, "bob", 3, 100);
+    assert_eq!(count("as from ourselves (bob)"), 3);
+    deliver_junk(&mut relay, "Not-Valid", 3, 100);
+    assert_eq!(count("is not a valid name"), 3);
+    let held = rss_kib(bob.pid());
+
+    // The relay introduces zed: the 100 are judged again (junk: rejected), in batches.
+    relay.send(&FromRelay::Presence(peer_entry("zed", &identity(), true)));
+    wait_until(DEADLINE, "bob to judge what he held from zed", || {
+        count("unknown session and no key packet") == 100
+    });
+    let after = rss_kib(bob.pid());
+    for (what, kib) in [("holding", held), ("releasing", after)] {
+        assert!(
+            kib.saturating_sub(before) < 48 * 1024,
+            "bob grew from {before} KiB to {kib} KiB {what} envelopes"
+        );
+    }
+    status_works(&bob, "after the held envelopes");
+
+    // forget: a pinned name with nothing held, then an unpinned one with something held.
+    let out = bob.ctl(&["forget", "zed"]);
+    assert_exit(&out, 0, "forget zed");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("dropped the pin SHA256:") && said.contains("0 held messages"),
+        "{said}"
+    );
+    assert!(bob.peer("zed").is_none(), "zed is still in who");
+    assert_eq!(
+        records_of(&bob, "key").last().map(|r| r["event"].clone()),
+        Some("forgotten".into())
+    );
+    deliver_junk(&mut relay, "yan", 3, 1000);
+    let out = bob.ctl(&["forget", "yan"]);
+    assert_exit(&out, 0, "forget yan");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("no pin; dropped 3 held messages ("), "{said}");
+    let out = bob.ctl(&["forget", "yan"]);
+    assert_exit(&out, 1, "forget yan again");
+    assert!(
+        stderr_of(&out).contains("nothing to forget"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+/// Point 7: `max_queue_bytes` bounds the bytes queued for one user. A raw client logged in as
+/// mallory queues envelopes for an offline victim until the relay refuses with `queue_full`
+/// naming the byte limit; one item larger than the whole limit is refused as `too_large` (it
+/// could never fit); other users' queues are untouched, and the victim gets what was accepted.
+#[test]
+fn max_queue_bytes_refuses_a_sender_once_the_bytes_are_queued() {
+    let relay = relay_with(&["--max-queue-bytes", "100000"]);
+    let addr = relay.addr();
+    let (id_mallory, id_victim) = (identity(), identity());
+    // The victim registers and goes away, so everything for them is queued.
+    drop(login(&addr, "victim", &id_victim));
+    let mut m = login(&addr, "mallory", &id_mallory);
+    let mut accepted = 0;
+    let refusal = loop {
+        let item = junk_envelope("mallory", "victim", accepted, 30_000);
+        m.send(&ToRelay::Send(item));
+        match m.recv_relay(DEADLINE) {
+            Some(FromRelay::Accepted(_)) => accepted += 1,
+            Some(FromRelay::Refused { code, reason, .. }) => break (code.to_string(), reason),
+            Some(FromRelay::Presence(_)) => {}
+            other => fail(&format!("expected Accepted or Refused, got {other:?}")),
+        }
+        if accepted > 10 {
+            fail("the relay queued more than 300 KB for one user with max_queue_bytes 100000");
+        }
+    };
+    assert_eq!(
+        accepted, 3,
+        "three 30 KB items fit in 100,000 bytes, a fourth does not"
+    );
+    assert_eq!(refusal.0, "queue_full", "{refusal:?}");
+    assert!(refusal.1.contains("max_queue_bytes"), "{refusal:?}");
+    let big = junk_envelope("mallory", "mallory", 99, 200_000);
+    m.send(&ToRelay::Send(big));
+    match m.recv_relay(DEADLINE) {
+        Some(FromRelay::Refused { code, reason, .. }) => {
+            assert_eq!(code, "too_large", "{reason}");
+            assert!(reason.contains("max_queue_bytes"), "{reason}");
+        }
+        other => fail(&format!("expected too_large, got {other:?}")),
+    }
+    // The victim logs in and gets the three accepted items.
+    let mut v = login(&addr, "victim", &id_victim);
+    let mut got = 0;
+    while got < 3 {
+        match v.recv_relay(DEADLINE) {
+            Some(FromRelay::Deliver(_)) => got += 1,
+            Some(FromRelay::Presence(_)) => {}
+            other => fail(&format!("victim got {other:?} after {got} deliveries")),
+        }
+    }
+}
+
+/// Point 7: `control_idle_timeout` closes a control client that connects and says nothing, so
+/// local clients cannot hold every `max_control_clients` slot; a `tail -f` and a `send --wait`
+/// that outlive the timeout are not idle and are served to the end; `chatctl send` reading
+/// stdin survives a pause longer than the timeout.
+#[test]
+fn control_idle_timeout_closes_a_silent_control_client_only() {
+    let relay = Daemon::relay();
+    let alice = Daemon::spawn(
+        "alice",
+        Role::Member,
+        &[
+            "--user",
+            "alice",
+            "--connect",
+            &relay.addr(),
+            "--control-idle-timeout",
+            "1",
+        ],
+    );
+    alice.wait_connected();
+    let mut bob = Daemon::member("bob", &relay.addr());
+    alice.wait_peer_online("bob", true);
+    let follower = alice.follow(&["-f", "-n", "0"]);
+    let start = Instant::now();
+    let mut silent = Raw::unix(&alice.socket());
+    match silent.next(DEADLINE) {
+        Next::Closed => {}
+        other => fail(&format!(
+            "a silent control client was not closed: {other:?}"
+        )),
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the 1 s timeout",
+        start.elapsed()
+    );
+    assert!(alice
+        .log()
+        .contains("no request for 1 s (control_idle_timeout)"));
+    // The follower outlived the timeout and still gets new records.
+    deliver(&bob, "alice", "to the follower");
+    let mut seen = Vec::new();
+    follower.wait_record("the message after the idle timeout", &mut seen, |r| {
+        r["text"] == "to the follower"
+    });
+    // stdin lines with a pause longer than the timeout between them.
+    let mut cmd = alice.ctl_cmd(&["send", "bob"]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn chatctl send");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"first line\n").expect("write");
+    bob.wait_message("first line");
+    // A pause longer than the timeout: a client opened now is closed as idle before the next
+    // line is written.
+    let mut clock = Raw::unix(&alice.socket());
+    assert!(
+        matches!(clock.next(DEADLINE), Next::Closed),
+        "the second silent client was not closed"
+    );
+    stdin.write_all(b"second line\n").expect("write");
+    drop(stdin);
+    let out = wait_for(DEADLINE, "chatctl send to finish", || {
+        child.try_wait().ok().flatten()
+    });
+    assert!(out.success(), "chatctl send with a pause exited {out}");
+    bob.wait_message("second line");
+    // A `send --wait` that waits longer than the timeout is not idle: it times out as asked.
+    bob.stop();
+    let out = alice.ctl(&[
+        "send",
+        "--wait",
+        "delivered",
+        "--timeout",
+        "3",
+        "bob",
+        "away",
+    ]);
+    assert_exit(&out, 4, "send --wait delivered to an absent bob, 3 s");
+}

@@ -15,6 +15,10 @@ complete -c chatd -l handshake-timeout -d 'Relay: seconds a new connection has t
 complete -c chatd -l idle-timeout -d 'Relay: seconds of silence before a connection is closed' -r
 complete -c chatd -l max-write-buffer -d 'Bytes queued for one connection before it is cut off as a slow reader' -r
 complete -c chatd -l max-fanout -d 'Member: most peers `send --all` may reach; with more online it sends nothing' -r
+complete -c chatd -l max-held-per-sender -d 'Member: most messages held from one sender not introduced yet or whose key changed' -r
+complete -c chatd -l max-held-bytes-per-sender -d 'Member: most bytes held from one such sender' -r
+complete -c chatd -l max-held -d 'Member: most messages held from all such senders together' -r
+complete -c chatd -l max-held-bytes -d 'Member: most bytes held from all such senders together' -r
 complete -c chatd -l max-control-clients -d 'Most simultaneous control-socket clients' -r
 complete -c chatd -s h -l help -d 'Print help'
 complete -c chatd -s V -l version -d 'Print version'

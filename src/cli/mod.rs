@@ -425,6 +425,8 @@ fn send(
             // Check the recipients before waiting on stdin, so a typo fails at once even when
             // no line ever comes.
             check_recipients(&mut client, &users)?;
+            // Not held while stdin is read: it would hold a control-client slot for nothing.
+            drop(client);
             let stdin = io::stdin();
             let mut buf = Vec::new();
             let mut lock = stdin.lock();
@@ -451,6 +453,9 @@ fn send(
                         "a line of stdin is not valid UTF-8; it and the lines after it were not sent",
                     )
                 })?;
+                // A line may come long after the last: chatd closes a control connection idle
+                // for control_idle_timeout, so each line gets a connection of its own.
+                let mut client = Client::connect(path)?;
                 one(&mut client, line, out)?;
             }
         }

@@ -116,7 +116,7 @@ pub fn request(
                 Err(e) => failed(e.to_string()),
             },
         }),
-        CtlRequest::Forget { user } => Reply::Now(forget(roles, store, &user)),
+        CtlRequest::Forget { user } => Reply::Now(forget(roles, store, &user, now)),
     }
 }
 
@@ -214,20 +214,34 @@ fn known_kinds() -> String {
         .join(", ")
 }
 
-fn forget(roles: &mut Roles, store: &mut Store, user: &str) -> CtlResponse {
-    let Some(r) = roles.relay_mut() else {
-        return failed("forget works on a relay; this chatd is a member only");
-    };
+/// `forget` on a relay drops the binding and queue; on a member the pin and what is held; a host
+/// does both and says both.
+fn forget(roles: &mut Roles, store: &mut Store, user: &str, now: Now) -> CtlResponse {
     if !valid_user(user) {
         return failed(format!("invalid user name {user:?}"));
     }
-    match r.forget(user, store) {
-        Ok(true) => CtlResponse::Done(format!(
-            "forgot {user}: the name and its queue are gone; the next key to log in as {user} claims it"
-        )),
-        Ok(false) => failed(format!("no user named {user} is registered on this relay")),
-        Err(e) => failed(format!("cannot forget {user}: {e}")),
+    let mut said = Vec::new();
+    let mut errors = Vec::new();
+    if let Some(r) = roles.relay_mut() {
+        match r.forget(user, store) {
+            Ok(true) => said.push(format!(
+                "forgot {user}: the name and its queue are gone; the next key to log in as {user} claims it"
+            )),
+            Ok(false) => errors.push(format!("no user named {user} is registered on this relay")),
+            Err(e) => return failed(format!("cannot forget {user}: {e}")),
+        }
     }
+    if let Some(m) = roles.member_mut() {
+        match m.forget(user, now, store) {
+            Ok(msg) => said.push(msg),
+            Err(e @ MemberError::NothingToForget(_)) => errors.push(e.to_string()),
+            Err(e) => return failed(e.to_string()),
+        }
+    }
+    if said.is_empty() {
+        return failed(errors.join("; "));
+    }
+    CtlResponse::Done(said.join("; "))
 }
 
 fn fingerprint(roles: &Roles, info: &Info, user: Option<String>) -> CtlResponse {
@@ -270,6 +284,9 @@ pub struct Ctl {
     /// Frames of a streamed answer (`who`) not queued yet: they go out as the client reads, like
     /// a `tail`, so a long directory never fills the write buffer past its cap.
     pub stream: std::collections::VecDeque<CtlResponse>,
+    /// When (mono ms) the client connected or sent its last request: `control_idle_timeout`
+    /// counts from here.
+    pub active_at: u64,
 }
 
 impl Ctl {
@@ -426,6 +443,11 @@ impl Waiters {
     /// The turn's commit failed: its waiters go (their clients get the storage error).
     pub fn fail_turn(&mut self) {
         self.0.retain(|w| !w.fresh);
+    }
+
+    /// Whether client `token` waits for a `send --wait`.
+    pub fn has(&self, token: Token) -> bool {
+        self.0.iter().any(|w| w.token == token)
     }
 
     /// Client `token` is gone.

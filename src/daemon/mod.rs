@@ -120,6 +120,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     let load_member = |user: &String| -> Result<Member, DaemonError> {
         let mut m = Member::load(user.clone(), identity, &store).map_err(DaemonError::Store)?;
         m.set_max_fanout(cfg.max_fanout);
+        m.set_hold_limits(cfg.hold.clone());
         Ok(m)
     };
     let roles = match &cfg.role {
@@ -234,6 +235,7 @@ impl Daemon {
                         self.poll.registry(),
                         self.cfg.max_control_clients,
                         self.stopping,
+                        now.mono,
                     ),
                     SIGNALS => self.on_signals(),
                     t if again.contains(&t) && !ev.is_writable() => {}
@@ -297,9 +299,13 @@ impl Daemon {
                 link.relink_at(),
             ],
         };
+        let waiting = |t: Token| self.waiters.has(t);
+        let idle = self
+            .table
+            .idle_deadline(self.cfg.control_idle_timeout_ms, &waiting);
         cores
             .into_iter()
-            .chain([self.waiters.next_deadline()])
+            .chain([self.waiters.next_deadline(), idle])
             .flatten()
             .min()
     }
@@ -387,6 +393,7 @@ impl Daemon {
         }
         if let Some(m) = self.roles.member_mut() {
             m.set_max_fanout(self.cfg.max_fanout);
+            m.set_hold_limits(self.cfg.hold.clone());
         }
         if done.changes.is_empty() {
             info!("reloaded config: nothing changed");
@@ -460,6 +467,7 @@ impl Daemon {
                 return;
             }
             c.asked = true;
+            c.active_at = now.mono;
         }
         let reply = control::request(&mut self.roles, &mut self.store, &self.info, req, now);
         match reply {
@@ -529,6 +537,11 @@ impl Daemon {
         for (token, resp) in self.waiters.expire(now) {
             self.table.reply(token, &resp);
         }
+        let waiters = &self.waiters;
+        self.table
+            .close_idle(now.mono, self.cfg.control_idle_timeout_ms, &|t| {
+                waiters.has(t)
+            });
     }
 
     fn pump(&mut self, now: Now) {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use mio::net::{TcpListener, UnixListener};
 use mio::{Registry, Token};
 
@@ -172,6 +172,7 @@ impl Table {
         registry: &Registry,
         max: usize,
         stopping: bool,
+        now_mono: u64,
     ) {
         loop {
             match l.accept() {
@@ -219,7 +220,10 @@ impl Table {
                         continue;
                     }
                     self.controls += 1;
-                    let kind = Kind::Control(Ctl::default());
+                    let kind = Kind::Control(Ctl {
+                        active_at: now_mono,
+                        ..Ctl::default()
+                    });
                     self.entries.insert(token, Entry { conn, kind });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -228,6 +232,48 @@ impl Table {
                     warn!("control accept failed: {e}");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Control clients that may be idle: neither following or paging a tail, nor owed output,
+    /// nor closing (the caller leaves out those waiting for a `send --wait`). With when each
+    /// sent its last request.
+    fn idle(&self) -> impl Iterator<Item = (Token, u64)> + '_ {
+        self.entries.iter().filter_map(|(t, e)| match &e.kind {
+            Kind::Control(c)
+                if !c.tailing() && !c.paging() && e.conn.pending() == 0 && !e.conn.closing =>
+            {
+                Some((*t, c.active_at))
+            }
+            _ => None,
+        })
+    }
+
+    /// When the first idle control client reaches `timeout` (mono ms), if any is idle.
+    pub fn idle_deadline(&self, timeout: u64, waiting: &dyn Fn(Token) -> bool) -> Option<u64> {
+        self.idle()
+            .filter(|(t, _)| !waiting(*t))
+            .map(|(_, at)| at.saturating_add(timeout))
+            .min()
+    }
+
+    /// Close every control client idle for `timeout` or longer (`control_idle_timeout`): a
+    /// local client cannot hold one of the `max_control_clients` slots by saying nothing.
+    pub fn close_idle(&mut self, now: u64, timeout: u64, waiting: &dyn Fn(Token) -> bool) {
+        let due: Vec<Token> = self
+            .idle()
+            .filter(|(t, at)| !waiting(*t) && now >= at.saturating_add(timeout))
+            .map(|(t, _)| t)
+            .collect();
+        for t in due {
+            if let Some(e) = self.entries.get_mut(&t) {
+                info!(
+                    "closing control client {}: no request for {} s (control_idle_timeout)",
+                    t.0,
+                    timeout / 1000
+                );
+                e.conn.closing = true;
             }
         }
     }

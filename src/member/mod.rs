@@ -38,6 +38,7 @@ use crate::store::{MemberStore, StoreError};
 
 pub use error::MemberError;
 pub use out::Out;
+pub use receive::HoldLimits;
 pub use send::SESSION_MESSAGES;
 
 use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
@@ -61,6 +62,9 @@ pub struct Member {
     max_fanout: usize,
 }
 
+/// Held envelopes read into memory at a time when they are released.
+const RELEASE_BATCH: usize = 16;
+
 /// The default of `max_fanout`: `send --all` is for a room, not a broadcast to a whole relay.
 pub const DEFAULT_MAX_FANOUT: usize = 1000;
 
@@ -79,7 +83,7 @@ impl Member {
             peers,
             presence: Presence::default(),
             sending: Sending::new(StdRng::from_entropy()),
-            receiving: Receiving::new(),
+            receiving: Receiving::new(HoldLimits::default()),
             relay_error: None,
             out: VecDeque::new(),
             max_fanout: DEFAULT_MAX_FANOUT,
@@ -94,7 +98,7 @@ impl Member {
         // Sessions and the receipt retry timer together: the outbox the timer would resend may
         // be rolled back, and the next login offers whatever it still holds.
         self.sending.reset();
-        self.receiving = Receiving::new();
+        self.receiving = Receiving::new(self.receiving.limits().clone());
         self.out.clear();
         self.link = Link::Down;
         Ok(())
@@ -110,6 +114,11 @@ impl Member {
     /// Set the most recipients `send --all` may reach (config, reload).
     pub fn set_max_fanout(&mut self, max: usize) {
         self.max_fanout = max;
+    }
+
+    /// Set the bounds on held envelopes (config, reload).
+    pub fn set_hold_limits(&mut self, limits: HoldLimits) {
+        self.receiving.set_limits(limits);
     }
 
     /// Own user name.
@@ -483,29 +492,78 @@ impl Member {
         settled
     }
 
-    /// Judge again what we held from `user` (after `trust`, or when the relay introduces them).
+    /// Judge again what we held from `user` (after `trust`, or when the relay introduces them),
+    /// [`RELEASE_BATCH`] envelopes at a time, so memory stays bounded however much was held.
+    /// Only what was held when the release began is read: one that is held again (its sender is
+    /// still `changed`, or settling failed) waits for the next release.
     fn release_held(&mut self, user: &str, now: Now, store: &mut dyn MemberStore) {
-        let items = match store.held(user) {
-            Ok(items) => items,
+        let upto = match store.held_last_seq() {
+            Ok(s) => s,
             Err(e) => {
                 warn!("cannot read held messages from {user}: {e}");
                 return;
             }
         };
-        for (id, bytes) in items {
-            if let Err(e) = store.unhold(&id) {
-                warn!("cannot release held message {}: {e}", hex(&id));
-                continue;
-            }
-            match from_payload::<Routed>(&bytes) {
-                Ok(Routed::Message(env)) => {
-                    if !self.accept(env, now, store) {
-                        // Not settled (a storage error): keep it held for the next chance.
-                        let _ = store.hold(&id, user, &bytes);
-                    }
+        let mut after = 0;
+        loop {
+            let batch = match store.held_batch(user, after, upto, RELEASE_BATCH) {
+                Ok(b) if b.is_empty() => return,
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("cannot read held messages from {user}: {e}");
+                    return;
                 }
-                _ => warn!("dropped unreadable held message {}", hex(&id)),
+            };
+            for (seq, id, bytes) in batch {
+                after = seq;
+                if let Err(e) = store.unhold(&id) {
+                    warn!("cannot release held message {}: {e}", hex(&id));
+                    continue;
+                }
+                match from_payload::<Routed>(&bytes) {
+                    Ok(Routed::Message(env)) => {
+                        if !self.accept(env, now, store) {
+                            // Not settled (a storage error): keep it held for the next chance.
+                            let _ = store.hold(&id, user, &bytes);
+                        }
+                    }
+                    _ => warn!("dropped unreadable held message {}", hex(&id)),
+                }
             }
+        }
+    }
+
+    /// `chatctl forget USER` on a member: drop `user`'s pin (the next key the relay presents is
+    /// pinned on first sight), the sending session and everything held from the name. Says what
+    /// was dropped.
+    pub fn forget(
+        &mut self,
+        user: &str,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) -> Result<String, MemberError> {
+        let (n, bytes) = receive::in_savepoint(store, |s| {
+            let dropped = s.drop_held(user)?;
+            s.delete_pin(user)?;
+            Ok(dropped)
+        })
+        .map_err(MemberError::Forget)?;
+        let pinned = self.peers.forget(user);
+        self.sending.forget_peer(user);
+        self.presence.forget(user);
+        let held = format!(
+            "{n} held message{} ({bytes} bytes)",
+            if n == 1 { "" } else { "s" }
+        );
+        match pinned {
+            Some(fp) => {
+                self.key_event(user, KeyEvent::Forgotten, &fp, None, now, store);
+                Ok(format!(
+                    "forgot {user}: dropped the pin {fp} and {held}; the next key the relay presents for {user} is pinned on first sight"
+                ))
+            }
+            None if n > 0 => Ok(format!("forgot {user}: no pin; dropped {held}")),
+            None => Err(MemberError::NothingToForget(user.into())),
         }
     }
 

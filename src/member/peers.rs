@@ -263,11 +263,6 @@ impl Peers {
         }
     }
 
-    /// `Some(online)` for a known peer.
-    pub(super) fn online(&self, user: &str) -> Option<bool> {
-        self.map.get(user).map(|p| p.online)
-    }
-
     /// Names of the peers online now, in name order.
     pub(super) fn online_users(&self) -> impl Iterator<Item = &str> {
         self.map

@@ -59,6 +59,8 @@ impl From<u64> for ConnId {
 pub struct Limits {
     /// Items queued per user before new items for them are refused.
     pub max_queue: usize,
+    /// Encoded bytes queued per user before new items for them are refused.
+    pub max_queue_bytes: usize,
     /// A connection must log in within this long.
     pub handshake_timeout_ms: u64,
     /// A logged-in connection that sends nothing for this long is closed.
@@ -78,6 +80,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_queue: 10_000,
+            // 64 MiB: a thousand of the largest messages a member sends (64 KiB of text each),
+            // or 64 frames at the 1 MiB cap, per user; the relay's disk is what it protects.
+            max_queue_bytes: 64 << 20,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             window_bytes: 8 << 20,
@@ -637,6 +642,34 @@ impl Relay {
                 return;
             }
         };
+        if bytes.len() > self.limits.max_queue_bytes {
+            // Never fits, however empty the queue: refused for good, not "try again".
+            let r = refuse(
+                RefuseCode::TooLarge,
+                format!(
+                    "the item is {} bytes, more than the relay queues for anyone (max_queue_bytes {})",
+                    bytes.len(),
+                    self.limits.max_queue_bytes
+                ),
+            );
+            self.out.push_back(r);
+            return;
+        }
+        if queue.bytes + bytes.len() > self.limits.max_queue_bytes {
+            info!(
+                "refused an item from {user} for {to}: queue full ({} bytes queued, max_queue_bytes {})",
+                queue.bytes, self.limits.max_queue_bytes
+            );
+            let r = refuse(
+                RefuseCode::QueueFull,
+                format!(
+                    "{to}'s queue on the relay is full ({} of {} bytes, max_queue_bytes); try again when they have caught up",
+                    queue.bytes, self.limits.max_queue_bytes
+                ),
+            );
+            self.out.push_back(r);
+            return;
+        }
         if let Err(e) = store.enqueue(&to, key, &bytes) {
             warn!("cannot queue item for {to}: {e}");
             self.out.push_back(refuse(

@@ -251,20 +251,59 @@ impl Store {
         Ok(())
     }
 
-    /// Envelopes held from `peer`, oldest first.
-    pub fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, item FROM held WHERE peer = ?1 ORDER BY seq")?;
-        let rows = stmt.query_map(params![peer], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
+    /// Up to `limit` envelopes held from `peer` with `after` < seq <= `upto`, oldest first, each
+    /// with its seq: a release reads them in bounded batches, never all at once.
+    pub fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, id, item FROM held WHERE peer = ?1 AND seq > ?2 AND seq <= ?3
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![peer, after as i64, upto as i64, limit as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, item) = row?;
-            out.push((id16(id)?, item));
+            let (seq, id, item) = row?;
+            out.push((seq as u64, id16(id)?, item));
         }
         Ok(out)
+    }
+
+    /// How many envelopes are held, and their bytes: from `peer`, or from everyone.
+    pub fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)> {
+        let (n, bytes): (i64, i64) = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(length(item)), 0) FROM held
+                 WHERE ?1 IS NULL OR peer = ?1",
+            )?
+            .query_row(params![peer], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((n as u64, bytes as u64))
+    }
+
+    /// The highest seq of the held table (0 when empty).
+    pub fn held_last_seq(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM held")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Drop everything held from `peer`; how many envelopes and bytes that was.
+    pub fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)> {
+        self.check_write()?;
+        let size = self.held_size(Some(peer))?;
+        self.conn
+            .prepare_cached("DELETE FROM held WHERE peer = ?1")?
+            .execute(params![peer])?;
+        Ok(size)
     }
 
     /// Drop a held envelope.
@@ -343,6 +382,16 @@ impl Store {
             });
         }
         Ok(pins)
+    }
+
+    /// Remove `user`'s pin; true if there was one.
+    pub fn delete_pin(&mut self, user: &str) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM pins WHERE user = ?1")?
+            .execute(params![user])?;
+        Ok(n == 1)
     }
 
     /// Insert or replace a pin.

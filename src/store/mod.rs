@@ -159,6 +159,9 @@ impl PinTrust {
     }
 }
 
+/// A held envelope as stored: its seq in the held table, message id, encoded `Routed` item.
+pub type Held = (u64, [u8; 16], Vec<u8>);
+
 /// A sent message as stored: recipient, session, counter, state.
 pub type Outgoing = (String, [u8; 16], u64, MsgState);
 

@@ -14,7 +14,7 @@
 use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::ItemKey;
 
-use super::{Outgoing, Pin, Result, Store};
+use super::{Held, Outgoing, Pin, Result, Store};
 
 /// What the relay core reads and writes: name bindings and queued items.
 pub trait RelayStore {
@@ -65,8 +65,14 @@ pub trait MemberStore {
     fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>>;
     /// Hold an envelope that cannot be opened yet.
     fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()>;
-    /// Every envelope held from `peer`.
-    fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>>;
+    /// Up to `limit` envelopes held from `peer` with `after` < seq <= `upto`, oldest first.
+    fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>>;
+    /// Envelopes held (from `peer`, or from everyone) and their bytes.
+    fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)>;
+    /// The highest seq of the held envelopes (0 when none).
+    fn held_last_seq(&self) -> Result<u64>;
+    /// Drop everything held from `peer`; how many envelopes and bytes that was.
+    fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)>;
     /// Drop a held envelope.
     fn unhold(&mut self, id: &[u8; 16]) -> Result<()>;
     /// Store a session key; `sending` selects sending or receiving sessions.
@@ -83,6 +89,8 @@ pub trait MemberStore {
     fn pins(&self) -> Result<Vec<Pin>>;
     /// Insert or replace a pin.
     fn put_pin(&mut self, pin: &Pin) -> Result<()>;
+    /// Remove a pin; true if there was one.
+    fn delete_pin(&mut self, user: &str) -> Result<bool>;
     /// Start a unit of work inside the turn, so a failure part-way undoes only that unit.
     fn savepoint(&mut self) -> Result<()>;
     /// Keep the unit's writes (they commit with the turn).
@@ -156,8 +164,17 @@ impl MemberStore for Store {
     fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()> {
         Store::hold(self, id, peer, item)
     }
-    fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
-        Store::held(self, peer)
+    fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>> {
+        Store::held_batch(self, peer, after, upto, limit)
+    }
+    fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)> {
+        Store::held_size(self, peer)
+    }
+    fn held_last_seq(&self) -> Result<u64> {
+        Store::held_last_seq(self)
+    }
+    fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)> {
+        Store::drop_held(self, peer)
     }
     fn unhold(&mut self, id: &[u8; 16]) -> Result<()> {
         Store::unhold(self, id)
@@ -179,6 +196,9 @@ impl MemberStore for Store {
     }
     fn put_pin(&mut self, pin: &Pin) -> Result<()> {
         Store::put_pin(self, pin)
+    }
+    fn delete_pin(&mut self, user: &str) -> Result<bool> {
+        Store::delete_pin(self, user)
     }
     fn savepoint(&mut self) -> Result<()> {
         Store::savepoint(self)
