@@ -23,7 +23,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-c -h -V --config --user --connect --listen --state-dir --socket --key-bits --max-connections --max-queue --max-names-per-key --new-names-per-minute --handshake-timeout --idle-timeout --max-write-buffer --max-fanout --max-held-per-sender --max-held-bytes-per-sender --max-held --max-held-bytes --max-control-clients --help --version"
+            opts="-c -h -V --config --user --connect --listen --state-dir --socket --key-bits --max-connections --max-queue --max-queue-bytes --max-names-per-key --new-names-per-minute --handshake-timeout --idle-timeout --max-write-buffer --max-fanout --max-held-per-sender --max-held-bytes-per-sender --max-held --max-held-bytes --control-idle-timeout --max-control-clients --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -69,6 +69,10 @@ _chatd() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --max-queue-bytes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --max-names-per-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -106,6 +110,10 @@ _chatd() {
                     return 0
                     ;;
                 --max-held-bytes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --control-idle-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

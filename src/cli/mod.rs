@@ -105,7 +105,7 @@ pub enum Command {
         #[arg(value_name = "FINGERPRINT")]
         fingerprint: String,
     },
-    /// On a relay: drop USER's name binding and queue so a new key may claim the name
+    /// Relay: drop USER's name binding and queue; member: drop USER's pin and held messages
     Forget {
         /// The name
         #[arg(value_name = "USER")]

@@ -419,6 +419,23 @@ struct Waiter {
     fresh: bool,
 }
 
+/// What chatd knows about messages a `--wait` gave up on, and nothing more: the furthest-behind
+/// state decides (it is what the user must not send again for).
+fn where_it_is(sent: &[Sent]) -> &'static str {
+    match sent.iter().map(|s| s.state).min() {
+        Some(MsgState::Queued) | None => {
+            "the relay has not taken the message yet: chatd keeps it in its outbox and offers it \
+             again at every login (do not send it again)"
+        }
+        Some(MsgState::Relayed) => {
+            "the relay has the message, but no receipt came back: chatd cannot tell whether it \
+             will be delivered; a receipt or a failure that comes later shows in chatctl tail \
+             (do not send it again)"
+        }
+        Some(MsgState::Delivered) | Some(MsgState::Failed) => "see chatctl tail for each message",
+    }
+}
+
 /// Every `send --wait` in progress.
 #[derive(Default)]
 pub struct Waiters(Vec<Waiter>);
@@ -503,9 +520,9 @@ impl Waiters {
                 let resp = CtlResponse::Error {
                     kind: ErrorKind::Timeout,
                     message: format!(
-                        "timed out after {} s waiting for {want}; the message stays queued and \
-                         will still be delivered (do not send it again)",
-                        w.pending.timeout_ms / 1000
+                        "timed out after {} s waiting for {want}; {}",
+                        w.pending.timeout_ms / 1000,
+                        where_it_is(&w.pending.sent)
                     ),
                     sent: w.pending.sent,
                 };

@@ -270,6 +270,12 @@ fn send_wait_times_out_while_the_recipient_is_away() {
         )] => {
             assert!(message.starts_with("timed out after 2 s waiting for delivered"));
             assert_eq!(sent[0].state, MsgState::Relayed);
+            // Only what chatd knows: the relay has it, nothing promises delivery.
+            assert!(
+                message.contains("cannot tell whether it will be delivered"),
+                "{message}"
+            );
+            assert!(!message.contains("will still be delivered"), "{message}");
         }
         other => panic!("{other:?}"),
     }
