@@ -2200,3 +2200,65 @@ fn control_idle_timeout_closes_a_silent_control_client_only() {
     ]);
     assert_exit(&out, 4, "send --wait delivered to an absent bob, 3 s");
 }
+
+/// Point 6: `chatctl forget bob` on the relay drops bob's queue; each message in it becomes
+/// `failed` for its sender, with the reason, instead of `relayed` forever: at once for a sender
+/// who is online, at the next login for one who is not (the relay keeps the notice).
+#[test]
+fn forget_on_the_relay_fails_the_dropped_messages_for_their_senders() {
+    let relay = Daemon::relay();
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let mut carol = Daemon::member("carol", &addr);
+    let mut bob = Daemon::member("bob", &addr);
+    alice.wait_peer_online("bob", true);
+    carol.wait_peer_online("bob", true);
+    bob.stop();
+    alice.wait_peer_online("bob", false);
+    let id_of = |d: &Daemon, text: &str| -> String {
+        let sent = d.ctl_json(&["send", "--wait", "relay", "bob", text]);
+        sent[0]["id"]
+            .as_str()
+            .unwrap_or_else(|| fail("no id"))
+            .to_string()
+    };
+    let from_alice = id_of(&alice, "for bob, from alice");
+    let from_carol = id_of(&carol, "for bob, from carol");
+    carol.stop();
+    let out = relay.ctl(&["forget", "bob"]);
+    assert_exit(&out, 0, "forget bob on the relay");
+    let failed = |d: &Daemon, id: &str| {
+        wait_for(
+            DEADLINE,
+            &format!("{} to see {id} failed", d.label()),
+            || {
+                d.tail(&["--kind", "receipt"])
+                    .into_iter()
+                    .find(|r| r["id"] == id && r["state"] == "failed")
+            },
+        )
+    };
+    let r = failed(&alice, &from_alice);
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("forgotten: the relay operator forgot bob"),
+        "{reason}"
+    );
+    carol.start_stopped();
+    let r = failed(&carol, &from_carol);
+    assert!(r["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("forgotten:"));
+    // Told once: a second login of carol brings no second notice.
+    carol.stop();
+    carol.start_stopped();
+    carol.wait_connected();
+    status_works(&carol, "after the second login");
+    let fails = carol
+        .tail(&["--kind", "receipt"])
+        .into_iter()
+        .filter(|r| r["state"] == "failed")
+        .count();
+    assert_eq!(fails, 1);
+}

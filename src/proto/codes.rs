@@ -120,6 +120,9 @@ codes! {
         TooLarge => "too_large",
         /// The relay's database write failed.
         Storage => "storage",
+        /// The relay operator forgot the recipient: the item, already accepted, was dropped
+        /// undelivered (sent after `Accepted`, at once or at the sender's next login).
+        Forgotten => "forgotten",
     }
 }
 

@@ -16,7 +16,7 @@ use rand::{RngCore, SeedableRng};
 
 use crate::crypto::{login_transcript, PublicKey};
 use crate::proto::control::{PeerView, TrustState};
-use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Routed, ToRelay};
+use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Kind, Peer, RefuseCode, Routed, ToRelay};
 use crate::proto::{from_payload, to_payload, valid_user};
 use crate::store::{RelayStore, StoreError};
 
@@ -368,7 +368,28 @@ impl Relay {
         if !self.bindings.contains_key(user) {
             return Ok(false);
         }
+        let dropped = self.dropped_messages(user, store)?;
+        let reason =
+            format!("the relay operator forgot {user}; the message was dropped undelivered");
+        for (sender, key) in &dropped {
+            if !self.online.contains_key(sender) {
+                store.add_notice(sender, *key, &reason)?;
+            }
+        }
         store.unbind(user)?;
+        // Tell the senders online now; the others hear it at their next login.
+        for (sender, key) in dropped {
+            if let Some(id) = self.online.get(&sender).copied() {
+                self.out.push_back(Out::Send(
+                    id,
+                    FromRelay::Refused {
+                        key,
+                        code: RefuseCode::Forgotten,
+                        reason: reason.clone(),
+                    },
+                ));
+            }
+        }
         if let Some(id) = self.online.get(user).copied() {
             self.close_with(
                 id,
@@ -383,6 +404,30 @@ impl Relay {
         self.queues.remove(user);
         info!("forgot {user}: binding and queue dropped");
         Ok(true)
+    }
+
+    /// The messages queued for `user`, with their senders: what a `forget` drops undelivered.
+    /// Read one at a time (only the header is kept), so a long queue costs no more memory.
+    fn dropped_messages(
+        &self,
+        user: &str,
+        store: &dyn RelayStore,
+    ) -> Result<Vec<(String, ItemKey)>, StoreError> {
+        let Some(q) = self.queues.get(user) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (key, _) in q.items.iter().filter(|(k, _)| k.kind == Kind::Message) {
+            let Some(bytes) = store.queued_item(user, *key)? else {
+                continue;
+            };
+            if let Ok(item) = from_payload::<Routed>(&bytes) {
+                if item.from() != user {
+                    out.push((item.from().to_string(), *key));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Registered names, for `who` on a relay.
@@ -545,7 +590,29 @@ impl Relay {
             q.sent_bytes = 0;
         }
         self.fill(&user, store);
+        self.tell_dropped(id, &user, store);
         Ok(())
+    }
+
+    /// Send `user` (just logged in on `id`) a `Refused` for each of their accepted items that a
+    /// `forget` dropped while they were away. A notice that cannot be read is left for the next
+    /// login.
+    fn tell_dropped(&mut self, id: ConnId, user: &str, store: &mut dyn RelayStore) {
+        match store.take_notices(user) {
+            Ok(notices) => {
+                for (key, reason) in notices {
+                    self.out.push_back(Out::Send(
+                        id,
+                        FromRelay::Refused {
+                            key,
+                            code: RefuseCode::Forgotten,
+                            reason,
+                        },
+                    ));
+                }
+            }
+            Err(e) => warn!("cannot read the notices for {user}: {e}"),
+        }
     }
 
     /// Whether a new name may be bound to `key` now (docs/LIMITS.md, "Registrations").

@@ -110,6 +110,13 @@ CREATE TABLE IF NOT EXISTS bindings (
     user TEXT PRIMARY KEY,
     key BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS notices (
+    user TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    id BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY(user, kind, id)
+);
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     user TEXT NOT NULL,

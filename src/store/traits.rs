@@ -24,6 +24,10 @@ pub trait RelayStore {
     fn bind(&mut self, user: &str, key: &[u8]) -> Result<()>;
     /// Drop a name's binding and its queue.
     fn unbind(&mut self, user: &str) -> Result<()>;
+    /// Remember to tell `user` that their item `key` was dropped, and why.
+    fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<()>;
+    /// Take (read and delete) every notice for `user`.
+    fn take_notices(&mut self, user: &str) -> Result<Vec<(ItemKey, String)>>;
     /// Queue an item for `user` (idempotent).
     fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()>;
     /// Drop an acknowledged item.
@@ -110,6 +114,12 @@ impl RelayStore for Store {
     }
     fn unbind(&mut self, user: &str) -> Result<()> {
         Store::unbind(self, user)
+    }
+    fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<()> {
+        Store::add_notice(self, user, key, reason)
+    }
+    fn take_notices(&mut self, user: &str) -> Result<Vec<(ItemKey, String)>> {
+        Store::take_notices(self, user)
     }
     fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()> {
         Store::enqueue(self, user, key, item)
