@@ -1803,10 +1803,16 @@ fn held_messages_do_not_stall_other_senders() {
         net.send(c2, "alice", &format!("held {i}"));
     }
     net.transfer();
+    // A full window's worth: the first max_held_per_sender are held, the rest dropped (and
+    // acknowledged, so they do not clog the window either).
+    let window = crate::relay::DELIVERY_WINDOW as u64;
+    let per_sender = HoldLimits::default().per_sender;
+    assert!(per_sender < window);
     assert_eq!(
         net.nodes[a].store.held_size(Some("carol")).unwrap().0,
-        crate::relay::DELIVERY_WINDOW as u64
+        per_sender
     );
+    assert_eq!(net.relay.queued_count(), 0, "everything was acknowledged");
     net.send(b, "alice", "from bob, whose key never changed");
     net.transfer();
     assert_eq!(
@@ -2083,4 +2089,51 @@ fn send_all_above_max_fanout_sends_nothing() {
         .send(&[], true, "to everyone", Now::at(net.now), &mut node.store)
         .unwrap();
     assert_eq!(sent.len(), 2);
+}
+
+/// The held bounds count per sender and in total, in messages and in bytes; what passes one is
+/// dropped (and acknowledged), what can never be opened is refused before any bound is looked at.
+#[test]
+fn held_bounds_per_sender_and_in_total() {
+    let (mut net, a, _b) = pair();
+    net.nodes[a].member.set_hold_limits(HoldLimits {
+        per_sender: 2,
+        per_sender_bytes: 10_000,
+        total: 3,
+        total_bytes: 1 << 20,
+    });
+    let junk = |from: &str, n: u8, size: usize| {
+        FromRelay::Deliver(Routed::Message(Envelope {
+            id: [n; 16],
+            from: from.into(),
+            to: "alice".into(),
+            time_ms: 0,
+            session: [n; 16],
+            counter: 0,
+            key_packet: None,
+            ciphertext: vec![0; size],
+        }))
+    };
+    let held = |net: &Net, who: Option<&str>| net.nodes[a].store.held_size(who).unwrap().0;
+    for n in 1..=3 {
+        net.inject(a, junk("zed", n, 10));
+    }
+    net.transfer();
+    assert_eq!(held(&net, Some("zed")), 2, "per sender, in messages");
+    net.inject(a, junk("yan", 4, 20_000));
+    net.transfer();
+    assert_eq!(held(&net, Some("yan")), 0, "per sender, in bytes");
+    net.inject(a, junk("yan", 5, 10));
+    net.inject(a, junk("xi", 6, 10));
+    net.transfer();
+    assert_eq!(held(&net, None), 3, "in total, in messages");
+    assert_eq!(held(&net, Some("xi")), 0);
+    // Never held: from ourselves, from an invalid name, longer than any text.
+    net.nodes[a].member.set_hold_limits(HoldLimits::default());
+    net.inject(a, junk("alice", 7, 10));
+    net.inject(a, junk("Bad-Name", 8, 10));
+    net.inject(a, junk("wu", 9, MAX_TEXT + 17));
+    net.transfer();
+    assert_eq!(held(&net, None), 3);
+    assert_eq!(net.relay.queued_count(), 0);
 }
