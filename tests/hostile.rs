@@ -2262,3 +2262,122 @@ fn forget_on_the_relay_fails_the_dropped_messages_for_their_senders() {
         .count();
     assert_eq!(fails, 1);
 }
+
+/// Point 6: a recipient that lost its session keys (here: its `recv_sessions` table deleted
+/// while it was stopped, as a restore from an old backup would) cannot open the next message of
+/// the session, which has no key packet. It asks the sender, with a signed `Rekey`, to send the
+/// key again; the sender sends the message again with the key packet, and it arrives: the
+/// sender's `send --wait delivered` succeeds instead of the message staying `relayed` forever.
+#[test]
+fn a_recipient_that_lost_its_session_key_gets_the_message_anyway() {
+    let relay = Daemon::relay();
+    let addr = relay.addr();
+    let alice = Daemon::member("alice", &addr);
+    let mut bob = Daemon::member("bob", &addr);
+    alice.wait_peer_online("bob", true);
+    // The first message sets up the session; its receipt stops the key packet riding along.
+    deliver(&alice, "bob", "first, with the key packet");
+    bob.stop();
+    let db = bob.state_dir().join("chatd.db");
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open bob's database");
+        let n = conn
+            .execute("DELETE FROM recv_sessions", [])
+            .expect("delete bob's session keys");
+        assert!(n >= 1, "bob had no receiving session to lose");
+    }
+    bob.start_stopped();
+    alice.wait_peer_online("bob", true);
+    deliver(&alice, "bob", "second, in the same session");
+    bob.wait_message("second, in the same session");
+    assert!(bob
+        .log()
+        .contains("asking alice to send the session's key again"));
+    assert!(alice.log().contains("bob lost the key of session"));
+    assert_eq!(
+        incoming_texts(&bob),
+        ["first, with the key packet", "second, in the same session"]
+    );
+    // New messages use a new session: they arrive without another request.
+    deliver(&alice, "bob", "third");
+    assert_eq!(
+        count_lines(&bob, &|l| l.contains("asked alice to send the key")),
+        1
+    );
+}
+
+/// Point 6, the relay's side of a rekey: a forged request (bad signature) is acknowledged and
+/// ignored; a genuine one (signed by alice's key, which bob pinned) gets the message sent again
+/// with its session's key packet; a replay of the genuine one is ignored.
+#[test]
+fn a_relay_cannot_forge_or_replay_a_rekey_request() {
+    use chatd::crypto::sign_rekey;
+    use chatd::proto::relay::Rekey;
+
+    let mut relay = FakeRelay::bind();
+    let bob = Daemon::spawn(
+        "bob",
+        Role::Member,
+        &["--user", "bob", "--connect", &relay.addr()],
+    );
+    let alice = identity();
+    relay.accept("bob", vec![peer_entry("alice", &alice, true)]);
+    bob.wait_connected();
+    assert_exit(&bob.ctl(&["send", "alice", "hello"]), 0, "send to alice");
+    let env = match relay.recv(DEADLINE) {
+        Some(ToRelay::Send(Routed::Message(env))) => env,
+        other => fail(&format!("expected bob's message, got {other:?}")),
+    };
+    assert!(
+        env.key_packet.is_some(),
+        "a new session's first message has its key packet"
+    );
+    relay.send(&FromRelay::Accepted(ItemKey {
+        kind: Kind::Message,
+        id: env.id,
+    }));
+    // The Ack of the rekey request, and how many messages were sent again before it.
+    let ack_of = |relay: &mut FakeRelay, what: &str| -> usize {
+        let mut again = 0;
+        loop {
+            match relay.recv(DEADLINE) {
+                Some(ToRelay::Ack(k)) if k.kind == Kind::Rekey && k.id == env.id => return again,
+                Some(ToRelay::Send(Routed::Message(e))) => {
+                    assert_eq!(e.id, env.id, "the same message again");
+                    assert_eq!(e.ciphertext, env.ciphertext, "not sealed again");
+                    assert!(e.key_packet.is_some(), "now with the key packet");
+                    again += 1;
+                }
+                other => fail(&format!("{what} rekey: expected its Ack, got {other:?}")),
+            }
+        }
+    };
+    let forged = Rekey {
+        id: env.id,
+        from: "alice".into(),
+        to: "bob".into(),
+        session: env.session,
+        signature: vec![7; 256],
+    };
+    relay.send(&FromRelay::Deliver(Routed::Rekey(forged)));
+    assert_eq!(ack_of(&mut relay, "forged"), 0);
+    assert!(bob
+        .log()
+        .contains("ignored a rekey request from alice: its signature does not verify"));
+    let genuine = sign_rekey(
+        &mut rand::rngs::OsRng,
+        &alice,
+        &env.id,
+        "alice",
+        "bob",
+        &env.session,
+    )
+    .expect("sign");
+    relay.send(&FromRelay::Deliver(Routed::Rekey(genuine.clone())));
+    assert_eq!(ack_of(&mut relay, "genuine"), 1);
+    relay.send(&FromRelay::Deliver(Routed::Rekey(genuine)));
+    assert_eq!(ack_of(&mut relay, "replayed"), 0);
+    assert!(bob
+        .log()
+        .contains("ignored a rekey request from alice: answered already"));
+}

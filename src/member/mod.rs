@@ -30,10 +30,10 @@ use log::{info, warn};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::crypto::{login_transcript, Fingerprint, Identity};
+use crate::crypto::{login_transcript, sign_rekey, Fingerprint, Identity};
 use crate::proto::control::{KeyEvent, PeerView, RecordBody, Sent};
-use crate::proto::relay::{Envelope, FromRelay, Peer, Routed, ToRelay};
-use crate::proto::{from_payload, hex};
+use crate::proto::relay::{Envelope, FromRelay, Peer, Rekey, Routed, ToRelay};
+use crate::proto::{from_payload, hex, to_payload};
 use crate::store::{MemberStore, StoreError};
 
 pub use error::MemberError;
@@ -45,7 +45,7 @@ use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
 use peers::{Observed, Peers, Trusted};
 use presence::Presence;
 use receive::Receiving;
-use send::Sending;
+use send::{RekeyRefused, Sending};
 
 /// The member's state.
 pub struct Member {
@@ -370,6 +370,7 @@ impl Member {
             FromRelay::Deliver(Routed::Message(env)) => {
                 self.accept(env, now, store);
             }
+            FromRelay::Deliver(Routed::Rekey(r)) => self.rekey(r, now, store),
             FromRelay::Deliver(Routed::Receipt(r)) => {
                 let verdict = receive::judge_receipt(&self.user, &self.sending, &r, store);
                 let mut outs = Vec::new();
@@ -486,10 +487,91 @@ impl Member {
         let judged = self
             .receiving
             .judge(&self.user, &self.identity, &self.peers, &env, store);
+        let lost = judged
+            .lost_session()
+            .then(|| (env.id, env.from.clone(), env.session));
         let mut outs = Vec::new();
         let settled = self.receiving.settle(env, judged, now, store, &mut outs);
         self.emit(now, outs);
+        if let Some((id, from, session)) = lost {
+            self.ask_rekey(&id, &from, &session, now, store);
+        }
         settled
+    }
+
+    /// Ask `from` to send the key of `session` again (we dropped message `id` of it for want of
+    /// the key): a signed `Rekey`, once per (sender, session) in this run, through the outbox
+    /// like a receipt.
+    fn ask_rekey(
+        &mut self,
+        id: &[u8; 16],
+        from: &str,
+        session: &[u8; 16],
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) {
+        if !self.receiving.first_ask(from, session) {
+            return;
+        }
+        let rekey = match sign_rekey(
+            self.sending.rng(),
+            &self.identity,
+            id,
+            &self.user,
+            from,
+            session,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot sign a rekey request for {from}: {e}");
+                return;
+            }
+        };
+        let item = Routed::Rekey(rekey);
+        let stored = to_payload(&item)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+            .and_then(|bytes| store.outbox_push(item.key(), &bytes));
+        match stored {
+            Ok(()) => {
+                info!(
+                    "asked {from} to send the key of session {} again",
+                    hex(session)
+                );
+                if self.link.established() {
+                    self.frame(ToRelay::Send(item), now);
+                }
+            }
+            Err(e) => warn!("cannot store a rekey request for {from}: {e}"),
+        }
+    }
+
+    /// A recipient asks for the key of one of our sessions again: answer it (see
+    /// [`Sending::answer_rekey`]) and acknowledge it, unless the store failed.
+    fn rekey(&mut self, r: Rekey, now: Now, store: &mut dyn MemberStore) {
+        let key = Routed::Rekey(r.clone()).key();
+        match self
+            .sending
+            .answer_rekey(&self.identity, &self.user, &self.peers, &r, store)
+        {
+            Ok(items) => {
+                info!(
+                    "{} lost the key of session {}; sending {} unsettled message(s) again with it",
+                    r.from,
+                    hex(&r.session),
+                    items.len()
+                );
+                for item in items {
+                    self.frame(ToRelay::Send(item), now);
+                }
+            }
+            Err(RekeyRefused::Store(e)) => {
+                // Not acknowledged: the relay delivers it again later.
+                warn!("cannot answer the rekey request from {}: {e}", r.from);
+                return;
+            }
+            Err(why) => warn!("ignored a rekey request from {}: {why}", r.from),
+        }
+        self.frame(ToRelay::Ack(key), now);
     }
 
     /// Judge again what we held from `user` (after `trust`, or when the relay introduces them),

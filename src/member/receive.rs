@@ -51,8 +51,11 @@ pub(super) enum Verdict {
 pub(super) enum Why {
     /// Addressed to someone else.
     NotForUs,
-    /// No usable session key (bad key packet signature, none at all, a corrupt stored key).
+    /// No usable session key (bad key packet signature, a corrupt stored key).
     Key(String),
+    /// A session we hold no key for, and no key packet: we lost the key (a restored backup, a
+    /// deleted database). The sender is asked to send the key again.
+    NoSessionKey,
     /// A (session, counter) we have seen before.
     Replayed,
     /// The ciphertext or its header does not open under the session key.
@@ -75,6 +78,10 @@ impl Why {
         match self {
             Why::NotForUs => warn!("dropped message {idh}: addressed to {}, not to us", env.to),
             Why::Key(why) => warn!("rejected message {idh} from {from}: {why}"),
+            Why::NoSessionKey => warn!(
+                "rejected message {idh} from {from}: unknown session and no key packet; asking \
+                 {from} to send the session's key again"
+            ),
             Why::Replayed => warn!("rejected message {idh} from {from}: replayed session counter"),
             Why::Unopenable(e) => warn!("rejected message {idh} from {from}: {e}"),
             Why::NotText => {
@@ -172,6 +179,13 @@ pub(super) struct Judged {
     pub(super) learned: Option<Learned>,
 }
 
+impl Judged {
+    /// The envelope is from a session whose key we do not have (see [`Why::NoSessionKey`]).
+    pub(super) fn lost_session(&self) -> bool {
+        matches!(self.verdict, Verdict::Reject(Why::NoSessionKey))
+    }
+}
+
 impl From<Verdict> for Judged {
     fn from(verdict: Verdict) -> Judged {
         Judged {
@@ -183,8 +197,10 @@ impl From<Verdict> for Judged {
 
 /// Why a receiving session key could not be had.
 enum KeyFail {
-    /// The envelope can never be opened (bad signature, no key packet).
+    /// The envelope can never be opened (bad signature, corrupt key).
     Reject(String),
+    /// No key for the session and no key packet.
+    Lost,
     /// The store failed.
     Store(StoreError),
 }
@@ -255,7 +271,12 @@ const MAX_CIPHERTEXT: usize = MAX_TEXT + 16;
 pub(super) struct Receiving {
     keys: HashMap<(String, [u8; 16]), SessionKey>,
     limits: HoldLimits,
+    /// Sessions whose key we asked for again, by (sender, session): once per run each.
+    asked: std::collections::HashSet<(String, [u8; 16])>,
 }
+
+/// Most sessions remembered as asked for; past it the set starts afresh.
+const MAX_ASKED: usize = 4096;
 
 impl Receiving {
     /// An empty cache.
@@ -263,7 +284,17 @@ impl Receiving {
         Receiving {
             keys: HashMap::new(),
             limits,
+            asked: std::collections::HashSet::new(),
         }
+    }
+
+    /// Whether this is the first time in this run that we ask `from` for `session`'s key
+    /// (and note that we do now).
+    pub(super) fn first_ask(&mut self, from: &str, session: &[u8; 16]) -> bool {
+        if self.asked.len() >= MAX_ASKED {
+            self.asked.clear();
+        }
+        self.asked.insert((from.to_string(), *session))
     }
 
     /// The bounds on holding (config, reload).
@@ -313,6 +344,7 @@ impl Receiving {
         let (key, learned) = match self.key(identity, env, sender, store) {
             Ok(k) => k,
             Err(KeyFail::Reject(why)) => return Verdict::Reject(Why::Key(why)).into(),
+            Err(KeyFail::Lost) => return Verdict::Reject(Why::NoSessionKey).into(),
             Err(KeyFail::Store(e)) => return Verdict::Retry(Retry::Session(e)).into(),
         };
         Judged {
@@ -362,7 +394,7 @@ impl Receiving {
             return Ok((k, Some(learned)));
         }
         let Some(kp) = &env.key_packet else {
-            return Err(KeyFail::Reject("unknown session and no key packet".into()));
+            return Err(KeyFail::Lost);
         };
         // Signature first, private key second: see crypto::unwrap_key_packet.
         let k = unwrap_key_packet(&mut OsRng, identity, sender, env, kp)

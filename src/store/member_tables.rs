@@ -175,10 +175,45 @@ impl Store {
     /// Set a sent message's state.
     pub fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
         self.check_write()?;
+        // A settled message is never sent again: its kept envelope goes.
         self.conn
-            .prepare_cached("UPDATE messages SET state = ?2 WHERE id = ?1")?
+            .prepare_cached(
+                "UPDATE messages SET state = ?2,
+                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END
+                 WHERE id = ?1",
+            )?
             .execute(params![&id[..], state_str(state)])?;
         Ok(())
+    }
+
+    /// Keep a sent message's encoded envelope until it is settled, so it can be sent again with
+    /// its session's key packet if the recipient lost the key.
+    pub fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("UPDATE messages SET item = ?2 WHERE id = ?1 AND dir = 'out'")?
+            .execute(params![&id[..], item])?;
+        Ok(())
+    }
+
+    /// The kept envelopes of messages to `peer` in `session` that are not settled yet, in
+    /// counter order.
+    pub fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, item FROM messages
+             WHERE dir = 'out' AND peer = ?1 AND session = ?2 AND item IS NOT NULL
+             AND state IN ('queued', 'relayed')
+             ORDER BY counter",
+        )?;
+        let rows = stmt.query_map(params![peer, &session[..]], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, item) = row?;
+            out.push((id16(id)?, item));
+        }
+        Ok(out)
     }
 
     // ---- member: outbox ----

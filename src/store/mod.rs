@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS messages (
     dir TEXT NOT NULL,
     state TEXT NOT NULL,
     session BLOB NOT NULL,
-    counter INTEGER NOT NULL
+    counter INTEGER NOT NULL,
+    item BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages(peer, session, counter) WHERE dir = 'in';
 CREATE TABLE IF NOT EXISTS outbox (
@@ -194,6 +195,7 @@ fn kind_str(k: Kind) -> &'static str {
     match k {
         Kind::Message => "message",
         Kind::Receipt => "receipt",
+        Kind::Rekey => "rekey",
     }
 }
 
@@ -201,6 +203,7 @@ fn kind_parse(s: &str) -> Result<Kind> {
     match s {
         "message" => Ok(Kind::Message),
         "receipt" => Ok(Kind::Receipt),
+        "rekey" => Ok(Kind::Rekey),
         other => Err(StoreError::Corrupt(format!("unknown item kind {other:?}"))),
     }
 }
@@ -257,6 +260,18 @@ fn add_history_kind(conn: &Connection) -> Result<()> {
         conn.execute_batch("COMMIT")?;
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS history_kind ON history(kind, seq)")?;
+    Ok(())
+}
+
+/// A database from before rekey requests has no `item` column in `messages`: add it (empty for
+/// the messages sent before, which therefore cannot be sent again with a key packet).
+fn add_sent_item(conn: &Connection) -> Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'item'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN item BLOB")?;
+    }
     Ok(())
 }
 
@@ -344,6 +359,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         add_history_kind(&conn)?;
+        add_sent_item(&conn)?;
         Ok(Store {
             conn,
             in_tx: false,

@@ -61,6 +61,10 @@ pub trait MemberStore {
     fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>>;
     /// Set a sent message's state.
     fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()>;
+    /// Keep a sent message's encoded envelope until it is settled.
+    fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()>;
+    /// Kept envelopes of unsettled messages to `peer` in `session`, in counter order.
+    fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>>;
     /// Add an item to the outbox.
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()>;
     /// Remove an item from the outbox; true if it was there.
@@ -164,6 +168,12 @@ impl MemberStore for Store {
     }
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
         Store::outbox_push(self, key, item)
+    }
+    fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
+        Store::keep_sent(self, id, item)
+    }
+    fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        Store::unsettled(self, peer, session)
     }
     fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
         Store::outbox_remove(self, key)
