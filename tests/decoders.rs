@@ -49,7 +49,7 @@ use chatd::proto::control::{
 };
 use chatd::proto::frame::{self, Decoded, FrameError, HEADER, MAX_FRAME};
 use chatd::proto::relay::{
-    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, Routed, ToRelay,
+    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, Rekey, Routed, ToRelay,
 };
 use chatd::proto::{encode_frame, from_payload, to_payload};
 use chatd::relay::{self, Limits, Relay};
@@ -244,7 +244,7 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::Message), Just(Kind::Receipt)]
+    prop_oneof![Just(Kind::Message), Just(Kind::Receipt), Just(Kind::Rekey)]
 }
 
 fn item_key() -> impl Strategy<Value = ItemKey> {
@@ -299,10 +299,28 @@ fn receipt() -> impl Strategy<Value = Receipt> {
         })
 }
 
+fn rekey() -> impl Strategy<Value = Rekey> {
+    (
+        any::<[u8; 16]>(),
+        name(),
+        name(),
+        any::<[u8; 16]>(),
+        vec(any::<u8>(), 0..600),
+    )
+        .prop_map(|(id, from, to, session, signature)| Rekey {
+            id,
+            from,
+            to,
+            session,
+            signature,
+        })
+}
+
 fn routed() -> impl Strategy<Value = Routed> {
     prop_oneof![
         envelope().prop_map(Routed::Message),
         receipt().prop_map(Routed::Receipt),
+        rekey().prop_map(Routed::Rekey),
     ]
 }
 

@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 
 use chatd::cli::format;
 use chatd::crypto::{
-    login_transcript, make_key_packet, message_ad, receipt_tag, seal_envelope, verify_receipt,
-    Fingerprint, Header, Identity, SessionKey,
+    login_transcript, make_key_packet, message_ad, receipt_tag, rekey_transcript, seal_envelope,
+    verify_receipt, Fingerprint, Header, Identity, SessionKey,
 };
 use chatd::proto::control::*;
 use chatd::proto::frame::{self, Decoded, FrameError, MAX_FRAME};
@@ -56,6 +56,8 @@ const FROM_PRESENCE: &str =
     "81a850726573656e636583a475736572a56361726f6ca36b6579c404cccccccca66f6e6c696e65c2";
 const ROUTED_MESSAGE: &str = "81a74d65737361676588a26964c41002020202020202020202020202020202a466726f6da161a2746fa162a774696d655f6d7301a773657373696f6ec41003030303030303030303030303030303a7636f756e74657200aa6b65795f7061636b6574c0aa63697068657274657874c40109";
 const TO_SEND_WITH_KEY_PACKET: &str = "81a453656e6481a74d65737361676588a26964c41002020202020202020202020202020202a466726f6da161a2746fa162a774696d655f6d7301a773657373696f6ec41003030303030303030303030303030303a7636f756e74657200aa6b65795f7061636b657482a777726170706564c402dddda97369676e6174757265c402eeeeaa63697068657274657874c40109";
+const ROUTED_REKEY: &str = "81a552656b657985a26964c41001010101010101010101010101010101a466726f6da162a2746fa161a773657373696f6ec41003030303030303030303030303030303a97369676e6174757265c402eeee";
+const REKEY_TRANSCRIPT: &str = "63686174642d72656b65792d7631000000001001010101010101010101010101010101000000016200000001610000001003030303030303030303030303030303";
 const FROM_ACCEPTED: &str =
     "81a8416363657074656482a46b696e64a752656365697074a26964c41001010101010101010101010101010101";
 const FROM_REFUSED: &str = "81a75265667573656483a36b657982a46b696e64a74d657373616765a26964c41002020202020202020202020202020202a4636f6465ac756e6b6e6f776e5f75736572a6726561736f6eb16e6f2075736572206e616d6564207a6564";
@@ -104,6 +106,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("FromRelay::Presence", FROM_PRESENCE),
     ("Routed::Message", ROUTED_MESSAGE),
     ("ToRelay::Send with a key packet", TO_SEND_WITH_KEY_PACKET),
+    ("Routed::Rekey", ROUTED_REKEY),
     ("FromRelay::Accepted", FROM_ACCEPTED),
     ("FromRelay::Refused", FROM_REFUSED),
     ("FromRelay::Deliver of a receipt", FROM_DELIVER_RECEIPT),
@@ -131,6 +134,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("message associated data", MESSAGE_AD),
     ("message ciphertext", MESSAGE_CIPHERTEXT),
     ("receipt tag", RECEIPT_TAG),
+    ("rekey transcript", REKEY_TRANSCRIPT),
 ];
 
 // ---- golden `chatctl --json` lines --------------------------------------------------------------
@@ -576,6 +580,24 @@ fn fingerprint_is_sha256_base64_unpadded() {
 #[test]
 fn login_transcript_bytes() {
     assert_eq!(hex(&login_transcript(&[7; 32], "alice")), LOGIN_TRANSCRIPT);
+}
+
+/// The request bob (`b`) sends alice (`a`) for the key of session `[3; 16]`, having dropped
+/// message `[1; 16]`; a 2-byte stand-in for the signature.
+#[test]
+fn rekey_bytes() {
+    let r = Routed::Rekey(Rekey {
+        id: [1; 16],
+        from: "b".into(),
+        to: "a".into(),
+        session: [3; 16],
+        signature: vec![0xee, 0xee],
+    });
+    check(&r, ROUTED_REKEY);
+    assert_eq!(
+        hex(&rekey_transcript(&[1; 16], "b", "a", &[3; 16])),
+        REKEY_TRANSCRIPT
+    );
 }
 
 #[test]
