@@ -13,7 +13,7 @@ use mio::Token;
 
 use super::roles::Roles;
 use super::status::{Info, Status};
-use crate::member::MemberError;
+use crate::member::{MemberError, Started};
 use crate::proto::control::{
     CtlRequest, CtlResponse, ErrorKind, MsgState, PeerView, Record, RecordKind, Sent, Wait,
     WHO_CHUNK,
@@ -35,6 +35,16 @@ pub enum Reply {
     Tail(Cursor),
     /// Several frames at once (`who`: the list in chunks, then `End`).
     Stream(Vec<CtlResponse>),
+    /// `send` to many new sessions: answer when member job `job` is sealed (see
+    /// [`Waiters::sealing`]), then as `wait` says.
+    Sealing {
+        /// The member's job.
+        job: u64,
+        /// What to wait for after.
+        wait: Wait,
+        /// The `--wait` timeout, counted from now.
+        timeout_ms: u64,
+    },
 }
 
 /// Entries the daemon puts in one `Peers` frame: far fewer than the protocol's [`WHO_CHUNK`], so
@@ -136,8 +146,13 @@ fn send(
             "this chatd is a relay only; start it with --user NAME to send messages",
         ));
     };
-    match m.send(to, all, text, now, store) {
-        Ok(sent) => {
+    match m.send_or_start(to, all, text, now, store) {
+        Ok(Started::Sealing(job)) => Reply::Sealing {
+            job,
+            wait,
+            timeout_ms,
+        },
+        Ok(Started::Queued(sent)) => {
             let target = match wait {
                 Wait::None => return Reply::Now(CtlResponse::Sent(sent)),
                 Wait::Relay => MsgState::Relayed,
@@ -150,15 +165,20 @@ fn send(
                 timeout_ms,
             })
         }
-        Err(e) => Reply::Now(CtlResponse::Error {
-            kind: if matches!(e, MemberError::KeyChanged { .. }) {
-                ErrorKind::KeyChanged
-            } else {
-                ErrorKind::Failed
-            },
-            message: e.to_string(),
-            sent: Vec::new(),
-        }),
+        Err(e) => Reply::Now(send_error(e)),
+    }
+}
+
+/// The reply to a send that failed as a whole.
+fn send_error(e: MemberError) -> CtlResponse {
+    CtlResponse::Error {
+        kind: if matches!(e, MemberError::KeyChanged { .. }) {
+            ErrorKind::KeyChanged
+        } else {
+            ErrorKind::Failed
+        },
+        message: e.to_string(),
+        sent: Vec::new(),
     }
 }
 
@@ -436,40 +456,106 @@ fn where_it_is(sent: &[Sent]) -> &'static str {
     }
 }
 
-/// Every `send --wait` in progress.
+/// Every `send --wait` in progress, and every send still being sealed.
 #[derive(Default)]
-pub struct Waiters(Vec<Waiter>);
+pub struct Waiters {
+    waiting: Vec<Waiter>,
+    /// Sends still being sealed, turn by turn: the client is answered when they are queued.
+    sealing: Vec<Sealing>,
+}
+
+/// A client whose send is being sealed (`member::Started::Sealing`).
+struct Sealing {
+    token: Token,
+    job: u64,
+    wait: Wait,
+    /// When its `--wait` ends (mono ms), counted from the request.
+    deadline: u64,
+    timeout_ms: u64,
+    fresh: bool,
+}
 
 impl Waiters {
     /// Client `token` waits for `pending`.
     pub fn add(&mut self, token: Token, pending: Pending) {
-        self.0.push(Waiter {
+        self.waiting.push(Waiter {
             token,
             pending,
             fresh: true,
         });
     }
 
+    /// Client `token` waits for send `job` to be sealed (then, with `wait`, for its states).
+    pub fn sealing(&mut self, token: Token, job: u64, wait: Wait, timeout_ms: u64, now: Now) {
+        self.sealing.push(Sealing {
+            token,
+            job,
+            wait,
+            deadline: now.mono.saturating_add(timeout_ms),
+            timeout_ms,
+            fresh: true,
+        });
+    }
+
+    /// Send `job` is queued (or failed): the reply for its client now, or (with `--wait`) a
+    /// waiter for its states.
+    pub fn sealed(
+        &mut self,
+        job: u64,
+        result: Result<Vec<Sent>, MemberError>,
+    ) -> Option<(Token, CtlResponse)> {
+        let pos = self.sealing.iter().position(|s| s.job == job)?;
+        let s = self.sealing.remove(pos);
+        let target = match (result, s.wait) {
+            (Err(e), _) => return Some((s.token, send_error(e))),
+            (Ok(sent), Wait::None) => return Some((s.token, CtlResponse::Sent(sent))),
+            (Ok(sent), Wait::Relay) => (sent, MsgState::Relayed),
+            (Ok(sent), Wait::Delivered) => (sent, MsgState::Delivered),
+        };
+        self.waiting.push(Waiter {
+            token: s.token,
+            pending: Pending {
+                sent: target.0,
+                target: target.1,
+                deadline: s.deadline,
+                timeout_ms: s.timeout_ms,
+            },
+            fresh: s.fresh,
+        });
+        None
+    }
+
+    /// The member dropped every send being sealed (after a failed commit): their clients.
+    pub fn drop_sealing(&mut self) -> Vec<Token> {
+        self.sealing.drain(..).map(|s| s.token).collect()
+    }
+
     /// A turn begins: the waiters from earlier turns are durable.
     pub fn begin_turn(&mut self) {
-        for w in &mut self.0 {
+        for w in &mut self.waiting {
             w.fresh = false;
+        }
+        for s in &mut self.sealing {
+            s.fresh = false;
         }
     }
 
     /// The turn's commit failed: its waiters go (their clients get the storage error).
     pub fn fail_turn(&mut self) {
-        self.0.retain(|w| !w.fresh);
+        self.waiting.retain(|w| !w.fresh);
+        self.sealing.retain(|s| !s.fresh);
     }
 
-    /// Whether client `token` waits for a `send --wait`.
+    /// Whether client `token` waits for a `send --wait`, or for its send to be sealed.
     pub fn has(&self, token: Token) -> bool {
-        self.0.iter().any(|w| w.token == token)
+        self.waiting.iter().any(|w| w.token == token)
+            || self.sealing.iter().any(|s| s.token == token)
     }
 
-    /// Client `token` is gone.
+    /// Client `token` is gone (a send being sealed for it is queued all the same).
     pub fn forget(&mut self, token: Token) {
-        self.0.retain(|w| w.token != token);
+        self.waiting.retain(|w| w.token != token);
+        self.sealing.retain(|s| s.token != token);
     }
 
     /// A sent message changed state: the replies for the waiters that are now done.
@@ -480,7 +566,7 @@ impl Waiters {
         why: Option<&str>,
     ) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();
-        self.0.retain_mut(|w| {
+        self.waiting.retain_mut(|w| {
             let mut touched = false;
             for s in w.pending.sent.iter_mut().filter(|s| s.id == id) {
                 if state > s.state {
@@ -506,16 +592,16 @@ impl Waiters {
 
     /// The earliest `--wait` deadline (monotonic ms), if anyone waits.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.0.iter().map(|w| w.pending.deadline).min()
+        self.waiting.iter().map(|w| w.pending.deadline).min()
     }
 
     /// The replies for the waiters whose time is up at `now`.
     pub fn expire(&mut self, now: Now) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();
         let mut i = 0;
-        while i < self.0.len() {
-            if now.mono >= self.0[i].pending.deadline {
-                let w = self.0.remove(i);
+        while i < self.waiting.len() {
+            if now.mono >= self.waiting[i].pending.deadline {
+                let w = self.waiting.remove(i);
                 let want = w.pending.target.as_str();
                 let resp = CtlResponse::Error {
                     kind: ErrorKind::Timeout,

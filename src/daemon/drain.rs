@@ -52,6 +52,11 @@ fn member_out(table: &mut Table, waiters: &mut Waiters, out: member::Out) {
                 table.reply(token, &resp);
             }
         }
+        member::Out::Sealed(job, result) => {
+            if let Some((token, resp)) = waiters.sealed(job, result) {
+                table.reply(token, &resp);
+            }
+        }
         member::Out::Frame(_) | member::Out::Close => {}
     }
 }

@@ -478,6 +478,11 @@ impl Daemon {
                 }
             }
             Reply::Wait(pending) => self.waiters.add(token, pending),
+            Reply::Sealing {
+                job,
+                wait,
+                timeout_ms,
+            } => self.waiters.sealing(token, job, wait, timeout_ms, now),
             Reply::Tail(cursor) => {
                 if let Some(c) = self.table.ctl_mut(token) {
                     c.cursor = Some(cursor);
@@ -601,6 +606,10 @@ impl Daemon {
         if let Some(m) = self.roles.member_mut() {
             if let Err(e) = m.reload(&self.store) {
                 error!("cannot reload member state: {e}");
+            }
+            // The reload dropped the sends still being sealed: nothing of them was stored.
+            for token in self.waiters.drop_sealing() {
+                self.table.reply(token, &control::not_stored(&e));
             }
         }
         match &mut self.roles {

@@ -62,6 +62,15 @@ pub struct Member {
     max_fanout: usize,
 }
 
+/// How [`Member::send_or_start`] took a send.
+#[derive(Debug)]
+pub enum Started {
+    /// Sealed and queued now.
+    Queued(Vec<Sent>),
+    /// Checked, and being sealed over the next turns; [`Out::Sealed`] with this id follows.
+    Sealing(u64),
+}
+
 /// Held envelopes read into memory at a time when they are released.
 const RELEASE_BATCH: usize = 16;
 
@@ -197,14 +206,23 @@ impl Member {
     /// daemon sleeps until then (quinn's `poll_timeout`).
     pub fn next_deadline(&self) -> Option<u64> {
         let retry = self.sending.retry_at().filter(|_| self.link.established());
-        [self.link.deadline(), retry, self.presence.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        // A send being sealed goes on at the next turn.
+        let work = self.sending.working().then_some(0);
+        [
+            self.link.deadline(),
+            retry,
+            self.presence.next_deadline(),
+            work,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Keep-alive, timeouts, retries, presence records that settled.
+    /// Keep-alive, timeouts, retries, presence records that settled, the next slice of a send
+    /// being sealed.
     pub fn tick(&mut self, now: Now, store: &mut dyn MemberStore) {
+        self.work(now, store);
         let mut outs = Vec::new();
         for (user, online, wall) in self.presence.due(now.mono) {
             let body = RecordBody::Presence {
@@ -649,22 +667,55 @@ impl Member {
         }
     }
 
-    /// Seal `text` to each recipient and queue it. Every check happens before anything is
-    /// stored, and a store failure rolls back the whole request: it is all or nothing.
-    pub fn send(
+    /// As [`Member::send`], but a send that needs more new sessions than one turn should spend
+    /// RSA work on is only checked now and sealed over the next turns ([`Started::Sealing`]);
+    /// [`Out::Sealed`] says when it is queued (or why not), and until then the daemon serves
+    /// every other request between the slices.
+    pub fn send_or_start(
         &mut self,
         to: &[String],
         all: bool,
         text: &str,
         now: Now,
         store: &mut dyn MemberStore,
-    ) -> Result<Vec<Sent>, MemberError> {
+    ) -> Result<Started, MemberError> {
         let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
+        if let Some(job) = self.sending.start_job(&self.peers, &recipients, text) {
+            return Ok(Started::Sealing(job));
+        }
+        self.queue_now(&recipients, text, now, store)
+            .map(Started::Queued)
+    }
+
+    /// Make the next new sessions of a job; once it has them all, queue it and say so.
+    fn work(&mut self, now: Now, store: &mut dyn MemberStore) {
+        let Some(job) = self.sending.work(&self.identity, &self.user, &self.peers) else {
+            return;
+        };
+        // Checked again: a key may have changed, or a name gone, while the job was sealing.
+        let checked = job
+            .to
+            .iter()
+            .find_map(|u| send::still_sendable(&self.peers, u).err())
+            .map_or(Ok(()), Err);
+        let result = checked.and_then(|()| self.queue_now(&job.to, &job.text, now, store));
+        self.sending.job_done(&job);
+        self.out.push_back(Out::Sealed(job.id, result));
+    }
+
+    /// Seal and queue to `recipients`, checked already; the frames go out if the link is up.
+    fn queue_now(
+        &mut self,
+        recipients: &[String],
+        text: &str,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) -> Result<Vec<Sent>, MemberError> {
         let queued = self.sending.queue(
             &self.identity,
             &self.user,
             &self.peers,
-            &recipients,
+            recipients,
             text,
             now,
             store,
@@ -681,6 +732,21 @@ impl Member {
         }
         self.emit(now, outs);
         Ok(queued.sent)
+    }
+
+    /// Seal `text` to each recipient and queue it, in this turn whatever the RSA work. Every
+    /// check happens before anything is stored, and a store failure rolls back the whole
+    /// request: it is all or nothing.
+    pub fn send(
+        &mut self,
+        to: &[String],
+        all: bool,
+        text: &str,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) -> Result<Vec<Sent>, MemberError> {
+        let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
+        self.queue_now(&recipients, text, now, store)
     }
 
     /// Accept `user`'s current key (after a change) or re-confirm the pinned one.

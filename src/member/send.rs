@@ -8,7 +8,7 @@
 //! request took out of the store (a receipt for it could never be checked).
 
 use crate::clock::Now;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::warn;
 use rand::rngs::StdRng;
@@ -61,6 +61,30 @@ pub(super) struct Sending {
     /// Rekey requests answered, by (peer, session): each is answered once per run, so a relay
     /// replaying a genuine one cannot make us sign again and again.
     rekeyed: HashSet<(String, [u8; 16])>,
+    /// Sends that need many new sessions, oldest first: their RSA work is done a few sessions
+    /// per turn ([`SESSIONS_PER_TURN`]), so no request waits behind a wide `send --all`.
+    jobs: VecDeque<Job>,
+    /// New sessions made for a job and not used yet, by recipient.
+    prepared: HashMap<String, SendSession>,
+    next_job: u64,
+}
+
+/// New sessions made per turn of the event loop for a send that needs many: each costs an RSA
+/// encryption and an RSA signature (about 2 ms with a 2048-bit key), so a turn spends a few
+/// tens of milliseconds on them at most and every other request is answered in between.
+pub const SESSIONS_PER_TURN: usize = 16;
+
+/// A send whose new sessions are being made, turn by turn; nothing of it is stored until they
+/// are all made, so it stays all or nothing.
+pub(super) struct Job {
+    /// Which job (for the daemon, to answer the right client).
+    pub(super) id: u64,
+    /// Its recipients, checked when it began and again when it is queued.
+    pub(super) to: Vec<String>,
+    /// The text.
+    pub(super) text: String,
+    /// Recipients whose new session is still to be made.
+    todo: Vec<String>,
 }
 
 /// Most rekey requests remembered as answered; past it the set starts afresh (a replay then
@@ -100,6 +124,27 @@ impl std::fmt::Display for RekeyRefused {
             RekeyRefused::Crypto(e) => write!(f, "{e}"),
         }
     }
+}
+
+/// A new sending session to `to`: a random id and key, and the key packet (the RSA work).
+fn new_session(
+    rng: &mut StdRng,
+    identity: &Identity,
+    own: &str,
+    to: &str,
+    pinned: &crate::crypto::PublicKey,
+) -> Result<SendSession, crate::crypto::CryptoError> {
+    let mut id = [0u8; 16];
+    rng.fill_bytes(&mut id);
+    let key = SessionKey::random(rng);
+    let kp = make_key_packet(rng, identity, own, to, pinned, &id, &key)?;
+    Ok(SendSession {
+        id,
+        key,
+        peer: pinned.fingerprint(),
+        next: 0,
+        key_packet: Some(kp),
+    })
 }
 
 /// Check a send request and name its recipients, in order and each once. Every check happens
@@ -159,6 +204,19 @@ pub(super) fn recipients(
     Ok(recipients)
 }
 
+/// Whether `u`, a recipient checked when a job began, may still be sent to.
+pub(super) fn still_sendable(peers: &Peers, u: &str) -> Result<(), MemberError> {
+    match peers.sender(u) {
+        Sender::Unknown => Err(MemberError::UnknownUser(u.to_string())),
+        Sender::Changed { pinned, presented } => Err(MemberError::KeyChanged {
+            user: u.to_string(),
+            pinned,
+            presented,
+        }),
+        Sender::Pinned(_) => Ok(()),
+    }
+}
+
 /// The outbox's items to offer the relay, oldest first: all of them, or only what is not a
 /// message (receipts and rekey requests, which the retry timer offers again).
 pub(super) fn outbox(store: &dyn MemberStore, only_receipts: bool) -> Vec<Routed> {
@@ -192,6 +250,82 @@ impl Sending {
             retry_at: None,
             rng,
             rekeyed: HashSet::new(),
+            jobs: VecDeque::new(),
+            prepared: HashMap::new(),
+            next_job: 1,
+        }
+    }
+
+    /// Whether sending to `to` now would need a new session (and so RSA work).
+    fn needs_session(&self, peers: &Peers, to: &str) -> bool {
+        let Some(pinned) = peers.pinned(to) else {
+            return false;
+        };
+        match self.sessions.get(to) {
+            Some(s) => s.peer != pinned || s.next >= SESSION_MESSAGES,
+            None => !self.prepared.get(to).is_some_and(|p| p.peer == pinned),
+        }
+    }
+
+    /// If `recipients` need more than [`SESSIONS_PER_TURN`] new sessions, start a job for them
+    /// and return its id; else `None`, and the caller queues at once.
+    pub(super) fn start_job(
+        &mut self,
+        peers: &Peers,
+        recipients: &[String],
+        text: &str,
+    ) -> Option<u64> {
+        let mut todo: Vec<String> = recipients
+            .iter()
+            .filter(|u| self.needs_session(peers, u))
+            .cloned()
+            .collect();
+        if todo.len() <= SESSIONS_PER_TURN && self.jobs.is_empty() {
+            return None;
+        }
+        todo.reverse();
+        let id = self.next_job;
+        self.next_job += 1;
+        self.jobs.push_back(Job {
+            id,
+            to: recipients.to_vec(),
+            text: text.to_string(),
+            todo,
+        });
+        Some(id)
+    }
+
+    /// A job is waiting for its sessions: the loop must come back at once.
+    pub(super) fn working(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
+    /// Make up to [`SESSIONS_PER_TURN`] new sessions for the oldest job; the job once it has
+    /// all of them (then the caller queues it). A session that cannot be made is left to
+    /// `queue`, which reports the error.
+    pub(super) fn work(&mut self, identity: &Identity, own: &str, peers: &Peers) -> Option<Job> {
+        let job = self.jobs.front_mut()?;
+        for _ in 0..SESSIONS_PER_TURN {
+            let Some(to) = job.todo.pop() else {
+                break;
+            };
+            let Some(pinned) = peers.pinned_key(&to) else {
+                continue;
+            };
+            if let Ok(s) = new_session(&mut self.rng, identity, own, &to, pinned) {
+                self.prepared.insert(to, s);
+            }
+        }
+        if !job.todo.is_empty() {
+            return None;
+        }
+        self.jobs.pop_front()
+    }
+
+    /// A job was queued or failed: its unused sessions go (they were never stored).
+    pub(super) fn job_done(&mut self, job: &Job) {
+        for u in &job.to {
+            self.prepared.remove(u);
         }
     }
 
@@ -201,6 +335,9 @@ impl Sending {
         self.retry_at = None;
         // An answer whose writes the failed commit took back must be given again.
         self.rekeyed.clear();
+        // Jobs stored nothing yet; the daemon tells their clients that nothing was sent.
+        self.jobs.clear();
+        self.prepared.clear();
     }
 
     /// The random generator, for the login signature.
@@ -400,22 +537,14 @@ impl Sending {
             None => true,
         };
         if fresh {
-            let mut id = [0u8; 16];
-            self.rng.fill_bytes(&mut id);
-            let key = SessionKey::random(&mut self.rng);
-            let kp = make_key_packet(&mut self.rng, identity, own, to, &pinned, &id, &key)
-                .map_err(MemberError::Crypto)?;
-            store.put_session(true, to, &id, key.expose())?;
-            self.sessions.insert(
-                to.to_string(),
-                SendSession {
-                    id,
-                    key,
-                    peer: pinned.fingerprint(),
-                    next: 0,
-                    key_packet: Some(kp),
-                },
-            );
+            // Made ahead by a job's turns, if it was made for this key; else now.
+            let s = match self.prepared.remove(to) {
+                Some(p) if p.peer == pinned.fingerprint() => p,
+                _ => new_session(&mut self.rng, identity, own, to, &pinned)
+                    .map_err(MemberError::Crypto)?,
+            };
+            store.put_session(true, to, &s.id, s.key.expose())?;
+            self.sessions.insert(to.to_string(), s);
         }
         self.sessions
             .get_mut(to)
