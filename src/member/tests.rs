@@ -220,6 +220,8 @@ impl Net {
                     }
                     Out::Record(r) => node.records.push(r),
                     Out::State(id, s, why) => node.states.push((id, s, why)),
+                    // The net sends with `Member::send`, which seals at once.
+                    Out::Sealed(..) => {}
                 }
             }
             if close {
@@ -2136,4 +2138,54 @@ fn held_bounds_per_sender_and_in_total() {
     net.transfer();
     assert_eq!(held(&net, None), 3);
     assert_eq!(net.relay.queued_count(), 0);
+}
+
+/// A send that needs more new sessions than a turn makes is checked at once, sealed over the
+/// next ticks, and queued all at once; until then nothing is stored or sent.
+#[test]
+fn a_wide_send_is_sealed_over_several_ticks() {
+    let mut net = Net::new();
+    let a = net.join("alice", ALICE);
+    let many = super::send::SESSIONS_PER_TURN + 4;
+    // One peer key for all: the RSA work per new session is the same.
+    for i in 0..many {
+        net.inject(
+            a,
+            FromRelay::Presence(Peer {
+                user: format!("p{i}"),
+                key: public(BOB).der().to_vec(),
+                online: true,
+            }),
+        );
+    }
+    net.transfer();
+    let before = net.history(a).len();
+    let node = &mut net.nodes[a];
+    let now = Now::at(net.now);
+    let started = node
+        .member
+        .send_or_start(&[], true, "to all", now, &mut node.store)
+        .unwrap();
+    let Started::Sealing(job) = started else {
+        panic!("expected a job, got {started:?}");
+    };
+    assert_eq!(node.member.next_deadline(), Some(0), "come back at once");
+    assert_eq!(net.history(a).len(), before, "nothing stored yet");
+    let node = &mut net.nodes[a];
+    node.member.tick(now, &mut node.store);
+    assert!(
+        node.member.poll().is_none(),
+        "one slice is not the whole job"
+    );
+    node.member.tick(now, &mut node.store);
+    let mut sealed = None;
+    while let Some(o) = node.member.poll() {
+        if let Out::Sealed(id, r) = o {
+            sealed = Some((id, r));
+        }
+    }
+    let (id, result) = sealed.expect("the job is sealed after two slices");
+    assert_eq!(id, job);
+    assert_eq!(result.unwrap().len(), many);
+    assert_eq!(net.history(a).len(), before + many);
 }
