@@ -17,6 +17,19 @@
 //! | 5 control socket | `control_socket_hostile_input_and_client_limit`, `control_socket_refuses_another_uid` |
 //! | 6 limits | max_connections: `max_connections_refuses_the_extra_connection_and_frees_slots`; frame size: the over-cap cases of points 4 and 5; max_queue: `max_queue_refuses_the_sender_with_a_clear_reason`; handshake_timeout, idle_timeout: `handshake_and_idle_timeouts_close_silent_connections`; max_write_buffer: `relay_cuts_off_a_client_that_sends_but_never_reads`, `max_write_buffer_cuts_off_a_slow_reader_and_its_messages_stay_queued`, `max_write_buffer_does_not_cut_off_a_prompt_tail_of_a_long_history`; max_control_clients: `control_socket_hostile_input_and_client_limit`; the config file: `limits_are_settable_in_chatd_toml` |
 //!
+//! Issue 10 (a hostile relay against a member; the relay is `FakeRelay`, a test-only relay that
+//! speaks the real protocol to a real member):
+//!
+//! | point | tests |
+//! |---|---|
+//! | 1 write buffer | `a_relay_that_stops_reading_is_dropped_at_max_write_buffer` (and `core.rs`: `an_outbox_larger_than_max_write_buffer_drains_to_a_reading_relay`) |
+//! | 2 held envelopes, forget | `held_envelopes_are_bounded_and_forget_drops_them` (RSS) |
+//! | 3 no stalled loop | `status_answers_promptly_during_a_wide_fan_out` |
+//! | 4 sticky warning, key records | `a_relay_cannot_erase_a_key_change_by_presenting_the_pinned_key_again` |
+//! | 5 presence churn, `--kind` | `presence_churn_cannot_bury_messages` |
+//! | 6 no silent `relayed` | `a_recipient_that_lost_its_session_key_gets_the_message_anyway`, `a_relay_cannot_forge_or_replay_a_rekey_request`, `forget_on_the_relay_fails_the_dropped_messages_for_their_senders` |
+//! | 7 relay bounds | `max_queue_bytes_refuses_a_sender_once_the_bytes_are_queued`, `control_idle_timeout_closes_a_silent_control_client_only` |
+//!
 //! Some of these fail today because of daemon bugs; each failure message says what went wrong
 //! and `docs/LIMITS.md` ("Known problems") lists them. They stay failing until the daemon is fixed.
 //!
