@@ -164,6 +164,28 @@ fn check_link_record(r: &Value) {
     );
 }
 
+/// A key record: user, event, the fingerprint it is about, and the other key or null.
+fn check_key_record(r: &Value) {
+    assert_eq!(r["kind"], "key", "{r}");
+    assert!(r["seq"].is_u64(), "key record has a numeric seq: {r}");
+    assert!(r["user"].is_string(), "key record has user: {r}");
+    let event = r["event"].as_str().unwrap_or_default();
+    assert!(
+        ["pinned", "changed", "returned", "trusted", "forgotten"].contains(&event),
+        "key event is one of the documented ones: {r}"
+    );
+    assert!(
+        r["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("SHA256:")),
+        "key record has a fingerprint: {r}"
+    );
+    assert!(
+        r.get("other").is_some_and(|o| o.is_null() || o.is_string()),
+        "key record has other (a fingerprint or null): {r}"
+    );
+}
+
 /// Check any tail record by kind.
 fn check_record(r: &Value) {
     match r["kind"].as_str() {
@@ -171,6 +193,7 @@ fn check_record(r: &Value) {
         Some("presence") => check_presence_record(r),
         Some("receipt") => check_receipt_record(r),
         Some("link") => check_link_record(r),
+        Some("key") => check_key_record(r),
         _ => panic!("unknown record kind: {r}"),
     }
 }
@@ -524,6 +547,7 @@ fn tail_last_n_since_with_and_json_fields() {
             Some("message") => r["from"] == "carol" || r["to"] == "carol",
             Some("presence") => r["user"] == "carol",
             Some("receipt") => r["to"] == "carol",
+            Some("key") => r["user"] == "carol",
             _ => false,
         };
         assert!(about_carol, "--with carol printed an unrelated record: {r}");
@@ -826,13 +850,18 @@ fn global_flags_work_before_or_after_the_subcommand() {
 }
 
 #[test]
-fn forget_is_refused_on_a_member_and_for_unknown_names() {
+fn forget_on_a_member_drops_the_pin_and_unknown_names_fail() {
     let relay = Daemon::relay();
     let alice = Daemon::member("alice", &relay.addr());
     let _bob = Daemon::member("bob", &relay.addr());
     alice.wait_peer_online("bob", true);
+    // On a member (issue 10): a name with nothing pinned or held is an error; a pinned one is
+    // forgotten there (and only there: the relay keeps the name).
+    let out = alice.ctl(&["forget", "nobody"]);
+    assert_error_line(&out, 1, "forget of a name the member does not know");
     let out = alice.ctl(&["forget", "bob"]);
-    assert_error_line(&out, 1, "forget on a member");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(alice.peer("bob").is_none(), "bob is still pinned");
     // On the relay: a name nobody registered, or not a valid name, is an error too.
     let out = relay.ctl(&["forget", "nobody"]);
     assert_error_line(&out, 1, "forget of an unregistered name");

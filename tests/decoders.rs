@@ -44,12 +44,12 @@ use chatd::clock::Now;
 use chatd::crypto::{Fingerprint, Identity, PublicKey};
 use chatd::member::{self, Member};
 use chatd::proto::control::{
-    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, Sent,
-    StatusView, Wait,
+    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, RecordKind,
+    Sent, StatusView, Wait,
 };
 use chatd::proto::frame::{self, Decoded, FrameError, HEADER, MAX_FRAME};
 use chatd::proto::relay::{
-    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, Routed, ToRelay,
+    Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, Rekey, Routed, ToRelay,
 };
 use chatd::proto::{encode_frame, from_payload, to_payload};
 use chatd::relay::{self, Limits, Relay};
@@ -244,7 +244,7 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::Message), Just(Kind::Receipt)]
+    prop_oneof![Just(Kind::Message), Just(Kind::Receipt), Just(Kind::Rekey)]
 }
 
 fn item_key() -> impl Strategy<Value = ItemKey> {
@@ -299,10 +299,28 @@ fn receipt() -> impl Strategy<Value = Receipt> {
         })
 }
 
+fn rekey() -> impl Strategy<Value = Rekey> {
+    (
+        any::<[u8; 16]>(),
+        name(),
+        name(),
+        any::<[u8; 16]>(),
+        vec(any::<u8>(), 0..600),
+    )
+        .prop_map(|(id, from, to, session, signature)| Rekey {
+            id,
+            from,
+            to,
+            session,
+            signature,
+        })
+}
+
 fn routed() -> impl Strategy<Value = Routed> {
     prop_oneof![
         envelope().prop_map(Routed::Message),
         receipt().prop_map(Routed::Receipt),
+        rekey().prop_map(Routed::Rekey),
     ]
 }
 
@@ -385,7 +403,8 @@ fn ctl_request() -> impl Strategy<Value = CtlRequest> {
                 last,
                 since,
                 with,
-                follow
+                follow,
+                kinds: vec![RecordKind::Key],
             }),
         Just(CtlRequest::Who),
         Just(CtlRequest::Status),
@@ -1047,6 +1066,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             since: None,
             with: Some("bob".into()),
             follow: true,
+            kinds: Vec::new(),
         }),
     );
     add("control_request-who", req(CtlRequest::Who));

@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 
 use chatd::cli::format;
 use chatd::crypto::{
-    login_transcript, make_key_packet, message_ad, receipt_tag, seal_envelope, verify_receipt,
-    Fingerprint, Header, Identity, SessionKey,
+    login_transcript, make_key_packet, message_ad, receipt_tag, rekey_transcript, seal_envelope,
+    verify_receipt, Fingerprint, Header, Identity, SessionKey,
 };
 use chatd::proto::control::*;
 use chatd::proto::frame::{self, Decoded, FrameError, MAX_FRAME};
@@ -35,6 +35,7 @@ use chatd::proto::{from_payload, hex, to_payload};
 
 /// `Fingerprint::of_spki(b"")`: SHA-256 of the empty string, in the `SHA256:` form.
 const FP: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+const FP2: &str = "SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE";
 /// The session key of the AEAD vectors.
 const KEY: [u8; 32] = [0x42; 32];
 /// The receipt tag of the message vector (`RECEIPT_TAG`, also carried by `FROM_DELIVER_RECEIPT`).
@@ -59,6 +60,8 @@ const FROM_PRESENCE: &str =
     "81a850726573656e636583a475736572a56361726f6ca36b6579c404cccccccca66f6e6c696e65c2";
 const ROUTED_MESSAGE: &str = "81a74d65737361676588a26964c41002020202020202020202020202020202a466726f6da161a2746fa162a774696d655f6d7301a773657373696f6ec41003030303030303030303030303030303a7636f756e74657200aa6b65795f7061636b6574c0aa63697068657274657874c40109";
 const TO_SEND_WITH_KEY_PACKET: &str = "81a453656e6481a74d65737361676588a26964c41002020202020202020202020202020202a466726f6da161a2746fa162a774696d655f6d7301a773657373696f6ec41003030303030303030303030303030303a7636f756e74657200aa6b65795f7061636b657482a777726170706564c402dddda97369676e6174757265c402eeeeaa63697068657274657874c40109";
+const ROUTED_REKEY: &str = "81a552656b657985a26964c41001010101010101010101010101010101a466726f6da162a2746fa161a773657373696f6ec41003030303030303030303030303030303a97369676e6174757265c402eeee";
+const REKEY_TRANSCRIPT: &str = "63686174642d72656b65792d7631000000001001010101010101010101010101010101000000016200000001610000001003030303030303030303030303030303";
 const FROM_ACCEPTED: &str =
     "81a8416363657074656482a46b696e64a752656365697074a26964c41001010101010101010101010101010101";
 const FROM_REFUSED: &str = "81a75265667573656483a36b657982a46b696e64a74d657373616765a26964c41002020202020202020202020202020202a4636f6465ac756e6b6e6f776e5f75736572a6726561736f6eb16e6f2075736572206e616d6564207a6564";
@@ -71,7 +74,7 @@ const FROM_ERROR: &str =
 // ---- golden bytes: control socket ---------------------------------------------------------------
 
 const CTL_SEND: &str = "81a453656e6485a2746f91a3626f62a3616c6cc2a474657874a26869a477616974a552656c6179aa74696d656f75745f6d73cd7530";
-const CTL_TAIL: &str = "81a45461696c84a46c6173740aa573696e6365c0a477697468a3626f62a6666f6c6c6f77c3";
+const CTL_TAIL: &str = "81a45461696c85a46c6173740aa573696e6365c0a477697468a3626f62a6666f6c6c6f77c3a56b696e647392a76d657373616765a36b6579";
 const CTL_WHO: &str = "a357686f";
 const CTL_DIRECTORY: &str = "81a94469726563746f727981a6707265666978a162";
 const CTL_STATUS: &str = "a6537461747573";
@@ -83,6 +86,7 @@ const RESP_RECORD_MESSAGE: &str = "81a65265636f726483a37365710ca774696d655f6d73c
 const RESP_RECORD_PRESENCE: &str = "81a65265636f726483a37365710da774696d655f6d73cf0000018bcfe56be8a4626f647981a850726573656e636582a475736572a56361726f6ca66f6e6c696e65c2";
 const RESP_RECORD_LINK: &str = "81a65265636f726483a37365710fa774696d655f6d73cf0000018bcfe573b8a4626f647981a44c696e6b84a27570c3a6726561736f6ec0a66f6e6c696e6591a3626f62ac70656572735f6f6e6c696e6501";
 const RESP_RECORD_RECEIPT: &str = "81a65265636f726483a37365710ea774696d655f6d73cf0000018bcfe56fd0a4626f647981a75265636569707484a26964c41011111111111111111111111111111111a2746fa37a6564a57374617465a64661696c6564a6726561736f6ebf756e6b6e6f776e5f757365723a206e6f2075736572206e616d6564207a6564";
+const RESP_RECORD_KEY: &str = "81a65265636f726483a37365710fa774696d655f6d73cf0000018bcfe573b8a4626f647981a34b657984a475736572a3626f62a56576656e74a76368616e676564ab66696e6765727072696e74d9325348413235363a4c5845575172636d73455142596e79702b3677793963685444374751504d54624169574846354961534945a56f74686572d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655";
 const RESP_END: &str = "a3456e64";
 const RESP_PEERS: &str = "81a550656572739185a475736572a3626f62a66f6e6c696e65c3a57472757374a670696e6e6564ab66696e6765727072696e74d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655a970726573656e746564c0";
 const RESP_STATUS: &str = "81a65374617475738da475736572a5616c696365ab66696e6765727072696e74d9325348413235363a3437444551706a38484253612b2f54496d572b354a4365755165526b6d354e4d704a575a47336853754655a5726f6c657391a66d656d626572a572656c6179ae3132372e302e302e313a39393939a9636f6e6e6563746564c3ab72656c61795f6572726f72c0a66c697374656ec0ac70656572735f6f6e6c696e6501ae6f7574626f785f70656e64696e6700a8757074696d655f732aa776657273696f6ea5302e312e30a973746174655f646972ae2f7661722f6c69622f6368617464b172656c61795f66696e6765727072696e74c0";
@@ -112,6 +116,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("FromRelay::Presence", FROM_PRESENCE),
     ("Routed::Message", ROUTED_MESSAGE),
     ("ToRelay::Send with a key packet", TO_SEND_WITH_KEY_PACKET),
+    ("Routed::Rekey", ROUTED_REKEY),
     ("FromRelay::Accepted", FROM_ACCEPTED),
     ("FromRelay::Refused", FROM_REFUSED),
     ("FromRelay::Deliver of a receipt", FROM_DELIVER_RECEIPT),
@@ -130,6 +135,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("CtlResponse::Record (presence)", RESP_RECORD_PRESENCE),
     ("CtlResponse::Record (receipt)", RESP_RECORD_RECEIPT),
     ("CtlResponse::Record (link)", RESP_RECORD_LINK),
+    ("CtlResponse::Record (key)", RESP_RECORD_KEY),
     ("CtlResponse::End", RESP_END),
     ("CtlResponse::Peers", RESP_PEERS),
     ("CtlResponse::Status", RESP_STATUS),
@@ -140,6 +146,7 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("message associated data", MESSAGE_AD),
     ("message ciphertext", MESSAGE_CIPHERTEXT),
     ("receipt tag", RECEIPT_TAG),
+    ("rekey transcript", REKEY_TRANSCRIPT),
 ];
 
 // ---- golden `chatctl --json` lines --------------------------------------------------------------
@@ -150,6 +157,7 @@ const JSON_PRESENCE: &str =
 const JSON_RECEIPT: &str = r#"{"kind":"receipt","seq":14,"time":"2023-11-14T22:13:22Z","id":"11111111111111111111111111111111","to":"zed","state":"failed","reason":"unknown_user: no user named zed"}"#;
 const JSON_LINK: &str = r#"{"kind":"link","seq":15,"time":"2023-11-14T22:13:23Z","up":true,"reason":null,"online":["bob"],"peers_online":1}"#;
 const JSON_LINK_DOWN: &str = r#"{"kind":"link","seq":16,"time":"2023-11-14T22:13:24Z","up":false,"reason":"relay stopped answering","online":[],"peers_online":0}"#;
+const JSON_KEY: &str = r#"{"kind":"key","seq":15,"time":"2023-11-14T22:13:23Z","user":"bob","event":"changed","fingerprint":"SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE","other":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"}"#;
 const JSON_WHO: &str = r#"{"user":"bob","online":true,"trust":"pinned","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"}"#;
 const JSON_WHO_CHANGED: &str = r#"{"user":"bob","online":false,"trust":"changed","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU","presented":"SHA256:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE"}"#;
 const JSON_STATUS: &str = r#"{"user":"alice","fingerprint":"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU","roles":["member"],"relay":"127.0.0.1:9999","connected":true,"relay_error":null,"listen":null,"peers_online":1,"outbox_pending":0,"uptime_s":42,"version":"0.1.0","state_dir":"/var/lib/chatd","relay_fingerprint":null}"#;
@@ -165,6 +173,7 @@ const ALL_JSON: &[&str] = &[
     JSON_RECEIPT,
     JSON_LINK,
     JSON_LINK_DOWN,
+    JSON_KEY,
     JSON_WHO,
     JSON_WHO_CHANGED,
     JSON_STATUS,
@@ -269,6 +278,19 @@ fn record_link_down() -> Record {
             reason: Some("relay stopped answering".into()),
             online: vec![],
             peers_online: 0,
+        },
+    }
+}
+
+fn record_key() -> Record {
+    Record {
+        seq: 15,
+        time_ms: 1_700_000_003_000,
+        body: RecordBody::Key {
+            user: "bob".into(),
+            event: KeyEvent::Changed,
+            fingerprint: FP2.into(),
+            other: Some(FP.into()),
         },
     }
 }
@@ -522,6 +544,7 @@ fn control_tail() {
         since: None,
         with: Some("bob".into()),
         follow: true,
+        kinds: vec![RecordKind::Message, RecordKind::Key],
     };
     check(&req, CTL_TAIL);
 }
@@ -568,6 +591,7 @@ fn control_records_and_end() {
     );
     check(&CtlResponse::Record(record_receipt()), RESP_RECORD_RECEIPT);
     check(&CtlResponse::Record(record_link()), RESP_RECORD_LINK);
+    check(&CtlResponse::Record(record_key()), RESP_RECORD_KEY);
     check(&CtlResponse::End, RESP_END);
 }
 
@@ -606,7 +630,8 @@ fn decoder_tolerance() {
             last: None,
             since: None,
             with: None,
-            follow: false
+            follow: false,
+            kinds: Vec::new(),
         }
     );
     assert_eq!(
@@ -615,7 +640,8 @@ fn decoder_tolerance() {
             last: Some(5),
             since: None,
             with: None,
-            follow: false
+            follow: false,
+            kinds: Vec::new(),
         }
     );
     // A 15-byte id is an error, not a panic and not a truncation.
@@ -641,6 +667,24 @@ fn login_transcript_bytes() {
     assert_eq!(
         hex(&login_transcript(&[7; 32], "alice", &[9; 32])),
         LOGIN_TRANSCRIPT
+    );
+}
+
+/// The request bob (`b`) sends alice (`a`) for the key of session `[3; 16]`, having dropped
+/// message `[1; 16]`; a 2-byte stand-in for the signature.
+#[test]
+fn rekey_bytes() {
+    let r = Routed::Rekey(Rekey {
+        id: [1; 16],
+        from: "b".into(),
+        to: "a".into(),
+        session: [3; 16],
+        signature: vec![0xee, 0xee],
+    });
+    check(&r, ROUTED_REKEY);
+    assert_eq!(
+        hex(&rekey_transcript(&[1; 16], "b", "a", &[3; 16])),
+        REKEY_TRANSCRIPT
     );
 }
 
@@ -739,6 +783,7 @@ fn json_lines() {
     assert_eq!(format::record_json(&record_receipt()), JSON_RECEIPT);
     assert_eq!(format::record_json(&record_link()), JSON_LINK);
     assert_eq!(format::record_json(&record_link_down()), JSON_LINK_DOWN);
+    assert_eq!(format::record_json(&record_key()), JSON_KEY);
     assert_eq!(format::peers(&[peer_view()], true), vec![JSON_WHO]);
     let mut changed = peer_view();
     changed.online = false;

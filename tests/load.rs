@@ -91,6 +91,7 @@ fn incoming_since(socket: &PathBuf, since: u64) -> Vec<(u64, String, String)> {
         since: Some(since),
         with: None,
         follow: false,
+        kinds: vec![chatd::proto::control::RecordKind::Message],
     })
     .expect("send tail");
     let mut out = Vec::new();

@@ -345,7 +345,7 @@ _chatctl() {
             return 0
             ;;
         chatctl__subcmd__tail)
-            opts="-n -f -h --lines --follow --since --with --socket --json --help"
+            opts="-n -f -h --lines --follow --since --with --kind --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -365,6 +365,10 @@ _chatctl() {
                     ;;
                 --with)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kind)
+                    COMPREPLY=($(compgen -W "message presence receipt key link" -- "${cur}"))
                     return 0
                     ;;
                 --socket)

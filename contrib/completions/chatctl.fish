@@ -35,7 +35,7 @@ complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "who" -d 'List your 
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
-complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
+complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "forget" -d 'Relay: drop USER\'s name binding and queue; member: drop USER\'s pin and held messages'
 complete -c chatctl -n "__fish_chatctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c chatctl -n "__fish_chatctl_using_subcommand send" -l wait -d 'Wait for this state before exiting' -r -f -a "none\t'Until sealed and stored in the outbox'
 relay\t'Until the relay has taken custody'
@@ -48,6 +48,11 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand send" -s h -l help -d 'P
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s n -l lines -d 'How many of the last records to print [default: 10; all newer than SEQ with --since]' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l since -d 'Only records with a larger seq' -r
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l with -d 'Only records to or from USER (and USER\'s presence)' -r -f -a "(__fish_chatctl_users)"
+complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l kind -d 'Only records of these kinds (comma-separated: message,presence,receipt,key)' -r -f -a "message\t''
+presence\t''
+receipt\t''
+key\t''
+link\t''"
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l socket -d 'Control socket of chatd [default: $CHATD_SOCKET, else $XDG_RUNTIME_DIR/chatd/control.sock, else /run/chatd/control.sock for root, else /tmp/chatd-UID/control.sock]' -r -F
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -s f -l follow -d 'Keep printing new records until interrupted'
 complete -c chatctl -n "__fish_chatctl_using_subcommand tail" -l json -d 'One JSON object per line on stdout'
@@ -81,7 +86,7 @@ complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_see
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "status" -d 'Show own name and fingerprint, roles, relay, connection, outbox, uptime, version'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "fingerprint" -d 'Print own fingerprint, or USER\'s pinned one'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "trust" -d 'Accept USER\'s current key after checking FINGERPRINT out of band'
-complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "forget" -d 'On a relay: drop USER\'s name binding and queue so a new key may claim the name'
+complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "forget" -d 'Relay: drop USER\'s name binding and queue; member: drop USER\'s pin and held messages'
 complete -c chatctl -n "__fish_chatctl_using_subcommand help; and not __fish_seen_subcommand_from send tail chat who status fingerprint trust forget help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 
 # User names from the running chatd (written by tests/docs.rs, issue 11); nothing when no

@@ -23,7 +23,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-c -h -V --config --user --connect --relay-fingerprint --listen --state-dir --socket --key-bits --max-connections --max-queue --max-names-per-key --new-names-per-minute --directory-push-max --max-subscriptions --handshake-timeout --idle-timeout --max-write-buffer --max-fanout --max-control-clients --help --version"
+            opts="-c -h -V --config --user --connect --relay-fingerprint --listen --state-dir --socket --key-bits --max-connections --max-queue --max-queue-bytes --max-names-per-key --new-names-per-minute --directory-push-max --max-subscriptions --handshake-timeout --idle-timeout --max-write-buffer --max-fanout --max-held-per-sender --max-held-bytes-per-sender --max-held --max-held-bytes --control-idle-timeout --max-control-clients --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -73,6 +73,10 @@ _chatd() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --max-queue-bytes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --max-names-per-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -102,6 +106,26 @@ _chatd() {
                     return 0
                     ;;
                 --max-fanout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-held-per-sender)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-held-bytes-per-sender)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-held)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-held-bytes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --control-idle-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

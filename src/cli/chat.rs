@@ -56,6 +56,7 @@ pub(crate) fn end_seq(client: &mut Client) -> Result<u64, Step> {
         since: None,
         with: None,
         follow: false,
+        kinds: Vec::new(),
     })?;
     let mut seq = 0;
     loop {
@@ -82,6 +83,7 @@ pub(crate) fn follow(
         since,
         with,
         follow: true,
+        kinds: Vec::new(),
     })?;
     thread::spawn(move || loop {
         let ev = match client.recv() {

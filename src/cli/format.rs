@@ -9,7 +9,9 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::proto::control::{Dir, MsgState, PeerView, Record, RecordBody, Sent, StatusView};
+use crate::proto::control::{
+    Dir, KeyEvent, MsgState, PeerView, Record, RecordBody, Sent, StatusView,
+};
 use crate::proto::hex;
 
 /// Escape text for a terminal: `\` becomes `\\`, `\n` `\r` `\t` their escapes, other control
@@ -112,6 +114,17 @@ struct JsonLink<'a> {
     peers_online: u64,
 }
 
+#[derive(Serialize)]
+struct JsonKey<'a> {
+    kind: &'static str,
+    seq: u64,
+    time: String,
+    user: &'a str,
+    event: &'a str,
+    fingerprint: &'a str,
+    other: Option<&'a str>,
+}
+
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
@@ -173,6 +186,20 @@ pub fn record_json(r: &Record) -> String {
             reason: reason.as_deref(),
             online,
             peers_online: *peers_online,
+        }),
+        RecordBody::Key {
+            user,
+            event,
+            fingerprint,
+            other,
+        } => json(&JsonKey {
+            kind: "key",
+            seq: r.seq,
+            time,
+            user,
+            event: event.as_str(),
+            fingerprint,
+            other: other.as_deref(),
         }),
     }
 }
@@ -246,6 +273,16 @@ pub fn record_plain(r: &Record) -> String {
             "{time} #{} * {}",
             r.seq,
             escape(&link_text(*up, reason.as_deref(), online, *peers_online))
+        ),
+        RecordBody::Key {
+            user,
+            event,
+            fingerprint,
+            other,
+        } => format!(
+            "{time} #{} ! {}",
+            r.seq,
+            escape(&key_line(user, event, fingerprint, other.as_deref()))
         ),
     }
 }
@@ -404,6 +441,26 @@ impl ChatLines {
             None => String::new(),
         };
         message_lines(head, text, &tag)
+    }
+}
+
+/// What a key record says, in words.
+pub fn key_line(user: &str, event: &KeyEvent, fp: &str, other: Option<&str>) -> String {
+    let before = other.unwrap_or("an unknown key");
+    match event {
+        KeyEvent::Pinned => format!("pinned {user}'s key {fp} (first sight)"),
+        KeyEvent::Changed => format!(
+            "KEY CHANGED for {user}: the relay presents {fp}, pinned is {before}; check it, then chatctl trust {user} FINGERPRINT"
+        ),
+        KeyEvent::Returned => format!(
+            "the relay presents {user}'s pinned key {fp} again (after {before}); {user} stays changed until chatctl trust"
+        ),
+        KeyEvent::Trusted => match other {
+            None => format!("{user}'s key {fp} is trusted"),
+            Some(old) => format!("{user}'s new key {fp} is trusted (replaces {old})"),
+        },
+        KeyEvent::Forgotten => format!("forgot {user}'s key {fp}"),
+        KeyEvent::Other(e) => format!("key event {e} for {user}: {fp}"),
     }
 }
 

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum, ValueHint};
 
 use crate::client::{Client, ClientError};
-use crate::proto::control::{CtlRequest, CtlResponse, ErrorKind, PeerView, TrustState, Wait};
+use crate::proto::control::{
+    CtlRequest, CtlResponse, ErrorKind, PeerView, RecordKind, TrustState, Wait,
+};
 use crate::proto::MAX_TEXT;
 
 /// chatctl: send and read end-to-end encrypted messages through chatd.
@@ -82,6 +84,9 @@ pub enum Command {
         /// Only records to or from USER (and USER's presence)
         #[arg(long, value_name = "USER", value_hint = ValueHint::Username)]
         with: Option<String>,
+        /// Only records of these kinds (comma-separated: message,presence,receipt,key)
+        #[arg(long = "kind", value_name = "KINDS", value_delimiter = ',', value_parser = kind_parser())]
+        kinds: Vec<String>,
     },
     /// Converse: full-screen on a terminal; with stdin or stdout not a terminal, line mode (stdin
     /// lines sent to USER, USER's messages printed); with --json, one two-way JSON-lines stream
@@ -128,7 +133,7 @@ pub enum Command {
         #[arg(value_name = "FINGERPRINT")]
         fingerprint: String,
     },
-    /// On a relay: drop USER's name binding and queue so a new key may claim the name
+    /// Relay: drop USER's name binding and queue; member: drop USER's pin and held messages
     Forget {
         /// The name
         #[arg(value_name = "USER")]
@@ -263,13 +268,26 @@ fn execute(args: Args, dashdash: bool) -> Result<(), Failure> {
             follow,
             since,
             with,
+            kinds,
         } => {
+            let kinds = kinds.iter().map(|k| RecordKind::from(k.as_str())).collect();
             let last = match (lines, since) {
                 (Some(n), _) => Some(n),
                 (None, Some(_)) => None,
                 (None, None) => Some(10),
             };
-            tail(&path, as_json, &mut out, last, since, with, follow)
+            tail(
+                &path,
+                as_json,
+                &mut out,
+                Tail {
+                    last,
+                    since,
+                    with,
+                    kinds,
+                    follow,
+                },
+            )
         }
         Command::Chat { user, lines, since } => {
             let terminal = io::stdin().is_terminal() && io::stdout().is_terminal();
@@ -483,6 +501,9 @@ fn send(
             // Check the recipients before waiting on stdin, so a typo fails at once even when
             // no line ever comes.
             check_recipients(path, &mut client, &users)?;
+            // Not held while stdin is read: it would hold a control-client slot for nothing.
+            drop(client);
+            let mut held: Option<(Client, std::time::Instant)> = None;
             let stdin = io::stdin();
             if stdin.is_terminal() {
                 // A person at a terminal would otherwise see a command that seems to hang.
@@ -499,7 +520,19 @@ fn send(
                     return Ok(());
                 }
                 if let Some(line) = chat::line_text(std::mem::take(&mut buf))? {
-                    one(&mut client, line, out)?;
+                    // Lines that come quickly (a pipe) share a connection; after a pause, a new
+                    // one: chatd closes a control connection idle for control_idle_timeout,
+                    // which is at least 1 s, and the client cannot know it.
+                    let fresh = held.as_ref().map_or(true, |(_, at)| {
+                        at.elapsed() > std::time::Duration::from_millis(500)
+                    });
+                    if fresh {
+                        held = Some((Client::connect(path)?, std::time::Instant::now()));
+                    }
+                    if let Some((client, at)) = held.as_mut() {
+                        one(client, line, out)?;
+                        *at = std::time::Instant::now();
+                    }
                 }
             }
         }
@@ -658,24 +691,32 @@ fn reply_name(r: &CtlResponse) -> &'static str {
     }
 }
 
-fn tail(
-    path: &std::path::Path,
-    as_json: bool,
-    out: &mut Out,
+/// The kinds `--kind` accepts: every kind this version knows (so completions list them).
+fn kind_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(RecordKind::KNOWN.iter().map(RecordKind::as_str))
+}
+
+/// What `tail` asks for.
+struct Tail {
     last: Option<u64>,
     since: Option<u64>,
     with: Option<String>,
+    kinds: Vec<RecordKind>,
     follow: bool,
-) -> Result<(), Step> {
+}
+
+fn tail(path: &std::path::Path, as_json: bool, out: &mut Out, t: Tail) -> Result<(), Step> {
+    let follow = t.follow;
     let mut client = Client::connect(path)?;
     if !as_json {
-        return tail_plain(&mut client, out, last, since, with, follow);
+        return tail_plain(&mut client, out, t);
     }
     client.send(&CtlRequest::Tail {
-        last,
-        since,
-        with,
-        follow,
+        last: t.last,
+        since: t.since,
+        with: t.with,
+        follow: t.follow,
+        kinds: t.kinds,
     })?;
     loop {
         match next_record(&mut client, follow)? {
@@ -705,20 +746,21 @@ const PLAIN_BATCH: usize = 1024;
 /// `follow` (so its end is known and each message can be printed with its latest state), then,
 /// with `-f`, a follower starts after the newest record that existed before the history was
 /// read or that it printed, so nothing is missed or printed twice.
-fn tail_plain(
-    client: &mut Client,
-    out: &mut Out,
-    last: Option<u64>,
-    since: Option<u64>,
-    with: Option<String>,
-    follow: bool,
-) -> Result<(), Step> {
+fn tail_plain(client: &mut Client, out: &mut Out, t: Tail) -> Result<(), Step> {
+    let Tail {
+        last,
+        since,
+        with,
+        kinds,
+        follow,
+    } = t;
     let mut start = if follow { chat::end_seq(client)? } else { 0 };
     client.send(&CtlRequest::Tail {
         last,
         since,
         with: with.clone(),
         follow: false,
+        kinds: kinds.clone(),
     })?;
     let mut lines = format::ChatLines::default();
     let mut batch = Vec::new();
@@ -749,6 +791,7 @@ fn tail_plain(
         since: Some(start.max(since.unwrap_or(0))),
         with,
         follow: true,
+        kinds,
     })?;
     loop {
         match next_record(client, true)? {

@@ -266,6 +266,19 @@ impl Chat {
                     self.convs[at].seqs.insert(r.seq);
                     self.push(at, item, false);
                 }
+                RecordBody::Key {
+                    user,
+                    event,
+                    fingerprint,
+                    other,
+                } => {
+                    let item = Item::Info {
+                        time_ms: r.time_ms,
+                        text: format::key_line(user, event, fingerprint, other.as_deref()),
+                    };
+                    self.convs[at].seqs.insert(r.seq);
+                    self.push(at, item, false);
+                }
                 RecordBody::Link { .. } => {}
             }
         }
@@ -356,6 +369,30 @@ impl Chat {
                 if self.current != 0 {
                     let at = self.current;
                     self.push(at, item.clone(), false);
+                }
+                self.push(0, item, false);
+            }
+            RecordBody::Key {
+                user,
+                event,
+                fingerprint,
+                other,
+            } => {
+                if let Some(p) = self.peers.get_mut(user) {
+                    match event {
+                        crate::proto::control::KeyEvent::Changed => p.trust = TrustState::Changed,
+                        crate::proto::control::KeyEvent::Trusted => p.trust = TrustState::Trusted,
+                        _ => {}
+                    }
+                }
+                let item = Item::Info {
+                    time_ms: r.time_ms,
+                    text: format::key_line(user, event, fingerprint, other.as_deref()),
+                };
+                if let Some(at) = self.convs.iter().position(|c| &c.peer == user) {
+                    if self.convs[at].seqs.insert(r.seq) {
+                        self.push(at, item.clone(), false);
+                    }
                 }
                 self.push(0, item, false);
             }
@@ -975,6 +1012,7 @@ fn peer_history(client: &mut Client, peer: String) -> Answer {
         since: None,
         with: Some(peer.clone()),
         follow: false,
+        kinds: Vec::new(),
     };
     if let Err(e) = client.send(&req) {
         return Answer::Lost(e.into());

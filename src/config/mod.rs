@@ -104,6 +104,14 @@ settings! {
             check: [positive],
             sighup: [apply(0 max_queue = limits.max_queue)],
         }
+        /// Relay: most bytes queued per user before new items are refused
+        max_queue_bytes: usize {
+            flag: [value_name = "BYTES"],
+            env: [],
+            default: [Limits::default().max_queue_bytes],
+            check: [positive],
+            sighup: [apply(15 max_queue_bytes = limits.max_queue_bytes)],
+        }
         /// Relay: most names one key may register
         max_names_per_key: usize {
             flag: [value_name = "N"],
@@ -170,6 +178,46 @@ settings! {
             default: [crate::member::DEFAULT_MAX_FANOUT],
             check: [positive],
             sighup: [apply(10 max_fanout = max_fanout)],
+        }
+        /// Member: most messages held from one sender not introduced yet or whose key changed
+        max_held_per_sender: u64 {
+            flag: [value_name = "N"],
+            env: [],
+            default: [crate::member::HoldLimits::default().per_sender],
+            check: [positive],
+            sighup: [apply(11 max_held_per_sender = hold.per_sender)],
+        }
+        /// Member: most bytes held from one such sender
+        max_held_bytes_per_sender: u64 {
+            flag: [value_name = "BYTES"],
+            env: [],
+            default: [crate::member::HoldLimits::default().per_sender_bytes],
+            check: [positive],
+            sighup: [apply(12 max_held_bytes_per_sender = hold.per_sender_bytes)],
+        }
+        /// Member: most messages held from all such senders together
+        max_held: u64 {
+            flag: [value_name = "N"],
+            env: [],
+            default: [crate::member::HoldLimits::default().total],
+            check: [positive],
+            sighup: [apply(13 max_held = hold.total)],
+        }
+        /// Member: most bytes held from all such senders together
+        max_held_bytes: u64 {
+            flag: [value_name = "BYTES"],
+            env: [],
+            default: [crate::member::HoldLimits::default().total_bytes],
+            check: [positive],
+            sighup: [apply(14 max_held_bytes = hold.total_bytes)],
+        }
+        /// Seconds a control client may stay connected without a request (not while a tail follows or a send waits)
+        control_idle_timeout: u64 {
+            flag: [value_name = "SECS"],
+            env: [],
+            default: [60],
+            check: [positive],
+            sighup: [apply(16 control_idle_timeout_ms = control_idle_timeout_ms)],
         }
         /// Most simultaneous control-socket clients
         max_control_clients: usize {
@@ -331,8 +379,12 @@ pub struct Config {
     pub max_write_buffer: usize,
     /// Most control clients.
     pub max_control_clients: usize,
+    /// How long a control client may stay without a request, in ms.
+    pub control_idle_timeout_ms: u64,
     /// Most peers `send --all` reaches.
     pub max_fanout: usize,
+    /// Bounds on held envelopes (member).
+    pub hold: crate::member::HoldLimits,
     /// The config file in use, if any (reloaded on SIGHUP).
     pub file_path: Option<PathBuf>,
     /// Log level from the file.
@@ -485,6 +537,7 @@ pub fn resolve_with(
         key_bits,
         limits: Limits {
             max_queue,
+            max_queue_bytes: s.max_queue_bytes()?,
             handshake_timeout_ms,
             idle_timeout_ms,
             window_bytes: max_write_buffer / 2,
@@ -496,7 +549,14 @@ pub fn resolve_with(
         max_connections: s.max_connections()?,
         max_write_buffer,
         max_control_clients: s.max_control_clients()?,
+        control_idle_timeout_ms: s.control_idle_timeout()?.saturating_mul(1000),
         max_fanout: s.max_fanout()?,
+        hold: crate::member::HoldLimits {
+            per_sender: s.max_held_per_sender()?,
+            per_sender_bytes: s.max_held_bytes_per_sender()?,
+            total: s.max_held()?,
+            total_bytes: s.max_held_bytes()?,
+        },
         file_path,
         log_level,
     })

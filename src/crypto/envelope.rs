@@ -12,7 +12,7 @@ use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::{put_field, CryptoError, Fingerprint, Identity, PublicKey};
-use crate::proto::relay::{Envelope, KeyPacket, Receipt};
+use crate::proto::relay::{Envelope, KeyPacket, Receipt, Rekey};
 
 /// A 32-byte session key. No `Debug`, no `Display`; zeroized on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -212,6 +212,45 @@ pub fn receipt_tag(
         tag.copy_from_slice(&out);
     }
     tag
+}
+
+/// Rekey transcript: `"chatd-rekey-v1\0" || field(id) || field(from) || field(to) ||
+/// field(session)`, where `from` is the recipient who lost the session key.
+pub fn rekey_transcript(id: &[u8; 16], from: &str, to: &str, session: &[u8; 16]) -> Vec<u8> {
+    let mut t = b"chatd-rekey-v1\0".to_vec();
+    put_field(&mut t, id);
+    put_field(&mut t, from.as_bytes());
+    put_field(&mut t, to.as_bytes());
+    put_field(&mut t, session);
+    t
+}
+
+/// Sign a request that `to` send the key of `session` again (one RSA private operation on a
+/// transcript of our own choosing, with a fresh PSS salt).
+pub fn sign_rekey(
+    rng: &mut (impl rand::CryptoRng + rand::RngCore),
+    me: &Identity,
+    id: &[u8; 16],
+    from: &str,
+    to: &str,
+    session: &[u8; 16],
+) -> Result<Rekey, CryptoError> {
+    let signature = me.sign(rng, &rekey_transcript(id, from, to, session))?;
+    Ok(Rekey {
+        id: *id,
+        from: from.to_string(),
+        to: to.to_string(),
+        session: *session,
+        signature,
+    })
+}
+
+/// Check a rekey request against the key pinned for its `from`.
+pub fn verify_rekey(pinned: &PublicKey, r: &Rekey) -> Result<(), CryptoError> {
+    pinned.verify(
+        &rekey_transcript(&r.id, &r.from, &r.to, &r.session),
+        &r.signature,
+    )
 }
 
 /// Check a receipt's tag.

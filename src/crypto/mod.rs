@@ -10,8 +10,8 @@ mod envelope;
 mod identity;
 
 pub use envelope::{
-    make_key_packet, message_ad, open_envelope, receipt_tag, seal_envelope, unwrap_key_packet,
-    verify_receipt, Header, SessionKey,
+    make_key_packet, message_ad, open_envelope, receipt_tag, rekey_transcript, seal_envelope,
+    sign_rekey, unwrap_key_packet, verify_receipt, verify_rekey, Header, SessionKey,
 };
 pub use identity::{Fingerprint, Identity, PublicKey, MAX_KEY_BITS, MIN_KEY_BITS};
 

@@ -13,13 +13,13 @@ use mio::Token;
 
 use super::roles::Roles;
 use super::status::{Info, Status};
-use crate::member::MemberError;
+use crate::member::{MemberError, Started};
 use crate::proto::control::{
-    CtlRequest, CtlResponse, Dir, ErrorKind, MsgState, PeerView, Record, RecordBody, Sent, Wait,
+    CtlRequest, CtlResponse, ErrorKind, MsgState, PeerView, Record, RecordKind, Sent, Wait,
     WHO_CHUNK,
 };
 use crate::proto::{hex, valid_user};
-use crate::store::{Store, StoreError};
+use crate::store::{Filter, Store, StoreError};
 
 /// Records read from the database at a time for a `tail`.
 const PAGE: u64 = 64;
@@ -39,6 +39,16 @@ pub enum Reply {
     Park(Parked),
     /// `who --all` (and `who` on a relay): the directory, a page at a time as the client reads.
     List(Listing),
+    /// `send` to many new sessions: answer when member job `job` is sealed (see
+    /// [`Waiters::sealing`]), then as `wait` says.
+    Sealing {
+        /// The member's job.
+        job: u64,
+        /// What to wait for after.
+        wait: Wait,
+        /// The `--wait` timeout, counted from now.
+        timeout_ms: u64,
+    },
 }
 
 /// The next page of a listing on a relay, from its own directory, into `out`; true after the
@@ -171,7 +181,15 @@ pub fn request(
             since,
             with,
             follow,
-        } => tail(roles, store, last, since, with, follow),
+            kinds,
+        } => tail(
+            roles,
+            store,
+            last,
+            since,
+            Filter { peer: with, kinds },
+            follow,
+        ),
         CtlRequest::Who => match roles.member() {
             Some(m) => Reply::Stream(who_frames(m.who())),
             // A relay's registrations: any number, so paged like `who --all`.
@@ -195,7 +213,7 @@ pub fn request(
                 Err(e) => failed(e.to_string()),
             },
         }),
-        CtlRequest::Forget { user } => Reply::Now(forget(roles, store, &user)),
+        CtlRequest::Forget { user } => Reply::Now(forget(roles, store, &user, now)),
     }
 }
 
@@ -215,7 +233,7 @@ fn send(
             "this chatd is a relay only; start it with --user NAME to send messages",
         ));
     };
-    match m.send(to, all, text, now, store) {
+    match m.send_or_start(to, all, text, now, store) {
         Err(MemberError::KeysPending(users)) => Reply::Park(Parked {
             req: CtlRequest::Send {
                 to: to.to_vec(),
@@ -227,7 +245,12 @@ fn send(
             users,
             deadline: now.mono.saturating_add(LOOKUP_TIMEOUT_MS),
         }),
-        Ok(sent) => {
+        Ok(Started::Sealing(job)) => Reply::Sealing {
+            job,
+            wait,
+            timeout_ms,
+        },
+        Ok(Started::Queued(sent)) => {
             let target = match wait {
                 Wait::None => return Reply::Now(CtlResponse::Sent(sent)),
                 Wait::Relay => MsgState::Relayed,
@@ -240,15 +263,20 @@ fn send(
                 timeout_ms,
             })
         }
-        Err(e) => Reply::Now(CtlResponse::Error {
-            kind: if matches!(e, MemberError::KeyChanged { .. }) {
-                ErrorKind::KeyChanged
-            } else {
-                ErrorKind::Failed
-            },
-            message: e.to_string(),
-            sent: Vec::new(),
-        }),
+        Err(e) => Reply::Now(send_error(e)),
+    }
+}
+
+/// The reply to a send that failed as a whole.
+fn send_error(e: MemberError) -> CtlResponse {
+    CtlResponse::Error {
+        kind: if matches!(e, MemberError::KeyChanged { .. }) {
+            ErrorKind::KeyChanged
+        } else {
+            ErrorKind::Failed
+        },
+        message: e.to_string(),
+        sent: Vec::new(),
     }
 }
 
@@ -264,7 +292,7 @@ fn tail(
     store: &Store,
     last: Option<u64>,
     since: Option<u64>,
-    with: Option<String>,
+    filter: Filter,
     follow: bool,
 ) -> Reply {
     if roles.member().is_none() {
@@ -272,40 +300,73 @@ fn tail(
             "this chatd is a relay only: it keeps no message history (relays only see envelopes)",
         ));
     }
-    if let Some(w) = &with {
+    if let Some(w) = &filter.peer {
         if !valid_user(w) {
             return Reply::Now(failed(format!("invalid user name {w:?}")));
         }
     }
+    if let Some(RecordKind::Other(k)) = filter
+        .kinds
+        .iter()
+        .find(|k| matches!(k, RecordKind::Other(_)))
+    {
+        return Reply::Now(failed(format!(
+            "unknown record kind {k:?}; this chatd knows {}",
+            known_kinds()
+        )));
+    }
     let since = since.unwrap_or(0);
     let after = match last {
-        Some(n) => store.start_of_last(since, with.as_deref(), n),
+        Some(n) => store.start_of_last(since, &filter, n),
         None => Ok(since),
     };
     match after {
         Ok(after) => Reply::Tail(Cursor {
             after,
-            with,
+            filter,
             follow,
         }),
         Err(e) => Reply::Now(failed(format!("cannot read history: {e}"))),
     }
 }
 
-fn forget(roles: &mut Roles, store: &mut Store, user: &str) -> CtlResponse {
-    let Some(r) = roles.relay_mut() else {
-        return failed("forget works on a relay; this chatd is a member only");
-    };
+/// The record kinds this version knows, for an error message.
+fn known_kinds() -> String {
+    RecordKind::KNOWN
+        .iter()
+        .map(RecordKind::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `forget` on a relay drops the binding and queue; on a member the pin and what is held; a host
+/// does both and says both.
+fn forget(roles: &mut Roles, store: &mut Store, user: &str, now: Now) -> CtlResponse {
     if !valid_user(user) {
         return failed(format!("invalid user name {user:?}"));
     }
-    match r.forget(user, store) {
-        Ok(true) => CtlResponse::Done(format!(
-            "forgot {user}: the name and its queue are gone; the next key to log in as {user} claims it"
-        )),
-        Ok(false) => failed(format!("no user named {user} is registered on this relay")),
-        Err(e) => failed(format!("cannot forget {user}: {e}")),
+    let mut said = Vec::new();
+    let mut errors = Vec::new();
+    if let Some(r) = roles.relay_mut() {
+        match r.forget(user, store) {
+            Ok(true) => said.push(format!(
+                "forgot {user}: the name and its queue are gone; the next key to log in as {user} claims it"
+            )),
+            Ok(false) => errors.push(format!("no user named {user} is registered on this relay")),
+            Err(e) => return failed(format!("cannot forget {user}: {e}")),
+        }
     }
+    if let Some(m) = roles.member_mut() {
+        match m.forget(user, now, store) {
+            Ok(msg) => said.push(msg),
+            Err(e @ MemberError::NothingToForget(_)) => errors.push(e.to_string()),
+            Err(e) => return failed(e.to_string()),
+        }
+    }
+    if said.is_empty() {
+        return failed(errors.join("; "));
+    }
+    CtlResponse::Done(said.join("; "))
 }
 
 fn fingerprint(roles: &Roles, info: &Info, user: Option<String>) -> CtlResponse {
@@ -346,6 +407,9 @@ pub struct Ctl {
     pub stream: std::collections::VecDeque<CtlResponse>,
     /// A directory listing: the next page is fetched once `stream` is sent.
     pub list: Option<Listing>,
+    /// When (mono ms) the client connected or sent its last request: `control_idle_timeout`
+    /// counts from here.
+    pub active_at: u64,
 }
 
 impl Ctl {
@@ -373,7 +437,7 @@ impl Ctl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     after: u64,
-    with: Option<String>,
+    filter: Filter,
     follow: bool,
 }
 
@@ -401,7 +465,7 @@ impl Cursor {
     /// bounded memory, and a client that reads is never cut off as slow).
     pub fn page(&mut self, store: &Store, sink: &mut dyn Sink) -> Paged {
         while sink.room() {
-            let page = match store.page(self.after, self.with.as_deref(), PAGE) {
+            let page = match store.page(self.after, &self.filter, PAGE) {
                 Ok(p) => p,
                 Err(err) => {
                     sink.emit(&failed(format!("cannot read history: {err}")));
@@ -414,7 +478,7 @@ impl Cursor {
                 // twice.
                 if self.follow {
                     return Paged::Follow(Follow {
-                        with: self.with.clone(),
+                        filter: self.filter.clone(),
                         last_seq: self.after,
                     });
                 }
@@ -436,7 +500,7 @@ impl Cursor {
 /// A `tail -f` after its history.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Follow {
-    with: Option<String>,
+    filter: Filter,
     last_seq: u64,
 }
 
@@ -447,24 +511,11 @@ impl Follow {
         if rec.seq <= self.last_seq {
             return false;
         }
-        if self.with.as_deref().is_some_and(|w| w != record_peer(rec)) {
+        if !self.filter.matches(rec) {
             return false;
         }
         self.last_seq = rec.seq;
         true
-    }
-}
-
-fn record_peer(r: &Record) -> &str {
-    match &r.body {
-        RecordBody::Message { from, to, dir, .. } => match dir {
-            Dir::In => from,
-            Dir::Out => to,
-        },
-        RecordBody::Presence { user, .. } => user,
-        RecordBody::Receipt { to, .. } => to,
-        // About no peer: a `--with` follower does not get it (the store's `peer` is "" too).
-        RecordBody::Link { .. } => "",
     }
 }
 
@@ -500,6 +551,23 @@ struct Waiter {
     fresh: bool,
 }
 
+/// What chatd knows about messages a `--wait` gave up on, and nothing more: the furthest-behind
+/// state decides (it is what the user must not send again for).
+fn where_it_is(sent: &[Sent]) -> &'static str {
+    match sent.iter().map(|s| s.state).min() {
+        Some(MsgState::Queued) | None => {
+            "the relay has not taken the message yet: chatd keeps it in its outbox and offers it \
+             again at every login (do not send it again)"
+        }
+        Some(MsgState::Relayed) => {
+            "the relay has the message, but no receipt came back: chatd cannot tell whether it \
+             will be delivered; a receipt or a failure that comes later shows in chatctl tail \
+             (do not send it again)"
+        }
+        Some(MsgState::Delivered) | Some(MsgState::Failed) => "see chatctl tail for each message",
+    }
+}
+
 /// A request parked on a key lookup, and its client.
 struct ParkedFor {
     token: Token,
@@ -507,13 +575,27 @@ struct ParkedFor {
     fresh: bool,
 }
 
-/// Every `send --wait` in progress, and every send parked on a key lookup.
+/// Every `send --wait` in progress, every send parked on a key lookup, and every send still
+/// being sealed.
 #[derive(Default)]
 pub struct Waiters {
-    waits: Vec<Waiter>,
+    waiting: Vec<Waiter>,
     parked: Vec<ParkedFor>,
     /// The member heard back from the relay since the parked requests were last tried.
     looked: bool,
+    /// Sends still being sealed, turn by turn: the client is answered when they are queued.
+    sealing: Vec<Sealing>,
+}
+
+/// A client whose send is being sealed (`member::Started::Sealing`).
+struct Sealing {
+    token: Token,
+    job: u64,
+    wait: Wait,
+    /// When its `--wait` ends (mono ms), counted from the request.
+    deadline: u64,
+    timeout_ms: u64,
+    fresh: bool,
 }
 
 impl Waiters {
@@ -553,33 +635,90 @@ impl Waiters {
 
     /// Client `token` waits for `pending`.
     pub fn add(&mut self, token: Token, pending: Pending) {
-        self.waits.push(Waiter {
+        self.waiting.push(Waiter {
             token,
             pending,
             fresh: true,
         });
     }
 
+    /// Client `token` waits for send `job` to be sealed (then, with `wait`, for its states).
+    pub fn sealing(&mut self, token: Token, job: u64, wait: Wait, timeout_ms: u64, now: Now) {
+        self.sealing.push(Sealing {
+            token,
+            job,
+            wait,
+            deadline: now.mono.saturating_add(timeout_ms),
+            timeout_ms,
+            fresh: true,
+        });
+    }
+
+    /// Send `job` is queued (or failed): the reply for its client now, or (with `--wait`) a
+    /// waiter for its states.
+    pub fn sealed(
+        &mut self,
+        job: u64,
+        result: Result<Vec<Sent>, MemberError>,
+    ) -> Option<(Token, CtlResponse)> {
+        let pos = self.sealing.iter().position(|s| s.job == job)?;
+        let s = self.sealing.remove(pos);
+        let target = match (result, s.wait) {
+            (Err(e), _) => return Some((s.token, send_error(e))),
+            (Ok(sent), Wait::None) => return Some((s.token, CtlResponse::Sent(sent))),
+            (Ok(sent), Wait::Relay) => (sent, MsgState::Relayed),
+            (Ok(sent), Wait::Delivered) => (sent, MsgState::Delivered),
+        };
+        self.waiting.push(Waiter {
+            token: s.token,
+            pending: Pending {
+                sent: target.0,
+                target: target.1,
+                deadline: s.deadline,
+                timeout_ms: s.timeout_ms,
+            },
+            fresh: s.fresh,
+        });
+        None
+    }
+
+    /// The member dropped every send being sealed (after a failed commit): their clients.
+    pub fn drop_sealing(&mut self) -> Vec<Token> {
+        self.sealing.drain(..).map(|s| s.token).collect()
+    }
+
     /// A turn begins: the waiters from earlier turns are durable.
     pub fn begin_turn(&mut self) {
-        for w in &mut self.waits {
+        for w in &mut self.waiting {
             w.fresh = false;
         }
         for p in &mut self.parked {
             p.fresh = false;
         }
+        for s in &mut self.sealing {
+            s.fresh = false;
+        }
     }
 
     /// The turn's commit failed: its waiters go (their clients get the storage error).
     pub fn fail_turn(&mut self) {
-        self.waits.retain(|w| !w.fresh);
+        self.waiting.retain(|w| !w.fresh);
         self.parked.retain(|p| !p.fresh);
+        self.sealing.retain(|s| !s.fresh);
     }
 
-    /// Client `token` is gone.
+    /// Whether client `token` waits for a `send --wait`, or for its send to be sealed.
+    pub fn has(&self, token: Token) -> bool {
+        self.waiting.iter().any(|w| w.token == token)
+            || self.parked.iter().any(|p| p.token == token)
+            || self.sealing.iter().any(|s| s.token == token)
+    }
+
+    /// Client `token` is gone (a send being sealed for it is queued all the same).
     pub fn forget(&mut self, token: Token) {
-        self.waits.retain(|w| w.token != token);
+        self.waiting.retain(|w| w.token != token);
         self.parked.retain(|p| p.token != token);
+        self.sealing.retain(|s| s.token != token);
     }
 
     /// A sent message changed state: the replies for the waiters that are now done.
@@ -590,7 +729,7 @@ impl Waiters {
         why: Option<&str>,
     ) -> Vec<(Token, CtlResponse)> {
         let mut replies = Vec::new();
-        self.waits.retain_mut(|w| {
+        self.waiting.retain_mut(|w| {
             let mut touched = false;
             for s in w.pending.sent.iter_mut().filter(|s| s.id == id) {
                 if state > s.state {
@@ -617,7 +756,7 @@ impl Waiters {
     /// The earliest `--wait` deadline (monotonic ms), if anyone waits.
     pub fn next_deadline(&self) -> Option<u64> {
         let parked = self.parked.iter().map(|p| p.parked.deadline);
-        self.waits
+        self.waiting
             .iter()
             .map(|w| w.pending.deadline)
             .chain(parked)
@@ -642,16 +781,16 @@ impl Waiters {
             false
         });
         let mut i = 0;
-        while i < self.waits.len() {
-            if now.mono >= self.waits[i].pending.deadline {
-                let w = self.waits.remove(i);
+        while i < self.waiting.len() {
+            if now.mono >= self.waiting[i].pending.deadline {
+                let w = self.waiting.remove(i);
                 let want = w.pending.target.as_str();
                 let resp = CtlResponse::Error {
                     kind: ErrorKind::Timeout,
                     message: format!(
-                        "timed out after {} s waiting for {want}; the message stays queued and \
-                         will still be delivered (do not send it again)",
-                        w.pending.timeout_ms / 1000
+                        "timed out after {} s waiting for {want}; {}",
+                        w.pending.timeout_ms / 1000,
+                        where_it_is(&w.pending.sent)
                     ),
                     sent: w.pending.sent,
                 };

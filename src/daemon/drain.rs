@@ -54,6 +54,11 @@ fn member_out(table: &mut Table, waiters: &mut Waiters, out: member::Out) {
         }
         member::Out::Looked => waiters.looked(),
         member::Out::Listed { req, page } => table.listed(req, page),
+        member::Out::Sealed(job, result) => {
+            if let Some((token, resp)) = waiters.sealed(job, result) {
+                table.reply(token, &resp);
+            }
+        }
         member::Out::Frame(_) | member::Out::Close => {}
     }
 }

@@ -132,6 +132,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     let load_member = |user: &String| -> Result<Member, DaemonError> {
         let mut m = Member::load(user.clone(), identity, &store).map_err(DaemonError::Store)?;
         m.set_max_fanout(cfg.max_fanout);
+        m.set_hold_limits(cfg.hold.clone());
         Ok(m)
     };
     let roles = match &cfg.role {
@@ -256,6 +257,7 @@ impl Daemon {
                         self.poll.registry(),
                         self.cfg.max_control_clients,
                         self.stopping,
+                        now.mono,
                     ),
                     SIGNALS => self.on_signals(),
                     t if again.contains(&t) && !ev.is_writable() => {}
@@ -346,9 +348,17 @@ impl Daemon {
                 link.relink_at(),
             ],
         };
+        let waiting = |t: Token| self.waiters.has(t);
+        let idle = self
+            .table
+            .idle_deadline(self.cfg.control_idle_timeout_ms, &waiting);
         cores
             .into_iter()
-            .chain([self.waiters.next_deadline(), self.table.list_deadline()])
+            .chain([
+                self.waiters.next_deadline(),
+                self.table.list_deadline(),
+                idle,
+            ])
             .flatten()
             .min()
     }
@@ -436,6 +446,7 @@ impl Daemon {
         }
         if let Some(m) = self.roles.member_mut() {
             m.set_max_fanout(self.cfg.max_fanout);
+            m.set_hold_limits(self.cfg.hold.clone());
         }
         if done.changes.is_empty() {
             info!("reloaded config: nothing changed");
@@ -515,6 +526,7 @@ impl Daemon {
                 return;
             }
             c.asked = true;
+            c.active_at = now.mono;
         }
         let reply = control::request(&mut self.roles, &mut self.store, &self.info, req, now);
         match reply {
@@ -531,6 +543,11 @@ impl Daemon {
                     c.list = Some(list);
                 }
             }
+            Reply::Sealing {
+                job,
+                wait,
+                timeout_ms,
+            } => self.waiters.sealing(token, job, wait, timeout_ms, now),
             Reply::Tail(cursor) => {
                 if let Some(c) = self.table.ctl_mut(token) {
                     c.cursor = Some(cursor);
@@ -583,6 +600,11 @@ impl Daemon {
         for (token, resp) in self.waiters.expire(now) {
             self.table.reply(token, &resp);
         }
+        let waiters = &self.waiters;
+        self.table
+            .close_idle(now.mono, self.cfg.control_idle_timeout_ms, &|t| {
+                waiters.has(t)
+            });
     }
 
     fn pump(&mut self, now: Now) {
@@ -656,6 +678,11 @@ impl Daemon {
                 Reply::Park(p) => self.waiters.repark(token, p, deadline),
                 Reply::Now(resp) => self.table.reply(token, &resp),
                 Reply::Wait(pending) => self.waiters.add(token, pending),
+                Reply::Sealing {
+                    job,
+                    wait,
+                    timeout_ms,
+                } => self.waiters.sealing(token, job, wait, timeout_ms, now),
                 // A parked request is a send, which answers in one of the ways above.
                 Reply::Stream(_) | Reply::Tail(_) | Reply::List(_) => {}
             }
@@ -712,6 +739,10 @@ impl Daemon {
         if let Some(m) = self.roles.member_mut() {
             if let Err(e) = m.reload(&self.store) {
                 error!("cannot reload member state: {e}");
+            }
+            // The reload dropped the sends still being sealed: nothing of them was stored.
+            for token in self.waiters.drop_sealing() {
+                self.table.reply(token, &control::not_stored(&e));
             }
         }
         match &mut self.roles {

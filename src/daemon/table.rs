@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use mio::net::{TcpListener, UnixListener};
 use mio::{Registry, Token};
 
@@ -43,8 +43,8 @@ fn token_of(id: ConnId) -> Option<Token> {
 pub enum Kind {
     /// A member connected to our relay.
     Peer,
-    /// A control client.
-    Control(Ctl),
+    /// A control client (boxed: a peer, the bulk of the table, need not carry its size).
+    Control(Box<Ctl>),
 }
 
 /// One connection.
@@ -222,6 +222,7 @@ impl Table {
         registry: &Registry,
         max: usize,
         stopping: bool,
+        now_mono: u64,
     ) {
         loop {
             match l.accept() {
@@ -269,7 +270,10 @@ impl Table {
                         continue;
                     }
                     self.controls += 1;
-                    let kind = Kind::Control(Ctl::default());
+                    let kind = Kind::Control(Box::new(Ctl {
+                        active_at: now_mono,
+                        ..Ctl::default()
+                    }));
                     self.entries.insert(
                         token,
                         Entry {
@@ -287,6 +291,55 @@ impl Table {
                     return;
                 }
             }
+        }
+    }
+
+    /// Control clients that may be idle: neither following or paging a tail, nor owed output,
+    /// nor closing (the caller leaves out those waiting for a `send --wait`). With when each
+    /// sent its last request.
+    fn idle(&self) -> impl Iterator<Item = (Token, u64)> + '_ {
+        // The control clients only: this runs every turn, and peers are the bulk of the table.
+        self.control_tokens
+            .iter()
+            .filter_map(|t| match self.entries.get(t) {
+                Some(Entry {
+                    kind: Kind::Control(c),
+                    conn,
+                    ..
+                }) if !c.tailing() && !c.paging() && conn.pending() == 0 && !conn.closing => {
+                    Some((*t, c.active_at))
+                }
+                _ => None,
+            })
+    }
+
+    /// When the first idle control client reaches `timeout` (mono ms), if any is idle.
+    pub fn idle_deadline(&self, timeout: u64, waiting: &dyn Fn(Token) -> bool) -> Option<u64> {
+        self.idle()
+            .filter(|(t, _)| !waiting(*t))
+            .map(|(_, at)| at.saturating_add(timeout))
+            .min()
+    }
+
+    /// Close every control client idle for `timeout` or longer (`control_idle_timeout`): a
+    /// local client cannot hold one of the `max_control_clients` slots by saying nothing.
+    pub fn close_idle(&mut self, now: u64, timeout: u64, waiting: &dyn Fn(Token) -> bool) {
+        let due: Vec<Token> = self
+            .idle()
+            .filter(|(t, at)| !waiting(*t) && now >= at.saturating_add(timeout))
+            .map(|(t, _)| t)
+            .collect();
+        for t in due {
+            if let Some(e) = self.entries.get_mut(&t) {
+                info!(
+                    "closing control client {}: no request for {} s (control_idle_timeout)",
+                    t.0,
+                    timeout / 1000
+                );
+                e.conn.closing = true;
+            }
+            // Visited by the flush, which closes it once its output is out.
+            self.touch(t);
         }
     }
 
@@ -478,12 +531,9 @@ impl Table {
         for t in tokens {
             let takes = match self.entries.get_mut(&t) {
                 Some(Entry {
-                    kind:
-                        Kind::Control(Ctl {
-                            follow: Some(f), ..
-                        }),
+                    kind: Kind::Control(c),
                     ..
-                }) => f.take(rec),
+                }) => c.follow.as_mut().is_some_and(|f| f.take(rec)),
                 _ => false,
             };
             if takes {
@@ -528,8 +578,8 @@ impl Table {
         self.control_tokens
             .iter()
             .filter(|t| {
-                matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(Ctl { list: Some(l), .. }), .. })
-                    if l.in_flight && now.saturating_sub(l.asked_at) >= super::control::LOOKUP_TIMEOUT_MS)
+                matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(c), .. })
+                    if c.list.as_ref().is_some_and(|l| l.in_flight && now.saturating_sub(l.asked_at) >= super::control::LOOKUP_TIMEOUT_MS))
             })
             .copied()
             .collect()
@@ -541,11 +591,14 @@ impl Table {
             .iter()
             .filter_map(|t| match self.entries.get(t) {
                 Some(Entry {
-                    kind: Kind::Control(Ctl { list: Some(l), .. }),
+                    kind: Kind::Control(c),
                     ..
-                }) if l.in_flight => {
-                    Some(l.asked_at.saturating_add(super::control::LOOKUP_TIMEOUT_MS))
-                }
+                }) => match &c.list {
+                    Some(l) if l.in_flight => {
+                        Some(l.asked_at.saturating_add(super::control::LOOKUP_TIMEOUT_MS))
+                    }
+                    _ => None,
+                },
                 _ => None,
             })
             .min()

@@ -63,6 +63,10 @@ pub enum MemberError {
     Crypto(CryptoError),
     /// The store failed; nothing was queued.
     Store(StoreError),
+    /// `forget` of a name with no pin and nothing held.
+    NothingToForget(String),
+    /// The store failed during `forget`; nothing was dropped.
+    Forget(StoreError),
 }
 
 impl std::fmt::Display for MemberError {
@@ -124,6 +128,11 @@ impl std::fmt::Display for MemberError {
             MemberError::BadFingerprint(e) => write!(f, "{e}"),
             MemberError::Crypto(e) => write!(f, "cannot seal the message: {e}"),
             MemberError::Store(e) => write!(f, "cannot store the message, nothing was sent: {e}"),
+            MemberError::NothingToForget(u) => write!(
+                f,
+                "nothing to forget: no key is pinned for {u} and nothing is held from {u}"
+            ),
+            MemberError::Forget(e) => write!(f, "cannot forget: {e}; nothing was dropped"),
         }
     }
 }
@@ -131,7 +140,7 @@ impl std::fmt::Display for MemberError {
 impl std::error::Error for MemberError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            MemberError::Store(e) => Some(e),
+            MemberError::Store(e) | MemberError::Forget(e) => Some(e),
             MemberError::Crypto(e) | MemberError::BadFingerprint(e) => Some(e),
             _ => None,
         }

@@ -9,9 +9,10 @@
 //! the pinned sender's signature on it has verified.
 //!
 //! As quinn-proto splits its connection, each concern is a sub-state in its own file that owns
-//! its data and answers through narrow methods: [`peers`] (pins, trust, presence), [`link`] (the
-//! login states and their timers), [`send`] (sessions, sealing, the outbox), [`receive`] (judge,
-//! then settle, what the relay delivers). This file holds them together: loading, dispatching
+//! its data and answers through narrow methods: [`peers`] (pins, trust, presence), [`presence`]
+//! (which presence changes become history records), [`link`] (the login states and their
+//! timers), [`send`] (sessions, sealing, the outbox, sends sealed over several turns, rekey
+//! answers), [`receive`] (judge, then settle, what the relay delivers; the bounds on holding). This file holds them together: loading, dispatching
 //! what the relay sends, and queueing what the sub-states return, so that every frame that
 //! leaves passes [`Member::emit`] and the link's send timer sees it.
 
@@ -20,6 +21,7 @@ mod link;
 mod lookup;
 mod out;
 mod peers;
+mod presence;
 mod receive;
 mod send;
 
@@ -30,22 +32,24 @@ use log::{info, warn};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::crypto::{login_transcript, Fingerprint, Identity};
-use crate::proto::control::{PeerView, RecordBody, Sent};
-use crate::proto::relay::{Envelope, FromRelay, Peer, Routed, ToRelay};
-use crate::proto::{from_payload, hex};
+use crate::crypto::{login_transcript, sign_rekey, Fingerprint, Identity};
+use crate::proto::control::{KeyEvent, PeerView, RecordBody, Sent};
+use crate::proto::relay::{Envelope, FromRelay, Peer, Rekey, Routed, ToRelay};
+use crate::proto::{from_payload, hex, to_payload};
 use crate::store::{MemberStore, StoreError};
 
 pub use error::MemberError;
 pub use out::{ListPage, Out};
+pub use receive::HoldLimits;
 pub use send::SESSION_MESSAGES;
 
 use link::{msg_name, Due, Link, Login, SILENT_RELAY_MS};
 pub use lookup::LOOKUP_TIMEOUT_MS;
 use lookup::{Ask, Lookups};
 use peers::{Observed, Peers, Trusted};
+use presence::Presence;
 use receive::Receiving;
-use send::Sending;
+use send::{RekeyRefused, Sending};
 
 /// The member's state.
 pub struct Member {
@@ -53,6 +57,7 @@ pub struct Member {
     identity: Identity,
     link: Link,
     peers: Peers,
+    presence: Presence,
     sending: Sending,
     receiving: Receiving,
     relay_error: Option<String>,
@@ -66,6 +71,18 @@ pub struct Member {
     /// The pin bound was logged (once per run: a relay could otherwise flood the log).
     pins_full_said: bool,
 }
+
+/// How [`Member::send_or_start`] took a send.
+#[derive(Debug)]
+pub enum Started {
+    /// Sealed and queued now.
+    Queued(Vec<Sent>),
+    /// Checked, and being sealed over the next turns; [`Out::Sealed`] with this id follows.
+    Sealing(u64),
+}
+
+/// Held envelopes read into memory at a time when they are released.
+const RELEASE_BATCH: usize = 16;
 
 /// The default of `max_fanout`: `send --all` is for a room, not a broadcast to a whole relay.
 pub const DEFAULT_MAX_FANOUT: usize = 1000;
@@ -83,8 +100,9 @@ impl Member {
             identity,
             link: Link::Down,
             peers,
+            presence: Presence::default(),
             sending: Sending::new(StdRng::from_entropy()),
-            receiving: Receiving::new(),
+            receiving: Receiving::new(HoldLimits::default()),
             relay_error: None,
             out: VecDeque::new(),
             max_fanout: DEFAULT_MAX_FANOUT,
@@ -98,10 +116,11 @@ impl Member {
     /// retry timer) and reload pins. The link must be restarted by the caller.
     pub fn reload(&mut self, store: &dyn MemberStore) -> Result<(), StoreError> {
         self.peers = Peers::from_pins(store.pins()?);
+        self.presence = Presence::default();
         // Sessions and the receipt retry timer together: the outbox the timer would resend may
         // be rolled back, and the next login offers whatever it still holds.
         self.sending.reset();
-        self.receiving = Receiving::new();
+        self.receiving = Receiving::new(self.receiving.limits().clone());
         self.out.clear();
         self.link_down();
         // The daemon restarts the link after a failed commit: not news for the history (and
@@ -120,6 +139,11 @@ impl Member {
     /// Set the most recipients `send --all` may reach (config, reload).
     pub fn set_max_fanout(&mut self, max: usize) {
         self.max_fanout = max;
+    }
+
+    /// Set the bounds on held envelopes (config, reload).
+    pub fn set_hold_limits(&mut self, limits: HoldLimits) {
+        self.receiving.set_limits(limits);
     }
 
     /// Own user name.
@@ -192,6 +216,7 @@ impl Member {
             // Requests parked on a lookup get their answer now: there is no relay to ask.
             self.out.push_back(Out::Looked);
         }
+        self.presence.link_down();
     }
 
     fn frame(&mut self, msg: ToRelay, now: Now) {
@@ -217,14 +242,23 @@ impl Member {
     /// daemon sleeps until then (quinn's `poll_timeout`).
     pub fn next_deadline(&self) -> Option<u64> {
         let retry = self.sending.retry_at().filter(|_| self.link.established());
+        // A send being sealed goes on at the next turn; a link record waits for none.
+        let work = self.sending.working().then_some(0);
         let record = self.down_record.then_some(0);
-        [self.link.deadline(), retry, record]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.link.deadline(),
+            retry,
+            self.presence.next_deadline(),
+            work,
+            record,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Keep-alive, timeouts, retries.
+    /// Keep-alive, timeouts, retries, presence records that settled, the next slice of a send
+    /// being sealed.
     pub fn tick(&mut self, now: Now, store: &mut dyn MemberStore) {
         if std::mem::take(&mut self.down_record) {
             let body = RecordBody::Link {
@@ -241,6 +275,18 @@ impl Member {
             out::record(store, now, "", body, &mut outs);
             self.emit(now, outs);
         }
+        self.work(now, store);
+        let mut outs = Vec::new();
+        for (user, online, wall) in self.presence.due(now.mono) {
+            let body = RecordBody::Presence {
+                user: user.clone(),
+                online,
+            };
+            // Stamped with the time of the change, not of the record.
+            let at = Now { wall, ..now };
+            out::record(store, at, &user, body, &mut outs);
+        }
+        self.emit(now, outs);
         match self.link.due(now.mono) {
             None => {}
             Some(Due::Ping) => self.frame(ToRelay::Ping, now),
@@ -352,7 +398,7 @@ impl Member {
         }
         let mut introduced = Vec::new();
         for p in peers {
-            if self.observe(&p, store) {
+            if self.observe(&p, now, store) {
                 introduced.push(p.user);
             }
         }
@@ -423,7 +469,7 @@ impl Member {
             if !asked && !self.peers.knows(&p.user) {
                 continue;
             }
-            if self.observe(&p, store) {
+            if self.observe(&p, now, store) {
                 self.release_held(&p.user, now, store);
             }
         }
@@ -439,7 +485,7 @@ impl Member {
     }
 
     /// A `Listing` answer: the page for the oldest listing in flight.
-    fn listing(&mut self, peers: Vec<Peer>, more: bool, store: &mut dyn MemberStore) {
+    fn listing(&mut self, peers: Vec<Peer>, more: bool, now: Now, store: &mut dyn MemberStore) {
         let Some((req, after)) = self.lookups.listed() else {
             warn!("relay sent a directory page nobody asked for; ignored");
             return;
@@ -469,7 +515,7 @@ impl Member {
             }
             if self.peers.knows(&p.user) {
                 // A contact: its entry is checked like any other presentation of its key.
-                self.observe(&p, store);
+                self.observe(&p, now, store);
                 views.extend(self.peers.view(&p.user));
             } else if let Ok(k) = crate::crypto::PublicKey::from_der(&p.key) {
                 views.push(PeerView {
@@ -520,29 +566,24 @@ impl Member {
                 if p.user == self.user {
                     return;
                 }
-                let was = self.peers.online(&p.user);
-                if self.observe(&p, store) {
+                let known_before = self.peers.knows(&p.user);
+                if self.observe(&p, now, store) {
                     self.release_held(&p.user, now, store);
                 }
-                if was.is_none() && self.peers.knows(&p.user) {
+                if !known_before && self.peers.knows(&p.user) {
                     // A new contact from a room's presence: follow it, so its joins and leaves
                     // keep coming if the relay outgrows a room.
                     self.ask(&p.user, now);
                 }
-                if was != Some(p.online) {
-                    let body = RecordBody::Presence {
-                        user: p.user.clone(),
-                        online: p.online,
-                    };
-                    let mut outs = Vec::new();
-                    out::record(store, now, &p.user, body, &mut outs);
-                    self.emit(now, outs);
+                // Recorded once it has settled (see `presence`), so churn cannot bury messages.
+                if self.peers.knows(&p.user) {
+                    self.presence.changed(&p.user, p.online, now.mono, now.wall);
                 }
             }
             FromRelay::Directory(peers) => {
                 for p in peers {
                     let new = !self.peers.knows(&p.user);
-                    if self.observe(&p, store) {
+                    if self.observe(&p, now, store) {
                         self.release_held(&p.user, now, store);
                     }
                     if new && self.peers.knows(&p.user) {
@@ -552,10 +593,11 @@ impl Member {
                 }
             }
             FromRelay::Keys { peers, unknown } => self.keys(peers, unknown, now, store),
-            FromRelay::Listing { peers, more } => self.listing(peers, more, store),
+            FromRelay::Listing { peers, more } => self.listing(peers, more, now, store),
             FromRelay::Deliver(Routed::Message(env)) => {
                 self.accept(env, now, store);
             }
+            FromRelay::Deliver(Routed::Rekey(r)) => self.rekey(r, now, store),
             FromRelay::Deliver(Routed::Receipt(r)) => {
                 let verdict = receive::judge_receipt(&self.user, &self.sending, &r, store);
                 let mut outs = Vec::new();
@@ -581,19 +623,34 @@ impl Member {
         }
     }
 
-    /// Take note of a directory entry (see [`Peers::observe`]), log it, and save a changed pin.
-    /// True when the peer just became someone we accept messages from.
-    fn observe(&mut self, p: &Peer, store: &mut dyn MemberStore) -> bool {
+    /// Take note of a directory entry (see [`Peers::observe`]), log it, record a key event,
+    /// and save a changed pin. True when the peer just became someone we accept messages from.
+    /// Every path that learns a peer's key (welcome, presence, directory, a key looked up by
+    /// name) comes through here, so no key event escapes the history.
+    fn observe(&mut self, p: &Peer, now: Now, store: &mut dyn MemberStore) -> bool {
         let seen = self.peers.observe(&self.user, p);
         match &seen {
             Observed::Unusable(e) => {
                 warn!("relay presented an unusable key for {}: {e}", p.user)
             }
-            Observed::FirstSight(fp) => info!("pinned {} to {fp} (first sight)", p.user),
-            Observed::Changed { pinned, presented } => warn!(
-                "key for {} changed: pinned {pinned}, relay presents {presented}; refusing to \
-                 send to or accept from {} until `chatctl trust {} {presented}`",
-                p.user, p.user, p.user
+            Observed::FirstSight(fp) => {
+                self.key_event(&p.user, KeyEvent::Pinned, fp, None, now, store)
+            }
+            Observed::Changed { pinned, presented } => self.key_event(
+                &p.user,
+                KeyEvent::Changed,
+                presented,
+                Some(pinned),
+                now,
+                store,
+            ),
+            Observed::Returned { pinned, presented } => self.key_event(
+                &p.user,
+                KeyEvent::Returned,
+                pinned,
+                Some(presented),
+                now,
+                store,
             ),
             Observed::Full if !self.pins_full_said => {
                 self.pins_full_said = true;
@@ -603,12 +660,51 @@ impl Member {
                     peers::MAX_PINS
                 );
             }
-            Observed::Full | Observed::Ignored | Observed::Restored | Observed::Same => {}
+            Observed::Full | Observed::Ignored | Observed::Same => {}
         }
         if seen.changed() {
             self.save_pin(&p.user, store);
         }
         seen.acceptable()
+    }
+
+    /// The one place a key event is logged and written into the history (a `key` record):
+    /// first pin, change, return of the pinned key, trust, forget.
+    fn key_event(
+        &mut self,
+        user: &str,
+        event: KeyEvent,
+        fingerprint: &Fingerprint,
+        other: Option<&Fingerprint>,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) {
+        match (&event, other) {
+            (KeyEvent::Pinned, _) => info!("pinned {user} to {fingerprint} (first sight)"),
+            (KeyEvent::Changed, Some(pinned)) => warn!(
+                "key for {user} changed: pinned {pinned}, relay presents {fingerprint}; refusing \
+                 to send to or accept from {user} until `chatctl trust {user} {fingerprint}`"
+            ),
+            (KeyEvent::Returned, Some(other)) => warn!(
+                "relay presents {user}'s pinned key {fingerprint} again after {other}; {user} \
+                 stays changed until `chatctl trust`"
+            ),
+            (KeyEvent::Trusted, Some(old)) => {
+                warn!("{user}'s new key {fingerprint} is now trusted (replaces {old})")
+            }
+            (KeyEvent::Trusted, None) => info!("{user}'s key {fingerprint} is trusted"),
+            (KeyEvent::Forgotten, _) => info!("forgot {user}'s key {fingerprint}"),
+            (e, _) => info!("key event {e} for {user}: {fingerprint}"),
+        }
+        let body = RecordBody::Key {
+            user: user.to_string(),
+            event,
+            fingerprint: fingerprint.to_string(),
+            other: other.map(|f| f.to_string()),
+        };
+        let mut outs = Vec::new();
+        out::record(store, now, user, body, &mut outs);
+        self.emit(now, outs);
     }
 
     fn save_pin(&mut self, user: &str, store: &mut dyn MemberStore) {
@@ -626,6 +722,9 @@ impl Member {
         let judged = self
             .receiving
             .judge(&self.user, &self.identity, &self.peers, &env, store);
+        let lost = judged
+            .lost_session()
+            .then(|| (env.id, env.from.clone(), env.session));
         let mut outs = Vec::new();
         let from = env.from.clone();
         let settled = self.receiving.settle(env, judged, now, store, &mut outs);
@@ -635,37 +734,233 @@ impl Member {
         if !self.peers.knows(&from) && from != self.user && crate::proto::valid_user(&from) {
             self.ask(&from, now);
         }
+        if let Some((id, from, session)) = lost {
+            self.ask_rekey(&id, &from, &session, now, store);
+        }
         settled
     }
 
-    /// Judge again what we held from `user` (after `trust`, or when the relay introduces them).
+    /// Ask `from` to send the key of `session` again (we dropped message `id` of it for want of
+    /// the key): a signed `Rekey`, once per (sender, session) in this run, through the outbox
+    /// like a receipt.
+    fn ask_rekey(
+        &mut self,
+        id: &[u8; 16],
+        from: &str,
+        session: &[u8; 16],
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) {
+        if !self.receiving.first_ask(from, session) {
+            return;
+        }
+        let rekey = match sign_rekey(
+            self.sending.rng(),
+            &self.identity,
+            id,
+            &self.user,
+            from,
+            session,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot sign a rekey request for {from}: {e}");
+                return;
+            }
+        };
+        let item = Routed::Rekey(rekey);
+        let stored = to_payload(&item)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+            .and_then(|bytes| store.outbox_push(item.key(), &bytes));
+        match stored {
+            Ok(()) => {
+                info!(
+                    "asked {from} to send the key of session {} again",
+                    hex(session)
+                );
+                if self.link.established() {
+                    self.frame(ToRelay::Send(item), now);
+                }
+            }
+            Err(e) => warn!("cannot store a rekey request for {from}: {e}"),
+        }
+    }
+
+    /// A recipient asks for the key of one of our sessions again: answer it (see
+    /// [`Sending::answer_rekey`]) and acknowledge it, unless the store failed.
+    fn rekey(&mut self, r: Rekey, now: Now, store: &mut dyn MemberStore) {
+        let key = Routed::Rekey(r.clone()).key();
+        match self
+            .sending
+            .answer_rekey(&self.identity, &self.user, &self.peers, &r, store)
+        {
+            Ok(items) => {
+                info!(
+                    "{} lost the key of session {}; sending {} unsettled message(s) again with it",
+                    r.from,
+                    hex(&r.session),
+                    items.len()
+                );
+                for item in items {
+                    self.frame(ToRelay::Send(item), now);
+                }
+            }
+            Err(RekeyRefused::Store(e)) => {
+                // Not acknowledged: the relay delivers it again later.
+                warn!("cannot answer the rekey request from {}: {e}", r.from);
+                return;
+            }
+            Err(why) => warn!("ignored a rekey request from {}: {why}", r.from),
+        }
+        self.frame(ToRelay::Ack(key), now);
+    }
+
+    /// Judge again what we held from `user` (after `trust`, or when the relay introduces them),
+    /// [`RELEASE_BATCH`] envelopes at a time, so memory stays bounded however much was held.
+    /// Only what was held when the release began is read: one that is held again (its sender is
+    /// still `changed`, or settling failed) waits for the next release.
     fn release_held(&mut self, user: &str, now: Now, store: &mut dyn MemberStore) {
-        let items = match store.held(user) {
-            Ok(items) => items,
+        let upto = match store.held_last_seq() {
+            Ok(s) => s,
             Err(e) => {
                 warn!("cannot read held messages from {user}: {e}");
                 return;
             }
         };
-        for (id, bytes) in items {
-            if let Err(e) = store.unhold(&id) {
-                warn!("cannot release held message {}: {e}", hex(&id));
-                continue;
-            }
-            match from_payload::<Routed>(&bytes) {
-                Ok(Routed::Message(env)) => {
-                    if !self.accept(env, now, store) {
-                        // Not settled (a storage error): keep it held for the next chance.
-                        let _ = store.hold(&id, user, &bytes);
-                    }
+        let mut after = 0;
+        loop {
+            let batch = match store.held_batch(user, after, upto, RELEASE_BATCH) {
+                Ok(b) if b.is_empty() => return,
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("cannot read held messages from {user}: {e}");
+                    return;
                 }
-                _ => warn!("dropped unreadable held message {}", hex(&id)),
+            };
+            for (seq, id, bytes) in batch {
+                after = seq;
+                if let Err(e) = store.unhold(&id) {
+                    warn!("cannot release held message {}: {e}", hex(&id));
+                    continue;
+                }
+                match from_payload::<Routed>(&bytes) {
+                    Ok(Routed::Message(env)) => {
+                        if !self.accept(env, now, store) {
+                            // Not settled (a storage error): keep it held for the next chance.
+                            let _ = store.hold(&id, user, &bytes);
+                        }
+                    }
+                    _ => warn!("dropped unreadable held message {}", hex(&id)),
+                }
             }
         }
     }
 
-    /// Seal `text` to each recipient and queue it. Every check happens before anything is
-    /// stored, and a store failure rolls back the whole request: it is all or nothing.
+    /// `chatctl forget USER` on a member: drop `user`'s pin (the next key the relay presents is
+    /// pinned on first sight), the sending session and everything held from the name. Says what
+    /// was dropped.
+    pub fn forget(
+        &mut self,
+        user: &str,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) -> Result<String, MemberError> {
+        let (n, bytes) = receive::in_savepoint(store, |s| {
+            let dropped = s.drop_held(user)?;
+            s.delete_pin(user)?;
+            Ok(dropped)
+        })
+        .map_err(MemberError::Forget)?;
+        let pinned = self.peers.forget(user);
+        self.sending.forget_peer(user);
+        self.presence.forget(user);
+        let held = format!(
+            "{n} held message{} ({bytes} bytes)",
+            if n == 1 { "" } else { "s" }
+        );
+        match pinned {
+            Some(fp) => {
+                self.key_event(user, KeyEvent::Forgotten, &fp, None, now, store);
+                Ok(format!(
+                    "forgot {user}: dropped the pin {fp} and {held}; the next key the relay presents for {user} is pinned on first sight"
+                ))
+            }
+            None if n > 0 => Ok(format!("forgot {user}: no pin; dropped {held}")),
+            None => Err(MemberError::NothingToForget(user.into())),
+        }
+    }
+
+    /// As [`Member::send`], but a send that needs more new sessions than one turn should spend
+    /// RSA work on is only checked now and sealed over the next turns ([`Started::Sealing`]);
+    /// [`Out::Sealed`] says when it is queued (or why not), and until then the daemon serves
+    /// every other request between the slices.
+    pub fn send_or_start(
+        &mut self,
+        to: &[String],
+        all: bool,
+        text: &str,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) -> Result<Started, MemberError> {
+        self.keys_first(to, now)?;
+        let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
+        if let Some(job) = self.sending.start_job(&self.peers, &recipients, text) {
+            return Ok(Started::Sealing(job));
+        }
+        self.queue_now(&recipients, text, now, store)
+            .map(Started::Queued)
+    }
+
+    /// Make the next new sessions of a job; once it has them all, queue it and say so.
+    fn work(&mut self, now: Now, store: &mut dyn MemberStore) {
+        let Some(job) = self.sending.work(&self.identity, &self.user, &self.peers) else {
+            return;
+        };
+        // Checked again: a key may have changed, or a name gone, while the job was sealing.
+        let checked = job
+            .to
+            .iter()
+            .find_map(|u| send::still_sendable(&self.peers, u).err())
+            .map_or(Ok(()), Err);
+        let result = checked.and_then(|()| self.queue_now(&job.to, &job.text, now, store));
+        self.sending.job_done(&job);
+        self.out.push_back(Out::Sealed(job.id, result));
+    }
+
+    /// Seal and queue to `recipients`, checked already; the frames go out if the link is up.
+    fn queue_now(
+        &mut self,
+        recipients: &[String],
+        text: &str,
+        now: Now,
+        store: &mut dyn MemberStore,
+    ) -> Result<Vec<Sent>, MemberError> {
+        let queued = self.sending.queue(
+            &self.identity,
+            &self.user,
+            &self.peers,
+            recipients,
+            text,
+            now,
+            store,
+        )?;
+        let mut outs: Vec<Out> = queued.records.into_iter().map(Out::Record).collect();
+        // Offline, the outbox keeps them for the flush at the next login.
+        if self.link.established() {
+            outs.extend(
+                queued
+                    .items
+                    .into_iter()
+                    .map(|item| Out::Frame(ToRelay::Send(item))),
+            );
+        }
+        self.emit(now, outs);
+        Ok(queued.sent)
+    }
+
+    /// Seal `text` to each recipient and queue it, in this turn whatever the RSA work. Every
+    /// check happens before anything is stored, and a store failure rolls back the whole
+    /// request: it is all or nothing.
     pub fn send(
         &mut self,
         to: &[String],
@@ -674,7 +969,15 @@ impl Member {
         now: Now,
         store: &mut dyn MemberStore,
     ) -> Result<Vec<Sent>, MemberError> {
-        // Keys on demand: a name with no pin is looked up, and the request waits for the answer.
+        self.keys_first(to, now)?;
+        let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
+        self.queue_now(&recipients, text, now, store)
+    }
+
+    /// Keys on demand: every name in `to` with no pin is looked up first; the request waits for
+    /// the answer ([`MemberError::KeysPending`]), or fails if the relay said there is no such
+    /// name, or if there is no relay to ask.
+    fn keys_first(&mut self, to: &[String], now: Now) -> Result<(), MemberError> {
         let mut pending = Vec::new();
         for u in to {
             if self.peers.knows(u) || *u == self.user || !crate::proto::valid_user(u) {
@@ -694,28 +997,7 @@ impl Member {
         if !pending.is_empty() {
             return Err(MemberError::KeysPending(pending));
         }
-        let recipients = send::recipients(&self.peers, &self.user, to, all, text, self.max_fanout)?;
-        let queued = self.sending.queue(
-            &self.identity,
-            &self.user,
-            &self.peers,
-            &recipients,
-            text,
-            now,
-            store,
-        )?;
-        let mut outs: Vec<Out> = queued.records.into_iter().map(Out::Record).collect();
-        // Offline, the outbox keeps them for the flush at the next login.
-        if self.link.established() {
-            outs.extend(
-                queued
-                    .items
-                    .into_iter()
-                    .map(|item| Out::Frame(ToRelay::Send(item))),
-            );
-        }
-        self.emit(now, outs);
-        Ok(queued.sent)
+        Ok(())
     }
 
     /// Accept `user`'s current key (after a change) or re-confirm the pinned one.
@@ -727,11 +1009,17 @@ impl Member {
         store: &mut dyn MemberStore,
     ) -> Result<String, MemberError> {
         let given = Fingerprint::parse(fingerprint).map_err(MemberError::BadFingerprint)?;
-        let msg = match self.peers.trust(user, given)? {
-            Trusted::NewKey => {
-                warn!("{user}'s new key {given} is now trusted (by chatctl trust)");
-                format!("{user}'s new key {given} is trusted")
-            }
+        let trusted = self.peers.trust(user, given)?;
+        let old = match &trusted {
+            Trusted::NewKey { old, .. } => Some(*old),
+            Trusted::Pinned(_) => None,
+        };
+        self.key_event(user, KeyEvent::Trusted, &given, old.as_ref(), now, store);
+        let msg = match trusted {
+            Trusted::NewKey { still: false, .. } => format!("{user}'s new key {given} is trusted"),
+            Trusted::NewKey { old, still: true } => format!(
+                "{user}'s new key {given} is trusted; the relay presents the old key ({old}) now, so {user} stays `changed`"
+            ),
             Trusted::Pinned(Some(p)) => format!(
                 "{user}'s pinned key {given} is trusted; the relay still presents another key ({p}), so {user} stays `changed`"
             ),

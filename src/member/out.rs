@@ -7,7 +7,8 @@
 use crate::clock::Now;
 use log::warn;
 
-use crate::proto::control::{MsgState, PeerView, Record, RecordBody};
+use super::error::MemberError;
+use crate::proto::control::{MsgState, PeerView, Record, RecordBody, Sent};
 use crate::proto::relay::ToRelay;
 use crate::store::MemberStore;
 
@@ -22,6 +23,9 @@ pub enum Out {
     Record(Record),
     /// A sent message reached a new state (with the reason for `Failed`), for `send --wait`.
     State([u8; 16], MsgState, Option<String>),
+    /// A send that was sealed over several turns (see [`super::Started::Sealing`]) is queued,
+    /// or failed as a whole.
+    Sealed(u64, Result<Vec<Sent>, MemberError>),
     /// The relay answered a key lookup, or the link went down: requests parked on
     /// [`MemberError::KeysPending`](super::MemberError::KeysPending) can be tried again.
     Looked,

@@ -28,8 +28,16 @@ fn trust_state(t: Trust) -> TrustState {
 struct PeerState {
     pinned: PublicKey,
     trust: Trust,
-    /// A different key the relay presents; while set, the peer is `changed`.
+    /// The last different key the relay presented; while set, the peer is `changed`. Sticky:
+    /// only [`Peers::trust`] (or forgetting the peer) clears it, so a relay that presents the
+    /// pinned key again cannot erase the warning.
     presented: Option<PublicKey>,
+    /// The relay's latest entry showed the pinned key (not `presented`). Not stored: after a
+    /// restart the relay introduces the peer again, and until then we assume the worse.
+    shows_pinned: bool,
+    /// The return of the pinned key during this warning is already recorded: a relay that
+    /// flips between two keys adds no record per flip.
+    return_noted: bool,
     online: bool,
 }
 
@@ -49,8 +57,14 @@ pub(super) enum Observed {
     Unusable(CryptoError),
     /// A new peer, now pinned to this key.
     FirstSight(Fingerprint),
-    /// The relay presents the pinned key again after presenting another.
-    Restored,
+    /// The relay presents the pinned key again after presenting another; the peer stays
+    /// `changed` until `trust`.
+    Returned {
+        /// The pinned key, presented again.
+        pinned: Fingerprint,
+        /// The other key it presented before, still the warning.
+        presented: Fingerprint,
+    },
     /// The relay presents a key other than the pinned one (and other than the last such).
     Changed {
         /// The pinned key.
@@ -65,24 +79,27 @@ pub(super) enum Observed {
 impl Observed {
     /// The pin changed and must be saved.
     pub(super) fn changed(&self) -> bool {
-        matches!(
-            self,
-            Observed::FirstSight(_) | Observed::Restored | Observed::Changed { .. }
-        )
+        matches!(self, Observed::FirstSight(_) | Observed::Changed { .. })
     }
 
-    /// The peer just became someone we accept messages from (first sight, or a change undone),
-    /// so what we held from them can be judged again.
+    /// The peer just became someone we accept messages from (first sight; a change is undone
+    /// only by `trust`), so what we held from them can be judged again.
     pub(super) fn acceptable(&self) -> bool {
-        matches!(self, Observed::FirstSight(_) | Observed::Restored)
+        matches!(self, Observed::FirstSight(_))
     }
 }
 
 /// What [`Peers::trust`] did.
 #[derive(Debug)]
 pub(super) enum Trusted {
-    /// The presented key replaced the pinned one.
-    NewKey,
+    /// The presented key replaced the pinned one (given here); `Some` while the relay presents
+    /// the replaced key, which is then the peer's new warning.
+    NewKey {
+        /// The pin it replaced.
+        old: Fingerprint,
+        /// The relay presents the replaced key now, so the peer is `changed` again.
+        still: bool,
+    },
     /// The pinned key is confirmed; `Some` while the relay still presents another key.
     Pinned(Option<Fingerprint>),
 }
@@ -125,6 +142,8 @@ impl Peers {
                     pinned,
                     trust,
                     presented,
+                    shows_pinned: false,
+                    return_noted: false,
                     online: false,
                 },
             );
@@ -164,24 +183,34 @@ impl Peers {
                     pinned: key,
                     trust: Trust::Pinned,
                     presented: None,
+                    shows_pinned: true,
+                    return_noted: false,
                     online: p.online,
                 },
             );
             return Observed::FirstSight(fingerprint);
         };
         st.online = p.online;
+        st.shows_pinned = st.pinned == key;
         if st.pinned == key {
-            if st.presented.take().is_some() {
-                Observed::Restored
-            } else {
-                Observed::Same
+            match &st.presented {
+                // The warning stays: only the first return after a change is news.
+                Some(presented) if !std::mem::replace(&mut st.return_noted, true) => {
+                    Observed::Returned {
+                        pinned: st.pinned.fingerprint(),
+                        presented: presented.fingerprint(),
+                    }
+                }
+                _ => Observed::Same,
             }
         } else if st.presented.as_ref() != Some(&key) {
             let pinned = st.pinned.fingerprint();
             let presented = key.fingerprint();
             st.presented = Some(key);
+            st.return_noted = false;
             Observed::Changed { pinned, presented }
         } else {
+            // The same other key again (after a return, or a repeat): already the warning.
             Observed::Same
         }
     }
@@ -194,13 +223,30 @@ impl Peers {
             .get_mut(user)
             .ok_or_else(|| MemberError::UnknownUser(user.into()))?;
         if st.presented.as_ref().map(|k| k.fingerprint()) == Some(given) {
+            let old = st.pinned.fingerprint();
             if let Some(k) = st.presented.take() {
-                st.pinned = k;
+                let replaced = std::mem::replace(&mut st.pinned, k);
+                // The relay shows the key just replaced: that is now the other key.
+                st.return_noted = false;
+                if st.shows_pinned {
+                    st.presented = Some(replaced);
+                    st.shows_pinned = false;
+                } else {
+                    st.shows_pinned = true;
+                }
             }
             st.trust = Trust::Trusted;
-            Ok(Trusted::NewKey)
+            Ok(Trusted::NewKey {
+                old,
+                still: st.presented.is_some(),
+            })
         } else if st.pinned.fingerprint() == given {
             st.trust = Trust::Trusted;
+            // Re-confirming the pinned key clears the warning once the relay shows it again;
+            // while the relay still presents the other key, the peer stays `changed`.
+            if st.shows_pinned {
+                st.presented = None;
+            }
             Ok(Trusted::Pinned(
                 st.presented.as_ref().map(|p| p.fingerprint()),
             ))
@@ -214,16 +260,17 @@ impl Peers {
         }
     }
 
+    /// Drop `user`'s pin entirely (`chatctl forget`); the next sight pins afresh. The pinned
+    /// fingerprint, if there was one.
+    pub(super) fn forget(&mut self, user: &str) -> Option<Fingerprint> {
+        self.map.remove(user).map(|st| st.pinned.fingerprint())
+    }
+
     /// The link is gone: nobody is online as far as we know.
     pub(super) fn all_offline(&mut self) {
         for p in self.map.values_mut() {
             p.online = false;
         }
-    }
-
-    /// `Some(online)` for a known peer.
-    pub(super) fn online(&self, user: &str) -> Option<bool> {
-        self.map.get(user).map(|p| p.online)
     }
 
     /// Names of the peers online now, in name order.

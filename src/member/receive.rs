@@ -26,7 +26,7 @@ use crate::crypto::{
 };
 use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::{Envelope, ItemKey, Kind, Receipt, Routed, ToRelay};
-use crate::proto::{hex, to_payload, MAX_TEXT};
+use crate::proto::{hex, to_payload, valid_user, MAX_TEXT};
 use crate::store::{MemberStore, StoreError};
 
 /// What to do with a delivered envelope.
@@ -51,14 +51,25 @@ pub(super) enum Verdict {
 pub(super) enum Why {
     /// Addressed to someone else.
     NotForUs,
-    /// No usable session key (bad key packet signature, none at all, a corrupt stored key).
+    /// No usable session key (bad key packet signature, a corrupt stored key).
     Key(String),
+    /// A session we hold no key for, and no key packet: we lost the key (a restored backup, a
+    /// deleted database). The sender is asked to send the key again.
+    NoSessionKey,
     /// A (session, counter) we have seen before.
     Replayed,
     /// The ciphertext or its header does not open under the session key.
     Unopenable(CryptoError),
     /// The text is not UTF-8 of at most [`MAX_TEXT`] bytes.
     NotText,
+    /// "From" our own name: we never send to ourselves, so only a relay can have made it.
+    FromSelf,
+    /// "From" a name no relay may bind: it can never be introduced, so never opened.
+    BadSender,
+    /// The ciphertext is longer than any text we accept could be: it can never be opened.
+    TooLong(usize),
+    /// Holding it would pass a bound on held envelopes (`max_held*`).
+    HeldFull(String),
 }
 
 impl Why {
@@ -67,11 +78,25 @@ impl Why {
         match self {
             Why::NotForUs => warn!("dropped message {idh}: addressed to {}, not to us", env.to),
             Why::Key(why) => warn!("rejected message {idh} from {from}: {why}"),
+            Why::NoSessionKey => warn!(
+                "rejected message {idh} from {from}: unknown session and no key packet; asking \
+                 {from} to send the session's key again"
+            ),
             Why::Replayed => warn!("rejected message {idh} from {from}: replayed session counter"),
             Why::Unopenable(e) => warn!("rejected message {idh} from {from}: {e}"),
             Why::NotText => {
                 warn!("rejected message {idh} from {from}: text is not UTF-8 of at most 64 KiB")
             }
+            Why::FromSelf => warn!(
+                "rejected message {idh}: the relay delivered it as from ourselves ({from}), which \
+                 we never send"
+            ),
+            Why::BadSender => warn!("rejected message {idh}: sender {from:?} is not a valid name"),
+            Why::TooLong(n) => warn!(
+                "rejected message {idh} from {from}: {n} bytes of ciphertext, more than any text \
+                 of at most 64 KiB"
+            ),
+            Why::HeldFull(why) => warn!("dropped message {idh} from {from}: {why}"),
         }
     }
 }
@@ -154,6 +179,13 @@ pub(super) struct Judged {
     pub(super) learned: Option<Learned>,
 }
 
+impl Judged {
+    /// The envelope is from a session whose key we do not have (see [`Why::NoSessionKey`]).
+    pub(super) fn lost_session(&self) -> bool {
+        matches!(self.verdict, Verdict::Reject(Why::NoSessionKey))
+    }
+}
+
 impl From<Verdict> for Judged {
     fn from(verdict: Verdict) -> Judged {
         Judged {
@@ -165,23 +197,114 @@ impl From<Verdict> for Judged {
 
 /// Why a receiving session key could not be had.
 enum KeyFail {
-    /// The envelope can never be opened (bad signature, no key packet).
+    /// The envelope can never be opened (bad signature, corrupt key).
     Reject(String),
+    /// No key for the session and no key packet.
+    Lost,
     /// The store failed.
     Store(StoreError),
 }
 
-/// Receiving session keys by (sender, session), as a cache of the store's.
+/// The bounds on envelopes held for later (senders not introduced yet, or whose key changed):
+/// per sender and in total, count and bytes (settings `max_held_per_sender`,
+/// `max_held_bytes_per_sender`, `max_held`, `max_held_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Most envelopes held from one sender.
+    pub per_sender: u64,
+    /// Most bytes held from one sender.
+    pub per_sender_bytes: u64,
+    /// Most envelopes held in all.
+    pub total: u64,
+    /// Most bytes held in all.
+    pub total_bytes: u64,
+}
+
+impl Default for HoldLimits {
+    /// An honest envelope is at most about 66 KiB (64 KiB of text, a key packet, the header):
+    /// 100 of them from one sender fit in 8 MiB, and 1,000 from everyone in 64 MiB of disk.
+    fn default() -> Self {
+        HoldLimits {
+            per_sender: 100,
+            per_sender_bytes: 8 << 20,
+            total: 1000,
+            total_bytes: 64 << 20,
+        }
+    }
+}
+
+impl HoldLimits {
+    /// Why holding one more envelope of `size` bytes from `from` is refused, if it is; `mine`
+    /// and `all` are what is held now (count, bytes) from `from` and from everyone.
+    fn refuse(&self, from: &str, size: u64, mine: (u64, u64), all: (u64, u64)) -> Option<String> {
+        let (n, b) = mine;
+        let (tn, tb) = all;
+        if n >= self.per_sender {
+            Some(format!(
+                "already holding {n} messages from {from}, the most max_held_per_sender allows"
+            ))
+        } else if b + size > self.per_sender_bytes {
+            Some(format!(
+                "holding it would pass max_held_bytes_per_sender ({} bytes) for {from}",
+                self.per_sender_bytes
+            ))
+        } else if tn >= self.total {
+            Some(format!(
+                "already holding {tn} messages in all, the most max_held allows"
+            ))
+        } else if tb + size > self.total_bytes {
+            Some(format!(
+                "holding it would pass max_held_bytes ({} bytes in all)",
+                self.total_bytes
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// The longest ciphertext a text we accept can have: [`MAX_TEXT`] bytes and the 16-byte tag.
+const MAX_CIPHERTEXT: usize = MAX_TEXT + 16;
+
+/// Receiving session keys by (sender, session), as a cache of the store's; and the bounds on
+/// holding.
 pub(super) struct Receiving {
     keys: HashMap<(String, [u8; 16]), SessionKey>,
+    limits: HoldLimits,
+    /// Sessions whose key we asked for again, by (sender, session): once per run each.
+    asked: std::collections::HashSet<(String, [u8; 16])>,
 }
+
+/// Most sessions remembered as asked for; past it the set starts afresh.
+const MAX_ASKED: usize = 4096;
 
 impl Receiving {
     /// An empty cache.
-    pub(super) fn new() -> Receiving {
+    pub(super) fn new(limits: HoldLimits) -> Receiving {
         Receiving {
             keys: HashMap::new(),
+            limits,
+            asked: std::collections::HashSet::new(),
         }
+    }
+
+    /// Whether this is the first time in this run that we ask `from` for `session`'s key
+    /// (and note that we do now).
+    pub(super) fn first_ask(&mut self, from: &str, session: &[u8; 16]) -> bool {
+        if self.asked.len() >= MAX_ASKED {
+            self.asked.clear();
+        }
+        self.asked.insert((from.to_string(), *session))
+    }
+
+    /// The bounds on holding (config, reload).
+    pub(super) fn set_limits(&mut self, limits: HoldLimits) {
+        self.limits = limits;
+    }
+
+    /// The bounds on holding now.
+    pub(super) fn limits(&self) -> &HoldLimits {
+        &self.limits
     }
 
     /// Judge a delivered envelope; `own` is our name, `identity` our key.
@@ -201,21 +324,49 @@ impl Receiving {
             Ok(false) => {}
             Err(e) => return Verdict::Retry(Retry::Check(e)).into(),
         }
+        // What can never be opened is refused at once, never held.
+        if env.from == own {
+            return Verdict::Reject(Why::FromSelf).into();
+        }
+        if !valid_user(&env.from) {
+            return Verdict::Reject(Why::BadSender).into();
+        }
+        if env.ciphertext.len() > MAX_CIPHERTEXT {
+            return Verdict::Reject(Why::TooLong(env.ciphertext.len())).into();
+        }
         let sender = match peers.sender(&env.from) {
-            Sender::Unknown => return Verdict::Hold(HoldWhy::Unknown).into(),
+            Sender::Unknown => return self.hold_or_refuse(env, HoldWhy::Unknown, store),
             Sender::Changed { pinned, presented } => {
-                return Verdict::Hold(HoldWhy::Changed { pinned, presented }).into()
+                return self.hold_or_refuse(env, HoldWhy::Changed { pinned, presented }, store)
             }
             Sender::Pinned(k) => k,
         };
         let (key, learned) = match self.key(identity, env, sender, store) {
             Ok(k) => k,
             Err(KeyFail::Reject(why)) => return Verdict::Reject(Why::Key(why)).into(),
+            Err(KeyFail::Lost) => return Verdict::Reject(Why::NoSessionKey).into(),
             Err(KeyFail::Store(e)) => return Verdict::Retry(Retry::Session(e)).into(),
         };
         Judged {
             verdict: open(own, env, &key, store),
             learned,
+        }
+    }
+
+    /// Hold `env`, unless that would pass a bound on holding (then it is dropped, and said).
+    fn hold_or_refuse(&self, env: &Envelope, why: HoldWhy, store: &dyn MemberStore) -> Judged {
+        let sizes = store
+            .held_size(Some(&env.from))
+            .and_then(|mine| Ok((mine, store.held_size(None)?)));
+        let (mine, all) = match sizes {
+            Ok(s) => s,
+            Err(e) => return Verdict::Retry(Retry::Check(e)).into(),
+        };
+        // What the held row stores: the envelope's encoding (within a few bytes).
+        let size = to_payload(env).map_or(0, |b| b.len()) as u64;
+        match self.limits.refuse(&env.from, size, mine, all) {
+            Some(full) => Verdict::Reject(Why::HeldFull(full)).into(),
+            None => Verdict::Hold(why).into(),
         }
     }
 
@@ -243,7 +394,7 @@ impl Receiving {
             return Ok((k, Some(learned)));
         }
         let Some(kp) = &env.key_packet else {
-            return Err(KeyFail::Reject("unknown session and no key packet".into()));
+            return Err(KeyFail::Lost);
         };
         // Signature first, private key second: see crypto::unwrap_key_packet.
         let k = unwrap_key_packet(&mut OsRng, identity, sender, env, kp)
@@ -352,7 +503,7 @@ fn open(own: &str, env: &Envelope, key: &SessionKey, store: &dyn MemberStore) ->
 }
 
 /// Run `writes` in a savepoint of the turn: all of them are kept, or none.
-fn in_savepoint<T>(
+pub(super) fn in_savepoint<T>(
     store: &mut dyn MemberStore,
     writes: impl FnOnce(&mut dyn MemberStore) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {

@@ -8,7 +8,7 @@
 //! request took out of the store (a receipt for it could never be checked).
 
 use crate::clock::Now;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use log::warn;
 use rand::rngs::StdRng;
@@ -17,9 +17,11 @@ use rand::RngCore;
 use super::error::MemberError;
 use super::out::{record, Out};
 use super::peers::{Peers, Sender};
-use crate::crypto::{make_key_packet, seal_envelope, Fingerprint, Header, Identity, SessionKey};
+use crate::crypto::{
+    make_key_packet, seal_envelope, verify_rekey, Fingerprint, Header, Identity, SessionKey,
+};
 use crate::proto::control::{Dir, MsgState, Record, RecordBody, Sent};
-use crate::proto::relay::{Envelope, ItemKey, KeyPacket, Kind, RefuseCode, Routed};
+use crate::proto::relay::{Envelope, ItemKey, KeyPacket, Kind, RefuseCode, Rekey, Routed};
 use crate::proto::{from_payload, hex, to_payload, valid_user, MAX_TEXT};
 use crate::store::MemberStore;
 
@@ -56,6 +58,93 @@ pub(super) struct Sending {
     /// Message and session ids, session keys and key packets come from here: seeded from the
     /// OS, or from a fixed seed in a test so a run repeats exactly.
     rng: StdRng,
+    /// Rekey requests answered, by (peer, session): each is answered once per run, so a relay
+    /// replaying a genuine one cannot make us sign again and again.
+    rekeyed: HashSet<(String, [u8; 16])>,
+    /// Sends that need many new sessions, oldest first: their RSA work is done a few sessions
+    /// per turn ([`SESSIONS_PER_TURN`]), so no request waits behind a wide `send --all`.
+    jobs: VecDeque<Job>,
+    /// New sessions made for a job and not used yet, by recipient.
+    prepared: HashMap<String, SendSession>,
+    next_job: u64,
+}
+
+/// New sessions made per turn of the event loop for a send that needs many: each costs an RSA
+/// encryption and an RSA signature (about 2 ms with a 2048-bit key), so a turn spends a few
+/// tens of milliseconds on them at most and every other request is answered in between.
+pub const SESSIONS_PER_TURN: usize = 16;
+
+/// A send whose new sessions are being made, turn by turn; nothing of it is stored until they
+/// are all made, so it stays all or nothing.
+pub(super) struct Job {
+    /// Which job (for the daemon, to answer the right client).
+    pub(super) id: u64,
+    /// Its recipients, checked when it began and again when it is queued.
+    pub(super) to: Vec<String>,
+    /// The text.
+    pub(super) text: String,
+    /// Recipients whose new session is still to be made.
+    todo: Vec<String>,
+}
+
+/// Most rekey requests remembered as answered; past it the set starts afresh (a replay then
+/// costs one more answer, never an unbounded set).
+const MAX_REKEYED: usize = 4096;
+
+/// Why a rekey request is not answered (it is acknowledged and dropped all the same).
+#[derive(Debug)]
+pub(super) enum RekeyRefused {
+    /// Addressed to someone else.
+    NotForUs,
+    /// The sender is not pinned, or their key changed.
+    NotPinned,
+    /// The signature does not verify with the pinned key.
+    BadSignature,
+    /// Answered already in this run.
+    Answered,
+    /// It names a message we did not send them in that session, or a session we do not hold.
+    NoSuchSession,
+    /// The store failed: leave it unacknowledged for a later delivery.
+    Store(crate::store::StoreError),
+    /// Making the key packet failed.
+    Crypto(crate::crypto::CryptoError),
+}
+
+impl std::fmt::Display for RekeyRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RekeyRefused::NotForUs => write!(f, "addressed to someone else"),
+            RekeyRefused::NotPinned => write!(f, "its sender is not pinned, or their key changed"),
+            RekeyRefused::BadSignature => write!(f, "its signature does not verify"),
+            RekeyRefused::Answered => write!(f, "answered already"),
+            RekeyRefused::NoSuchSession => {
+                write!(f, "it names no message we sent them in that session")
+            }
+            RekeyRefused::Store(e) => write!(f, "{e}"),
+            RekeyRefused::Crypto(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A new sending session to `to`: a random id and key, and the key packet (the RSA work).
+fn new_session(
+    rng: &mut StdRng,
+    identity: &Identity,
+    own: &str,
+    to: &str,
+    pinned: &crate::crypto::PublicKey,
+) -> Result<SendSession, crate::crypto::CryptoError> {
+    let mut id = [0u8; 16];
+    rng.fill_bytes(&mut id);
+    let key = SessionKey::random(rng);
+    let kp = make_key_packet(rng, identity, own, to, pinned, &id, &key)?;
+    Ok(SendSession {
+        id,
+        key,
+        peer: pinned.fingerprint(),
+        next: 0,
+        key_packet: Some(kp),
+    })
 }
 
 /// Check a send request and name its recipients, in order and each once. Every check happens
@@ -115,7 +204,21 @@ pub(super) fn recipients(
     Ok(recipients)
 }
 
-/// The outbox's items to offer the relay, oldest first: all of them, or only receipts.
+/// Whether `u`, a recipient checked when a job began, may still be sent to.
+pub(super) fn still_sendable(peers: &Peers, u: &str) -> Result<(), MemberError> {
+    match peers.sender(u) {
+        Sender::Unknown => Err(MemberError::UnknownUser(u.to_string())),
+        Sender::Changed { pinned, presented } => Err(MemberError::KeyChanged {
+            user: u.to_string(),
+            pinned,
+            presented,
+        }),
+        Sender::Pinned(_) => Ok(()),
+    }
+}
+
+/// The outbox's items to offer the relay, oldest first: all of them, or only what is not a
+/// message (receipts and rekey requests, which the retry timer offers again).
 pub(super) fn outbox(store: &dyn MemberStore, only_receipts: bool) -> Vec<Routed> {
     let items = match store.outbox() {
         Ok(items) => items,
@@ -126,7 +229,7 @@ pub(super) fn outbox(store: &dyn MemberStore, only_receipts: bool) -> Vec<Routed
     };
     let mut out = Vec::new();
     for (key, bytes) in items {
-        if only_receipts && key.kind != Kind::Receipt {
+        if only_receipts && key.kind == Kind::Message {
             continue;
         }
         match from_payload::<Routed>(&bytes) {
@@ -146,6 +249,83 @@ impl Sending {
             sessions: HashMap::new(),
             retry_at: None,
             rng,
+            rekeyed: HashSet::new(),
+            jobs: VecDeque::new(),
+            prepared: HashMap::new(),
+            next_job: 1,
+        }
+    }
+
+    /// Whether sending to `to` now would need a new session (and so RSA work).
+    fn needs_session(&self, peers: &Peers, to: &str) -> bool {
+        let Some(pinned) = peers.pinned(to) else {
+            return false;
+        };
+        match self.sessions.get(to) {
+            Some(s) => s.peer != pinned || s.next >= SESSION_MESSAGES,
+            None => !self.prepared.get(to).is_some_and(|p| p.peer == pinned),
+        }
+    }
+
+    /// If `recipients` need more than [`SESSIONS_PER_TURN`] new sessions, start a job for them
+    /// and return its id; else `None`, and the caller queues at once.
+    pub(super) fn start_job(
+        &mut self,
+        peers: &Peers,
+        recipients: &[String],
+        text: &str,
+    ) -> Option<u64> {
+        let mut todo: Vec<String> = recipients
+            .iter()
+            .filter(|u| self.needs_session(peers, u))
+            .cloned()
+            .collect();
+        if todo.len() <= SESSIONS_PER_TURN && self.jobs.is_empty() {
+            return None;
+        }
+        todo.reverse();
+        let id = self.next_job;
+        self.next_job += 1;
+        self.jobs.push_back(Job {
+            id,
+            to: recipients.to_vec(),
+            text: text.to_string(),
+            todo,
+        });
+        Some(id)
+    }
+
+    /// A job is waiting for its sessions: the loop must come back at once.
+    pub(super) fn working(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
+    /// Make up to [`SESSIONS_PER_TURN`] new sessions for the oldest job; the job once it has
+    /// all of them (then the caller queues it). A session that cannot be made is left to
+    /// `queue`, which reports the error.
+    pub(super) fn work(&mut self, identity: &Identity, own: &str, peers: &Peers) -> Option<Job> {
+        let job = self.jobs.front_mut()?;
+        for _ in 0..SESSIONS_PER_TURN {
+            let Some(to) = job.todo.pop() else {
+                break;
+            };
+            let Some(pinned) = peers.pinned_key(&to) else {
+                continue;
+            };
+            if let Ok(s) = new_session(&mut self.rng, identity, own, &to, pinned) {
+                self.prepared.insert(to, s);
+            }
+        }
+        if !job.todo.is_empty() {
+            return None;
+        }
+        self.jobs.pop_front()
+    }
+
+    /// A job was queued or failed: its unused sessions go (they were never stored).
+    pub(super) fn job_done(&mut self, job: &Job) {
+        for u in &job.to {
+            self.prepared.remove(u);
         }
     }
 
@@ -153,6 +333,11 @@ impl Sending {
     pub(super) fn reset(&mut self) {
         self.sessions.clear();
         self.retry_at = None;
+        // An answer whose writes the failed commit took back must be given again.
+        self.rekeyed.clear();
+        // Jobs stored nothing yet; the daemon tells their clients that nothing was sent.
+        self.jobs.clear();
+        self.prepared.clear();
     }
 
     /// The random generator, for the login signature.
@@ -163,6 +348,87 @@ impl Sending {
     /// Start a new session with `user` on the next send (their key was just trusted).
     pub(super) fn forget_peer(&mut self, user: &str) {
         self.sessions.remove(user);
+    }
+
+    /// Answer `r`, a recipient's signed request for the key of one of our sessions with them:
+    /// every unsettled message of that session goes out again with the session's key packet
+    /// (in the outbox, returned to be sent), and the session is retired so new messages start a
+    /// new one. Nothing is sealed again: the kept envelopes are sent as they were, plus the key.
+    pub(super) fn answer_rekey(
+        &mut self,
+        identity: &Identity,
+        own: &str,
+        peers: &Peers,
+        r: &Rekey,
+        store: &mut dyn MemberStore,
+    ) -> Result<Vec<Routed>, RekeyRefused> {
+        if r.to != own {
+            return Err(RekeyRefused::NotForUs);
+        }
+        let Sender::Pinned(pinned) = peers.sender(&r.from) else {
+            return Err(RekeyRefused::NotPinned);
+        };
+        verify_rekey(pinned, r).map_err(|_| RekeyRefused::BadSignature)?;
+        let which = (r.from.clone(), r.session);
+        if self.rekeyed.contains(&which) {
+            return Err(RekeyRefused::Answered);
+        }
+        match store.outgoing(&r.id).map_err(RekeyRefused::Store)? {
+            Some((peer, session, _, _)) if peer == r.from && session == r.session => {}
+            _ => return Err(RekeyRefused::NoSuchSession),
+        }
+        let raw = store
+            .session(true, &r.from, &r.session)
+            .map_err(RekeyRefused::Store)?
+            .ok_or(RekeyRefused::NoSuchSession)?;
+        let key = SessionKey::from_bytes(&raw).ok_or(RekeyRefused::NoSuchSession)?;
+        let kp = make_key_packet(
+            &mut self.rng,
+            identity,
+            own,
+            &r.from,
+            pinned,
+            &r.session,
+            &key,
+        )
+        .map_err(RekeyRefused::Crypto)?;
+        let kept = store
+            .unsettled(&r.from, &r.session)
+            .map_err(RekeyRefused::Store)?;
+        let mut items = Vec::new();
+        store.savepoint().map_err(RekeyRefused::Store)?;
+        for (id, bytes) in kept {
+            let Ok(Routed::Message(mut env)) = from_payload::<Routed>(&bytes) else {
+                continue;
+            };
+            env.key_packet = Some(kp.clone());
+            let item = Routed::Message(env);
+            let Ok(again) = to_payload(&item) else {
+                continue;
+            };
+            let done = store
+                .outbox_remove(item.key())
+                .and_then(|_| store.outbox_push(item.key(), &again))
+                .and_then(|()| store.keep_sent(&id, &again));
+            if let Err(e) = done {
+                store.rollback_savepoint();
+                return Err(RekeyRefused::Store(e));
+            }
+            items.push(item);
+        }
+        store.release_savepoint().map_err(RekeyRefused::Store)?;
+        if self.rekeyed.len() >= MAX_REKEYED {
+            self.rekeyed.clear();
+        }
+        self.rekeyed.insert(which);
+        if self
+            .sessions
+            .get(&r.from)
+            .is_some_and(|s| s.id == r.session)
+        {
+            self.sessions.remove(&r.from);
+        }
+        Ok(items)
     }
 
     /// When the retry timer fires (monotonic ms), if it is set.
@@ -271,22 +537,14 @@ impl Sending {
             None => true,
         };
         if fresh {
-            let mut id = [0u8; 16];
-            self.rng.fill_bytes(&mut id);
-            let key = SessionKey::random(&mut self.rng);
-            let kp = make_key_packet(&mut self.rng, identity, own, to, &pinned, &id, &key)
-                .map_err(MemberError::Crypto)?;
-            store.put_session(true, to, &id, key.expose())?;
-            self.sessions.insert(
-                to.to_string(),
-                SendSession {
-                    id,
-                    key,
-                    peer: pinned.fingerprint(),
-                    next: 0,
-                    key_packet: Some(kp),
-                },
-            );
+            // Made ahead by a job's turns, if it was made for this key; else now.
+            let s = match self.prepared.remove(to) {
+                Some(p) if p.peer == pinned.fingerprint() => p,
+                _ => new_session(&mut self.rng, identity, own, to, &pinned)
+                    .map_err(MemberError::Crypto)?,
+            };
+            store.put_session(true, to, &s.id, s.key.expose())?;
+            self.sessions.insert(to.to_string(), s);
         }
         self.sessions
             .get_mut(to)
@@ -326,6 +584,7 @@ impl Sending {
         let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
         store.add_message(&id, to, Dir::Out, MsgState::Queued, &session, counter)?;
         store.outbox_push(item.key(), &bytes)?;
+        store.keep_sent(&id, &bytes)?;
         let record = store.append(
             now.wall,
             to,

@@ -227,6 +227,8 @@ impl Net {
                     Out::Record(r) => node.records.push(r),
                     Out::State(id, s, why) => node.states.push((id, s, why)),
                     Out::Looked | Out::Listed { .. } => {}
+                    // The net sends with `Member::send`, which seals at once.
+                    Out::Sealed(..) => {}
                 }
             }
             if close {
@@ -287,6 +289,17 @@ impl Net {
             Msg::Up(_) | Msg::Down(_) => {}
         }
         true
+    }
+
+    /// Let presence changes settle: the clock moves past `presence::SETTLE_MS`, every member
+    /// ticks (writing the presence records that are due), and the network runs until quiet.
+    fn settle(&mut self) {
+        self.transfer();
+        self.now += super::presence::SETTLE_MS;
+        for node in &mut self.nodes {
+            node.member.tick(Now::at(self.now), &mut node.store);
+        }
+        self.transfer();
     }
 
     /// Run until nothing moves.
@@ -438,6 +451,7 @@ fn pair() -> (Net, usize, usize) {
     let mut net = Net::new();
     let a = net.join("alice", ALICE);
     let b = net.join("bob", BOB);
+    net.settle();
     (net, a, b)
 }
 
@@ -615,8 +629,11 @@ fn directory_reaches_a_joining_member_and_presence_reaches_the_others() {
     assert_eq!(net.nodes[a].store.pins().unwrap()[0].user, "bob");
 
     let c = net.join("carol", CAROL);
+    net.settle();
     net.disconnect(c);
     net.transfer();
+    assert!(!net.who(a, "carol").online, "who sees presence at once");
+    net.settle();
     let want = [("carol".to_string(), true), ("carol".to_string(), false)];
     assert_eq!(net.presence(a)[1..], want);
     assert_eq!(net.presence(b), want);
@@ -625,7 +642,7 @@ fn directory_reaches_a_joining_member_and_presence_reaches_the_others() {
     assert!(net.presence(c).is_empty());
     // Carol comes back: joined again, and she still knows both.
     net.connect(c);
-    net.transfer();
+    net.settle();
     assert_eq!(net.presence(a).last(), Some(&("carol".to_string(), true)));
     assert_eq!(net.nodes[c].member.peers_online(), 2);
 }
@@ -1479,7 +1496,7 @@ fn messages_from_a_changed_key_are_held_until_trusted() {
     // Held in alice's own database and acknowledged, so it cannot clog the relay's window.
     assert!(net.acks("alice").contains(&msg_key(id)), "held and acked");
     assert_eq!(net.relay.queued_count(), 0);
-    assert_eq!(net.nodes[a].store.held("carol").unwrap().len(), 1);
+    assert_eq!(net.nodes[a].store.held_size(Some("carol")).unwrap().0, 1);
     assert_eq!(net.states(c2, id), [MsgState::Relayed]);
 
     // Held across a restart of alice, once.
@@ -1487,7 +1504,7 @@ fn messages_from_a_changed_key_are_held_until_trusted() {
     net.connect(a);
     net.transfer();
     assert!(net.inbox(a).is_empty());
-    assert_eq!(net.nodes[a].store.held("carol").unwrap().len(), 1);
+    assert_eq!(net.nodes[a].store.held_size(Some("carol")).unwrap().0, 1);
 
     let new = public(CAROL2).fingerprint().to_string();
     let node = &mut net.nodes[a];
@@ -1498,7 +1515,7 @@ fn messages_from_a_changed_key_are_held_until_trusted() {
     assert_eq!(net.inbox(a), inbox_of(&[("carol", "it's me, new key")]));
     assert_eq!(net.states(c2, id), [MsgState::Relayed, MsgState::Delivered]);
     assert_eq!(net.relay.queued_count(), 0);
-    assert!(net.nodes[a].store.held("carol").unwrap().is_empty());
+    assert!(net.nodes[a].store.held_size(Some("carol")).unwrap().0 == 0);
 }
 
 #[test]
@@ -1805,10 +1822,16 @@ fn held_messages_do_not_stall_other_senders() {
         net.send(c2, "alice", &format!("held {i}"));
     }
     net.transfer();
+    // A full window's worth: the first max_held_per_sender are held, the rest dropped (and
+    // acknowledged, so they do not clog the window either).
+    let window = crate::relay::DELIVERY_WINDOW as u64;
+    let per_sender = HoldLimits::default().per_sender;
+    assert!(per_sender < window);
     assert_eq!(
-        net.nodes[a].store.held("carol").unwrap().len(),
-        crate::relay::DELIVERY_WINDOW
+        net.nodes[a].store.held_size(Some("carol")).unwrap().0,
+        per_sender
     );
+    assert_eq!(net.relay.queued_count(), 0, "everything was acknowledged");
     net.send(b, "alice", "from bob, whose key never changed");
     net.transfer();
     assert_eq!(
@@ -1896,8 +1919,11 @@ fn key_change_seen_in_the_welcome_after_being_away() {
     ));
 }
 
+/// A relay that presents another key and then the pinned one again cannot erase the warning:
+/// bob stays `changed` (sending refused, messages held) until `trust`, and every step is a `key`
+/// record in the history.
 #[test]
-fn the_pinned_key_presented_again_clears_the_change() {
+fn the_pinned_key_presented_again_keeps_the_warning_until_trust() {
     let (mut net, a, _b) = pair();
     let presence = |key: usize, online: bool| {
         FromRelay::Presence(Peer {
@@ -1913,10 +1939,82 @@ fn the_pinned_key_presented_again_clears_the_change() {
     net.inject(a, presence(BOB, true));
     net.transfer();
     let view = net.who(a, "bob");
-    assert_eq!(view.trust, "pinned");
-    assert_eq!(view.presented, None);
-    assert_eq!(net.nodes[a].store.pins().unwrap()[0].presented, None);
+    assert_eq!(view.trust, "changed", "the warning must stay");
+    assert_eq!(
+        view.presented,
+        Some(public(MALLORY).fingerprint().to_string())
+    );
+    assert!(net.nodes[a].store.pins().unwrap()[0].presented.is_some());
+    assert!(matches!(
+        net.try_send(a, &["bob"], "x"),
+        Err(MemberError::KeyChanged { .. })
+    ));
+    // The same flip again adds no record: only news is written.
+    net.inject(a, presence(MALLORY, true));
+    net.inject(a, presence(BOB, true));
+    net.transfer();
+    let bob = public(BOB).fingerprint().to_string();
+    let mallory = public(MALLORY).fingerprint().to_string();
+    let node = &mut net.nodes[a];
+    let msg = node
+        .member
+        .trust("bob", &bob, Now::at(net.now), &mut node.store)
+        .unwrap();
+    assert!(msg.contains("is trusted"), "{msg}");
+    assert_eq!(net.who(a, "bob").trust, "trusted");
+    assert_eq!(net.who(a, "bob").presented, None);
     net.try_send(a, &["bob"], "x").unwrap();
+    let keys: Vec<(String, String, Option<String>)> = net
+        .history(a)
+        .into_iter()
+        .filter_map(|r| match r.body {
+            RecordBody::Key {
+                user,
+                event,
+                fingerprint,
+                other,
+            } if user == "bob" => Some((event.to_string(), fingerprint, other)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("pinned".to_string(), bob.clone(), None),
+            ("changed".to_string(), mallory.clone(), Some(bob.clone())),
+            ("returned".to_string(), bob.clone(), Some(mallory.clone())),
+            ("trusted".to_string(), bob.clone(), None),
+        ]
+    );
+}
+
+/// Trusting the key the relay presents while the relay shows the old pinned key again leaves the
+/// peer `changed`, now with the old key as the warning: what the relay shows is never trusted
+/// without the user.
+#[test]
+fn trusting_the_new_key_while_the_old_one_is_shown_stays_changed() {
+    let (mut net, a, _b) = pair();
+    let presence = |key: usize| {
+        FromRelay::Presence(Peer {
+            user: "bob".into(),
+            key: public(key).der().to_vec(),
+            online: true,
+        })
+    };
+    net.inject(a, presence(MALLORY));
+    net.inject(a, presence(BOB));
+    net.transfer();
+    let mallory = public(MALLORY).fingerprint().to_string();
+    let node = &mut net.nodes[a];
+    let msg = node
+        .member
+        .trust("bob", &mallory, Now::at(net.now), &mut node.store)
+        .unwrap();
+    assert!(msg.contains("stays `changed`"), "{msg}");
+    let view = net.who(a, "bob");
+    assert_eq!(view.trust, "changed");
+    assert_eq!(view.fingerprint, mallory);
+    assert_eq!(view.presented, Some(public(BOB).fingerprint().to_string()));
 }
 
 #[test]
@@ -2245,4 +2343,101 @@ fn a_directory_page_that_does_not_move_forward_ends_the_listing() {
         matches!(&out[..], [Out::Listed { req: 9, page: Err(why) }] if why.contains("out of order")),
         "{out:?}"
     );
+}
+
+/// The held bounds count per sender and in total, in messages and in bytes; what passes one is
+/// dropped (and acknowledged), what can never be opened is refused before any bound is looked at.
+#[test]
+fn held_bounds_per_sender_and_in_total() {
+    let (mut net, a, _b) = pair();
+    net.nodes[a].member.set_hold_limits(HoldLimits {
+        per_sender: 2,
+        per_sender_bytes: 10_000,
+        total: 3,
+        total_bytes: 1 << 20,
+    });
+    let junk = |from: &str, n: u8, size: usize| {
+        FromRelay::Deliver(Routed::Message(Envelope {
+            id: [n; 16],
+            from: from.into(),
+            to: "alice".into(),
+            time_ms: 0,
+            session: [n; 16],
+            counter: 0,
+            key_packet: None,
+            ciphertext: vec![0; size],
+        }))
+    };
+    let held = |net: &Net, who: Option<&str>| net.nodes[a].store.held_size(who).unwrap().0;
+    for n in 1..=3 {
+        net.inject(a, junk("zed", n, 10));
+    }
+    net.transfer();
+    assert_eq!(held(&net, Some("zed")), 2, "per sender, in messages");
+    net.inject(a, junk("yan", 4, 20_000));
+    net.transfer();
+    assert_eq!(held(&net, Some("yan")), 0, "per sender, in bytes");
+    net.inject(a, junk("yan", 5, 10));
+    net.inject(a, junk("xi", 6, 10));
+    net.transfer();
+    assert_eq!(held(&net, None), 3, "in total, in messages");
+    assert_eq!(held(&net, Some("xi")), 0);
+    // Never held: from ourselves, from an invalid name, longer than any text.
+    net.nodes[a].member.set_hold_limits(HoldLimits::default());
+    net.inject(a, junk("alice", 7, 10));
+    net.inject(a, junk("Bad-Name", 8, 10));
+    net.inject(a, junk("wu", 9, MAX_TEXT + 17));
+    net.transfer();
+    assert_eq!(held(&net, None), 3);
+    assert_eq!(net.relay.queued_count(), 0);
+}
+
+/// A send that needs more new sessions than a turn makes is checked at once, sealed over the
+/// next ticks, and queued all at once; until then nothing is stored or sent.
+#[test]
+fn a_wide_send_is_sealed_over_several_ticks() {
+    let mut net = Net::new();
+    let a = net.join("alice", ALICE);
+    let many = super::send::SESSIONS_PER_TURN + 4;
+    // One peer key for all: the RSA work per new session is the same.
+    for i in 0..many {
+        net.inject(
+            a,
+            FromRelay::Presence(Peer {
+                user: format!("p{i}"),
+                key: public(BOB).der().to_vec(),
+                online: true,
+            }),
+        );
+    }
+    net.transfer();
+    let before = net.history(a).len();
+    let node = &mut net.nodes[a];
+    let now = Now::at(net.now);
+    let started = node
+        .member
+        .send_or_start(&[], true, "to all", now, &mut node.store)
+        .unwrap();
+    let Started::Sealing(job) = started else {
+        panic!("expected a job, got {started:?}");
+    };
+    assert_eq!(node.member.next_deadline(), Some(0), "come back at once");
+    assert_eq!(net.history(a).len(), before, "nothing stored yet");
+    let node = &mut net.nodes[a];
+    node.member.tick(now, &mut node.store);
+    assert!(
+        node.member.poll().is_none(),
+        "one slice is not the whole job"
+    );
+    node.member.tick(now, &mut node.store);
+    let mut sealed = None;
+    while let Some(o) = node.member.poll() {
+        if let Out::Sealed(id, r) = o {
+            sealed = Some((id, r));
+        }
+    }
+    let (id, result) = sealed.expect("the job is sealed after two slices");
+    assert_eq!(id, job);
+    assert_eq!(result.unwrap().len(), many);
+    assert_eq!(net.history(a).len(), before + many);
 }

@@ -120,6 +120,9 @@ codes! {
         TooLarge => "too_large",
         /// The relay's database write failed.
         Storage => "storage",
+        /// The relay operator forgot the recipient: the item, already accepted, was dropped
+        /// undelivered (sent after `Accepted`, at once or at the sender's next login).
+        Forgotten => "forgotten",
     }
 }
 
@@ -134,6 +137,39 @@ codes! {
         Changed => "changed",
         /// On a relay: the name is bound to this key.
         Bound => "bound",
+    }
+}
+
+codes! {
+    /// The kinds of history record (`tail --kind`, the `kind` of `tail --json`). A script must
+    /// skip a kind it does not know: newer versions add kinds.
+    RecordKind {
+        /// A message, either direction.
+        Message => "message",
+        /// A peer joined or left.
+        Presence => "presence",
+        /// A sent message changed state.
+        Receipt => "receipt",
+        /// A peer's key was pinned, changed, came back, was trusted or was forgotten.
+        Key => "key",
+        /// The member's link to the relay came up or went down.
+        Link => "link",
+    }
+}
+
+codes! {
+    /// What happened to a peer's key, in a `key` history record.
+    KeyEvent {
+        /// First sight: the relay introduced the peer and its key is now pinned (TOFU).
+        Pinned => "pinned",
+        /// The relay presents a key other than the pinned one: the peer is `changed`.
+        Changed => "changed",
+        /// The relay presents the pinned key again; the peer stays `changed` until `trust`.
+        Returned => "returned",
+        /// The user ran `chatctl trust`: the warning is cleared (or the pin replaced).
+        Trusted => "trusted",
+        /// The user ran `chatctl forget`: the pin and what was held are gone.
+        Forgotten => "forgotten",
     }
 }
 

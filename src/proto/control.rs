@@ -7,11 +7,14 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::proto::codes::TrustState;
+pub use crate::proto::codes::{KeyEvent, RecordKind, TrustState};
 
 /// Most entries in one `Peers` frame. 512 entries of at most about 200 bytes (a 32-byte name,
 /// two fingerprints) stay far under the 1 MiB frame cap.
 pub const WHO_CHUNK: usize = 512;
+
+/// Most kinds one `tail` may name (there are far fewer; a longer list is a malformed request).
+pub const MAX_KINDS: usize = 16;
 
 /// How long `send` waits before answering.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +56,12 @@ pub enum CtlRequest {
         with: Option<String>,
         /// Keep the stream open for new records.
         follow: bool,
+        /// Only records of these kinds; empty for every kind. At most `MAX_KINDS`.
+        #[serde(
+            default,
+            deserialize_with = "crate::proto::bounded_vec::<_, _, { MAX_KINDS }>"
+        )]
+        kinds: Vec<RecordKind>,
     },
     /// A member's contacts (the peers it has pinned) with their online state; on a relay, its
     /// registrations. `Peers` frames, then `End`.
@@ -77,7 +86,8 @@ pub enum CtlRequest {
         /// The fingerprint the user checked, `SHA256:...`.
         fingerprint: String,
     },
-    /// On a relay: drop a name binding and its queue.
+    /// On a relay: drop a name binding and its queue. On a member: drop the pin and everything
+    /// held from the name. A host does both.
     Forget {
         /// The name.
         user: String,
@@ -166,6 +176,47 @@ pub enum RecordBody {
         /// When up: how many peers were online (more than `online` holds when it is cut).
         peers_online: u64,
     },
+    /// Something happened to a peer's key (first pin, change, return, trust, forget).
+    Key {
+        /// The peer.
+        user: String,
+        /// What happened.
+        event: KeyEvent,
+        /// The key the event is about: the pinned key (`pinned`, `returned`, `trusted`,
+        /// `forgotten`) or the key the relay presents now (`changed`).
+        fingerprint: String,
+        /// The other key involved, if any: the pinned key for `changed`, the presented key for
+        /// `returned`, the replaced pin for a `trusted` that accepted a new key.
+        other: Option<String>,
+    },
+}
+
+impl RecordBody {
+    /// Which kind of record this is.
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            RecordBody::Message { .. } => RecordKind::Message,
+            RecordBody::Presence { .. } => RecordKind::Presence,
+            RecordBody::Receipt { .. } => RecordKind::Receipt,
+            RecordBody::Key { .. } => RecordKind::Key,
+            RecordBody::Link { .. } => RecordKind::Link,
+        }
+    }
+
+    /// The peer the record is about (what `tail --with` matches).
+    pub fn peer(&self) -> &str {
+        match self {
+            RecordBody::Message { from, to, dir, .. } => match dir {
+                Dir::In => from,
+                Dir::Out => to,
+            },
+            RecordBody::Presence { user, .. } => user,
+            RecordBody::Receipt { to, .. } => to,
+            RecordBody::Key { user, .. } => user,
+            // About no peer: `tail --with` leaves link records out.
+            RecordBody::Link { .. } => "",
+        }
+    }
 }
 
 /// Most names a `Link` record lists: enough for a room, and a large relay (where only contacts'

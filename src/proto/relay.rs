@@ -66,6 +66,26 @@ pub struct Receipt {
     pub tag: [u8; 16],
 }
 
+/// A recipient's request that the sender send a session's key again: it has no key for
+/// `session` (restored from a backup, database lost), so it dropped message `id` of it. Signed by
+/// the recipient's identity key, so the relay can neither forge nor alter it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Rekey {
+    /// The id of the message that could not be opened (also this item's id).
+    #[serde(with = "serde_bytes")]
+    pub id: [u8; 16],
+    /// The recipient of the message, who sends this request.
+    pub from: String,
+    /// The message's sender, who receives it.
+    pub to: String,
+    /// The session whose key is missing.
+    #[serde(with = "serde_bytes")]
+    pub session: [u8; 16],
+    /// RSA-PSS (SHA-256, salt 32) signature by `from` over the rekey transcript.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
 /// Anything the relay stores and forwards for a user.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Routed {
@@ -73,6 +93,8 @@ pub enum Routed {
     Message(Envelope),
     /// A delivery receipt.
     Receipt(Receipt),
+    /// A request to send a session's key again.
+    Rekey(Rekey),
 }
 
 /// Which kind of routed item an acknowledgement is about.
@@ -82,6 +104,8 @@ pub enum Kind {
     Message,
     /// A `Routed::Receipt`.
     Receipt,
+    /// A `Routed::Rekey`.
+    Rekey,
 }
 
 /// Names one routed item: for a receipt, `id` is the id of the message it confirms.
@@ -106,6 +130,10 @@ impl Routed {
                 kind: Kind::Receipt,
                 id: r.id,
             },
+            Routed::Rekey(r) => ItemKey {
+                kind: Kind::Rekey,
+                id: r.id,
+            },
         }
     }
     /// Who sent it.
@@ -113,6 +141,7 @@ impl Routed {
         match self {
             Routed::Message(e) => &e.from,
             Routed::Receipt(r) => &r.from,
+            Routed::Rekey(r) => &r.from,
         }
     }
     /// Who it is for.
@@ -120,6 +149,7 @@ impl Routed {
         match self {
             Routed::Message(e) => &e.to,
             Routed::Receipt(r) => &r.to,
+            Routed::Rekey(r) => &r.to,
         }
     }
 }

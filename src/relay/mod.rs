@@ -19,8 +19,10 @@ use rand::{RngCore, SeedableRng};
 use crate::crypto::{login_transcript, PublicKey};
 use crate::proto::control::{PeerView, TrustState};
 use crate::proto::frame::MAX_FRAME;
-use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Peer, RefuseCode, Routed, ToRelay};
-use crate::proto::{from_payload_whole, to_payload, valid_user, DELIVER_PREFIX, SEND_PREFIX};
+use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Kind, Peer, RefuseCode, Routed, ToRelay};
+use crate::proto::{
+    from_payload, from_payload_whole, to_payload, valid_user, DELIVER_PREFIX, SEND_PREFIX,
+};
 use crate::store::{RelayStore, StoreError};
 
 mod error;
@@ -62,6 +64,8 @@ impl From<u64> for ConnId {
 pub struct Limits {
     /// Items queued per user before new items for them are refused.
     pub max_queue: usize,
+    /// Encoded bytes queued per user before new items for them are refused.
+    pub max_queue_bytes: usize,
     /// A connection must log in within this long.
     pub handshake_timeout_ms: u64,
     /// A logged-in connection that sends nothing for this long is closed.
@@ -89,6 +93,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_queue: 10_000,
+            // 64 MiB: a thousand of the largest messages a member sends (64 KiB of text each),
+            // or 64 frames at the 1 MiB cap, per user; the relay's disk is what it protects.
+            max_queue_bytes: 64 << 20,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
             window_bytes: 8 << 20,
@@ -624,7 +631,28 @@ impl Relay {
         if !self.bindings.contains_key(user) {
             return Ok(false);
         }
+        let dropped = self.dropped_messages(user, store)?;
+        let reason =
+            format!("the relay operator forgot {user}; the message was dropped undelivered");
+        for (sender, key) in &dropped {
+            if !self.online.contains_key(sender) {
+                store.add_notice(sender, *key, &reason)?;
+            }
+        }
         store.unbind(user)?;
+        // Tell the senders online now; the others hear it at their next login.
+        for (sender, key) in dropped {
+            if let Some(id) = self.online.get(&sender).copied() {
+                self.out.push_back(Out::Send(
+                    id,
+                    FromRelay::Refused {
+                        key,
+                        code: RefuseCode::Forgotten,
+                        reason: reason.clone(),
+                    },
+                ));
+            }
+        }
         if let Some(id) = self.online.get(user).copied() {
             self.close_with(
                 id,
@@ -652,6 +680,35 @@ impl Relay {
         }
         info!("forgot {user}: binding and queue dropped");
         Ok(true)
+    }
+
+    /// The messages queued for `user`, with their senders: what a `forget` drops undelivered.
+    /// Read one at a time (only the header is kept), so a long queue costs no more memory.
+    fn dropped_messages(
+        &self,
+        user: &str,
+        store: &dyn RelayStore,
+    ) -> Result<Vec<(String, ItemKey)>, StoreError> {
+        let Some(q) = self.queues.get(user) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (key, _) in q.items.iter().filter(|(k, _)| k.kind == Kind::Message) {
+            // Held in memory only (not written yet), or read from the store.
+            let bytes: Arc<[u8]> = match self.unsynced.get(&(user.to_string(), *key)) {
+                Some(u) => Arc::clone(&u.bytes),
+                None => match store.queued_item(user, *key)? {
+                    Some(b) => b.into(),
+                    None => continue,
+                },
+            };
+            if let Ok(item) = from_payload::<Routed>(&bytes) {
+                if item.from() != user {
+                    out.push((item.from().to_string(), *key));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Registered names, for `who` on a relay: at most `max` that start with `prefix`, after
@@ -912,7 +969,29 @@ impl Relay {
             q.sent_bytes = 0;
         }
         self.fill(&user, store);
+        self.tell_dropped(id, &user, store);
         Ok(())
+    }
+
+    /// Send `user` (just logged in on `id`) a `Refused` for each of their accepted items that a
+    /// `forget` dropped while they were away. A notice that cannot be read is left for the next
+    /// login.
+    fn tell_dropped(&mut self, id: ConnId, user: &str, store: &mut dyn RelayStore) {
+        match store.take_notices(user) {
+            Ok(notices) => {
+                for (key, reason) in notices {
+                    self.out.push_back(Out::Send(
+                        id,
+                        FromRelay::Refused {
+                            key,
+                            code: RefuseCode::Forgotten,
+                            reason,
+                        },
+                    ));
+                }
+            }
+            Err(e) => warn!("cannot read the notices for {user}: {e}"),
+        }
     }
 
     /// Whether a new name may be bound to `key` now (docs/LIMITS.md, "Registrations").
@@ -1040,6 +1119,35 @@ impl Relay {
                     bytes.len()
                 ),
             ));
+            return;
+        }
+        if bytes.len() > self.limits.max_queue_bytes {
+            // Never fits, however empty the queue: refused for good, not "try again".
+            let r = refuse(
+                RefuseCode::TooLarge,
+                format!(
+                    "the item is {} bytes, more than the relay queues for anyone (max_queue_bytes {})",
+                    bytes.len(),
+                    self.limits.max_queue_bytes
+                ),
+            );
+            self.out.push_back(r);
+            return;
+        }
+        // Items in memory only count too: they are queued like the written ones.
+        if queue.bytes + bytes.len() > self.limits.max_queue_bytes {
+            info!(
+                "refused an item from {user} for {to}: queue full ({} bytes queued, max_queue_bytes {})",
+                queue.bytes, self.limits.max_queue_bytes
+            );
+            let r = refuse(
+                RefuseCode::QueueFull,
+                format!(
+                    "{to}'s queue on the relay is full ({} of {} bytes, max_queue_bytes); try again when they have caught up",
+                    queue.bytes, self.limits.max_queue_bytes
+                ),
+            );
+            self.out.push_back(r);
             return;
         }
         let size = bytes.len();

@@ -16,12 +16,15 @@ pub(super) struct UserQueue {
     pub(super) keys: HashSet<ItemKey>,
     pub(super) sent: usize,
     pub(super) sent_bytes: usize,
+    /// Encoded bytes of every item queued (what `max_queue_bytes` bounds).
+    pub(super) bytes: usize,
 }
 
 impl UserQueue {
     pub(super) fn push(&mut self, key: ItemKey, size: usize) {
         self.keys.insert(key);
         self.items.push_back((key, size));
+        self.bytes += size;
     }
 
     pub(super) fn remove(&mut self, key: ItemKey) -> bool {
@@ -30,6 +33,7 @@ impl UserQueue {
         }
         if let Some(pos) = self.items.iter().position(|(k, _)| *k == key) {
             if let Some((_, size)) = self.items.remove(pos) {
+                self.bytes = self.bytes.saturating_sub(size);
                 if pos < self.sent {
                     self.sent -= 1;
                     self.sent_bytes = self.sent_bytes.saturating_sub(size);

@@ -949,6 +949,12 @@ impl RelayStore for FailOne {
     fn queued_item(&self, user: &str, key: ItemKey) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.queued_item(user, key)
     }
+    fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<(), StoreError> {
+        self.inner.add_notice(user, key, reason)
+    }
+    fn take_notices(&mut self, user: &str) -> Result<Vec<(ItemKey, String)>, StoreError> {
+        self.inner.take_notices(user)
+    }
 }
 
 /// An acknowledgement the store could not apply leaves the item queued, in memory and on disk,

@@ -14,8 +14,10 @@ impl Store {
         self.check_write()?;
         let blob = to_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.conn
-            .prepare_cached("INSERT INTO history (time_ms, peer, body) VALUES (?1, ?2, ?3)")?
-            .execute(params![time_ms as i64, peer, blob])?;
+            .prepare_cached(
+                "INSERT INTO history (time_ms, peer, body, kind) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![time_ms as i64, peer, blob, body.kind().as_str()])?;
         let seq = self.conn.last_insert_rowid() as u64;
         Ok(Record { seq, time_ms, body })
     }
@@ -28,16 +30,17 @@ impl Store {
         peer: Option<&str>,
         last: Option<u64>,
     ) -> Result<Vec<Record>> {
+        let filter = Filter::peer(peer);
         let after = match last {
-            Some(n) => self.start_of_last(since, peer, n)?,
+            Some(n) => self.start_of_last(since, &filter, n)?,
             None => since,
         };
-        self.page(after, peer, i64::MAX as u64)
+        self.page(after, &filter, i64::MAX as u64)
     }
 
-    /// The seq after which the last `n` records newer than `since` (only `peer`'s, if given)
-    /// begin; `since` when there are fewer.
-    pub fn start_of_last(&self, since: u64, peer: Option<&str>, n: u64) -> Result<u64> {
+    /// The seq after which the last `n` records newer than `since` that pass `filter` begin;
+    /// `since` when there are fewer.
+    pub fn start_of_last(&self, since: u64, filter: &Filter, n: u64) -> Result<u64> {
         if n == 0 {
             return Ok(self.last_seq()?.max(since));
         }
@@ -45,10 +48,16 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT seq FROM history WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+                 AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
                  ORDER BY seq DESC LIMIT 1 OFFSET ?3",
             )?
             .query_row(
-                params![since as i64, peer, (n - 1).min(i64::MAX as u64) as i64],
+                params![
+                    since as i64,
+                    filter.peer.as_deref(),
+                    (n - 1).min(i64::MAX as u64) as i64,
+                    filter.kinds_param()
+                ],
                 |r| r.get(0),
             )
             .optional()?;
@@ -58,14 +67,20 @@ impl Store {
         })
     }
 
-    /// Up to `limit` records with seq > `after` (only `peer`'s, if given), oldest first.
-    pub fn page(&self, after: u64, peer: Option<&str>, limit: u64) -> Result<Vec<Record>> {
+    /// Up to `limit` records with seq > `after` that pass `filter`, oldest first.
+    pub fn page(&self, after: u64, filter: &Filter, limit: u64) -> Result<Vec<Record>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, time_ms, body FROM history
              WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
+             AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
              ORDER BY seq ASC LIMIT ?3",
         )?;
-        let out = history_rows(stmt.query(params![after as i64, peer, limit as i64])?)?;
+        let out = history_rows(stmt.query(params![
+            after as i64,
+            filter.peer.as_deref(),
+            limit as i64,
+            filter.kinds_param()
+        ])?)?;
         Ok(out)
     }
 
@@ -160,10 +175,45 @@ impl Store {
     /// Set a sent message's state.
     pub fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
         self.check_write()?;
+        // A settled message is never sent again: its kept envelope goes.
         self.conn
-            .prepare_cached("UPDATE messages SET state = ?2 WHERE id = ?1")?
+            .prepare_cached(
+                "UPDATE messages SET state = ?2,
+                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END
+                 WHERE id = ?1",
+            )?
             .execute(params![&id[..], state_str(state)])?;
         Ok(())
+    }
+
+    /// Keep a sent message's encoded envelope until it is settled, so it can be sent again with
+    /// its session's key packet if the recipient lost the key.
+    pub fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached("UPDATE messages SET item = ?2 WHERE id = ?1 AND dir = 'out'")?
+            .execute(params![&id[..], item])?;
+        Ok(())
+    }
+
+    /// The kept envelopes of messages to `peer` in `session` that are not settled yet, in
+    /// counter order.
+    pub fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, item FROM messages
+             WHERE dir = 'out' AND peer = ?1 AND session = ?2 AND item IS NOT NULL
+             AND state IN ('queued', 'relayed')
+             ORDER BY counter",
+        )?;
+        let rows = stmt.query_map(params![peer, &session[..]], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, item) = row?;
+            out.push((id16(id)?, item));
+        }
+        Ok(out)
     }
 
     // ---- member: outbox ----
@@ -236,20 +286,59 @@ impl Store {
         Ok(())
     }
 
-    /// Envelopes held from `peer`, oldest first.
-    pub fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, item FROM held WHERE peer = ?1 ORDER BY seq")?;
-        let rows = stmt.query_map(params![peer], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
+    /// Up to `limit` envelopes held from `peer` with `after` < seq <= `upto`, oldest first, each
+    /// with its seq: a release reads them in bounded batches, never all at once.
+    pub fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, id, item FROM held WHERE peer = ?1 AND seq > ?2 AND seq <= ?3
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![peer, after as i64, upto as i64, limit as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, item) = row?;
-            out.push((id16(id)?, item));
+            let (seq, id, item) = row?;
+            out.push((seq as u64, id16(id)?, item));
         }
         Ok(out)
+    }
+
+    /// How many envelopes are held, and their bytes: from `peer`, or from everyone.
+    pub fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)> {
+        let (n, bytes): (i64, i64) = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(length(item)), 0) FROM held
+                 WHERE ?1 IS NULL OR peer = ?1",
+            )?
+            .query_row(params![peer], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((n as u64, bytes as u64))
+    }
+
+    /// The highest seq of the held table (0 when empty).
+    pub fn held_last_seq(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM held")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Drop everything held from `peer`; how many envelopes and bytes that was.
+    pub fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)> {
+        self.check_write()?;
+        let size = self.held_size(Some(peer))?;
+        self.conn
+            .prepare_cached("DELETE FROM held WHERE peer = ?1")?
+            .execute(params![peer])?;
+        Ok(size)
     }
 
     /// Drop a held envelope.
@@ -328,6 +417,16 @@ impl Store {
             });
         }
         Ok(pins)
+    }
+
+    /// Remove `user`'s pin; true if there was one.
+    pub fn delete_pin(&mut self, user: &str) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM pins WHERE user = ?1")?
+            .execute(params![user])?;
+        Ok(n == 1)
     }
 
     /// Insert or replace a pin.

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use crate::proto::control::{Dir, MsgState, Record, RecordBody};
+use crate::proto::control::{Dir, MsgState, Record, RecordBody, RecordKind};
 use crate::proto::relay::{ItemKey, Kind};
 use crate::proto::{from_payload, to_payload};
 
@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     time_ms INTEGER NOT NULL,
     peer TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    kind TEXT
 );
 CREATE INDEX IF NOT EXISTS history_peer ON history(peer, seq);
 CREATE TABLE IF NOT EXISTS messages (
@@ -77,7 +78,8 @@ CREATE TABLE IF NOT EXISTS messages (
     dir TEXT NOT NULL,
     state TEXT NOT NULL,
     session BLOB NOT NULL,
-    counter INTEGER NOT NULL
+    counter INTEGER NOT NULL,
+    item BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages(peer, session, counter) WHERE dir = 'in';
 CREATE TABLE IF NOT EXISTS outbox (
@@ -108,6 +110,13 @@ CREATE TABLE IF NOT EXISTS held (
 CREATE TABLE IF NOT EXISTS bindings (
     user TEXT PRIMARY KEY,
     key BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS notices (
+    user TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    id BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY(user, kind, id)
 );
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -158,6 +167,9 @@ impl PinTrust {
     }
 }
 
+/// A held envelope as stored: its seq in the held table, message id, encoded `Routed` item.
+pub type Held = (u64, [u8; 16], Vec<u8>);
+
 /// A sent message as stored: recipient, session, counter, state.
 pub type Outgoing = (String, [u8; 16], u64, MsgState);
 
@@ -183,6 +195,7 @@ fn kind_str(k: Kind) -> &'static str {
     match k {
         Kind::Message => "message",
         Kind::Receipt => "receipt",
+        Kind::Rekey => "rekey",
     }
 }
 
@@ -190,6 +203,7 @@ fn kind_parse(s: &str) -> Result<Kind> {
     match s {
         "message" => Ok(Kind::Message),
         "receipt" => Ok(Kind::Receipt),
+        "rekey" => Ok(Kind::Rekey),
         other => Err(StoreError::Corrupt(format!("unknown item kind {other:?}"))),
     }
 }
@@ -212,6 +226,91 @@ fn state_parse(s: &str) -> Result<MsgState> {
         other => Err(StoreError::Corrupt(format!(
             "unknown message state {other:?}"
         ))),
+    }
+}
+
+/// A database from before `tail --kind` has no `kind` column in its history: add it and fill it
+/// in from each record's body, once, so filtering by kind is one indexed SQL condition.
+fn add_history_kind(conn: &Connection) -> Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('history') WHERE name = 'kind'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE history ADD COLUMN kind TEXT")?;
+    }
+    let mut todo = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT seq, body FROM history WHERE kind IS NULL")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (seq, body): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
+            let body: RecordBody =
+                from_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            todo.push((seq, body.kind()));
+        }
+    }
+    if !todo.is_empty() {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        for (seq, kind) in todo {
+            conn.execute(
+                "UPDATE history SET kind = ?1 WHERE seq = ?2",
+                rusqlite::params![kind.as_str(), seq],
+            )?;
+        }
+        conn.execute_batch("COMMIT")?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS history_kind ON history(kind, seq)")?;
+    Ok(())
+}
+
+/// A database from before rekey requests has no `item` column in `messages`: add it (empty for
+/// the messages sent before, which therefore cannot be sent again with a key packet).
+fn add_sent_item(conn: &Connection) -> Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'item'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN item BLOB")?;
+    }
+    Ok(())
+}
+
+/// Which history records a `tail` reads: only one peer's, only some kinds (empty: every kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only records about this peer.
+    pub peer: Option<String>,
+    /// Only records of these kinds; empty for all.
+    pub kinds: Vec<RecordKind>,
+}
+
+impl Filter {
+    /// Only `peer`'s records, of every kind.
+    pub fn peer(peer: Option<&str>) -> Filter {
+        Filter {
+            peer: peer.map(str::to_string),
+            kinds: Vec::new(),
+        }
+    }
+
+    /// The kinds as one SQL parameter, `,message,key,` (NULL for every kind), matched with
+    /// `instr`, so the statement stays one cached statement whatever the list.
+    fn kinds_param(&self) -> Option<String> {
+        if self.kinds.is_empty() {
+            return None;
+        }
+        let mut s = String::from(",");
+        for k in &self.kinds {
+            s.push_str(k.as_str());
+            s.push(',');
+        }
+        Some(s)
+    }
+
+    /// Whether `r` passes (the same test as the SQL, for followers).
+    pub fn matches(&self, r: &Record) -> bool {
+        self.peer.as_deref().map_or(true, |p| p == r.body.peer())
+            && (self.kinds.is_empty() || self.kinds.contains(&r.body.kind()))
     }
 }
 
@@ -259,6 +358,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        add_history_kind(&conn)?;
+        add_sent_item(&conn)?;
         Ok(Store {
             conn,
             in_tx: false,

@@ -39,6 +39,46 @@ impl Store {
         Ok(())
     }
 
+    // ---- relay: notices for senders whose queued items were dropped ----
+
+    /// Remember to tell `user` that their item `key` was dropped, and why (idempotent).
+    pub fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<()> {
+        self.check_write()?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO notices (user, kind, id, reason) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![user, kind_str(key.kind), &key.id[..], reason])?;
+        Ok(())
+    }
+
+    /// Take every notice for `user`: returned, and gone from the table.
+    pub fn take_notices(&mut self, user: &str) -> Result<Vec<(ItemKey, String)>> {
+        self.check_write()?;
+        let mut out = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT kind, id, reason FROM notices WHERE user = ?1")?;
+            let mut rows = stmt.query(params![user])?;
+            while let Some(r) = rows.next()? {
+                let (kind, id, reason): (String, Vec<u8>, String) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?);
+                out.push((
+                    ItemKey {
+                        kind: kind_parse(&kind)?,
+                        id: id16(id)?,
+                    },
+                    reason,
+                ));
+            }
+        }
+        self.conn
+            .prepare_cached("DELETE FROM notices WHERE user = ?1")?
+            .execute(params![user])?;
+        Ok(out)
+    }
+
     // ---- relay: queues ----
 
     /// Queue an item for `user` (idempotent).

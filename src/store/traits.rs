@@ -14,7 +14,7 @@
 use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::ItemKey;
 
-use super::{Outgoing, Pin, Result, Store};
+use super::{Held, Outgoing, Pin, Result, Store};
 
 /// What the relay core reads and writes: name bindings and queued items.
 pub trait RelayStore {
@@ -24,6 +24,10 @@ pub trait RelayStore {
     fn bind(&mut self, user: &str, key: &[u8]) -> Result<()>;
     /// Drop a name's binding and its queue.
     fn unbind(&mut self, user: &str) -> Result<()>;
+    /// Remember to tell `user` that their item `key` was dropped, and why.
+    fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<()>;
+    /// Take (read and delete) every notice for `user`.
+    fn take_notices(&mut self, user: &str) -> Result<Vec<(ItemKey, String)>>;
     /// Queue an item for `user` (idempotent).
     fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()>;
     /// Drop an acknowledged item.
@@ -57,6 +61,10 @@ pub trait MemberStore {
     fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>>;
     /// Set a sent message's state.
     fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()>;
+    /// Keep a sent message's encoded envelope until it is settled.
+    fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()>;
+    /// Kept envelopes of unsettled messages to `peer` in `session`, in counter order.
+    fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>>;
     /// Add an item to the outbox.
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()>;
     /// Remove an item from the outbox; true if it was there.
@@ -65,8 +73,14 @@ pub trait MemberStore {
     fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>>;
     /// Hold an envelope that cannot be opened yet.
     fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()>;
-    /// Every envelope held from `peer`.
-    fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>>;
+    /// Up to `limit` envelopes held from `peer` with `after` < seq <= `upto`, oldest first.
+    fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>>;
+    /// Envelopes held (from `peer`, or from everyone) and their bytes.
+    fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)>;
+    /// The highest seq of the held envelopes (0 when none).
+    fn held_last_seq(&self) -> Result<u64>;
+    /// Drop everything held from `peer`; how many envelopes and bytes that was.
+    fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)>;
     /// Drop a held envelope.
     fn unhold(&mut self, id: &[u8; 16]) -> Result<()>;
     /// Store a session key; `sending` selects sending or receiving sessions.
@@ -83,6 +97,8 @@ pub trait MemberStore {
     fn pins(&self) -> Result<Vec<Pin>>;
     /// Insert or replace a pin.
     fn put_pin(&mut self, pin: &Pin) -> Result<()>;
+    /// Remove a pin; true if there was one.
+    fn delete_pin(&mut self, user: &str) -> Result<bool>;
     /// Start a unit of work inside the turn, so a failure part-way undoes only that unit.
     fn savepoint(&mut self) -> Result<()>;
     /// Keep the unit's writes (they commit with the turn).
@@ -102,6 +118,12 @@ impl RelayStore for Store {
     }
     fn unbind(&mut self, user: &str) -> Result<()> {
         Store::unbind(self, user)
+    }
+    fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<()> {
+        Store::add_notice(self, user, key, reason)
+    }
+    fn take_notices(&mut self, user: &str) -> Result<Vec<(ItemKey, String)>> {
+        Store::take_notices(self, user)
     }
     fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()> {
         Store::enqueue(self, user, key, item)
@@ -147,6 +169,12 @@ impl MemberStore for Store {
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
         Store::outbox_push(self, key, item)
     }
+    fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
+        Store::keep_sent(self, id, item)
+    }
+    fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
+        Store::unsettled(self, peer, session)
+    }
     fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
         Store::outbox_remove(self, key)
     }
@@ -156,8 +184,17 @@ impl MemberStore for Store {
     fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()> {
         Store::hold(self, id, peer, item)
     }
-    fn held(&self, peer: &str) -> Result<Vec<([u8; 16], Vec<u8>)>> {
-        Store::held(self, peer)
+    fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>> {
+        Store::held_batch(self, peer, after, upto, limit)
+    }
+    fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)> {
+        Store::held_size(self, peer)
+    }
+    fn held_last_seq(&self) -> Result<u64> {
+        Store::held_last_seq(self)
+    }
+    fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)> {
+        Store::drop_held(self, peer)
     }
     fn unhold(&mut self, id: &[u8; 16]) -> Result<()> {
         Store::unhold(self, id)
@@ -179,6 +216,9 @@ impl MemberStore for Store {
     }
     fn put_pin(&mut self, pin: &Pin) -> Result<()> {
         Store::put_pin(self, pin)
+    }
+    fn delete_pin(&mut self, user: &str) -> Result<bool> {
+        Store::delete_pin(self, user)
     }
     fn savepoint(&mut self) -> Result<()> {
         Store::savepoint(self)

@@ -499,7 +499,7 @@ impl Daemon {
         }
     }
 
-    fn ctl_cmd(&self, args: &[&str]) -> Command {
+    pub fn ctl_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = chatctl_cmd();
         cmd.arg("--socket").arg(self.socket()).args(args);
         cmd

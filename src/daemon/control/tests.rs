@@ -11,6 +11,7 @@ use super::*;
 use crate::crypto::Identity;
 use crate::host::{self, Cores, Link, CLOSED_BY_RELAY};
 use crate::member::{self, Member};
+use crate::proto::control::RecordBody;
 use crate::relay::{Limits, Relay};
 
 const T0: u64 = 1_000_000;
@@ -143,6 +144,7 @@ fn tail(last: Option<u64>, with: Option<&str>, follow: bool) -> CtlRequest {
         since: None,
         with: with.map(str::to_string),
         follow,
+        kinds: Vec::new(),
     }
 }
 
@@ -279,6 +281,12 @@ fn send_wait_times_out_while_the_recipient_is_away() {
         )] => {
             assert!(message.starts_with("timed out after 2 s waiting for delivered"));
             assert_eq!(sent[0].state, MsgState::Relayed);
+            // Only what chatd knows: the relay has it, nothing promises delivery.
+            assert!(
+                message.contains("cannot tell whether it will be delivered"),
+                "{message}"
+            );
+            assert!(!message.contains("will still be delivered"), "{message}");
         }
         other => panic!("{other:?}"),
     }
