@@ -16,7 +16,8 @@
 //!   bytes of ciphertext to their own receiver, keeping at most `--window` sent and not yet
 //!   `Accepted` (the credit window a member's outbox has); each receiver `Ack`s every `Deliver`,
 //!   as a member does once it stored the message. Messages per second from the first send to the
-//!   last delivery, over all pairs.
+//!   last delivery, over all pairs; and the relay's CPU time over the run per message (from
+//!   /proc, in 10 ms clock ticks), which the clients on the same machine do not skew.
 //! - **ping-pong**: one message at a time from a to b, b answers with one back to a; the round
 //!   trip (a's send to a's receipt of b's answer, both through the relay, each acknowledged)
 //!   at the 50th and 99th percentile over `--pings` round trips.
@@ -373,7 +374,7 @@ fn throughput(
     keys: &[Identity],
     pairs: usize,
     messages: usize,
-) -> Result<(f64, Mode), String> {
+) -> Result<(f64, Option<f64>, Mode), String> {
     let relay = RelayProc::start(chatd)?;
     let mode = common::probe(relay.addr).map_err(|e| format!("probe: {e}"))?;
     let senders: Vec<String> = (0..pairs).map(|i| format!("s{i:03}")).collect();
@@ -382,7 +383,7 @@ fn throughput(
     let tx = login_all(relay.addr, mode, &senders, keys)?;
     let start = Arc::new(Barrier::new(2 * pairs + 1));
     let (window, size) = (o.window, o.size);
-    let took = thread::scope(|s| -> Result<Duration, String> {
+    let took = thread::scope(|s| -> Result<(Duration, Option<Duration>), String> {
         let mut hs = Vec::new();
         for mut m in rx {
             let start = Arc::clone(&start);
@@ -433,6 +434,7 @@ fn throughput(
         }
         start.wait();
         let t0 = Instant::now();
+        let cpu0 = common::cpu_time(relay.child.id());
         let mut last = t0;
         for h in hs {
             let t = h
@@ -440,10 +442,17 @@ fn throughput(
                 .map_err(|_| "a member thread panicked".to_string())??;
             last = last.max(t);
         }
-        Ok(last - t0)
+        Ok((last - t0, cpu0))
     })?;
+    let (took, cpu0) = took;
+    // What the relay spent on the run (its CPU time over it), per message: the clients share the
+    // machine, so this is the figure that does not depend on them.
+    let n = (pairs * messages) as f64;
+    let per = cpu0
+        .zip(common::cpu_time(relay.child.id()))
+        .map(|(a, z)| z.saturating_sub(a).as_secs_f64() * 1e6 / n);
     drop(relay);
-    Ok(((pairs * messages) as f64 / took.as_secs_f64(), mode))
+    Ok((n / took.as_secs_f64(), per, mode))
 }
 
 /// Round trips a → b → a, one at a time: their durations, sorted.
@@ -565,18 +574,33 @@ fn run(o: &Opts) -> Result<(), String> {
         }
         let m = o.messages.unwrap_or(default_m);
         let mut rates = vec![Vec::new(); o.builds.len()];
+        let mut cpus = vec![Vec::new(); o.builds.len()];
         for run in 1..=o.runs {
             for (i, b) in o.builds.iter().enumerate() {
-                let (rate, mode) = throughput(o, b, &keys, pairs, m)?;
+                let (rate, cpu, mode) = throughput(o, b, &keys, pairs, m)?;
+                let cpu_s = cpu.map_or(String::new(), |c| {
+                    format!(", relay CPU {c:.2} µs per message")
+                });
                 println!(
-                    "  throughput {pairs}->{pairs} run {run} ({mode:?}, {}): {rate:.0} msg/s ({} messages)",
+                    "  throughput {pairs}->{pairs} run {run} ({mode:?}, {}): {rate:.0} msg/s ({} messages){cpu_s}",
                     b.display(),
                     pairs * m
                 );
                 rates[i].push(rate);
+                if let Some(c) = cpu {
+                    cpus[i].push(c);
+                }
             }
         }
         summary(o, &format!("throughput {pairs}->{pairs}"), "msg/s", &rates);
+        if cpus.iter().all(|c| c.len() == o.runs) {
+            summary(
+                o,
+                &format!("relay CPU per message, {pairs}->{pairs}"),
+                "µs",
+                &cpus,
+            );
+        }
     }
     if want("pingpong") {
         let mut p50s = vec![Vec::new(); o.builds.len()];

@@ -215,19 +215,6 @@ fn raise_nofile() -> libc::rlim_t {
     lim.rlim_cur
 }
 
-/// User plus system CPU time of process `pid` (fields 14 and 15 of /proc/PID/stat, in clock
-/// ticks): what a phase cost the relay, whatever else ran on the machine.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; the fields after it do not.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
-}
-
 fn secs(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         format!("{:.0} ms", d.as_secs_f64() * 1000.0)
@@ -1198,7 +1185,7 @@ impl Bench {
     ) -> Phase {
         let start = Instant::now();
         let sign_ns = SIGN_NS.load(Ordering::Relaxed);
-        let cpu_before = cpu_time(relay.pid);
+        let cpu_before = common::cpu_time(relay.pid);
         self.welcomes.clear();
         let mut next = names.start;
         let mut last_progress = Instant::now();
@@ -1267,7 +1254,7 @@ impl Bench {
             sign_busy: (SIGN_NS.load(Ordering::Relaxed) - sign_ns) as f64
                 / (start.elapsed().as_nanos() as f64 * self.threads as f64),
             relay_cpu: cpu_before
-                .zip(cpu_time(relay.pid))
+                .zip(common::cpu_time(relay.pid))
                 .map(|(a, b)| b.saturating_sub(a)),
         }
     }

@@ -1,6 +1,7 @@
 //! What the relay benches share: a client connection that speaks the relay's TLS 1.3 (or plain
 //! TCP to a relay from before TLS, so that one run can measure both builds), blocking or not, and
-//! the login those connections sign.
+//! the login those connections sign, and the relay's CPU time, which the benches divide by the
+//! work done.
 //!
 //! A relay is probed once ([`probe`]): one from before issue 12 sends its `Challenge` as soon as
 //! a connection is accepted; a TLS relay says nothing until it has a ClientHello.
@@ -223,4 +224,17 @@ impl<S: Read + Write> Write for Wire<S> {
         self.flush_tls()?;
         self.sock.flush()
     }
+}
+
+/// User plus system CPU time of process `pid` (fields 14 and 15 of /proc/PID/stat, in clock
+/// ticks): what a phase cost the relay, whatever else ran on the machine.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
