@@ -380,7 +380,8 @@ pub fn relay_core(data: &[u8]) {
     }
     let mut closed = false;
     for (i, payload) in payloads(stream).into_iter().enumerate() {
-        let decoded = from_payload::<ToRelay>(payload).ok();
+        // The relay decodes a frame whole: bytes after the message make it malformed.
+        let decoded = chatd::proto::from_payload_whole::<ToRelay>(payload).ok();
         relay.receive(ConnId(1), payload, NOW + i as u64, &mut store);
         let out = drain_relay(&mut relay);
         let to_1: Vec<&relay::Out> = out
@@ -399,7 +400,13 @@ pub fn relay_core(data: &[u8]) {
         let must_fail = !logged_in
             || !matches!(
                 decoded,
-                Some(ToRelay::Send(_) | ToRelay::Ack(_) | ToRelay::Ping)
+                Some(
+                    ToRelay::Send(_)
+                        | ToRelay::Ack(_)
+                        | ToRelay::Ping
+                        | ToRelay::Lookup(_)
+                        | ToRelay::List { .. }
+                )
             );
         if must_fail {
             match to_1.as_slice() {
