@@ -1759,35 +1759,6 @@ fn a_relay_that_stops_reading_is_dropped_at_max_write_buffer() {
     let _again = accept("bob to reconnect after dropping the link");
 }
 
-/// Raise the soft open-file limit to the hard one (the relay inherits it): the test holds
-/// thousands of member connections.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-    }
-    lim.rlim_cur
-}
-
-/// A `/proc/PID/status` field in KiB (`VmHWM` is the peak resident set).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| fail(&format!("read /proc/{pid}/status: {e}")));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| fail(&format!("no {field} in /proc/{pid}/status")))
-}
-
 /// Issue 8: 2,000 members, each following five others, disconnect at once. Before, every leave
 /// went to every member (2,000 x 2,000 `Presence` frames queued in one turn: about 1.6 GB with
 /// their keys, and the relay aborted on allocation at 7,200). Now a leave goes only to the
@@ -1798,7 +1769,7 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
 #[test]
 fn two_thousand_members_disconnect_at_once_and_the_relay_stays_small() {
     const N: usize = 2000;
-    if raise_nofile() < (N as u64) + 200 {
+    if (raise_nofile() as u64) < (N as u64) + 200 {
         eprintln!("skipped: the open-file limit is below {}", N + 200);
         return;
     }
@@ -1818,7 +1789,9 @@ fn two_thousand_members_disconnect_at_once_and_the_relay_stays_small() {
     );
     relay.wait_ready();
     let addr = relay.addr();
-    let before = proc_kib(relay.pid(), "VmRSS");
+    let before = relay
+        .proc_kib("VmRSS")
+        .unwrap_or_else(|| fail("no VmRSS for the relay"));
     let id = identity();
     let name = |i: usize| format!("m{:04}", i % N);
     let mut conns: Vec<_> = (0..N).map(|i| login(&addr, &name(i), &id)).collect();
@@ -1843,7 +1816,9 @@ fn two_thousand_members_disconnect_at_once_and_the_relay_stays_small() {
     wait_until(DEADLINE, "the relay to see everyone leave", || {
         relay.try_status().is_some_and(|s| s["peers_online"] == 0)
     });
-    let peak = proc_kib(relay.pid(), "VmHWM");
+    let peak = relay
+        .proc_kib("VmHWM")
+        .unwrap_or_else(|| fail("no VmHWM for the relay"));
     eprintln!("relay RSS before the logins {before} KiB, peak {peak} KiB");
     assert!(
         peak.saturating_sub(before) < RSS_GROWTH_LIMIT_KIB,

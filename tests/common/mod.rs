@@ -1118,6 +1118,24 @@ impl Daemon {
     }
 }
 
+/// Raise the soft open-file limit to the hard one and return the limit in force: tests that hold
+/// hundreds or thousands of connections (and the daemons they start, which inherit it) need it.
+pub fn raise_nofile() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
 /// A `/proc/PID/status` field given in kB (e.g. `VmHWM`, `VmRSS`), in KiB.
 pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
