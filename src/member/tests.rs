@@ -1907,16 +1907,7 @@ fn key_change_seen_in_the_welcome_after_being_away() {
     net.join("carol", CAROL2);
     net.connect(a);
     net.transfer();
-    let view = net.who(a, "carol");
-    assert_eq!(view.trust, "changed");
-    assert_eq!(
-        view.presented,
-        Some(public(CAROL2).fingerprint().to_string())
-    );
-    assert!(matches!(
-        net.try_send(a, &["carol"], "x"),
-        Err(MemberError::KeyChanged { .. })
-    ));
+    assert_changed_to(&mut net, a, "carol", CAROL2);
 }
 
 /// A relay that presents another key and then the pinned one again cannot erase the warning:
@@ -2229,16 +2220,7 @@ fn a_key_change_is_caught_at_login_and_by_presence_on_a_large_relay() {
     net.forget("carol");
     net.transfer();
     net.join("carol", CAROL2);
-    let view = net.who(a, "carol");
-    assert_eq!(view.trust, "changed");
-    assert_eq!(
-        view.presented,
-        Some(public(CAROL2).fingerprint().to_string())
-    );
-    assert!(matches!(
-        net.try_send(a, &["carol"], "x"),
-        Err(MemberError::KeyChanged { .. })
-    ));
+    assert_changed_to(&mut net, a, "carol", CAROL2);
     // And after a restart, the login's lookup of every contact finds it again.
     net.restart(a);
     net.connect(a);
@@ -2440,4 +2422,15 @@ fn a_wide_send_is_sealed_over_several_ticks() {
     assert_eq!(id, job);
     assert_eq!(result.unwrap().len(), many);
     assert_eq!(net.history(a).len(), before + many);
+}
+
+/// `user` is `changed` at node `a`, presenting test key `key`, and a send to them is refused.
+fn assert_changed_to(net: &mut Net, a: usize, user: &str, key: usize) {
+    let view = net.who(a, user);
+    assert_eq!(view.trust, "changed");
+    assert_eq!(view.presented, Some(public(key).fingerprint().to_string()));
+    assert!(matches!(
+        net.try_send(a, &[user], "x"),
+        Err(MemberError::KeyChanged { .. })
+    ));
 }
