@@ -52,7 +52,7 @@ pub enum WaitArg {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`;
-    /// without TEXT every line of stdin is one message
+    /// without TEXT every line of stdin is one message (on a terminal, one line on stderr says so first)
     Send {
         /// Send to every peer online now
         #[arg(long)]
