@@ -1059,6 +1059,13 @@ pub(crate) fn run(
         .into());
     };
     let until = end_seq(&mut client)?;
+    // The contacts before the first frame, so the status line never starts on a wrong
+    // "not a contact yet" for a peer that is pinned.
+    let mut contacts = Vec::new();
+    who_stream(&mut client, &CtlRequest::Who, |chunk| {
+        contacts.extend(chunk);
+        Ok(())
+    })?;
     drop(client);
     let (tx, rx) = mpsc::channel();
     follow(path, Some(lines), since, None, tx.clone())?;
@@ -1086,7 +1093,7 @@ pub(crate) fn run(
         let at = chat.conv(u);
         chat.switch(at);
     }
-    let _ = jobs.send(Job::Who { show: false });
+    let _ = chat.answer(Answer::Who(contacts, false));
 
     let mut terminal = ratatui::try_init()
         .map_err(|e| fail(exit::FAILED, format!("cannot set up the terminal: {e}")))?;
