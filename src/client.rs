@@ -75,6 +75,18 @@ impl Client {
             .map_err(|e| ClientError::Lost(FrameError::Io(e)))
     }
 
+    /// Send several requests in one write, without waiting for any answer (the daemon answers
+    /// a client's requests in the order they came).
+    pub fn send_all(&mut self, reqs: &[CtlRequest]) -> Result<(), ClientError> {
+        for req in reqs {
+            let payload = to_payload(req).map_err(ClientError::Proto)?;
+            frame::write_to(&mut self.writer, &payload).map_err(ClientError::Lost)?;
+        }
+        self.writer
+            .flush()
+            .map_err(|e| ClientError::Lost(FrameError::Io(e)))
+    }
+
     /// Read one response.
     pub fn recv(&mut self) -> Result<CtlResponse, ClientError> {
         match frame::read_from(&mut self.reader, MAX_FRAME) {

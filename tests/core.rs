@@ -468,6 +468,109 @@ fn send_from_stdin_sends_one_message_per_line_in_order() {
     assert_eq!(alice.texts("out"), vec!["a", "b"]);
 }
 
+#[test]
+fn send_from_stdin_pipelines_a_burst_and_reports_every_line_in_order() {
+    let relay = Daemon::relay();
+    let alice = Daemon::member("alice", &relay.addr());
+    let bob = Daemon::member("bob", &relay.addr());
+    alice.wait_peer_online("bob", true);
+
+    // More lines than one window (256), all there at once, as from a file.
+    let n = 600;
+    let input: String = (0..n).map(|i| format!("line {i:04}\n")).collect();
+    let out = alice.ctl_stdin(
+        &["--json", "send", "--wait", "none", "bob"],
+        input.as_bytes(),
+    );
+    assert_exit(&out, 0, "send 600 lines from stdin");
+    let r = parse_json_lines(&out.stdout);
+    assert_eq!(r.len(), n, "one result per line");
+    let ids: Vec<&str> = r.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    let unique: std::collections::HashSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), n, "a message id per line");
+
+    bob.wait_message("line 0599");
+    let got = bob.tail(&[]);
+    let texts: Vec<&str> = got
+        .iter()
+        .filter(|m| m["kind"] == "message" && m["from"] == "alice")
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    let want: Vec<String> = (0..n).map(|i| format!("line {i:04}")).collect();
+    assert_eq!(texts, want, "every line once, in order");
+    // The results are in the lines' order: the ids match what bob stored, one by one.
+    let stored: Vec<&str> = got
+        .iter()
+        .filter(|m| m["kind"] == "message" && m["from"] == "alice")
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(stored, ids);
+}
+
+#[test]
+fn a_bad_line_in_a_burst_ends_the_send_after_the_lines_before_it_are_sent() {
+    let relay = Daemon::relay();
+    let alice = Daemon::member("alice", &relay.addr());
+    let bob = Daemon::member("bob", &relay.addr());
+    alice.wait_peer_online("bob", true);
+
+    let mut input = b"first\nsecond\n".to_vec();
+    input.extend_from_slice(b"\xff\xfe not UTF-8\nfourth\n");
+    let out = alice.ctl_stdin(&["--json", "send", "--wait", "relay", "bob"], &input);
+    assert_exit(&out, 1, "a line that is not UTF-8");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not valid UTF-8"), "{err}");
+    let r = parse_json_lines(&out.stdout);
+    assert_eq!(
+        r.len(),
+        2,
+        "the two lines before it were sent and reported: {r:?}"
+    );
+    bob.wait_message("second");
+    assert_eq!(
+        alice.texts("out"),
+        vec!["first", "second"],
+        "nothing after the bad line"
+    );
+}
+
+#[test]
+fn control_answers_keep_the_order_of_pipelined_requests() {
+    use chatd::client::Client;
+    use chatd::proto::control::{CtlRequest, CtlResponse, Wait};
+    let relay = Daemon::relay();
+    let alice = Daemon::member("alice", &relay.addr());
+    let bob = Daemon::member("bob", &relay.addr());
+    alice.wait_peer_online("bob", true);
+
+    // The first request waits on a key lookup at the relay (nobody is pinned as "nemo"); the
+    // second could be answered at once. Its answer must still come second.
+    let send = |to: &str, text: &str| CtlRequest::Send {
+        to: vec![to.to_string()],
+        all: false,
+        text: text.to_string(),
+        wait: Wait::None,
+        timeout_ms: 10_000,
+    };
+    let mut c = Client::connect(&alice.socket()).expect("connect");
+    c.send_all(&[send("nemo", "to nobody"), send("bob", "to bob")])
+        .expect("two requests in one write");
+    match c.recv().expect("first answer") {
+        CtlResponse::Error { message, .. } => {
+            assert!(
+                message.contains("nemo"),
+                "the lookup's answer first: {message}"
+            )
+        }
+        other => panic!("first answer is the refusal for nemo, got {other:?}"),
+    }
+    match c.recv().expect("second answer") {
+        CtlResponse::Sent(list) => assert_eq!(list[0].to, "bob"),
+        other => panic!("second answer is bob's, got {other:?}"),
+    }
+    bob.wait_message("to bob");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Point 4: tail.
 

@@ -52,7 +52,9 @@ pub enum WaitArg {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Send a message: `send USER [TEXT...]`, `send USER... -- [TEXT...]`, `send --all [TEXT...]`;
-    /// without TEXT every line of stdin is one message (on a terminal, one line on stderr says so first)
+    /// without TEXT every line of stdin is one message, one result printed per line in order (lines
+    /// already waiting go out together, up to 256, without waiting for each answer; on a terminal,
+    /// one line on stderr says what send waits for first)
     Send {
         /// Send to every peer online now
         #[arg(long)]
@@ -509,20 +511,59 @@ fn send(
                 // A person at a terminal would otherwise see a command that seems to hang.
                 let _ = writeln!(io::stderr(), "{}", waiting_line(&users, all));
             }
+            // Lines that are already there (a pipe, a file) go out together, up to a window,
+            // without waiting for each answer: the daemon seals and stores them in one turn
+            // and answers in order. A line that comes alone (a person, a slow producer) is
+            // answered before the next one is read, so its result shows at once.
+            let mut reader = io::BufReader::with_capacity(64 * 1024, stdin);
             let mut buf = Vec::new();
-            let mut lock = stdin.lock();
             loop {
-                buf.clear();
-                let n = lock
-                    .read_until(b'\n', &mut buf)
-                    .map_err(|e| fail(exit::FAILED, format!("cannot read stdin: {e}")))?;
-                if n == 0 {
-                    return Ok(());
+                let mut burst = Vec::new();
+                let mut eof = false;
+                // A bad line ends the command as before, once the lines before it are sent.
+                let mut bad: Option<Step> = None;
+                while burst.len() < SEND_WINDOW {
+                    buf.clear();
+                    let n = match reader.read_until(b'\n', &mut buf) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            bad =
+                                Some(fail(exit::FAILED, format!("cannot read stdin: {e}")).into());
+                            break;
+                        }
+                    };
+                    if n == 0 {
+                        eof = true;
+                        break;
+                    }
+                    let req = chat::line_text(std::mem::take(&mut buf)).and_then(|line| {
+                        line.map(|text| {
+                            send_request(
+                                users.clone(),
+                                all,
+                                text,
+                                wait,
+                                timeout.saturating_mul(1000),
+                            )
+                        })
+                        .transpose()
+                    });
+                    match req {
+                        Ok(Some(r)) => burst.push(r),
+                        Ok(None) => {}
+                        Err(e) => {
+                            bad = Some(e.into());
+                            break;
+                        }
+                    }
+                    if reader.buffer().is_empty() && !stdin_ready() {
+                        break;
+                    }
                 }
-                if let Some(line) = chat::line_text(std::mem::take(&mut buf))? {
-                    // Lines that come quickly (a pipe) share a connection; after a pause, a new
-                    // one: chatd closes a control connection idle for control_idle_timeout,
-                    // which is at least 1 s, and the client cannot know it.
+                if !burst.is_empty() {
+                    // A new connection after a pause: chatd closes a control connection idle
+                    // for control_idle_timeout, which is at least 1 s, and the client cannot
+                    // know it.
                     let fresh = held.as_ref().map_or(true, |(_, at)| {
                         at.elapsed() > std::time::Duration::from_millis(500)
                     });
@@ -530,13 +571,80 @@ fn send(
                         held = Some((Client::connect(path)?, std::time::Instant::now()));
                     }
                     if let Some((client, at)) = held.as_mut() {
-                        one(client, line, out)?;
+                        send_burst(client, &burst, wait, as_json, out)?;
                         *at = std::time::Instant::now();
                     }
+                }
+                if let Some(e) = bad {
+                    return Err(e);
+                }
+                if eof {
+                    return Ok(());
                 }
             }
         }
     }
+}
+
+/// Lines of stdin sent before their answers are read.
+const SEND_WINDOW: usize = 256;
+
+/// Whether stdin can be read without blocking (more of a pipe's lines are there).
+fn stdin_ready() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & libc::POLLIN != 0
+}
+
+/// Send a burst of stdin lines and report each answer, in order. A failed line ends the
+/// command, but only after the answers of the lines already sent with it are reported: those
+/// were sent, and a script must hear so.
+fn send_burst(
+    client: &mut Client,
+    burst: &[CtlRequest],
+    wait: Wait,
+    as_json: bool,
+    out: &mut Out,
+) -> Result<(), Step> {
+    let spinner = (wait != Wait::None && io::stderr().is_terminal()).then(|| {
+        crate::progress::Spinner::start(match wait {
+            Wait::Relay => "waiting for the relay",
+            _ => "waiting for delivery",
+        })
+    });
+    let result = (|| {
+        // As `request`: a daemon that refuses us answers before it reads.
+        let sent = client.send_all(burst);
+        let mut first_error = None;
+        for i in 0..burst.len() {
+            let resp = match client.recv() {
+                Ok(r) => r,
+                Err(e) if i == 0 => return Err(sent.err().unwrap_or(e).into()),
+                Err(e) => return Err(first_error.unwrap_or_else(|| e.into())),
+            };
+            match resp {
+                CtlResponse::Sent(list) => {
+                    for l in format::sent(&list, as_json) {
+                        out.line(&l)?;
+                    }
+                }
+                other => {
+                    let e = error_of(other, as_json, out);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })();
+    if let Some(s) = spinner {
+        s.stop();
+    }
+    result
 }
 
 /// What `send` without text says on a terminal before it reads stdin.

@@ -410,6 +410,11 @@ pub struct Ctl {
     /// When (mono ms) the client connected or sent its last request: `control_idle_timeout`
     /// counts from here.
     pub active_at: u64,
+    /// Requests that came while an earlier one of this client still waits (a `send --wait`, a
+    /// send parked on a key lookup or being sealed): answers go out in the order the requests
+    /// came, so a client may pipeline. The client is not read while any are queued, which
+    /// bounds them to one read's worth ([`super::conn::READ_BUDGET`]).
+    pub queued: std::collections::VecDeque<Vec<u8>>,
 }
 
 impl Ctl {

@@ -274,6 +274,9 @@ impl Daemon {
             if self.retry_parked(now) {
                 self.pump(now);
             }
+            if self.run_queued(now) {
+                self.pump(now);
+            }
             // Routed items not acknowledged in time go to the store in this transaction.
             if let Some(r) = self.roles.relay_mut() {
                 r.sync(now.mono, &mut self.store, false);
@@ -462,6 +465,11 @@ impl Daemon {
         if entry.conn.closing {
             return;
         }
+        // Requests wait behind one that waits: nothing more is read until they ran (then
+        // `run_queued` reads the client again, as no new event may come).
+        if matches!(&entry.kind, Kind::Control(c) if !c.queued.is_empty()) {
+            return;
+        }
         let ReadResult {
             frames,
             eof,
@@ -504,8 +512,46 @@ impl Daemon {
         }
     }
 
-    /// One request frame from a control client.
+    /// One request frame from a control client: run now, or queued behind an earlier request
+    /// of the same client that still waits, so that answers keep the requests' order.
     fn request(&mut self, token: Token, payload: &[u8], now: Now) {
+        let waits = self.waiters.has(token);
+        if let Some(c) = self.table.ctl_mut(token) {
+            if waits || !c.queued.is_empty() {
+                c.queued.push_back(payload.to_vec());
+                c.active_at = now.mono;
+                return;
+            }
+        }
+        self.run_request(token, payload, now);
+    }
+
+    /// The queued requests of clients whose earlier request no longer waits, in order, until
+    /// one waits again; a client whose queue ran out is read again. True if any ran (their
+    /// frames are to be pumped).
+    fn run_queued(&mut self, now: Now) -> bool {
+        let mut ran = false;
+        for token in self.table.queued_clients() {
+            while !self.waiters.has(token) {
+                let Some(payload) = self.table.ctl_mut(token).and_then(|c| c.queued.pop_front())
+                else {
+                    break;
+                };
+                ran = true;
+                self.run_request(token, &payload, now);
+            }
+            if self
+                .table
+                .ctl_mut(token)
+                .is_some_and(|c| c.queued.is_empty())
+            {
+                self.again.push(token);
+            }
+        }
+        ran
+    }
+
+    fn run_request(&mut self, token: Token, payload: &[u8], now: Now) {
         let req = match from_payload::<CtlRequest>(payload) {
             Ok(r) => r,
             Err(e) => {

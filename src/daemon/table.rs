@@ -482,6 +482,18 @@ impl Table {
         }
     }
 
+    /// Control clients with requests queued behind one that waits.
+    pub fn queued_clients(&self) -> Vec<Token> {
+        self.control_tokens
+            .iter()
+            .copied()
+            .filter(|t| {
+                matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(c), .. })
+                    if !c.queued.is_empty())
+            })
+            .collect()
+    }
+
     /// Start of a turn: no client has asked anything yet.
     pub fn begin_turn(&mut self) {
         self.touched.clear();
