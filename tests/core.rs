@@ -508,6 +508,86 @@ fn send_from_stdin_pipelines_a_burst_and_reports_every_line_in_order() {
 }
 
 #[test]
+fn stdin_send_writes_the_lines_already_there_before_it_reads_an_answer() {
+    // A fake chatd on a real socket: it answers the recipients check, then reads three `Send`s
+    // before it answers any. A chatctl that waited for each answer before sending the next line
+    // would leave it waiting for the second (and fail this test at its read timeout).
+    use chatd::proto::control::{CtlRequest, CtlResponse, MsgState, PeerView, Sent, TrustState};
+    use chatd::proto::frame::{read_from, write_to, MAX_FRAME};
+    use chatd::proto::{from_payload, to_payload};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("ctl.sock");
+    let listener = UnixListener::bind(&sock).expect("bind the fake control socket");
+    fn read_req(c: &mut UnixStream) -> Result<CtlRequest, String> {
+        let p = read_from(c, MAX_FRAME)
+            .map_err(|e| format!("read: {e}"))?
+            .ok_or("closed")?;
+        from_payload(&p).map_err(|e| format!("decode: {e}"))
+    }
+    fn answer(c: &mut UnixStream, r: &CtlResponse) -> Result<(), String> {
+        let p = to_payload(r).map_err(|e| e.to_string())?;
+        write_to(c, &p).map_err(|e| e.to_string())
+    }
+    let server = std::thread::spawn(move || -> Result<Vec<String>, String> {
+        let timeout = Some(Duration::from_secs(10));
+        let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
+        c.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+        match read_req(&mut c)? {
+            CtlRequest::Who => {}
+            other => return Err(format!("expected Who first, got {other:?}")),
+        }
+        let bob = PeerView {
+            user: "bob".into(),
+            online: true,
+            trust: TrustState::Pinned,
+            fingerprint: "SHA256:x".into(),
+            presented: None,
+        };
+        answer(&mut c, &CtlResponse::Peers(vec![bob]))?;
+        answer(&mut c, &CtlResponse::End)?;
+        let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
+        c.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+        let mut texts = Vec::new();
+        for _ in 0..3 {
+            match read_req(&mut c) {
+                Ok(CtlRequest::Send { text, .. }) => texts.push(text),
+                Ok(other) => return Err(format!("expected Send, got {other:?}")),
+                Err(e) => return Err(format!("after {texts:?}: {e} (chatctl waited?)")),
+            }
+        }
+        for i in 0..3u8 {
+            let sent = Sent {
+                id: [i; 16],
+                to: "bob".into(),
+                state: MsgState::Queued,
+            };
+            answer(&mut c, &CtlResponse::Sent(vec![sent]))?;
+        }
+        Ok(texts)
+    });
+
+    // From a file, so all three lines are there from the start.
+    let input = dir.path().join("lines");
+    std::fs::write(&input, b"one\ntwo\nthree\n").expect("write the input");
+    let mut cmd = chatctl_cmd();
+    cmd.args(["--socket"])
+        .arg(&sock)
+        .args(["--json", "send", "bob"]);
+    let file = std::fs::File::open(&input).expect("open the input");
+    let out = run_bounded_stdin(cmd, file.into(), Duration::from_secs(30));
+    assert_exit(&out, 0, "send three lines to the fake chatd");
+    let texts = server
+        .join()
+        .expect("fake chatd thread")
+        .expect("fake chatd");
+    assert_eq!(texts, vec!["one", "two", "three"]);
+    let r = parse_json_lines(&out.stdout);
+    assert_eq!(r.len(), 3, "one result per line: {r:?}");
+}
+
+#[test]
 fn a_bad_line_in_a_burst_ends_the_send_after_the_lines_before_it_are_sent() {
     let relay = Daemon::relay();
     let alice = Daemon::member("alice", &relay.addr());
@@ -569,6 +649,62 @@ fn control_answers_keep_the_order_of_pipelined_requests() {
         other => panic!("second answer is bob's, got {other:?}"),
     }
     bob.wait_message("to bob");
+
+    // A request behind a streamed answer (`who`) waits for the stream's end, and is answered.
+    c.send_all(&[CtlRequest::Who, send("bob", "after who")])
+        .expect("who and a send in one write");
+    loop {
+        match c.recv().expect("the who stream") {
+            CtlResponse::Peers(_) => {}
+            CtlResponse::End => break,
+            other => panic!("who streams Peers then End, got {other:?}"),
+        }
+    }
+    match c.recv().expect("the send's answer") {
+        CtlResponse::Sent(list) => assert_eq!(list[0].to, "bob"),
+        other => panic!("the send after who is answered, got {other:?}"),
+    }
+    bob.wait_message("after who");
+}
+
+#[test]
+fn a_host_answers_pipelined_waiting_sends_as_its_own_relay_accepts_them() {
+    // On a host the relay is in the same loop: a `--wait relay` send to someone offline is
+    // accepted when the relay writes it, late in the turn. Requests queued behind it must go on
+    // then, not at the next event (which may be a 30 s ping away).
+    use chatd::proto::control::{CtlRequest, CtlResponse, Wait};
+    use chatd::proto::frame::{read_from, write_to, MAX_FRAME};
+    use chatd::proto::{from_payload, to_payload};
+    let host = Daemon::host("alice");
+    let mut carol = Daemon::member("carol", &host.addr());
+    host.wait_peer_online("carol", true);
+    carol.stop();
+    host.wait_peer_online("carol", false);
+
+    let mut c = std::os::unix::net::UnixStream::connect(host.socket()).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut burst = Vec::new();
+    for i in 0..3 {
+        let req = CtlRequest::Send {
+            to: vec!["carol".into()],
+            all: false,
+            text: format!("held {i}"),
+            wait: Wait::Relay,
+            timeout_ms: 20_000,
+        };
+        write_to(&mut burst, &to_payload(&req).expect("encode")).expect("frame");
+    }
+    std::io::Write::write_all(&mut c, &burst).expect("three waiting sends in one write");
+    for i in 0..3 {
+        let p = read_from(&mut c, MAX_FRAME)
+            .unwrap_or_else(|e| panic!("answer {i} did not come: {e}"))
+            .expect("an answer, not the end");
+        match from_payload::<CtlResponse>(&p).expect("decode") {
+            CtlResponse::Sent(list) => assert_eq!(list[0].to, "carol"),
+            other => panic!("answer {i}: the relay took it, got {other:?}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

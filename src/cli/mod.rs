@@ -522,7 +522,11 @@ fn send(
                 let mut eof = false;
                 // A bad line ends the command as before, once the lines before it are sent.
                 let mut bad: Option<Step> = None;
-                while burst.len() < SEND_WINDOW {
+                // With a wait, the daemon runs the lines one after another anyway (each
+                // waits for the one before it): one at a time keeps --timeout per line and
+                // ends the command at the first line that times out, as without pipelining.
+                let window = if wait == Wait::None { SEND_WINDOW } else { 1 };
+                while burst.len() < window {
                     buf.clear();
                     let n = match reader.read_until(b'\n', &mut buf) {
                         Ok(n) => n,
@@ -556,7 +560,7 @@ fn send(
                             break;
                         }
                     }
-                    if reader.buffer().is_empty() && !stdin_ready() {
+                    if !line_ready(&mut reader) {
                         break;
                     }
                 }
@@ -589,6 +593,24 @@ fn send(
 /// Lines of stdin sent before their answers are read.
 const SEND_WINDOW: usize = 256;
 
+/// Whether a whole line (or the end) of stdin can be read without blocking: the burst goes on
+/// only then, so complete lines never wait behind half a line from a slow producer.
+fn line_ready(reader: &mut io::BufReader<io::Stdin>) -> bool {
+    if reader.buffer().is_empty() {
+        if !stdin_ready() {
+            return false;
+        }
+        // Readable: this read does not block (at the end it gives nothing, which
+        // `read_until` then sees as the end).
+        match reader.fill_buf() {
+            Ok([]) => return true,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+    reader.buffer().contains(&b'\n')
+}
+
 /// Whether stdin can be read without blocking (more of a pipe's lines are there).
 fn stdin_ready() -> bool {
     let mut fd = libc::pollfd {
@@ -617,34 +639,55 @@ fn send_burst(
             _ => "waiting for delivery",
         })
     });
-    let result = (|| {
-        // As `request`: a daemon that refuses us answers before it reads.
-        let sent = client.send_all(burst);
-        let mut first_error = None;
-        for i in 0..burst.len() {
-            let resp = match client.recv() {
-                Ok(r) => r,
-                Err(e) if i == 0 => return Err(sent.err().unwrap_or(e).into()),
-                Err(e) => return Err(first_error.unwrap_or_else(|| e.into())),
-            };
-            match resp {
-                CtlResponse::Sent(list) => {
-                    for l in format::sent(&list, as_json) {
-                        out.line(&l)?;
-                    }
-                }
-                other => {
-                    let e = error_of(other, as_json, out);
-                    first_error.get_or_insert(e);
-                }
+    // As `request`: a daemon that refuses us answers before it reads, so a failed write may
+    // still leave its reason to read.
+    let sent = client.send_all(burst);
+    let mut answers = Vec::with_capacity(burst.len());
+    let mut lost = None;
+    while answers.len() < burst.len() {
+        match client.recv() {
+            Ok(r) => answers.push(r),
+            Err(e) => {
+                lost = Some(e);
+                break;
             }
         }
-        first_error.map_or(Ok(()), Err)
-    })();
+    }
+    // The spinner goes before anything is printed, so no result line starts with it.
     if let Some(s) = spinner {
         s.stop();
     }
-    result
+    let got = answers.len();
+    let mut first: Option<Step> = None;
+    for resp in answers {
+        match resp {
+            CtlResponse::Sent(list) => {
+                for l in format::sent(&list, as_json) {
+                    out.line(&l)?;
+                }
+            }
+            other => {
+                let e = error_of(other, as_json, out);
+                match (&first, &e) {
+                    (None, _) => first = Some(e),
+                    // The first failure gives the exit status; later ones are said as they
+                    // come, one line each, so none is silent.
+                    (Some(_), Step::Fail(f)) => {
+                        let _ = writeln!(io::stderr(), "chatctl: {}", f.message);
+                    }
+                    (Some(_), Step::Pipe) => {}
+                }
+            }
+        }
+    }
+    if let Some(e) = first {
+        return Err(e);
+    }
+    match (lost, sent) {
+        (None, _) => Ok(()),
+        (Some(_), Err(e)) if got == 0 => Err(e.into()),
+        (Some(e), _) => Err(e.into()),
+    }
 }
 
 /// What `send` without text says on a terminal before it reads stdin.

@@ -400,8 +400,9 @@ pub struct Ctl {
     pub cursor: Option<Cursor>,
     /// A `tail -f` whose history is sent: new records as they come.
     pub follow: Option<Follow>,
-    /// Sent a request this turn (gets an error if the turn fails to commit).
-    pub asked: bool,
+    /// Requests of this client run (or answered) this turn: if the turn fails to commit, each
+    /// gets the storage error, and the client is closed.
+    pub asked: u32,
     /// Frames of a streamed answer (`who`) not queued yet: they go out as the client reads, like
     /// a `tail`, so a long directory never fills the write buffer past its cap.
     pub stream: std::collections::VecDeque<CtlResponse>,
@@ -410,17 +411,28 @@ pub struct Ctl {
     /// When (mono ms) the client connected or sent its last request: `control_idle_timeout`
     /// counts from here.
     pub active_at: u64,
-    /// Requests that came while an earlier one of this client still waits (a `send --wait`, a
-    /// send parked on a key lookup or being sealed): answers go out in the order the requests
-    /// came, so a client may pipeline. The client is not read while any are queued, which
-    /// bounds them to one read's worth ([`super::conn::READ_BUDGET`]).
+    /// Requests that came while an earlier one of this client is not answered yet (a `send
+    /// --wait`, a send parked on a key lookup or being sealed, a `who` or history page still
+    /// being sent): answers go out in the order the requests came, so a client may pipeline.
+    /// The client is not read while any are queued, and at most [`MAX_QUEUED`] are kept.
     pub queued: std::collections::VecDeque<Vec<u8>>,
 }
 
+/// Requests a control client may have queued behind one not answered yet. `chatctl send`
+/// pipelines at most 256; the bound is on the count because a read of empty frames would
+/// otherwise make a 256 KiB read into 65,536 entries.
+pub const MAX_QUEUED: usize = 1024;
+
 impl Ctl {
-    /// A tail only reads: whatever else its client sends is ignored.
+    /// A `tail -f` only reads: whatever else its client sends is ignored.
     pub fn tailing(&self) -> bool {
-        self.follow.is_some() || self.paging() || self.list.is_some()
+        self.follow.is_some()
+    }
+
+    /// An answer is still being sent (history pages, a `who` stream, a listing): a request that
+    /// comes meanwhile waits in [`Ctl::queued`].
+    pub fn answering(&self) -> bool {
+        self.paging() || self.list.is_some()
     }
 
     /// Something is waiting to be sent as the client reads (a tail's history, a stream, the
@@ -616,6 +628,11 @@ impl Waiters {
     /// The member heard back from the relay (or lost it): parked requests can be tried again.
     pub fn looked(&mut self) {
         self.looked = true;
+    }
+
+    /// The member heard back and the parked requests were not tried since.
+    pub fn has_looked(&self) -> bool {
+        self.looked
     }
 
     /// If the member heard back since the last call: the parked requests to try again now

@@ -281,6 +281,15 @@ impl Daemon {
             if let Some(r) = self.roles.relay_mut() {
                 r.sync(now.mono, &mut self.store, false);
                 self.pump(now);
+                // A host's own relay may have answered a lookup or accepted a send just now:
+                // the requests that waited on it go on in this turn, not at the next event.
+                for _ in 0..4 {
+                    let again = self.retry_parked(now) | self.run_queued(now);
+                    if !again {
+                        break;
+                    }
+                    self.pump(now);
+                }
             }
             // Forward first: what the relay sends its peers promises nothing about the store,
             // so it leaves now; an `Accepted` for what this turn wrote waits for the commit.
@@ -320,6 +329,8 @@ impl Daemon {
     /// [`IDLE_WAKE`] so a bug in a deadline cannot hang the daemon for good.
     fn poll_timeout(&self) -> Duration {
         if !self.again.is_empty()
+            || self.waiters.has_looked()
+            || self.queue_ready()
             || self.table.tails_ready(self.cfg.max_write_buffer / 2)
             || self.roles.relay().is_some_and(Relay::has_output)
             || self.roles.member().is_some_and(Member::has_output)
@@ -493,7 +504,7 @@ impl Daemon {
                     r.receive(table::conn_id(token), &payload, now.mono, &mut self.store);
                 }
             } else {
-                self.request(token, &payload, now);
+                self.request(token, payload, now);
             }
         }
         if let Some(e) = err {
@@ -514,16 +525,40 @@ impl Daemon {
 
     /// One request frame from a control client: run now, or queued behind an earlier request
     /// of the same client that still waits, so that answers keep the requests' order.
-    fn request(&mut self, token: Token, payload: &[u8], now: Now) {
+    fn request(&mut self, token: Token, payload: Vec<u8>, now: Now) {
         let waits = self.waiters.has(token);
-        if let Some(c) = self.table.ctl_mut(token) {
-            if waits || !c.queued.is_empty() {
-                c.queued.push_back(payload.to_vec());
-                c.active_at = now.mono;
-                return;
+        if let Some(e) = self.table.get_mut(token) {
+            if let Kind::Control(c) = &mut e.kind {
+                if c.tailing() {
+                    // A `tail -f` only reads; what its client sends is ignored.
+                    return;
+                }
+                if waits || c.answering() || !c.queued.is_empty() {
+                    if c.queued.len() >= control::MAX_QUEUED {
+                        warn!(
+                            "control client {}: more than {} requests queued; closing",
+                            token.0,
+                            control::MAX_QUEUED
+                        );
+                        c.queued.clear();
+                        e.conn.closing = true;
+                        return;
+                    }
+                    c.queued.push_back(payload);
+                    c.active_at = now.mono;
+                    return;
+                }
             }
         }
-        self.run_request(token, payload, now);
+        self.run_request(token, &payload, now);
+    }
+
+    /// Whether some control client's queued requests can run now (the loop must not sleep).
+    fn queue_ready(&self) -> bool {
+        self.table
+            .queued_clients()
+            .into_iter()
+            .any(|t| !self.waiters.has(t) && self.table.queue_could_run(t))
     }
 
     /// The queued requests of clients whose earlier request no longer waits, in order, until
@@ -532,7 +567,7 @@ impl Daemon {
     fn run_queued(&mut self, now: Now) -> bool {
         let mut ran = false;
         for token in self.table.queued_clients() {
-            while !self.waiters.has(token) {
+            while !self.waiters.has(token) && self.table.queue_runnable(token) {
                 let Some(payload) = self.table.ctl_mut(token).and_then(|c| c.queued.pop_front())
                 else {
                     break;
@@ -568,10 +603,7 @@ impl Daemon {
             }
         };
         if let Some(c) = self.table.ctl_mut(token) {
-            if c.tailing() {
-                return;
-            }
-            c.asked = true;
+            c.asked += 1;
             c.active_at = now.mono;
         }
         let reply = control::request(&mut self.roles, &mut self.store, &self.info, req, now);
@@ -718,7 +750,7 @@ impl Daemon {
         for (token, req, deadline) in parked {
             // Answered in this turn: if its commit fails, this client hears why.
             if let Some(c) = self.table.ctl_mut(token) {
-                c.asked = true;
+                c.asked += 1;
             }
             match control::request(&mut self.roles, &mut self.store, &self.info, req, now) {
                 Reply::Park(p) => self.waiters.repark(token, p, deadline),

@@ -306,7 +306,12 @@ impl Table {
                     kind: Kind::Control(c),
                     conn,
                     ..
-                }) if !c.tailing() && !c.paging() && conn.pending() == 0 && !conn.closing => {
+                }) if !c.tailing()
+                    && !c.answering()
+                    && c.queued.is_empty()
+                    && conn.pending() == 0
+                    && !conn.closing =>
+                {
                     Some((*t, c.active_at))
                 }
                 _ => None,
@@ -482,7 +487,7 @@ impl Table {
         }
     }
 
-    /// Control clients with requests queued behind one that waits.
+    /// Control clients with requests queued behind one not answered yet.
     pub fn queued_clients(&self) -> Vec<Token> {
         self.control_tokens
             .iter()
@@ -492,6 +497,32 @@ impl Table {
                     if !c.queued.is_empty())
             })
             .collect()
+    }
+
+    /// [`Table::queue_runnable`] without dropping anything: whether the loop has queued
+    /// requests to run (or drop) next turn.
+    pub fn queue_could_run(&self, token: Token) -> bool {
+        matches!(self.entries.get(&token), Some(Entry { kind: Kind::Control(c), conn, .. })
+            if !c.queued.is_empty() && (conn.closing || c.tailing() || !c.answering()))
+    }
+
+    /// Whether client `token`'s next queued request may run now: nothing of an earlier answer
+    /// is still being sent (the caller checks the waits). A client that is closing, or became
+    /// a `tail -f` (which ignores requests), has its queue dropped instead.
+    pub fn queue_runnable(&mut self, token: Token) -> bool {
+        let Some(Entry {
+            kind: Kind::Control(c),
+            conn,
+            ..
+        }) = self.entries.get_mut(&token)
+        else {
+            return false;
+        };
+        if conn.closing || c.tailing() {
+            c.queued.clear();
+            return false;
+        }
+        !c.queued.is_empty() && !c.answering()
     }
 
     /// Start of a turn: no client has asked anything yet.
@@ -504,13 +535,15 @@ impl Table {
                 ..
             }) = self.entries.get_mut(t)
             {
-                c.asked = false;
+                c.asked = 0;
             }
         }
     }
 
-    /// The turn's commit failed: take back its output; every client that asked something this
-    /// turn gets `resp`.
+    /// The turn's commit failed: take back its output; every request run this turn gets
+    /// `resp`, and its client is closed once that is written. Closed, because an answer of an
+    /// earlier request that was due this turn is taken back too: a pipelining client could not
+    /// tell which answer is whose. Its requests queued behind are not run.
     pub fn fail_turn(&mut self, resp: &CtlResponse) {
         for t in std::mem::take(&mut self.late) {
             if let Some(e) = self.entries.get_mut(&t) {
@@ -522,14 +555,27 @@ impl Table {
                 e.conn.rewind();
             }
         }
-        let asked: Vec<Token> = self
+        let asked: Vec<(Token, u32)> = self
             .control_tokens
             .iter()
-            .filter(|t| matches!(self.entries.get(t), Some(Entry { kind: Kind::Control(c), .. }) if c.asked))
-            .copied()
+            .filter_map(|t| match self.entries.get(t) {
+                Some(Entry {
+                    kind: Kind::Control(c),
+                    ..
+                }) if c.asked > 0 => Some((*t, c.asked)),
+                _ => None,
+            })
             .collect();
-        for t in asked {
-            self.reply(t, resp);
+        for (t, n) in asked {
+            for _ in 0..n {
+                self.reply(t, resp);
+            }
+            if let Some(e) = self.entries.get_mut(&t) {
+                e.conn.closing = true;
+                if let Kind::Control(c) = &mut e.kind {
+                    c.queued.clear();
+                }
+            }
         }
     }
 
@@ -713,5 +759,64 @@ impl Table {
             }
         }
         dead
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::{read_from, MAX_FRAME};
+    use crate::proto::from_payload;
+    use mio::Poll;
+    use std::io::Read;
+    use std::time::Duration;
+
+    /// A failed commit answers each request the client ran in the turn (a pipelining client
+    /// counts its answers), drops what it had queued, and closes it.
+    #[test]
+    fn a_failed_turn_answers_every_request_of_it_and_closes_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let poll = Poll::new().unwrap();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut table = Table::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let token = loop {
+            table.accept_control(&listener, poll.registry(), 8, false, 0);
+            if let Some(t) = table.control_tokens.iter().next().copied() {
+                break t;
+            }
+            assert!(std::time::Instant::now() < deadline, "accept");
+            std::thread::yield_now();
+        };
+        table.begin_turn();
+        table.reply(token, &CtlResponse::End);
+        let c = table.ctl_mut(token).unwrap();
+        c.asked = 3;
+        c.queued.push_back(vec![1, 2, 3]);
+        let err = CtlResponse::Error {
+            kind: ErrorKind::Failed,
+            message: "not stored".into(),
+            sent: Vec::new(),
+        };
+        table.fail_turn(&err);
+        assert!(table.ctl_mut(token).unwrap().queued.is_empty());
+        let dead = table.flush(poll.registry(), 1 << 20);
+        assert!(dead.contains(&token), "closed once written: {dead:?}");
+        for _ in 0..3 {
+            let p = read_from(&mut client, MAX_FRAME)
+                .unwrap()
+                .expect("an answer");
+            let resp: CtlResponse = from_payload(&p).unwrap();
+            assert_eq!(resp, err, "the turn's own answer was taken back");
+        }
+        table.remove(poll.registry(), token);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing after the three errors");
     }
 }

@@ -96,13 +96,28 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 }
 
 /// Run `cmd` with `input` on stdin (or none), killing it and failing the test at `timeout`.
-pub fn run_bounded(mut cmd: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if input.is_some() {
+pub fn run_bounded(cmd: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
+    let stdin = if input.is_some() {
         Stdio::piped()
     } else {
         Stdio::null()
-    });
+    };
+    run_bounded_with(cmd, stdin, input, timeout)
+}
+
+/// [`run_bounded`] with standard input from `stdin` (a file, say: all of it there at once).
+pub fn run_bounded_stdin(cmd: Command, stdin: Stdio, timeout: Duration) -> Output {
+    run_bounded_with(cmd, stdin, None, timeout)
+}
+
+fn run_bounded_with(
+    mut cmd: Command,
+    stdin: Stdio,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(stdin);
     let desc = format!("{cmd:?}");
     let mut child = cmd
         .spawn()
