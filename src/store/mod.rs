@@ -188,6 +188,10 @@ pub struct Queued {
 pub struct Store {
     conn: Connection,
     in_tx: bool,
+    /// A turn is open: its first write begins the transaction.
+    turn: bool,
+    /// Rows changed before the turn: a turn that began no transaction changed none.
+    changes_at_turn: u64,
     fail_writes: bool,
 }
 
@@ -363,14 +367,29 @@ impl Store {
         Ok(Store {
             conn,
             in_tx: false,
+            turn: false,
+            changes_at_turn: 0,
             fail_writes: false,
         })
     }
 
-    /// Start the turn's transaction (no-op if one is open).
+    /// Open the turn: its first write starts the transaction, which [`Store::commit`] ends.
+    ///
+    /// Lazily, because most turns of a busy relay only forward (what is acknowledged in time is
+    /// never written): an empty `BEGIN IMMEDIATE` and `COMMIT` still take and drop SQLite's
+    /// write lock, which was a measurable part of a round trip through the relay. Every write
+    /// goes through `check_write`, which begins the transaction.
     pub fn begin(&mut self) -> Result<()> {
-        if !self.in_tx {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        if !self.turn {
+            self.changes_at_turn = self.conn.total_changes();
+        }
+        self.turn = true;
+        Ok(())
+    }
+
+    fn start_tx(&mut self) -> Result<()> {
+        if self.turn && !self.in_tx {
+            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             self.in_tx = true;
         }
         Ok(())
@@ -379,15 +398,30 @@ impl Store {
     /// Commit the turn's transaction. On failure the transaction is rolled back: nothing of the
     /// turn is stored, and the caller must not acknowledge anything from it.
     pub fn commit(&mut self) -> Result<()> {
+        let turn = std::mem::take(&mut self.turn);
+        if self.fail_writes && (turn || self.in_tx) {
+            // As when every turn began its transaction: with writes failing, a turn's commit
+            // fails whether or not it wrote.
+            if std::mem::take(&mut self.in_tx) {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(StoreError::Injected);
+        }
         if !self.in_tx {
+            // A write that did not go through `check_write` would have been committed on its
+            // own, outside the turn: the tests' debug builds stop there.
+            debug_assert!(
+                !turn || self.conn.total_changes() == self.changes_at_turn,
+                "a store write outside the turn's transaction"
+            );
             return Ok(());
         }
         self.in_tx = false;
-        if self.fail_writes {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(StoreError::Injected);
-        }
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
+        let done = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut st| st.execute([]));
+        if let Err(e) = done {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(e.into());
         }
@@ -396,6 +430,7 @@ impl Store {
 
     /// Roll back the turn's transaction.
     pub fn rollback(&mut self) {
+        self.turn = false;
         if self.in_tx {
             self.in_tx = false;
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -429,12 +464,12 @@ impl Store {
         self.fail_writes = fail;
     }
 
-    fn check_write(&self) -> Result<()> {
+    /// Before every write: the injected failure, and the turn's transaction begun.
+    fn check_write(&mut self) -> Result<()> {
         if self.fail_writes {
-            Err(StoreError::Injected)
-        } else {
-            Ok(())
+            return Err(StoreError::Injected);
         }
+        self.start_tx()
     }
 }
 
@@ -494,6 +529,40 @@ mod tests {
             .execute("UPDATE pins SET trust = 'maybe'", [])
             .unwrap();
         assert!(matches!(s.pins(), Err(StoreError::Corrupt(m)) if m.contains("maybe")));
+    }
+
+    #[test]
+    fn a_turn_begins_its_transaction_at_its_first_write() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.begin().unwrap();
+        assert!(
+            s.conn.is_autocommit(),
+            "no transaction for a turn that only reads"
+        );
+        s.commit().unwrap();
+
+        // A turn's writes are one transaction: a rollback takes back all of them.
+        s.begin().unwrap();
+        s.add_message(&[1; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 1)
+            .unwrap();
+        assert!(!s.conn.is_autocommit(), "the first write began it");
+        s.add_message(&[3; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 2)
+            .unwrap();
+        s.rollback();
+        assert!(s.outgoing(&[1; 16]).unwrap().is_none());
+        assert!(s.outgoing(&[3; 16]).unwrap().is_none());
+
+        s.begin().unwrap();
+        s.add_message(&[1; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 1)
+            .unwrap();
+        s.commit().unwrap();
+        assert!(s.conn.is_autocommit());
+        assert!(s.outgoing(&[1; 16]).unwrap().is_some());
+
+        // With writes failing, a turn's commit fails even if it wrote nothing, as before.
+        s.fail_writes(true);
+        s.begin().unwrap();
+        assert!(matches!(s.commit(), Err(StoreError::Injected)));
     }
 
     #[test]
