@@ -147,6 +147,9 @@ struct Ledger {
 /// goes away, chatctl exits 3; the next run starts at the next unacknowledged n under a new
 /// attempt tag (a message may have been stored without its answer reaching chatctl, so the
 /// same n may arrive under an unacknowledged tag too: at most once, that is allowed).
+/// Lines a crash-test sender has written to `chatctl send` and not seen answered.
+const IN_FLIGHT: usize = 4;
+
 fn sender_thread(
     s: usize,
     socket: PathBuf,
@@ -171,12 +174,27 @@ fn sender_thread(
         let mut stdin = guard.child().stdin.take().expect("stdin piped");
         let stdout = guard.child().stdout.take().expect("stdout piped");
         let mut stderr = guard.child().stderr.take().expect("stderr piped");
-        let input: String = (next..PER_SENDER)
+        let input: Vec<String> = (next..PER_SENDER)
             .map(|n| crash_text(s, n, attempt) + "\n")
             .collect();
+        // Lines go in as results come out, at most IN_FLIGHT ahead: chatctl still sends what is
+        // there as a burst, but the traffic lasts long enough for the crash events to land in
+        // it (all at once, the senders would be done before the events that take them down).
         // A chatctl that dies before reading everything is expected here.
+        let (credit, credits) = mpsc::channel::<()>();
         let writer = thread::spawn(move || {
-            let _ = stdin.write_all(input.as_bytes());
+            let mut lines = input.into_iter();
+            for line in lines.by_ref().take(IN_FLIGHT) {
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            while credits.recv().is_ok() {
+                let Some(line) = lines.next() else { return };
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
         });
         let (tx, rx) = mpsc::channel();
         let reader = thread::spawn(move || {
@@ -212,6 +230,7 @@ fn sender_thread(
                     ledger.lock().expect("ledger").acked[s].push((next, attempt));
                     next += 1;
                     total.fetch_add(1, Ordering::SeqCst);
+                    let _ = credit.send(());
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
@@ -222,6 +241,8 @@ fn sender_thread(
                 }
             }
         }
+        // The writer ends once its lines are written or no more results come.
+        drop(credit);
         let status = guard.wait_bounded(Duration::from_secs(30));
         let _ = writer.join();
         let _ = reader.join();
