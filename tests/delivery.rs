@@ -142,14 +142,14 @@ struct Ledger {
     finished: usize,
 }
 
+/// Lines a crash-test sender has written to `chatctl send` and not seen answered.
+const IN_FLIGHT: usize = 4;
+
 /// One sender: a long-lived `chatctl --json send RECIPIENT` reading its messages from stdin. A
 /// message counts as acknowledged only when its JSON result line was printed. When the daemon
 /// goes away, chatctl exits 3; the next run starts at the next unacknowledged n under a new
 /// attempt tag (a message may have been stored without its answer reaching chatctl, so the
 /// same n may arrive under an unacknowledged tag too: at most once, that is allowed).
-/// Lines a crash-test sender has written to `chatctl send` and not seen answered.
-const IN_FLIGHT: usize = 4;
-
 fn sender_thread(
     s: usize,
     socket: PathBuf,

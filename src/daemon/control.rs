@@ -403,6 +403,9 @@ pub struct Ctl {
     /// Requests of this client run (or answered) this turn: if the turn fails to commit, each
     /// gets the storage error, and the client is closed.
     pub asked: u32,
+    /// Answers queued for this client this turn (for this turn's requests or earlier ones):
+    /// a failed commit takes them back.
+    pub answered: u32,
     /// Frames of a streamed answer (`who`) not queued yet: they go out as the client reads, like
     /// a `tail`, so a long directory never fills the write buffer past its cap.
     pub stream: std::collections::VecDeque<CtlResponse>,

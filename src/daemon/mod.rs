@@ -533,6 +533,9 @@ impl Daemon {
                     // A `tail -f` only reads; what its client sends is ignored.
                     return;
                 }
+                if e.conn.closing {
+                    return;
+                }
                 if waits || c.answering() || !c.queued.is_empty() {
                     if c.queued.len() >= control::MAX_QUEUED {
                         warn!(
@@ -541,7 +544,14 @@ impl Daemon {
                             control::MAX_QUEUED
                         );
                         c.queued.clear();
-                        e.conn.closing = true;
+                        let why = control::failed(format!(
+                            "more than {} requests sent ahead of their answers; closing",
+                            control::MAX_QUEUED
+                        ));
+                        self.table.reply(token, &why);
+                        if let Some(e) = self.table.get_mut(token) {
+                            e.conn.closing = true;
+                        }
                         return;
                     }
                     c.queued.push_back(payload);
@@ -749,10 +759,14 @@ impl Daemon {
         let tried = !parked.is_empty();
         for (token, req, deadline) in parked {
             // Answered in this turn: if its commit fails, this client hears why.
-            if let Some(c) = self.table.ctl_mut(token) {
-                c.asked += 1;
+            let reply = control::request(&mut self.roles, &mut self.store, &self.info, req, now);
+            // Counted once: a request parked again is retried (and counted) when it is answered.
+            if !matches!(reply, Reply::Park(_)) {
+                if let Some(c) = self.table.ctl_mut(token) {
+                    c.asked += 1;
+                }
             }
-            match control::request(&mut self.roles, &mut self.store, &self.info, req, now) {
+            match reply {
                 Reply::Park(p) => self.waiters.repark(token, p, deadline),
                 Reply::Now(resp) => self.table.reply(token, &resp),
                 Reply::Wait(pending) => self.waiters.add(token, pending),

@@ -458,6 +458,9 @@ impl Table {
         let Some(e) = self.entries.get_mut(&token) else {
             return;
         };
+        if let Kind::Control(c) = &mut e.kind {
+            c.answered = c.answered.saturating_add(1);
+        }
         let mut buf = Vec::new();
         match encode_frame(resp, &mut buf) {
             Ok(()) => e.conn.queue(&buf),
@@ -536,6 +539,7 @@ impl Table {
             }) = self.entries.get_mut(t)
             {
                 c.asked = 0;
+                c.answered = 0;
             }
         }
     }
@@ -555,6 +559,9 @@ impl Table {
                 e.conn.rewind();
             }
         }
+        // A request run this turn, or an answer given this turn (to a `--wait` or a sealed send
+        // of an earlier turn), is taken back: its client hears the error, at least once per
+        // request or answer, and is closed, as it could not tell which answer is whose.
         let asked: Vec<(Token, u32)> = self
             .control_tokens
             .iter()
@@ -562,19 +569,28 @@ impl Table {
                 Some(Entry {
                     kind: Kind::Control(c),
                     ..
-                }) if c.asked > 0 => Some((*t, c.asked)),
+                }) if c.asked > 0 || c.answered > 0 => Some((*t, c.asked.max(c.answered))),
                 _ => None,
             })
             .collect();
         for (t, n) in asked {
+            if let Some(Entry {
+                kind: Kind::Control(c),
+                ..
+            }) = self.entries.get_mut(&t)
+            {
+                // Nothing more of a stream goes out after the error.
+                c.queued.clear();
+                c.cursor = None;
+                c.follow = None;
+                c.stream.clear();
+                c.list = None;
+            }
             for _ in 0..n {
                 self.reply(t, resp);
             }
             if let Some(e) = self.entries.get_mut(&t) {
                 e.conn.closing = true;
-                if let Kind::Control(c) = &mut e.kind {
-                    c.queued.clear();
-                }
             }
         }
     }
@@ -818,5 +834,33 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "nothing after the three errors");
+
+        // A client that asked nothing this turn but was answered in it (a `--wait` of an earlier
+        // turn, say) also hears the error and is closed.
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let token = loop {
+            table.accept_control(&listener, poll.registry(), 8, false, 0);
+            if let Some(t) = table.control_tokens.iter().next().copied() {
+                break t;
+            }
+            assert!(std::time::Instant::now() < deadline, "accept");
+            std::thread::yield_now();
+        };
+        table.begin_turn();
+        table.reply(token, &CtlResponse::End);
+        table.fail_turn(&err);
+        let dead = table.flush(poll.registry(), 1 << 20);
+        assert!(dead.contains(&token));
+        let p = read_from(&mut client, MAX_FRAME)
+            .unwrap()
+            .expect("the error");
+        assert_eq!(from_payload::<CtlResponse>(&p).unwrap(), err);
+        table.remove(poll.registry(), token);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "only the error");
     }
 }

@@ -32,6 +32,9 @@ pub enum StoreError {
     Corrupt(String),
     /// A failure injected by a test through [`Store::fail_writes`].
     Injected,
+    /// SQLite rolled the turn's transaction back by itself after an earlier error (a full
+    /// disk, say): nothing more is written in this turn, whose commit then fails.
+    RolledBack,
 }
 
 impl std::fmt::Display for StoreError {
@@ -41,6 +44,10 @@ impl std::fmt::Display for StoreError {
             StoreError::Io(e) => write!(f, "cannot create database file: {e}"),
             StoreError::Corrupt(e) => write!(f, "database holds an unreadable row: {e}"),
             StoreError::Injected => write!(f, "database error: injected write failure"),
+            StoreError::RolledBack => write!(
+                f,
+                "database error: the turn's transaction was rolled back after an earlier error"
+            ),
         }
     }
 }
@@ -388,6 +395,11 @@ impl Store {
     }
 
     fn start_tx(&mut self) -> Result<()> {
+        // After SQLITE_FULL or an I/O error SQLite may roll the whole transaction back on its
+        // own; a write now would run outside any transaction and be kept for good.
+        if self.in_tx && self.conn.is_autocommit() {
+            return Err(StoreError::RolledBack);
+        }
         if self.turn && !self.in_tx {
             self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             self.in_tx = true;
@@ -558,6 +570,19 @@ mod tests {
         s.commit().unwrap();
         assert!(s.conn.is_autocommit());
         assert!(s.outgoing(&[1; 16]).unwrap().is_some());
+
+        // SQLite rolled the transaction back by itself (as after SQLITE_FULL): no write of the
+        // turn may then run outside it, and the turn's commit fails.
+        s.begin().unwrap();
+        s.add_message(&[5; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 3)
+            .unwrap();
+        s.conn.execute_batch("ROLLBACK").unwrap();
+        assert!(matches!(
+            s.add_message(&[6; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 4),
+            Err(StoreError::RolledBack)
+        ));
+        assert!(s.commit().is_err());
+        assert!(s.outgoing(&[6; 16]).unwrap().is_none(), "nothing kept");
 
         // With writes failing, a turn's commit fails even if it wrote nothing, as before.
         s.fail_writes(true);
