@@ -42,7 +42,6 @@ use std::error::Error;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -122,19 +121,6 @@ fn parse_opts() -> Result<Parsed, String> {
 
 // ---------------------------------------------------------------------------------------------
 // Child processes.
-
-/// The child dies with the bench, however the bench ends (a panic, a signal, `kill -9`).
-/// PR_SET_PDEATHSIG fires when the thread that forked exits: every child is spawned from the
-/// main thread, which lives as long as the bench.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure only calls prctl, which is async-signal-safe, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        })
-    };
-}
 
 /// A child that is not a daemon (`chatctl send`), killed and reaped on drop.
 struct Guard(Option<Child>);
@@ -238,21 +224,11 @@ impl Daemon {
             .args(["--key-bits", "2048"])
             // Warnings only: a log line per message would be measured with the messages.
             .env("RUST_LOG", "warn")
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join("config"))
-            .env("XDG_STATE_HOME", home.join("state"))
-            .env("XDG_RUNTIME_DIR", home.join("run"))
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("RUNTIME_DIRECTORY")
-            .env_remove("CONFIGURATION_DIRECTORY")
-            .env_remove("CHATD_SOCKET")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("CHATD_TEST_ABORT_BEFORE_COMMIT")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        die_with_parent(&mut cmd);
+        common::isolated_env(&mut cmd, &home);
+        common::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", o.chatd.display()))?;
@@ -501,7 +477,7 @@ fn run_once(o: &Opts, net: &mut Net, run: usize) -> Res<RunResult> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    die_with_parent(&mut cmd);
+    common::die_with_parent(&mut cmd);
     let cpu0 = net.cpu()?;
     let mut send = Guard(Some(
         cmd.spawn()

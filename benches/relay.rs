@@ -245,21 +245,6 @@ fn parse_opts() -> Result<Opts, String> {
 // ---------------------------------------------------------------------------------------------
 // The relay process.
 
-/// The child dies with the bench even when no `Drop` runs (a signal, `kill -9`).
-/// PR_SET_PDEATHSIG fires when the thread that forked exits: every server is spawned from the
-/// main thread, which lives as long as the bench. A server that changes its user when started as
-/// root (mosquitto, ngircd) loses the setting; `Drop` still kills it.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure only calls prctl, which is async-signal-safe, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        })
-    }
-}
-
 /// A relay on a free loopback port in a temporary directory, killed on drop.
 struct RelayProc {
     child: Child,
@@ -284,7 +269,7 @@ impl RelayProc {
         std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
         let socket = dir.path().join("control.sock");
         let log = std::fs::File::create(dir.path().join("relay.log")).map_err(|e| e.to_string())?;
-        let child = die_with_parent(&mut Command::new(chatd))
+        let child = common::die_with_parent(&mut Command::new(chatd))
             .args(["--listen", "127.0.0.1:0", "--key-bits", "2048"])
             .arg("--state-dir")
             .arg(dir.path().join("state"))
@@ -747,7 +732,7 @@ impl PeerProc {
         let log =
             std::fs::File::create(dir.path().join("server.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = die_with_parent(&mut Command::new(bin))
+        let child = common::die_with_parent(&mut Command::new(bin))
             .args(args)
             .current_dir(dir.path())
             .stdin(Stdio::null())

@@ -307,19 +307,11 @@ impl Relay {
                 "100000000",
             ])
             .env("RUST_LOG", "info")
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join("config"))
-            .env("XDG_STATE_HOME", home.join("state"))
-            .env("XDG_RUNTIME_DIR", home.join("run"))
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("RUNTIME_DIRECTORY")
-            .env_remove("CONFIGURATION_DIRECTORY")
-            .env_remove("CHATD_SOCKET")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(errf);
+        // Also clears CHATD_TEST_ABORT_BEFORE_COMMIT, a test crash point, as the other benches do.
+        common::isolated_env(&mut cmd, &home);
         let limit = (o.relay_mem_gib * (1u64 << 30) as f64) as libc::rlim_t;
         let in_child = move || {
             if limit > 0 {

@@ -238,3 +238,37 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
+
+/// The child dies with the bench even when no `Drop` runs (a panic, a signal, `kill -9`).
+/// PR_SET_PDEATHSIG fires when the thread that forked exits: spawn from the main thread, which
+/// lives as long as the bench. A server that changes its user when started as root (mosquitto,
+/// ngircd) loses the setting; `Drop` still kills it.
+pub fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only calls prctl, which is async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// A `chatd` environment of its own under `home`: nothing of the user's config, state, socket or
+/// systemd leaks into a bench's daemon (as tests/common does for the tests).
+pub fn isolated_env<'c>(
+    cmd: &'c mut std::process::Command,
+    home: &std::path::Path,
+) -> &'c mut std::process::Command {
+    cmd.env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("CONFIGURATION_DIRECTORY")
+        .env_remove("CHATD_SOCKET")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("CHATD_TEST_ABORT_BEFORE_COMMIT")
+}
