@@ -46,11 +46,11 @@ use crate::proto::frame::MAX_FRAME;
 use crate::proto::from_payload;
 use crate::relay::Relay;
 use crate::store::{Store, StoreError};
-use conn::ReadResult;
+use conn::{ReadResult, ReadUntil};
 use control::{Reply, Waiters};
 pub use error::DaemonError;
 use roles::Roles;
-use status::{Info, Status};
+use status::{Info, Status, StatusKey};
 use table::{Kind, Table, HOST_LINK};
 use uplink::{Uplink, UPSTREAM};
 
@@ -84,6 +84,8 @@ pub struct Daemon {
     abort_before_commit: Option<u64>,
     /// Notifications to systemd (`Type=notify`); a no-op without `$NOTIFY_SOCKET`.
     sd: systemd::Notifier,
+    /// What the last `STATUS=` line was made of: the line is built again only when it changes.
+    status_key: Option<StatusKey>,
     /// The control socket came from systemd (socket activation): systemd owns its file.
     control_activated: bool,
     /// Monotonic time for timers, wall time for stamps (`clock`).
@@ -181,6 +183,7 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
             .ok()
             .and_then(|v| v.parse().ok()),
         sd,
+        status_key: None,
         control_activated,
         clock: Clock::new(),
     };
@@ -245,11 +248,12 @@ impl Daemon {
             let again = std::mem::take(&mut self.again);
             for t in &again {
                 match *t {
-                    UPSTREAM => self.on_uplink(now),
-                    t => self.on_conn(t, now),
+                    UPSTREAM => self.on_uplink(now, ReadUntil::WouldBlock),
+                    t => self.on_conn(t, now, ReadUntil::WouldBlock),
                 }
             }
             for ev in events.iter() {
+                let until = ReadUntil::for_event(ev);
                 match ev.token() {
                     LISTENER => self.accept_peers(now),
                     CONTROL => self.table.accept_control(
@@ -261,8 +265,8 @@ impl Daemon {
                     ),
                     SIGNALS => self.on_signals(),
                     t if again.contains(&t) && !ev.is_writable() => {}
-                    UPSTREAM => self.on_uplink(now),
-                    t => self.on_conn(t, now),
+                    UPSTREAM => self.on_uplink(now, until),
+                    t => self.on_conn(t, now, until),
                 }
             }
             // Timers run when one is due, not on a fixed tick: the poll timeout woke us for it.
@@ -384,8 +388,17 @@ impl Daemon {
                 uplink.logged_in();
             }
         }
-        let status = self.status_line();
-        self.sd.status(status);
+        // Built and compared every turn it would cost a relay 4% of its CPU in a ping-pong;
+        // only what can change while running is compared, and only when systemd listens.
+        if !self.sd.enabled() {
+            return;
+        }
+        let key = StatusKey::of(&self.roles);
+        if self.status_key.as_ref() != Some(&key) {
+            self.status_key = Some(key);
+            let status = self.status_line();
+            self.sd.status(status);
+        }
     }
 
     fn accept_peers(&mut self, now: Now) {
@@ -469,7 +482,7 @@ impl Daemon {
         }
     }
 
-    fn on_conn(&mut self, token: Token, now: Now) {
+    fn on_conn(&mut self, token: Token, now: Now, until: ReadUntil) {
         let Some(entry) = self.table.get_mut(token) else {
             return;
         };
@@ -487,7 +500,7 @@ impl Daemon {
             error: err,
             more,
             secured,
-        } = entry.conn.read_frames(MAX_FRAME);
+        } = entry.conn.read_frames(MAX_FRAME, until);
         let eof = eof || err.is_some();
         if more && !eof {
             self.again.push(token);
@@ -656,12 +669,19 @@ impl Daemon {
         }
     }
 
-    fn on_uplink(&mut self, now: Now) {
+    fn on_uplink(&mut self, now: Now, until: ReadUntil) {
         let Roles::Member { member, uplink } = &mut self.roles else {
             return;
         };
         let max = self.cfg.max_write_buffer;
-        let read = uplink.ready(self.poll.registry(), member, &mut self.store, now, max);
+        let read = uplink.ready(
+            self.poll.registry(),
+            member,
+            &mut self.store,
+            now,
+            max,
+            until,
+        );
         if read.again {
             self.again.push(UPSTREAM);
         }

@@ -32,6 +32,30 @@ struct MemberFacts {
     peers_online: usize,
 }
 
+/// What of the `STATUS=` line changes while the daemon runs (the rest is fixed at start or by
+/// a reload, which sends its own line): cheap to read every turn, unlike the line itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StatusKey {
+    relay_online: Option<usize>,
+    member: Option<(bool, usize, Option<String>)>,
+}
+
+impl StatusKey {
+    /// Read it from `roles` now (allocates only while the member has an error to show).
+    pub fn of(roles: &Roles) -> StatusKey {
+        StatusKey {
+            relay_online: roles.relay().map(|r| r.online_count()),
+            member: roles.member().map(|m| {
+                (
+                    m.connected(),
+                    m.peers_online(),
+                    m.relay_error().map(str::to_string),
+                )
+            }),
+        }
+    }
+}
+
 /// The daemon's state at one moment.
 pub struct Status {
     fingerprint: String,

@@ -19,7 +19,7 @@ use rand::Rng;
 
 use std::path::PathBuf;
 
-use super::conn::{Conn, Stream};
+use super::conn::{Conn, ReadUntil, Stream};
 use super::tls::{self, Seen};
 use crate::crypto::Fingerprint;
 use crate::member::Member;
@@ -209,6 +209,7 @@ impl Uplink {
         store: &mut Store,
         now: Now,
         max: usize,
+        until: ReadUntil,
     ) -> Read {
         let quiet = Read { again: false };
         if let State::Connecting { conn, tcp, .. } = &mut self.state {
@@ -238,7 +239,7 @@ impl Uplink {
                     }
                 }
             }
-            return self.handshake(registry, member, store, now);
+            return self.handshake(registry, member, store, now, until);
         }
         let State::Up(conn) = &mut self.state else {
             return quiet;
@@ -249,7 +250,7 @@ impl Uplink {
             self.paused = true;
             return quiet;
         }
-        let r = conn.read_frames(MAX_FRAME);
+        let r = conn.read_frames(MAX_FRAME, until);
         self.settle(registry, member, store, r, now)
     }
 
@@ -261,6 +262,7 @@ impl Uplink {
         member: &mut Member,
         store: &mut Store,
         now: Now,
+        until: ReadUntil,
     ) -> Read {
         let State::Connecting {
             conn, pin, seen, ..
@@ -268,7 +270,7 @@ impl Uplink {
         else {
             return Read { again: false };
         };
-        let mut r = conn.read_frames(MAX_FRAME);
+        let mut r = conn.read_frames(MAX_FRAME, until);
         let presented = seen.lock().ok().and_then(|s| *s);
         let pin = *pin;
         if let Some(e) = r.error.take() {
