@@ -69,18 +69,75 @@ pub fn from_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError
 }
 
 /// Decode a payload that must hold exactly one message and nothing after it (the relay forwards
-/// the bytes of what it routes, so they must be exactly the item).
+/// the bytes of what it routes, so they must be exactly the item). Decoded from the slice (the
+/// reader-based decoder copies every string and byte field through `read_to_end` first, a
+/// tenth of a relay's CPU per message); its end is found by [`value_len`].
 pub fn from_payload_whole<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
-    let mut rest = payload;
-    let msg = {
-        let mut de = rmp_serde::Deserializer::new(&mut rest);
-        T::deserialize(&mut de).map_err(ProtoError::Decode)?
-    };
-    if rest.is_empty() {
-        Ok(msg)
-    } else {
-        Err(ProtoError::Trailing(rest.len()))
+    let msg: T = rmp_serde::from_slice(payload).map_err(ProtoError::Decode)?;
+    match value_len(payload) {
+        Some(n) if n == payload.len() => Ok(msg),
+        Some(n) => Err(ProtoError::Trailing(payload.len() - n)),
+        // The decoder took it, so this cannot happen; refuse rather than forward it.
+        None => Err(ProtoError::Decode(rmp_serde::decode::Error::Syntax(
+            "not one MessagePack value".into(),
+        ))),
     }
+}
+
+/// The length of the MessagePack value at the start of `buf`, `None` if it is cut short or
+/// uses the reserved marker. Walks markers without recursion (a count of values still to
+/// skip), so nesting costs no stack, and every step consumes a byte, so it ends.
+pub fn value_len(buf: &[u8]) -> Option<usize> {
+    let mut pos = 0usize;
+    let mut pending: usize = 1;
+    let int = |at: usize, n: usize| -> Option<usize> {
+        let b = buf.get(at..at.checked_add(n)?)?;
+        Some(b.iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x)))
+    };
+    while pending > 0 {
+        pending -= 1;
+        let m = *buf.get(pos)?;
+        pos += 1;
+        // (bytes to skip, values to add, length field size and how it counts)
+        let (skip, more) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
+            0x90..=0x9f => (0, usize::from(m & 0x0f)),
+            0xa0..=0xbf => (usize::from(m & 0x1f), 0),
+            0xc1 => return None,
+            0xc4 | 0xd9 => (1 + int(pos, 1)?, 0),
+            0xc5 | 0xda => (2 + int(pos, 2)?, 0),
+            0xc6 | 0xdb => (4 + int(pos, 4)?, 0),
+            0xc7 => (2 + int(pos, 1)?, 0),
+            0xc8 => (3 + int(pos, 2)?, 0),
+            0xc9 => (5 + int(pos, 4)?, 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 => (4, 0),
+            0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (2, int(pos, 2)?),
+            0xdd => (4, int(pos, 4)?),
+            0xde => (2, 2 * int(pos, 2)?),
+            0xdf => (4, int(pos, 4)?.checked_mul(2)?),
+        };
+        pos = pos.checked_add(skip)?;
+        if pos > buf.len() {
+            return None;
+        }
+        pending = pending.checked_add(more)?;
+        // Each value takes at least a byte: more pending than bytes left is cut short.
+        if pending > buf.len() - pos {
+            return None;
+        }
+    }
+    Some(pos)
 }
 
 /// The first bytes of every canonical `ToRelay::Send` payload (a map of one entry, the variant
@@ -180,6 +237,72 @@ mod tests {
         for bad in ["", "Alice", ".a", "-a", "a b", "a/b", "é", &"x".repeat(33)] {
             assert!(!valid_user(bad), "{bad}");
         }
+    }
+
+    /// `value_len` finds the end of every kind of value (as `rmp_serde` writes them and in the
+    /// wider forms a peer may use), and refuses cut-short input, so `from_payload_whole` can
+    /// neither forward trailing bytes nor refuse a valid payload.
+    #[test]
+    fn value_len_finds_the_end_of_any_value() {
+        use relay::{Envelope, KeyPacket, Routed, ToRelay};
+        let env = Envelope {
+            id: [1; 16],
+            from: "alice".into(),
+            to: "bob".into(),
+            time_ms: u64::MAX,
+            session: [2; 16],
+            counter: 70_000,
+            key_packet: Some(KeyPacket {
+                wrapped: vec![3; 300],
+                signature: vec![4; 70_000],
+            }),
+            ciphertext: vec![5; 40],
+        };
+        let mut values = vec![
+            to_payload(&ToRelay::Send(Routed::Message(env))).unwrap(),
+            to_payload(&ToRelay::Ping).unwrap(),
+            to_payload(&(-1i8, -200i16, -70_000i32, i64::MIN, 1.5f32, 2.5f64)).unwrap(),
+            to_payload(&vec![(); 20]).unwrap(),
+            to_payload(&"s".repeat(300)).unwrap(),
+            to_payload(&"t".repeat(70_000)).unwrap(),
+            to_payload(
+                &(0..20)
+                    .map(|i| (i, i))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .unwrap(),
+        ];
+        // Forms rmp_serde does not write: array16/32, map16/32, ext of each size, true/false.
+        values.push(vec![0xdc, 0, 2, 0xc3, 0xc2]);
+        values.push(vec![0xdd, 0, 0, 0, 1, 0x01]);
+        values.push(vec![0xde, 0, 1, 0xa1, b'k', 0xc0]);
+        values.push(vec![0xdf, 0, 0, 0, 1, 0x01, 0x02]);
+        values.push(vec![0xd4, 1, 9]);
+        values.push(vec![0xd8, 1].into_iter().chain([0; 16]).collect());
+        values.push(vec![0xc7, 2, 1, 7, 7]);
+        values.push(vec![0xc8, 0, 1, 1, 7]);
+        values.push(vec![0xc9, 0, 0, 0, 1, 1, 7]);
+        for v in &values {
+            assert_eq!(value_len(v), Some(v.len()), "{:02x?}", &v[..v.len().min(8)]);
+            let mut longer = v.clone();
+            longer.extend_from_slice(&[0xc0, 0xc0]);
+            assert_eq!(value_len(&longer), Some(v.len()));
+            for cut in 0..v.len() {
+                assert_eq!(value_len(&v[..cut]), None, "cut at {cut}");
+            }
+        }
+        assert_eq!(value_len(&[0xc1]), None, "the reserved marker");
+        // A count far beyond the bytes present fails at once.
+        assert_eq!(value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff]), None);
+
+        let ping = to_payload(&ToRelay::Ping).unwrap();
+        assert!(from_payload_whole::<ToRelay>(&ping).is_ok());
+        let mut trailing = ping.clone();
+        trailing.push(0);
+        assert!(matches!(
+            from_payload_whole::<ToRelay>(&trailing),
+            Err(ProtoError::Trailing(1))
+        ));
     }
 
     #[test]
