@@ -582,9 +582,8 @@ impl Sending {
         let session = s.id;
         let item = Routed::Message(env);
         let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
-        store.add_message(&id, to, Dir::Out, MsgState::Queued, &session, counter)?;
+        store.add_sent(&id, to, &session, counter, &bytes)?;
         store.outbox_push(item.key(), &bytes)?;
-        store.keep_sent(&id, &bytes)?;
         let record = store.append(
             now.wall,
             to,
@@ -625,12 +624,8 @@ impl Sending {
         if key.kind != Kind::Message || !removed {
             return out;
         }
-        match store.outgoing(&key.id) {
-            Ok(Some((peer, _, _, MsgState::Queued))) => {
-                if let Err(e) = store.set_state(&key.id, MsgState::Relayed) {
-                    warn!("cannot update message state: {e}");
-                    return out;
-                }
+        match store.queued_to_relayed(&key.id) {
+            Ok(Some(peer)) => {
                 let body = RecordBody::Receipt {
                     id: key.id,
                     to: peer.clone(),
@@ -640,8 +635,8 @@ impl Sending {
                 record(store, now, &peer, body, &mut out);
                 out.push(Out::State(key.id, MsgState::Relayed, None));
             }
-            Ok(_) => {}
-            Err(e) => warn!("cannot read message state: {e}"),
+            Ok(None) => {}
+            Err(e) => warn!("cannot update message state: {e}"),
         }
         out
     }

@@ -123,6 +123,43 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Remember a message we send: queued, with its encoded envelope kept until it is settled
+    /// (what `add_message` and `keep_sent` do in two statements, in one). False if the id was
+    /// already stored.
+    pub fn add_sent(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        session: &[u8; 16],
+        counter: u64,
+        item: &[u8],
+    ) -> Result<bool> {
+        self.check_write()?;
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item)
+                 VALUES (?1, ?2, 'out', 'queued', ?3, ?4, ?5)",
+            )?
+            .execute(params![&id[..], peer, &session[..], counter as i64, item])?;
+        Ok(n == 1)
+    }
+
+    /// A sent message that was `queued` becomes `relayed`; its recipient if it was queued (a
+    /// message in any other state is left as it is: `None`). One statement for what
+    /// `outgoing` and `set_state` do in two.
+    pub fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
+        self.check_write()?;
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE messages SET state = 'relayed'
+                 WHERE id = ?1 AND dir = 'out' AND state = 'queued' RETURNING peer",
+            )?
+            .query_row(params![&id[..]], |r| r.get::<_, String>(0))
+            .optional()?)
+    }
+
     /// Whether a message id is stored.
     pub fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
         Ok(self

@@ -368,6 +368,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Room for every statement of both roles (a host uses both sets in one turn); the
+        // default of 16 would evict and parse again on the message path.
+        conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(SCHEMA)?;
         add_history_kind(&conn)?;
         add_sent_item(&conn)?;
@@ -453,13 +456,14 @@ impl Store {
     /// undoes only that request.
     pub fn savepoint(&mut self) -> Result<()> {
         self.check_write()?;
-        self.conn.execute_batch("SAVEPOINT request")?;
+        // Cached, as every statement of a message's path: a send opens one per request.
+        self.conn.prepare_cached("SAVEPOINT request")?.execute([])?;
         Ok(())
     }
 
     /// Keep the request's writes (they commit with the turn).
     pub fn release_savepoint(&mut self) -> Result<()> {
-        self.conn.execute_batch("RELEASE request")?;
+        self.conn.prepare_cached("RELEASE request")?.execute([])?;
         Ok(())
     }
 
@@ -588,6 +592,36 @@ mod tests {
         s.fail_writes(true);
         s.begin().unwrap();
         assert!(matches!(s.commit(), Err(StoreError::Injected)));
+    }
+
+    /// The one-statement forms do what the two-statement ones did: a sent message is queued
+    /// with its envelope kept, and only a queued one becomes relayed (once).
+    #[test]
+    fn a_sent_message_is_stored_with_its_envelope_and_relayed_once() {
+        let mut s = Store::open_in_memory().unwrap();
+        let (id, session) = ([7; 16], [2; 16]);
+        assert!(s.add_sent(&id, "bob", &session, 4, b"envelope").unwrap());
+        assert!(!s.add_sent(&id, "bob", &session, 4, b"other").unwrap());
+        assert_eq!(
+            s.outgoing(&id).unwrap(),
+            Some(("bob".to_string(), session, 4, MsgState::Queued))
+        );
+        assert_eq!(
+            s.unsettled("bob", &session).unwrap(),
+            [(id, b"envelope".to_vec())]
+        );
+        assert_eq!(s.queued_to_relayed(&id).unwrap().as_deref(), Some("bob"));
+        assert_eq!(s.queued_to_relayed(&id).unwrap(), None, "relayed already");
+        assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Relayed);
+        s.set_state(&id, MsgState::Delivered).unwrap();
+        assert_eq!(s.queued_to_relayed(&id).unwrap(), None, "delivered stays");
+        assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Delivered);
+        assert!(s.unsettled("bob", &session).unwrap().is_empty());
+        // An incoming message of the same id space is never made relayed.
+        s.add_message(&[8; 16], "bob", Dir::In, MsgState::Queued, &session, 1)
+            .unwrap();
+        assert_eq!(s.queued_to_relayed(&[8; 16]).unwrap(), None);
+        assert_eq!(s.queued_to_relayed(&[9; 16]).unwrap(), None, "unknown id");
     }
 
     #[test]

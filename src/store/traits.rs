@@ -53,6 +53,19 @@ pub trait MemberStore {
         session: &[u8; 16],
         counter: u64,
     ) -> Result<bool>;
+    /// Remember a message we send, queued, with its encoded envelope kept (one statement);
+    /// false if the id is known already.
+    fn add_sent(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        session: &[u8; 16],
+        counter: u64,
+        item: &[u8],
+    ) -> Result<bool>;
+    /// A sent message that was queued becomes relayed: its recipient, or `None` if it was in
+    /// another state (or unknown).
+    fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>>;
     /// Whether a message id is known.
     fn has_message(&self, id: &[u8; 16]) -> Result<bool>;
     /// Whether a (peer, session, counter) was seen already (replay check).
@@ -165,6 +178,19 @@ impl MemberStore for Store {
     }
     fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
         Store::set_state(self, id, state)
+    }
+    fn add_sent(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        session: &[u8; 16],
+        counter: u64,
+        item: &[u8],
+    ) -> Result<bool> {
+        Store::add_sent(self, id, peer, session, counter, item)
+    }
+    fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
+        Store::queued_to_relayed(self, id)
     }
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
         Store::outbox_push(self, key, item)
