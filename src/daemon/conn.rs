@@ -54,10 +54,33 @@ impl Write for Stream {
     }
 }
 
+/// The payloads of the whole frames one read pass found, in order, end to end in one buffer
+/// (one allocation per pass, not one per frame).
+#[derive(Debug, Default)]
+pub struct Frames {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Frames {
+    fn push(&mut self, payload: &[u8]) {
+        self.bytes.extend_from_slice(payload);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// Each payload, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter())
+            .map(|(a, &b)| &self.bytes[a..b])
+    }
+}
+
 /// What one read pass found.
 pub struct ReadResult {
     /// Whole frames, in order (also those before an error).
-    pub frames: Vec<Vec<u8>>,
+    pub frames: Frames,
     /// The peer closed its end.
     pub eof: bool,
     /// The stream failed or sent a bad frame; close after handling `frames`.
@@ -135,14 +158,10 @@ fn shrink_if_drained(buf: &mut Vec<u8>) {
 }
 
 /// Take every whole frame (each capped at `max`) off the front of `inbuf`.
-fn take_frames(
-    inbuf: &mut Vec<u8>,
-    max: usize,
-    frames: &mut Vec<Vec<u8>>,
-) -> Result<(), FrameError> {
+fn take_frames(inbuf: &mut Vec<u8>, max: usize, frames: &mut Frames) -> Result<(), FrameError> {
     let mut start = 0;
     while let Decoded::Frame { payload, consumed } = frame::decode(&inbuf[start..], max)? {
-        frames.push(payload.to_vec());
+        frames.push(payload);
         start += consumed;
     }
     inbuf.drain(..start);
@@ -202,7 +221,7 @@ impl Conn {
     /// (each capped at `max`).
     pub fn read_frames(&mut self, max: usize, until: ReadUntil) -> ReadResult {
         let mut r = ReadResult {
-            frames: Vec::new(),
+            frames: Frames::default(),
             eof: false,
             error: None,
             more: false,
@@ -343,13 +362,18 @@ impl Conn {
         }
     }
 
-    fn take_frames(&mut self, max: usize, frames: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {
+    fn take_frames(&mut self, max: usize, frames: &mut Frames) -> Result<(), FrameError> {
         take_frames(&mut self.inbuf, max, frames)
     }
 
     /// Queue bytes for writing.
     pub fn queue(&mut self, bytes: &[u8]) {
         self.outbuf.extend_from_slice(bytes);
+    }
+
+    /// The output buffer, to encode a frame straight into (as [`Conn::queue`] appends).
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.outbuf
     }
 
     /// Output bytes not yet written: the frames queued, plus one while TLS holds records it has
@@ -460,7 +484,12 @@ mod tests {
                 a.queue(&framed);
             }
             a.flush(poll.registry(), Token(1)).unwrap();
-            got.extend(b.read_frames(1 << 20, ReadUntil::WouldBlock).frames);
+            got.extend(
+                b.read_frames(1 << 20, ReadUntil::WouldBlock)
+                    .frames
+                    .iter()
+                    .map(<[u8]>::to_vec),
+            );
             if a.pending() == 0 && !got.is_empty() {
                 break;
             }
@@ -513,14 +542,14 @@ mod tests {
         b.write_all(&framed(b"one")).unwrap();
         assert_eq!(until_event(&mut poll, Token(1)), ReadUntil::ShortRead);
         let r = a.read_frames(1 << 20, ReadUntil::ShortRead);
-        assert_eq!(r.frames, [b"one".to_vec()]);
+        assert_eq!(r.frames.iter().collect::<Vec<_>>(), [&b"one"[..]]);
         assert!(!r.eof && r.error.is_none());
 
         // After the short read: new data is a new edge.
         b.write_all(&framed(b"two")).unwrap();
         assert_eq!(until_event(&mut poll, Token(1)), ReadUntil::ShortRead);
         let r = a.read_frames(1 << 20, ReadUntil::ShortRead);
-        assert_eq!(r.frames, [b"two".to_vec()]);
+        assert_eq!(r.frames.iter().collect::<Vec<_>>(), [&b"two"[..]]);
 
         // Data and the close before the event: one pass must see both.
         b.write_all(&framed(b"three")).unwrap();
@@ -528,7 +557,7 @@ mod tests {
         let until = until_event(&mut poll, Token(1));
         assert_eq!(until, ReadUntil::WouldBlock, "the event says read-closed");
         let r = a.read_frames(1 << 20, until);
-        assert_eq!(r.frames, [b"three".to_vec()]);
+        assert_eq!(r.frames.iter().collect::<Vec<_>>(), [&b"three"[..]]);
         assert!(r.eof, "the close was read in the same pass");
     }
 }

@@ -511,10 +511,10 @@ impl Daemon {
         if let (Some(channel), Some(r)) = (secured, self.roles.relay_mut()) {
             r.bind_channel(table::conn_id(token), channel);
         }
-        for payload in frames {
+        for payload in frames.iter() {
             if is_peer {
                 if let Some(r) = self.roles.relay_mut() {
-                    r.receive(table::conn_id(token), &payload, now.mono, &mut self.store);
+                    r.receive(table::conn_id(token), payload, now.mono, &mut self.store);
                 }
             } else {
                 self.request(token, payload, now);
@@ -538,7 +538,7 @@ impl Daemon {
 
     /// One request frame from a control client: run now, or queued behind an earlier request
     /// of the same client that still waits, so that answers keep the requests' order.
-    fn request(&mut self, token: Token, payload: Vec<u8>, now: Now) {
+    fn request(&mut self, token: Token, payload: &[u8], now: Now) {
         let waits = self.waiters.has(token);
         if let Some(e) = self.table.get_mut(token) {
             if let Kind::Control(c) = &mut e.kind {
@@ -567,13 +567,13 @@ impl Daemon {
                         }
                         return;
                     }
-                    c.queued.push_back(payload);
+                    c.queued.push_back(payload.to_vec());
                     c.active_at = now.mono;
                     return;
                 }
             }
         }
-        self.run_request(token, &payload, now);
+        self.run_request(token, payload, now);
     }
 
     /// Whether some control client's queued requests can run now (the loop must not sleep).

@@ -355,10 +355,9 @@ impl Table {
                 let Some(t) = token_of(id) else { return };
                 self.touch(t);
                 if let Some(e) = self.entries.get_mut(&t) {
-                    let mut buf = Vec::new();
-                    match encode_frame(&msg, &mut buf) {
-                        Ok(()) => e.conn.queue(&buf),
-                        Err(err) => warn!("cannot encode frame for connection {id}: {err}"),
+                    // Both encoders leave the buffer as it was on an error.
+                    if let Err(err) = encode_frame(&msg, e.conn.out()) {
+                        warn!("cannot encode frame for connection {id}: {err}");
                     }
                 }
             }
@@ -366,14 +365,13 @@ impl Table {
                 let Some(t) = token_of(id) else { return };
                 self.touch(t);
                 if let Some(e) = self.entries.get_mut(&t) {
-                    let mut buf = Vec::new();
-                    match crate::proto::frame::encode_parts(
+                    let framed = crate::proto::frame::encode_parts(
                         crate::proto::DELIVER_PREFIX,
                         &item,
-                        &mut buf,
-                    ) {
-                        Ok(()) => e.conn.queue(&buf),
-                        Err(err) => warn!("cannot frame a delivery for connection {id}: {err}"),
+                        e.conn.out(),
+                    );
+                    if let Err(err) = framed {
+                        warn!("cannot frame a delivery for connection {id}: {err}");
                     }
                 }
             }
@@ -461,21 +459,15 @@ impl Table {
         if let Kind::Control(c) = &mut e.kind {
             c.answered = c.answered.saturating_add(1);
         }
-        let mut buf = Vec::new();
-        match encode_frame(resp, &mut buf) {
-            Ok(()) => e.conn.queue(&buf),
-            Err(err) => {
-                warn!("cannot encode control reply: {err}");
-                let fallback = CtlResponse::Error {
-                    kind: ErrorKind::Failed,
-                    message: format!("reply too large: {err}"),
-                    sent: Vec::new(),
-                };
-                buf.clear();
-                if encode_frame(&fallback, &mut buf).is_ok() {
-                    e.conn.queue(&buf);
-                }
-            }
+        // Encoded in place; an error leaves the buffer as it was.
+        if let Err(err) = encode_frame(resp, e.conn.out()) {
+            warn!("cannot encode control reply: {err}");
+            let fallback = CtlResponse::Error {
+                kind: ErrorKind::Failed,
+                message: format!("reply too large: {err}"),
+                sent: Vec::new(),
+            };
+            let _ = encode_frame(&fallback, e.conn.out());
         }
     }
 

@@ -369,8 +369,8 @@ impl Uplink {
         now: Now,
     ) -> Read {
         let again = r.more && !r.eof && r.error.is_none();
-        for payload in r.frames {
-            member.receive(&payload, now, store);
+        for payload in r.frames.iter() {
+            member.receive(payload, now, store);
         }
         if let Some(e) = r.error {
             let why = format!("relay connection failed: {e}");
@@ -399,10 +399,9 @@ impl Uplink {
             return;
         };
         for f in frames {
-            let mut buf = Vec::new();
-            match encode_frame(&f, &mut buf) {
-                Ok(()) => c.queue(&buf),
-                Err(e) => log::warn!("cannot encode frame for the relay: {e}"),
+            // Encoded in place; an error leaves the buffer as it was.
+            if let Err(e) = encode_frame(&f, c.out()) {
+                log::warn!("cannot encode frame for the relay: {e}");
             }
         }
         // The same read may already have seen the relay hang up after its final frame.

@@ -57,10 +57,23 @@ pub fn to_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
     Ok(v)
 }
 
-/// Encode a message and append it as one frame to `out`.
+/// Encode a message and append it as one frame to `out`: encoded in place after a length
+/// placeholder (no payload vector to allocate and copy, on every frame a relay sends); on an
+/// error `out` is left as it was.
 pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
-    let payload = to_payload(msg)?;
-    frame::encode(&payload, out).map_err(|_| ProtoError::TooLarge(payload.len()))
+    let start = out.len();
+    out.extend_from_slice(&[0; frame::HEADER]);
+    if let Err(e) = rmp_serde::encode::write_named(out, msg) {
+        out.truncate(start);
+        return Err(ProtoError::Encode(e));
+    }
+    let len = out.len() - start - frame::HEADER;
+    if len > frame::MAX_FRAME {
+        out.truncate(start);
+        return Err(ProtoError::TooLarge(len));
+    }
+    out[start..start + frame::HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 /// Decode a payload into a message.
