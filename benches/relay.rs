@@ -24,6 +24,9 @@
 //! - **ping-pong**: one message at a time from a to b, b answers with one back to a; the round
 //!   trip (a's send to a's receipt of b's answer, both through the server, each acknowledged
 //!   where the protocol acknowledges) at the 50th and 99th percentile over `--pings` round trips.
+//!   b writes its `Ack` and its answer at once (one write, one TLS record), as a member's daemon
+//!   writes what one turn produced; mosquitto QoS 1's echo writes its PUBACK and its PUBLISH
+//!   apart, and QoS 0's and ngircd's echo write their one packet.
 //!
 //! The relay commits each event-loop turn with one fsync, so its figures include the disk's sync
 //! latency (the same for every build measured). The members run on threads of this process, on
@@ -36,7 +39,7 @@
 //! QoS 1), and the summary gives its medians with the ratio to the first chatd build's. Each run
 //! starts the peer fresh, in the foreground, from a config written to a temporary directory, on a
 //! loopback port picked free (bound to port 0, read, released), and kills it when the run ends.
-//! They speak plain TCP.
+//! They speak plain TCP (but mosquitto over TLS, below).
 //!
 //! **What the comparison means**: the peers keep nothing on disk (mosquitto with `persistence
 //! false`, as it is normally run; ngircd has no store), while chatd fsyncs every envelope before
@@ -56,6 +59,11 @@
 //!     receiver has seen (a shared counter between the two threads): without it the sender would
 //!     run ahead and the broker drop what it cannot queue. This window is the stricter one (it
 //!     spans the whole path, not the first hop).
+//! - **mosquitto over TLS** (`--mosquitto-tls`): QoS 0 as above, with `certfile`, `keyfile` (a
+//!   self-signed ECDSA P-256 certificate made for the run) and `tls_version tlsv1.3` on the
+//!   listener, and the clients speak TLS 1.3 through the same rustls client as chatd's
+//!   (`common::Wire`, which checks the handshake signature and accepts any certificate). chatd's
+//!   relay only speaks TLS since issue 12: this is the like-for-like peer.
 //! - **ngircd** (`Listen = 127.0.0.1`, no DNS, IDENT or PAM, no limit of connections per address,
 //!   and flood protection off: `MaxPenaltyTime = 0` and every client an IRC operator with user
 //!   mode `+F`; see `PeerProc::start`), through IRC: NICK/USER registration up to the 001
@@ -94,6 +102,9 @@ cargo bench --bench relay -- [OPTIONS]
                      medians are printed with the ratio to the first [target/release/chatd]
   --mosquitto [PATH] also measure mosquitto, as two more builds: QoS 0 and QoS 1
                      [/usr/sbin/mosquitto; apt-get install -y mosquitto]
+  --mosquitto-tls [PATH]
+                     also measure mosquitto QoS 0 with a TLS 1.3 listener (a self-signed
+                     certificate made for the run), as chatd's relay only speaks TLS
   --ngircd [PATH]    also measure ngircd, one more build [/usr/sbin/ngircd;
                      apt-get install -y ngircd]
   --runs R           runs of each measurement; the median is reported [5]
@@ -103,7 +114,8 @@ cargo bench --bench relay -- [OPTIONS]
   --pings K          round trips per ping-pong run [1000]
   --only WHAT        one of: 1to1, 50to50, pingpong
 
-The peers keep nothing on disk; chatd fsyncs every envelope before Accepted.";
+The peers keep nothing on disk; chatd fsyncs every envelope before Accepted. They speak
+plain TCP, but for --mosquitto-tls; chatd speaks TLS 1.3.";
 
 /// Every wait has this deadline: a server that stops answering fails the run, not the machine.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -119,7 +131,13 @@ const IRC_MAX_PAYLOAD: usize = 400;
 #[derive(Clone, Debug)]
 enum Server {
     Chatd(PathBuf),
-    Mosquitto { bin: PathBuf, qos: u8 },
+    /// `tls`: its listener speaks TLS 1.3 (QoS 0 only: the like-for-like peer of chatd's
+    /// relay, which only speaks TLS since issue 12).
+    Mosquitto {
+        bin: PathBuf,
+        qos: u8,
+        tls: bool,
+    },
     Ngircd(PathBuf),
 }
 
@@ -127,7 +145,11 @@ impl Server {
     fn label(&self) -> String {
         match self {
             Server::Chatd(p) => p.display().to_string(),
-            Server::Mosquitto { bin, qos } => format!("mosquitto QoS{qos} {}", bin.display()),
+            Server::Mosquitto { bin, qos, tls } => format!(
+                "mosquitto QoS{qos}{} {}",
+                if *tls { " over TLS 1.3" } else { "" },
+                bin.display()
+            ),
             Server::Ngircd(p) => format!("ngircd {}", p.display()),
         }
     }
@@ -170,8 +192,22 @@ fn parse_opts() -> Result<Opts, String> {
                 peers.push(Server::Mosquitto {
                     bin: bin.clone(),
                     qos: 0,
+                    tls: false,
                 });
-                peers.push(Server::Mosquitto { bin, qos: 1 });
+                peers.push(Server::Mosquitto {
+                    bin,
+                    qos: 1,
+                    tls: false,
+                });
+                continue;
+            }
+            "--mosquitto-tls" => {
+                let bin = path_or("/usr/sbin/mosquitto");
+                peers.push(Server::Mosquitto {
+                    bin,
+                    qos: 0,
+                    tls: true,
+                });
                 continue;
             }
             "--ngircd" => {
@@ -400,8 +436,15 @@ impl Member {
     }
 
     fn send(&mut self, msg: &ToRelay) -> io::Result<()> {
+        self.send_all(std::slice::from_ref(msg))
+    }
+
+    /// Several frames in one write, as a member's daemon writes what one turn produced.
+    fn send_all(&mut self, msgs: &[ToRelay]) -> io::Result<()> {
         let mut f = Vec::new();
-        encode_frame(msg, &mut f).map_err(|e| io::Error::other(e.to_string()))?;
+        for msg in msgs {
+            encode_frame(msg, &mut f).map_err(|e| io::Error::other(e.to_string()))?;
+        }
         self.wire.write_all(&f)?;
         self.wire.flush()
     }
@@ -597,10 +640,11 @@ fn chatd_ping_pong(
             while answered < pings {
                 match b.recv().map_err(|e| e.to_string())? {
                     FromRelay::Deliver(item) => {
-                        b.send(&ToRelay::Ack(item.key()))
-                            .map_err(|e| e.to_string())?;
+                        // The Ack and the answer in one write (one TLS record), as the
+                        // daemon writes a turn's frames; a peer's echo writes its one packet.
                         let back = b.envelope("ping", size);
-                        b.send(&back).map_err(|e| e.to_string())?;
+                        b.send_all(&[ToRelay::Ack(item.key()), back])
+                            .map_err(|e| e.to_string())?;
                         answered += 1;
                     }
                     FromRelay::Error { code, reason } => return Err(format!("{code}: {reason}")),
@@ -674,10 +718,11 @@ impl PeerProc {
             // receiver's delayed ACK (40 ms). The queue limit counts QoS 1 messages beyond the 20
             // in flight to a subscriber (that default is kept); the window keeps fewer than
             // `window` per subscriber, so nothing is ever dropped.
-            Server::Mosquitto { bin, .. } => (
+            Server::Mosquitto { bin, tls, .. } => (
                 bin,
                 format!(
                     "listener {port} 127.0.0.1\n\
+                     {}\
                      allow_anonymous true\n\
                      persistence false\n\
                      set_tcp_nodelay true\n\
@@ -685,6 +730,11 @@ impl PeerProc {
                      log_dest stderr\n\
                      log_type error\n\
                      log_type warning\n",
+                    if *tls {
+                        mosquitto_tls(dir.path())?
+                    } else {
+                        String::new()
+                    },
                     (4 * o.window).max(1000)
                 ),
                 vec!["-c".into(), conf.clone().into()],
@@ -837,6 +887,38 @@ fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
     Ok(tcp)
 }
 
+/// A TLS 1.3 listener's lines for mosquitto's config, with a self-signed certificate (ECDSA
+/// P-256, as the clients accept any certificate whose key signs the handshake: see
+/// `common::client_config`) written to `dir`.
+fn mosquitto_tls(dir: &Path) -> Result<String, String> {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .map_err(|e| format!("a certificate for mosquitto: {e}"))?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // PEM by hand: this rcgen is built without its `pem` feature.
+    let pem = |label: &str, der: &[u8]| {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap_or_default())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    };
+    std::fs::write(&cert, pem("CERTIFICATE", made.cert.der()))
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    std::fs::write(&key, pem("PRIVATE KEY", &made.signing_key.serialize_der()))
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    Ok(format!(
+        "certfile {}\nkeyfile {}\ntls_version tlsv1.3\n",
+        cert.display(),
+        key.display()
+    ))
+}
+
 fn io_err(what: &str, e: io::Error) -> String {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
@@ -847,7 +929,7 @@ fn io_err(what: &str, e: io::Error) -> String {
 }
 
 /// Read more of `sock` into `buf`; a closed connection is an error.
-fn read_more(sock: &mut TcpStream, chunk: &mut [u8], buf: &mut Vec<u8>) -> Result<(), String> {
+fn read_more(sock: &mut impl Read, chunk: &mut [u8], buf: &mut Vec<u8>) -> Result<(), String> {
     let n = sock.read(chunk).map_err(|e| io_err("read", e))?;
     if n == 0 {
         return Err("the server closed the connection".into());
@@ -877,7 +959,7 @@ fn quick_ack(sock: &TcpStream) {
 
 /// An MQTT 3.1.1 client subscribed to the topic of its own name.
 struct Mqtt {
-    sock: TcpStream,
+    sock: Wire<TcpStream>,
     name: String,
     buf: Vec<u8>,
     chunk: Vec<u8>,
@@ -930,9 +1012,19 @@ fn mqtt_packet(b: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
 impl Mqtt {
     /// Connect as `name` (clean session), subscribe to topic `name` at `qos`, and return once
     /// the SUBACK granted it.
-    fn connect(addr: SocketAddr, name: &str, qos: u8, size: usize) -> Result<Mqtt, String> {
+    fn connect(
+        addr: SocketAddr,
+        name: &str,
+        qos: u8,
+        size: usize,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Mqtt, String> {
+        let (mode, cfg) = match tls {
+            Some(cfg) => (Mode::Tls, cfg.clone()),
+            None => (Mode::Plain, common::client_config()),
+        };
         let mut m = Mqtt {
-            sock: dial(addr)?,
+            sock: Wire::new(dial(addr)?, mode, &cfg).map_err(|e| e.to_string())?,
             name: name.to_string(),
             buf: Vec::new(),
             chunk: vec![0; 64 * 1024],
@@ -1414,13 +1506,14 @@ fn throughput(
     match server {
         Server::Chatd(chatd) => chatd_throughput(o, chatd, keys, pairs, messages)
             .map(|(rate, cpu, mode)| (rate, cpu, format!("{mode:?}"))),
-        Server::Mosquitto { qos, .. } => {
+        Server::Mosquitto { qos, tls, .. } => {
             let peer = PeerProc::start(server, o)?;
             let (qos, addr) = (*qos, peer.addr);
+            let cfg = tls.then(common::client_config);
             peer_throughput(o, &peer, pairs, messages, qos == 1, |n| {
-                Mqtt::connect(addr, n, qos, size)
+                Mqtt::connect(addr, n, qos, size, cfg.as_ref())
             })
-            .map(|(rate, cpu)| (rate, cpu, "plain TCP".into()))
+            .map(|(rate, cpu)| (rate, cpu, transport(*tls)))
             .map_err(|e| peer.explain(e))
         }
         Server::Ngircd(_) => {
@@ -1446,11 +1539,12 @@ fn ping_pong(
         Server::Chatd(chatd) => {
             chatd_ping_pong(o, chatd, keys).map(|(rtts, mode)| (rtts, format!("{mode:?}")))
         }
-        Server::Mosquitto { qos, .. } => {
+        Server::Mosquitto { qos, tls, .. } => {
             let peer = PeerProc::start(server, o)?;
             let (qos, addr) = (*qos, peer.addr);
-            peer_ping_pong(o, |n| Mqtt::connect(addr, n, qos, size))
-                .map(|rtts| (rtts, "plain TCP".into()))
+            let cfg = tls.then(common::client_config);
+            peer_ping_pong(o, |n| Mqtt::connect(addr, n, qos, size, cfg.as_ref()))
+                .map(|rtts| (rtts, transport(*tls)))
                 .map_err(|e| peer.explain(e))
         }
         Server::Ngircd(_) => {
@@ -1461,6 +1555,11 @@ fn ping_pong(
                 .map_err(|e| peer.explain(e))
         }
     }
+}
+
+/// How a peer was spoken to, for a run's line.
+fn transport(tls: bool) -> String {
+    if tls { "TLS 1.3" } else { "plain TCP" }.into()
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {

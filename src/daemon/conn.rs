@@ -110,9 +110,10 @@ pub enum ReadUntil {
 }
 
 impl ReadUntil {
-    /// How far to read a connection that `ev` says is ready.
+    /// How far to read a connection that `ev` says is ready. Short reads end a pass on Linux
+    /// only, where mio is epoll (DECISIONS.md; mio's other backends need `WouldBlock`).
     pub fn for_event(ev: &mio::event::Event) -> ReadUntil {
-        if ev.is_read_closed() || ev.is_error() {
+        if ev.is_read_closed() || ev.is_error() || !cfg!(target_os = "linux") {
             ReadUntil::WouldBlock
         } else {
             ReadUntil::ShortRead
