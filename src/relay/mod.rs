@@ -160,12 +160,18 @@ struct Unsynced {
     bytes: Arc<[u8]>,
     /// Connections that sent it and wait for `Accepted` (a retransmission adds one).
     senders: Vec<ConnId>,
-    /// When it arrived (monotonic ms).
-    at: u64,
     /// Arrival order: items of one turn share `at`, and the store must get them in the order
     /// they came (it is the queue's order after a restart).
     seq: u64,
     size: usize,
+}
+
+/// One entry of [`Relay`]'s arrival order.
+struct Arrival {
+    seq: u64,
+    at: u64,
+    to: String,
+    key: ItemKey,
 }
 
 struct Conn {
@@ -210,6 +216,12 @@ pub struct Relay {
     unsynced_bytes: usize,
     /// The next [`Unsynced::seq`].
     next_seq: u64,
+    /// Every item put in `unsynced`, in arrival order, with its `seq` and `at`: `sync` and
+    /// `next_deadline` look at the front only, not at every item held (thousands under load,
+    /// every turn). An item acknowledged or forgotten since stays here until it reaches the
+    /// front and is dropped there (its `seq` no longer matches), at most one `SYNC_DELAY_MS`
+    /// after it came.
+    arrivals: VecDeque<Arrival>,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
     /// moves deadlines later), so the loop need not walk every connection each turn.
@@ -259,6 +271,7 @@ impl Relay {
             unsynced: HashMap::new(),
             unsynced_bytes: 0,
             next_seq: 0,
+            arrivals: VecDeque::new(),
         })
     }
 
@@ -272,11 +285,12 @@ impl Relay {
     /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which `tick` has
     /// something to do, so the daemon can sleep until then instead of waking on a fixed tick.
     pub fn next_deadline(&self) -> Option<u64> {
+        // The oldest arrival is the earliest: `at` never decreases along the queue. If it was
+        // acknowledged meanwhile, the wake comes early once and `sync` drops it.
         let sync = self
-            .unsynced
-            .values()
-            .map(|u| u.at.saturating_add(SYNC_DELAY_MS))
-            .min();
+            .arrivals
+            .front()
+            .map(|a| a.at.saturating_add(SYNC_DELAY_MS));
         [self.earliest, sync].into_iter().flatten().min()
     }
 
@@ -286,18 +300,23 @@ impl Relay {
     /// ([`Out::AfterCommit`]).
     pub fn sync(&mut self, now: u64, store: &mut dyn RelayStore, all: bool) {
         if self.unsynced.is_empty() {
+            self.arrivals.clear();
             return;
         }
         let all = all || self.unsynced_bytes > MAX_UNSYNCED_BYTES;
-        let mut due: Vec<(String, ItemKey)> = self
-            .unsynced
-            .iter()
-            .filter(|(_, u)| all || now.saturating_sub(u.at) >= SYNC_DELAY_MS)
-            .map(|(k, _)| k.clone())
-            .collect();
         // In arrival order, so a seeded run repeats and the store's order is the queue's.
-        due.sort_by_key(|k| self.unsynced.get(k).map(|u| u.seq));
-        for k in due {
+        while let Some(front) = self.arrivals.front() {
+            if !all && now.saturating_sub(front.at) < SYNC_DELAY_MS {
+                break;
+            }
+            let Some(Arrival { seq, to, key, .. }) = self.arrivals.pop_front() else {
+                break;
+            };
+            let k = (to, key);
+            // Acknowledged or forgotten since (or sent again later, as a new arrival).
+            if self.unsynced.get(&k).is_none_or(|u| u.seq != seq) {
+                continue;
+            }
             let Some(u) = self.unsynced.remove(&k) else {
                 continue;
             };
@@ -1159,11 +1178,16 @@ impl Relay {
             Unsynced {
                 bytes,
                 senders: vec![id],
-                at: now,
                 seq: self.next_seq,
                 size,
             },
         );
+        self.arrivals.push_back(Arrival {
+            seq: self.next_seq,
+            at: now,
+            to: to.clone(),
+            key,
+        });
         self.next_seq += 1;
         self.unsynced_bytes += size;
         self.fill(&to, store);

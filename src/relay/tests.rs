@@ -1408,6 +1408,62 @@ fn an_item_not_acknowledged_in_time_is_written_then_accepted_after_the_commit() 
     assert!(t.store.queued().unwrap().is_empty());
 }
 
+/// The arrival queue behind `sync` and `next_deadline`: an item is written when its own delay
+/// is up, not an earlier or later one's; an acknowledged item is never written, even when the
+/// same key is sent again before its old arrival reached the front.
+#[test]
+fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    let send = |t: &mut T, n: u8, at: u64| {
+        t.relay.handle(
+            ConnId(1),
+            ToRelay::Send(message("alice", "bob", n)),
+            at,
+            &mut t.store,
+        )
+    };
+    let stored = |t: &T| -> Vec<u8> {
+        let q = t.store.queued().unwrap();
+        q.iter().map(|q| q.key.id[0]).collect()
+    };
+    send(&mut t, 1, t0);
+    // Bob acknowledges 1, and alice sends 1 again (a retransmission after the ack).
+    t.relay
+        .handle(ConnId(2), ToRelay::Ack(msg_key(1)), t0 + 1, &mut t.store);
+    send(&mut t, 1, t0 + 2);
+    send(&mut t, 2, t0 + 5);
+    send(&mut t, 3, t0 + 6);
+    t.drain();
+    assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    assert!(
+        stored(&t).is_empty(),
+        "1's old arrival is gone; 2 is not due"
+    );
+    assert_eq!(
+        t.relay.next_deadline(),
+        Some(t0 + 2 + SYNC_DELAY_MS),
+        "the second 1 is the oldest now"
+    );
+    t.relay.sync(t0 + 2 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(stored(&t), [1]);
+    t.relay.sync(t0 + 5 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(stored(&t), [1, 2]);
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 6 + SYNC_DELAY_MS));
+    t.relay.sync(t0 + 6 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(stored(&t), [1, 2, 3]);
+    assert_eq!(t.relay.unsynced_count(), 0);
+    assert!(
+        t.relay
+            .next_deadline()
+            .is_none_or(|d| d > t0 + 6 + SYNC_DELAY_MS),
+        "nothing held, so no write is due (only the connections' timers)"
+    );
+}
+
 #[test]
 fn items_of_one_turn_are_written_in_the_order_they_came() {
     let mut t = T::new();
