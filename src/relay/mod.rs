@@ -314,7 +314,7 @@ impl Relay {
             };
             let k = (to, key);
             // Acknowledged or forgotten since (or sent again later, as a new arrival).
-            if self.unsynced.get(&k).is_none_or(|u| u.seq != seq) {
+            if !self.unsynced.get(&k).is_some_and(|u| u.seq == seq) {
                 continue;
             }
             let Some(u) = self.unsynced.remove(&k) else {
