@@ -912,6 +912,17 @@ fn mosquitto_tls(dir: &Path) -> Result<String, String> {
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     std::fs::write(&key, pem("PRIVATE KEY", &made.signing_key.serialize_der()))
         .map_err(|e| format!("{}: {e}", key.display()))?;
+    // Started as root, mosquitto becomes its own user before it reads them: the directory and
+    // the files must be readable to it (the key is made for this run and thrown away).
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        (dir, 0o755),
+        (cert.as_path(), 0o644),
+        (key.as_path(), 0o644),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(format!(
         "certfile {}\nkeyfile {}\ntls_version tlsv1.3\n",
         cert.display(),

@@ -92,6 +92,15 @@ pub struct Daemon {
     clock: Clock,
 }
 
+/// Which deadlines [`Daemon::deadline`] looks at.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// Those of [`Daemon::tick`].
+    Tick,
+    /// Every one the loop must wake for.
+    Any,
+}
+
 /// Start the daemon with resolved config; returns when it is told to stop.
 pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     // First, before anything opens files or starts threads: take the sockets systemd passed.
@@ -270,7 +279,7 @@ impl Daemon {
                 }
             }
             // Timers run when one is due, not on a fixed tick: the poll timeout woke us for it.
-            if self.next_deadline().is_some_and(|d| now.mono >= d) {
+            if self.deadline(Wake::Tick).is_some_and(|d| now.mono >= d) {
                 self.tick(now);
             }
             self.pump_lists(now);
@@ -341,16 +350,22 @@ impl Daemon {
         {
             return Duration::ZERO;
         }
-        match self.next_deadline() {
+        match self.deadline(Wake::Any) {
             Some(d) => Duration::from_millis(d.saturating_sub(self.clock.mono_ms())).min(IDLE_WAKE),
             None => IDLE_WAKE,
         }
     }
 
-    /// The earliest instant (monotonic ms) at which [`Daemon::tick`] has work.
-    fn next_deadline(&self) -> Option<u64> {
+    /// The earliest instant (monotonic ms) at which [`Daemon::tick`] has work (`Wake::Tick`),
+    /// or the loop has anything timed to do (`Wake::Any`: also the relay's writes of items held
+    /// in memory, which run every turn and need only the wake).
+    fn deadline(&self, wake: Wake) -> Option<u64> {
+        let relay_at = |relay: &Relay| match wake {
+            Wake::Tick => relay.tick_deadline(),
+            Wake::Any => relay.next_deadline(),
+        };
         let cores = match &self.roles {
-            Roles::Relay(relay) => [relay.next_deadline(), None, None],
+            Roles::Relay(relay) => [relay_at(relay), None, None],
             Roles::Member { member, uplink } => [
                 member.next_deadline(),
                 uplink.deadline(self.cfg.max_write_buffer),
@@ -360,11 +375,7 @@ impl Daemon {
                 relay,
                 member,
                 link,
-            } => [
-                relay.next_deadline(),
-                member.next_deadline(),
-                link.relink_at(),
-            ],
+            } => [relay_at(relay), member.next_deadline(), link.relink_at()],
         };
         let waiting = |t: Token| self.waiters.has(t);
         let idle = self

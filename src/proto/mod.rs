@@ -118,12 +118,13 @@ pub fn value_len(buf: &[u8]) -> Option<usize> {
             0x90..=0x9f => (0, usize::from(m & 0x0f)),
             0xa0..=0xbf => (usize::from(m & 0x1f), 0),
             0xc1 => return None,
-            0xc4 | 0xd9 => (1 + int(pos, 1)?, 0),
-            0xc5 | 0xda => (2 + int(pos, 2)?, 0),
-            0xc6 | 0xdb => (4 + int(pos, 4)?, 0),
-            0xc7 => (2 + int(pos, 1)?, 0),
-            0xc8 => (3 + int(pos, 2)?, 0),
-            0xc9 => (5 + int(pos, 4)?, 0),
+            // Checked: a 32-bit length plus its header overflows a 32-bit usize.
+            0xc4 | 0xd9 => (int(pos, 1)?.checked_add(1)?, 0),
+            0xc5 | 0xda => (int(pos, 2)?.checked_add(2)?, 0),
+            0xc6 | 0xdb => (int(pos, 4)?.checked_add(4)?, 0),
+            0xc7 => (int(pos, 1)?.checked_add(2)?, 0),
+            0xc8 => (int(pos, 2)?.checked_add(3)?, 0),
+            0xc9 => (int(pos, 4)?.checked_add(5)?, 0),
             0xca => (4, 0),
             0xcb => (8, 0),
             0xcc | 0xd0 => (1, 0),
@@ -137,7 +138,7 @@ pub fn value_len(buf: &[u8]) -> Option<usize> {
             0xd8 => (17, 0),
             0xdc => (2, int(pos, 2)?),
             0xdd => (4, int(pos, 4)?),
-            0xde => (2, 2 * int(pos, 2)?),
+            0xde => (2, int(pos, 2)?.checked_mul(2)?),
             0xdf => (4, int(pos, 4)?.checked_mul(2)?),
         };
         pos = pos.checked_add(skip)?;

@@ -282,16 +282,40 @@ impl Relay {
         self.rng = StdRng::seed_from_u64(seed);
     }
 
-    /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which `tick` has
-    /// something to do, so the daemon can sleep until then instead of waking on a fixed tick.
+    /// The next instant (monotonic ms, the clock [`Relay::tick`] is given) at which the relay
+    /// has something to do: a timer of [`Relay::tick_deadline`], or an item held in memory due
+    /// for [`Relay::sync`]; the daemon sleeps until then instead of waking on a fixed tick.
     pub fn next_deadline(&self) -> Option<u64> {
         // The oldest arrival is the earliest: `at` never decreases along the queue. If it was
-        // acknowledged meanwhile, the wake comes early once and `sync` drops it.
+        // acknowledged out of order (acks in order drop it at once), the wake comes early once
+        // and `sync` drops it.
         let sync = self
             .arrivals
             .front()
             .map(|a| a.at.saturating_add(SYNC_DELAY_MS));
         [self.earliest, sync].into_iter().flatten().min()
+    }
+
+    /// When [`Relay::tick`] has something to do (its connection timers): not the writes of
+    /// [`Relay::sync`], which the daemon runs every turn anyway. `tick` walks every connection,
+    /// so an early wake for an acknowledged arrival must not run it.
+    pub fn tick_deadline(&self) -> Option<u64> {
+        self.earliest
+    }
+
+    /// Drop arrivals at the front whose item left memory (acknowledged, forgotten): with acks
+    /// in order, the front stays a live item, and `next_deadline` a real one.
+    fn drop_stale_arrivals(&mut self) {
+        while let Some(a) = self.arrivals.front() {
+            let live = self
+                .unsynced
+                .get(&(a.to.clone(), a.key))
+                .is_some_and(|u| u.seq == a.seq);
+            if live {
+                break;
+            }
+            self.arrivals.pop_front();
+        }
     }
 
     /// Before the turn commits: write to the store the items that waited [`SYNC_DELAY_MS`] in
@@ -697,6 +721,7 @@ impl Relay {
                 self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
             }
         }
+        self.drop_stale_arrivals();
         info!("forgot {user}: binding and queue dropped");
         Ok(true)
     }
@@ -1205,6 +1230,9 @@ impl Relay {
             // `Accepted` now, and the store never sees it.
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
             q.remove(key);
+            if self.arrivals.front().is_some_and(|a| a.seq == u.seq) {
+                self.drop_stale_arrivals();
+            }
             for s in u.senders {
                 self.out.push_back(Out::Send(s, FromRelay::Accepted(key)));
             }

@@ -1410,7 +1410,9 @@ fn an_item_not_acknowledged_in_time_is_written_then_accepted_after_the_commit() 
 
 /// The arrival queue behind `sync` and `next_deadline`: an item is written when its own delay
 /// is up, not an earlier or later one's; an acknowledged item is never written, even when the
-/// same key is sent again before its old arrival reached the front.
+/// same key is sent again (a new arrival); an ack in order drops its arrival at once, one out
+/// of order when it reaches the front; and none of this is a timer of `tick`, which walks
+/// every connection.
 #[test]
 fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
     let mut t = T::new();
@@ -1425,42 +1427,52 @@ fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
             &mut t.store,
         )
     };
+    let ack = |t: &mut T, n: u8, at: u64| {
+        t.relay
+            .handle(ConnId(2), ToRelay::Ack(msg_key(n)), at, &mut t.store)
+    };
     let stored = |t: &T| -> Vec<u8> {
         let q = t.store.queued().unwrap();
         q.iter().map(|q| q.key.id[0]).collect()
     };
+    let timers = t.relay.tick_deadline();
     send(&mut t, 1, t0);
-    // Bob acknowledges 1, and alice sends 1 again (a retransmission after the ack).
-    t.relay
-        .handle(ConnId(2), ToRelay::Ack(msg_key(1)), t0 + 1, &mut t.store);
+    assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
+    assert_eq!(
+        t.relay.tick_deadline(),
+        timers,
+        "a write is no timer of tick"
+    );
+    ack(&mut t, 1, t0 + 1);
+    assert_eq!(
+        t.relay.next_deadline(),
+        timers,
+        "acked in order: nothing to wake for"
+    );
+    // Alice sends 1 again (a retransmission after the ack), then 2 and 3; bob acks 2 only.
     send(&mut t, 1, t0 + 2);
     send(&mut t, 2, t0 + 5);
     send(&mut t, 3, t0 + 6);
+    ack(&mut t, 2, t0 + 7);
     t.drain();
-    assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
-    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
-    assert!(
-        stored(&t).is_empty(),
-        "1's old arrival is gone; 2 is not due"
-    );
-    assert_eq!(
-        t.relay.next_deadline(),
-        Some(t0 + 2 + SYNC_DELAY_MS),
-        "the second 1 is the oldest now"
-    );
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 2 + SYNC_DELAY_MS));
+    t.relay
+        .sync(t0 + 2 + SYNC_DELAY_MS - 1, &mut t.store, false);
+    assert!(stored(&t).is_empty(), "not due yet");
     t.relay.sync(t0 + 2 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [1]);
+    assert_eq!(stored(&t), [1], "the second 1, at its own time");
+    // 2 was acknowledged out of order: its arrival wakes the loop once, and is dropped.
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 5 + SYNC_DELAY_MS));
     t.relay.sync(t0 + 5 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [1, 2]);
+    assert_eq!(stored(&t), [1]);
     assert_eq!(t.relay.next_deadline(), Some(t0 + 6 + SYNC_DELAY_MS));
     t.relay.sync(t0 + 6 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [1, 2, 3]);
+    assert_eq!(stored(&t), [1, 3]);
     assert_eq!(t.relay.unsynced_count(), 0);
-    assert!(
-        !t.relay
-            .next_deadline()
-            .is_some_and(|d| d <= t0 + 6 + SYNC_DELAY_MS),
-        "nothing held, so no write is due (only the connections' timers)"
+    assert_eq!(
+        t.relay.next_deadline(),
+        timers,
+        "nothing held, nothing to write"
     );
 }
 
