@@ -13,11 +13,12 @@
 //! with the buffered `ServerConnection` (what the relay drives) and once with the unbuffered
 //! API (where the caller owns the buffers), each with AES-GCM and with ChaCha20-Poly1305.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::ConnectionState;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
@@ -31,42 +32,6 @@ fn rss_kib() -> Res<u64> {
         .find(|l| l.starts_with("VmRSS:"))
         .ok_or("no VmRSS in /proc/self/status")?;
     Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
-}
-
-/// The client side trusts anything: only the server's memory is measured here.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 fn configs(chacha: bool) -> Res<(Arc<ServerConfig>, Arc<ClientConfig>)> {
@@ -90,7 +55,8 @@ fn configs(chacha: bool) -> Res<(Arc<ServerConfig>, Arc<ClientConfig>)> {
     let cc = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        // Any certificate: only the server's memory is measured here.
+        .with_custom_certificate_verifier(common::any_key(&provider))
         .with_no_client_auth();
     Ok((Arc::new(sc), Arc::new(cc)))
 }

@@ -100,6 +100,14 @@ impl rustls::client::danger::ServerCertVerifier for AnyKey {
     }
 }
 
+/// A verifier that accepts any certificate but checks the TLS 1.3 handshake signature with
+/// it, over `provider`'s algorithms (for a bench's client with a provider of its own).
+pub fn any_key(
+    provider: &rustls::crypto::CryptoProvider,
+) -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    Arc::new(AnyKey(provider.signature_verification_algorithms))
+}
+
 /// The client config every bench connection shares (TLS 1.3, no resumption: as chatd).
 pub fn client_config() -> Arc<rustls::ClientConfig> {
     let p = Arc::new(rustls::crypto::ring::default_provider());

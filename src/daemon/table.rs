@@ -779,6 +779,19 @@ mod tests {
     use std::io::Read;
     use std::time::Duration;
 
+    /// Accept the one control client that is connecting, within 10 s.
+    fn accept_one(table: &mut Table, listener: &UnixListener, poll: &Poll) -> Token {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            table.accept_control(listener, poll.registry(), 8, false, 0);
+            if let Some(t) = table.control_tokens.iter().next().copied() {
+                return t;
+            }
+            assert!(std::time::Instant::now() < deadline, "accept");
+            std::thread::yield_now();
+        }
+    }
+
     /// A failed commit answers each request the client ran in the turn (a pipelining client
     /// counts its answers), drops what it had queued, and closes it.
     #[test]
@@ -792,15 +805,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut table = Table::default();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let token = loop {
-            table.accept_control(&listener, poll.registry(), 8, false, 0);
-            if let Some(t) = table.control_tokens.iter().next().copied() {
-                break t;
-            }
-            assert!(std::time::Instant::now() < deadline, "accept");
-            std::thread::yield_now();
-        };
+        let token = accept_one(&mut table, &listener, &poll);
         table.begin_turn();
         table.reply(token, &CtlResponse::End);
         let c = table.ctl_mut(token).unwrap();
@@ -833,14 +838,7 @@ mod tests {
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let token = loop {
-            table.accept_control(&listener, poll.registry(), 8, false, 0);
-            if let Some(t) = table.control_tokens.iter().next().copied() {
-                break t;
-            }
-            assert!(std::time::Instant::now() < deadline, "accept");
-            std::thread::yield_now();
-        };
+        let token = accept_one(&mut table, &listener, &poll);
         table.begin_turn();
         table.reply(token, &CtlResponse::End);
         table.fail_turn(&err);
