@@ -1410,9 +1410,9 @@ fn an_item_not_acknowledged_in_time_is_written_then_accepted_after_the_commit() 
 
 /// The arrival queue behind `sync` and `next_deadline`: an item is written when its own delay
 /// is up, not an earlier or later one's; an acknowledged item is never written, even when the
-/// same key is sent again (a new arrival); an ack in order drops its arrival at once, one out
-/// of order when it reaches the front; and none of this is a timer of `tick`, which walks
-/// every connection.
+/// same key is sent again while its old arrival still waits in the queue (a new arrival); an
+/// ack in order drops its arrival at once, one out of order when it reaches the front; and
+/// none of this is a timer of `tick`, which walks every connection.
 #[test]
 fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
     let mut t = T::new();
@@ -1436,38 +1436,50 @@ fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
         q.iter().map(|q| q.key.id[0]).collect()
     };
     let timers = t.relay.tick_deadline();
-    send(&mut t, 1, t0);
+    send(&mut t, 8, t0);
     assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
     assert_eq!(
         t.relay.tick_deadline(),
         timers,
         "a write is no timer of tick"
     );
-    ack(&mut t, 1, t0 + 1);
+    ack(&mut t, 8, t0);
     assert_eq!(
         t.relay.next_deadline(),
         timers,
         "acked in order: nothing to wake for"
     );
-    // Alice sends 1 again (a retransmission after the ack), then 2 and 3; bob acks 2 only.
+    // 9 waits unacknowledged; 1 is acknowledged out of order (its arrival stays behind 9's)
+    // and sent again (a retransmission after the ack: a new arrival of the same key); then 2
+    // and 3, and bob acks 2 only.
+    send(&mut t, 9, t0);
+    send(&mut t, 1, t0);
+    ack(&mut t, 1, t0 + 1);
     send(&mut t, 1, t0 + 2);
     send(&mut t, 2, t0 + 5);
     send(&mut t, 3, t0 + 6);
     ack(&mut t, 2, t0 + 7);
     t.drain();
+    assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(
+        stored(&t),
+        [9],
+        "1's first arrival does not write the second 1"
+    );
     assert_eq!(t.relay.next_deadline(), Some(t0 + 2 + SYNC_DELAY_MS));
     t.relay
         .sync(t0 + 2 + SYNC_DELAY_MS - 1, &mut t.store, false);
-    assert!(stored(&t).is_empty(), "not due yet");
+    assert_eq!(stored(&t), [9], "not due yet");
     t.relay.sync(t0 + 2 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [1], "the second 1, at its own time");
+    assert_eq!(stored(&t), [9, 1], "the second 1, at its own time");
     // 2 was acknowledged out of order: its arrival wakes the loop once, and is dropped.
     assert_eq!(t.relay.next_deadline(), Some(t0 + 5 + SYNC_DELAY_MS));
     t.relay.sync(t0 + 5 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [1]);
+    assert_eq!(stored(&t), [9, 1]);
     assert_eq!(t.relay.next_deadline(), Some(t0 + 6 + SYNC_DELAY_MS));
     t.relay.sync(t0 + 6 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [1, 3]);
+    assert_eq!(stored(&t), [9, 1, 3]);
     assert_eq!(t.relay.unsynced_count(), 0);
     assert_eq!(
         t.relay.next_deadline(),
