@@ -70,9 +70,14 @@ impl From<rusqlite::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+// `history` and `outbox` number their rows without AUTOINCREMENT: that keyword costs a write to
+// `sqlite_sequence` on every insert, and buys only that a deleted highest seq is never given out
+// again. No history row is ever deleted, so its seqs (the `tail` cursor) are the same either
+// way; outbox seqs only order what is waiting. A pruning of the history would have to keep its
+// last row. Databases made before keep their AUTOINCREMENT tables, which behave the same.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS history (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     time_ms INTEGER NOT NULL,
     peer TEXT NOT NULL,
     body BLOB NOT NULL,
@@ -90,7 +95,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages(peer, session, counter) WHERE dir = 'in';
 CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
     id BLOB NOT NULL,
     item BLOB NOT NULL,
@@ -622,6 +627,52 @@ mod tests {
             .unwrap();
         assert_eq!(s.queued_to_relayed(&[8; 16]).unwrap(), None);
         assert_eq!(s.queued_to_relayed(&[9; 16]).unwrap(), None, "unknown id");
+    }
+
+    /// History and outbox rows are numbered without `sqlite_sequence` (one write less per
+    /// insert), and a database whose tables were made with AUTOINCREMENT goes on numbering.
+    #[test]
+    fn history_and_outbox_are_numbered_without_sqlite_sequence() {
+        let key = ItemKey {
+            kind: Kind::Message,
+            id: [4; 16],
+        };
+        let presence = |user: &str| RecordBody::Presence {
+            user: user.into(),
+            online: true,
+        };
+        let mut s = Store::open_in_memory().unwrap();
+        assert_eq!(s.append(1, "bob", presence("bob")).unwrap().seq, 1);
+        assert_eq!(s.append(2, "bob", presence("bob")).unwrap().seq, 2);
+        s.outbox_push(key, b"x").unwrap();
+        let sequenced: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_sequence WHERE name IN ('history', 'outbox')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(sequenced, 0, "no sqlite_sequence row for history or outbox");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                     time_ms INTEGER NOT NULL, peer TEXT NOT NULL, body BLOB NOT NULL, kind TEXT);
+                 CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
+                     id BLOB NOT NULL, item BLOB NOT NULL, UNIQUE(kind, id));",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.append(1, "bob", presence("bob")).unwrap().seq, 1);
+        assert_eq!(s.append(2, "carol", presence("carol")).unwrap().seq, 2);
+        s.outbox_push(key, b"x").unwrap();
+        assert_eq!(s.outbox().unwrap(), [(key, b"x".to_vec())]);
+        assert_eq!(s.records(1, None, None).unwrap()[0].body.peer(), "carol");
     }
 
     #[test]
