@@ -445,7 +445,7 @@ impl Receiving {
             }
             Verdict::Open(opened) => {
                 let receipt = Routed::Receipt(opened.receipt);
-                let stored = in_savepoint(store, |s| {
+                let stored = all_or_none(store, |s| {
                     store_message(s, &env, &receipt, opened.text, now)
                 });
                 match stored {
@@ -500,6 +500,25 @@ fn open(own: &str, env: &Envelope, key: &SessionKey, store: &dyn MemberStore) ->
         tag: receipt_tag(key, &env.id, own, &env.from, &env.session, env.counter),
     };
     Verdict::Open(Opened { text, receipt })
+}
+
+/// Run `writes` so that all of them are kept, or none, without a savepoint where the turn can
+/// do it: inside a turn a failure abandons the turn ([`MemberStore::abandon_turn`]), whose
+/// commit then fails, and the daemon rebuilds the core from disk as after any failed commit.
+/// Outside a turn, in a savepoint. For the units on the message path; rare ones keep
+/// [`in_savepoint`], which leaves the rest of the turn alone.
+pub(super) fn all_or_none<T>(
+    store: &mut dyn MemberStore,
+    writes: impl FnOnce(&mut dyn MemberStore) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if !store.in_turn() {
+        return in_savepoint(store, writes);
+    }
+    let done = writes(store);
+    if let Err(e) = &done {
+        store.abandon_turn(e);
+    }
+    done
 }
 
 /// Run `writes` in a savepoint of the turn: all of them are kept, or none.
@@ -635,7 +654,7 @@ pub(super) fn judge_receipt(
 }
 
 /// Carry out the judgement of receipt `r`: the message becomes `Delivered` (state, outbox and
-/// history in one savepoint), and the receipt is acknowledged unless that failed.
+/// history all or none), and the receipt is acknowledged unless that failed.
 pub(super) fn settle_receipt(
     sending: &mut Sending,
     r: &Receipt,
@@ -671,7 +690,7 @@ pub(super) fn settle_receipt(
         } => {
             sending.confirmed(&peer, &session);
             if news {
-                match in_savepoint(store, |s| store_receipt(s, r.id, &peer, now)) {
+                match all_or_none(store, |s| store_receipt(s, r.id, &peer, now)) {
                     Ok(rec) => {
                         out.push(Out::Record(rec));
                         out.push(Out::State(r.id, MsgState::Delivered, None));

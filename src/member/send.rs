@@ -473,8 +473,10 @@ impl Sending {
         }
     }
 
-    /// Seal `text` to each recipient and store it (message, outbox, history) in one savepoint:
-    /// a failure rolls back the whole request and forgets the sessions it made.
+    /// Seal `text` to each recipient and store it (message, outbox, history), all or none: a
+    /// failure rolls back the whole request and forgets the sessions it made. One recipient
+    /// inside a turn takes no savepoint (see [`MemberStore::abandon_turn`]): there every
+    /// failure after a write is a store error, which abandons the turn, and its commit fails.
     #[allow(clippy::too_many_arguments)] // reason: the member's identity, name and peers, plus the request
     pub(super) fn queue(
         &mut self,
@@ -492,7 +494,10 @@ impl Sending {
             .iter()
             .filter_map(|u| self.sessions.get(u).map(|s| (u.clone(), s.id)))
             .collect();
-        store.savepoint()?;
+        let savepoint = recipients.len() != 1 || !store.in_turn();
+        if savepoint {
+            store.savepoint()?;
+        }
         let mut queued = Queued {
             sent: Vec::new(),
             items: Vec::new(),
@@ -506,6 +511,15 @@ impl Sending {
                     queued.records.push(record);
                 }
                 Err(e) => {
+                    if !savepoint {
+                        if let MemberError::Store(se) = &e {
+                            store.abandon_turn(se);
+                        }
+                        // Any other failure came before this request's first write, or (a
+                        // text that will not encode) after only its new session was stored,
+                        // which the session table and memory then both hold.
+                        return Err(e);
+                    }
                     store.rollback_savepoint();
                     for u in recipients {
                         if self.sessions.get(u).map(|s| s.id) != prior.get(u).copied() {
@@ -516,7 +530,9 @@ impl Sending {
                 }
             }
         }
-        store.release_savepoint()?;
+        if savepoint {
+            store.release_savepoint()?;
+        }
         Ok(queued)
     }
 

@@ -9,7 +9,7 @@
 use super::link::{LOGIN_TIMEOUT_MS, PING_AFTER_MS, SILENT_RELAY_MS};
 use super::send::RETRY_REFUSED_MS;
 use super::*;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -765,6 +765,75 @@ fn send_to_several_and_to_all() {
     );
     net.transfer();
     assert_eq!(net.inbox(b).len(), 2);
+}
+
+/// Inside a turn, storing a delivered message takes no savepoint: a write that fails part-way
+/// (its id stored, its receipt not) abandons the turn, so nothing of it is kept. A kept id
+/// would make the redelivery look like a duplicate, and the message would be lost.
+#[test]
+fn a_delivered_message_failing_part_way_in_a_turn_is_kept_whole_on_redelivery() {
+    let (mut net, a, b) = pair();
+    net.send(a, "bob", "first");
+    net.transfer();
+    net.nodes[b].store.begin().unwrap();
+    // The second message's writes: its id (let through), then its receipt (fails).
+    net.nodes[b].store.fail_write_after(1);
+    let id = net.send(a, "bob", "second");
+    net.transfer();
+    let commit = net.nodes[b].store.commit();
+    assert!(
+        matches!(commit, Err(StoreError::Abandoned(_))),
+        "the turn must not commit: {commit:?}"
+    );
+    // What the daemon does after a failed commit: rebuild the core, drop the link.
+    let node = &mut net.nodes[b];
+    node.member.reload(&node.store).unwrap();
+    assert!(!net.nodes[b].store.has_message(&id).unwrap(), "no id kept");
+    assert_eq!(net.inbox(b), inbox_of(&[("alice", "first")]));
+    net.reconnect(b);
+    assert_eq!(
+        net.inbox(b),
+        inbox_of(&[("alice", "first"), ("alice", "second")])
+    );
+    assert_eq!(net.states(a, id), [MsgState::Relayed, MsgState::Delivered]);
+}
+
+/// The same for a send to one recipient inside a turn: its message row written and its outbox
+/// row failing leaves no message behind (one would be sent again with the next key packet).
+#[test]
+fn a_send_failing_part_way_in_a_turn_keeps_nothing() {
+    let (mut net, a, b) = pair();
+    net.send(a, "bob", "first");
+    net.transfer();
+    let session = net.sent("alice")[0].session;
+    net.nodes[a].store.begin().unwrap();
+    // The send's writes: the message (let through), its outbox row (fails), its record.
+    net.nodes[a].store.fail_write_after(1);
+    let e = net.try_send(a, &["bob"], "lost").unwrap_err();
+    assert!(matches!(e, MemberError::Store(_)), "{e:?}");
+    let commit = net.nodes[a].store.commit();
+    assert!(
+        matches!(commit, Err(StoreError::Abandoned(_))),
+        "the turn must not commit: {commit:?}"
+    );
+    let node = &mut net.nodes[a];
+    node.member.reload(&node.store).unwrap();
+    assert!(
+        net.nodes[a]
+            .store
+            .unsettled("bob", &session)
+            .unwrap()
+            .is_empty(),
+        "no message row left to send again"
+    );
+    assert!(net.nodes[a].store.outbox().unwrap().is_empty());
+    net.reconnect(a);
+    net.send(a, "bob", "after");
+    net.transfer();
+    assert_eq!(
+        net.inbox(b),
+        inbox_of(&[("alice", "first"), ("alice", "after")])
+    );
 }
 
 #[test]

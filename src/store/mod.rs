@@ -35,6 +35,9 @@ pub enum StoreError {
     /// SQLite rolled the turn's transaction back by itself after an earlier error (a full
     /// disk, say): nothing more is written in this turn, whose commit then fails.
     RolledBack,
+    /// A write failed part-way through a unit of work, so the turn was rolled back whole
+    /// ([`Store::abandon_turn`]); the text is the first failure.
+    Abandoned(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -47,6 +50,10 @@ impl std::fmt::Display for StoreError {
             StoreError::RolledBack => write!(
                 f,
                 "database error: the turn's transaction was rolled back after an earlier error"
+            ),
+            StoreError::Abandoned(why) => write!(
+                f,
+                "{why}; nothing of the turn was kept, since that write failed part-way through"
             ),
         }
     }
@@ -204,7 +211,11 @@ pub struct Store {
     turn: bool,
     /// Rows changed before the turn: a turn that began no transaction changed none.
     changes_at_turn: u64,
+    /// Why the turn must not commit ([`Store::abandon_turn`]).
+    abandoned: Option<String>,
     fail_writes: bool,
+    /// Writes to let through before one injected failure ([`Store::fail_write_after`]).
+    fail_after: Option<u32>,
 }
 
 fn kind_str(k: Kind) -> &'static str {
@@ -384,7 +395,9 @@ impl Store {
             in_tx: false,
             turn: false,
             changes_at_turn: 0,
+            abandoned: None,
             fail_writes: false,
+            fail_after: None,
         })
     }
 
@@ -419,6 +432,12 @@ impl Store {
     /// turn is stored, and the caller must not acknowledge anything from it.
     pub fn commit(&mut self) -> Result<()> {
         let turn = std::mem::take(&mut self.turn);
+        if let Some(why) = self.abandoned.take() {
+            if std::mem::take(&mut self.in_tx) {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(StoreError::Abandoned(why));
+        }
         if self.fail_writes && (turn || self.in_tx) {
             // As when every turn began its transaction: with writes failing, a turn's commit
             // fails whether or not it wrote.
@@ -451,6 +470,7 @@ impl Store {
     /// Roll back the turn's transaction.
     pub fn rollback(&mut self) {
         self.turn = false;
+        self.abandoned = None;
         if self.in_tx {
             self.in_tx = false;
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -479,16 +499,48 @@ impl Store {
             .execute_batch("ROLLBACK TO request; RELEASE request");
     }
 
+    /// Whether a turn is open: [`Store::begin`] and not yet committed or rolled back.
+    pub fn in_turn(&self) -> bool {
+        self.turn
+    }
+
+    /// Make the turn's commit fail and roll back, so that a unit of work that failed part-way
+    /// leaves nothing. The member's message path uses this instead of a savepoint per message:
+    /// a savepoint makes SQLite copy every page the unit touches into its sub-journal, which
+    /// was a tenth of the member's cost per message, and a failed write there is a full disk or
+    /// an I/O error, which fails the turn's commit anyway. Outside a turn it does nothing (the
+    /// writes were committed one by one); callers take a savepoint there instead.
+    pub fn abandon_turn(&mut self, why: &StoreError) {
+        if self.turn && self.abandoned.is_none() {
+            self.abandoned = Some(why.to_string());
+        }
+    }
+
     /// Make every write fail from now on (true) or work again (false). For fault-injection tests.
     #[doc(hidden)]
     pub fn fail_writes(&mut self, fail: bool) {
         self.fail_writes = fail;
     }
 
+    /// Let `n` writes through, then fail the next one (once). For fault-injection tests of a
+    /// unit of work that fails part-way.
+    #[doc(hidden)]
+    pub fn fail_write_after(&mut self, n: u32) {
+        self.fail_after = Some(n);
+    }
+
     /// Before every write: the injected failure, and the turn's transaction begun.
     fn check_write(&mut self) -> Result<()> {
         if self.fail_writes {
             return Err(StoreError::Injected);
+        }
+        match self.fail_after {
+            Some(0) => {
+                self.fail_after = None;
+                return Err(StoreError::Injected);
+            }
+            Some(n) => self.fail_after = Some(n - 1),
+            None => {}
         }
         self.start_tx()
     }
@@ -597,6 +649,38 @@ mod tests {
         s.fail_writes(true);
         s.begin().unwrap();
         assert!(matches!(s.commit(), Err(StoreError::Injected)));
+    }
+
+    /// An abandoned turn keeps none of its writes, before or after the abandoning, and says
+    /// why; the next turn is as any other. Outside a turn there is nothing to abandon.
+    #[test]
+    fn an_abandoned_turn_commits_nothing() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.begin().unwrap();
+        s.add_message(&[1; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 1)
+            .unwrap();
+        s.fail_write_after(0);
+        let e = s.bind("carol", b"k").unwrap_err();
+        s.abandon_turn(&e);
+        s.add_message(&[3; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 2)
+            .unwrap();
+        match s.commit() {
+            Err(StoreError::Abandoned(why)) => assert!(why.contains("injected"), "{why}"),
+            other => panic!("an abandoned turn must not commit: {other:?}"),
+        }
+        assert!(s.conn.is_autocommit(), "the transaction is over");
+        assert!(s.outgoing(&[1; 16]).unwrap().is_none());
+        assert!(s.outgoing(&[3; 16]).unwrap().is_none());
+
+        s.begin().unwrap();
+        s.add_message(&[5; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 3)
+            .unwrap();
+        s.commit().unwrap();
+        assert!(s.outgoing(&[5; 16]).unwrap().is_some());
+
+        s.abandon_turn(&StoreError::Injected);
+        s.begin().unwrap();
+        s.commit().unwrap();
     }
 
     /// The one-statement forms do what the two-statement ones did: a sent message is queued

@@ -118,6 +118,11 @@ pub trait MemberStore {
     fn release_savepoint(&mut self) -> Result<()>;
     /// Undo the unit's writes.
     fn rollback_savepoint(&mut self);
+    /// Whether a turn is open (its writes commit or roll back together).
+    fn in_turn(&self) -> bool;
+    /// A unit of work that took no savepoint failed part-way: the turn's commit must fail, so
+    /// none of it is kept.
+    fn abandon_turn(&mut self, why: &super::StoreError);
 }
 
 // Each method forwards to the inherent method of the same name (inherent methods win method
@@ -254,5 +259,11 @@ impl MemberStore for Store {
     }
     fn rollback_savepoint(&mut self) {
         Store::rollback_savepoint(self)
+    }
+    fn in_turn(&self) -> bool {
+        Store::in_turn(self)
+    }
+    fn abandon_turn(&mut self, why: &super::StoreError) {
+        Store::abandon_turn(self, why)
     }
 }
