@@ -50,7 +50,11 @@ impl std::error::Error for ProtoError {
 
 /// Encode a message as a MessagePack payload (without the frame header).
 pub fn to_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
-    let v = rmp_serde::to_vec_named(msg).map_err(ProtoError::Encode)?;
+    // Room for a chat message's envelope or history record at once: grown from empty, the
+    // vector was reallocated about seven times per payload, several payloads per message.
+    // Payloads are short-lived (bound into a statement, or framed), so the slack costs nothing.
+    let mut v = Vec::with_capacity(512);
+    rmp_serde::encode::write_named(&mut v, msg).map_err(ProtoError::Encode)?;
     if v.len() > frame::MAX_FRAME {
         return Err(ProtoError::TooLarge(v.len()));
     }
