@@ -23,7 +23,7 @@ use crate::crypto::{
 use crate::proto::control::{Dir, MsgState, Record, RecordBody, Sent};
 use crate::proto::relay::{Envelope, ItemKey, KeyPacket, Kind, RefuseCode, Rekey, Routed};
 use crate::proto::{from_payload, hex, to_payload, valid_user, MAX_TEXT};
-use crate::store::MemberStore;
+use crate::store::{MemberStore, StoreError};
 
 /// A sending session is retired after this many messages, so (key, counter) never repeats.
 pub const SESSION_MESSAGES: u64 = 100_000;
@@ -126,6 +126,28 @@ impl std::fmt::Display for RekeyRefused {
     }
 }
 
+/// A message's id: the first 12 bytes of its session's id, then its counter (big-endian), or
+/// `None` for a counter beyond 32 bits (never: a session is retired long before).
+///
+/// Unique because (session, counter) is (the nonce under the session's key never repeats),
+/// and known ahead only to those who know the session: its sender, its recipient and the relay
+/// that routes it, who can drop the message anyway. Consecutive, so a session's ids lie side by
+/// side in every index keyed by id: a random id dirtied another page of each such index per
+/// message, in the sender's, the recipient's and the relay's database.
+fn message_id(session: &[u8; 16], counter: u64) -> Option<[u8; 16]> {
+    let counter = u32::try_from(counter).ok()?;
+    let mut id = [0u8; 16];
+    id[..12].copy_from_slice(&session[..12]);
+    id[12..].copy_from_slice(&counter.to_be_bytes());
+    Some(id)
+}
+
+fn random_id(rng: &mut StdRng) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    rng.fill_bytes(&mut id);
+    id
+}
+
 /// A new sending session to `to`: a random id and key, and the key packet (the RSA work).
 fn new_session(
     rng: &mut StdRng,
@@ -134,8 +156,7 @@ fn new_session(
     to: &str,
     pinned: &crate::crypto::PublicKey,
 ) -> Result<SendSession, crate::crypto::CryptoError> {
-    let mut id = [0u8; 16];
-    rng.fill_bytes(&mut id);
+    let id = random_id(rng);
     let key = SessionKey::random(rng);
     let kp = make_key_packet(rng, identity, own, to, pinned, &id, &key)?;
     Ok(SendSession {
@@ -579,26 +600,41 @@ impl Sending {
         store: &mut dyn MemberStore,
     ) -> Result<(Sent, Routed, Record), MemberError> {
         let from = own.to_string();
-        let mut id = [0u8; 16];
-        self.rng.fill_bytes(&mut id);
         let s = self.session_for(identity, own, peers, to, store)?;
         let counter = s.next;
         s.next += 1;
+        let (session, key, key_packet) = (s.id, s.key.clone(), s.key_packet.clone());
         let mut env = Envelope {
-            id,
+            id: message_id(&session, counter).unwrap_or_else(|| random_id(&mut self.rng)),
             from: from.clone(),
             to: to.to_string(),
             time_ms: now.wall,
-            session: s.id,
+            session,
             counter,
-            key_packet: s.key_packet.clone(),
+            key_packet,
             ciphertext: Vec::new(),
         };
-        env.ciphertext = seal_envelope(&s.key, &Header::of(&env), text.as_bytes());
-        let session = s.id;
-        let item = Routed::Message(env);
-        let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
-        store.add_sent(&id, to, &session, counter, &bytes)?;
+        env.ciphertext = seal_envelope(&key, &Header::of(&env), text.as_bytes());
+        let too_long = |_| MemberError::TextTooLong(text.len());
+        let mut item = Routed::Message(env);
+        let mut bytes = to_payload(&item).map_err(too_long)?;
+        let mut id = item.key().id;
+        if !store.add_sent(&id, to, &session, counter, &bytes)? {
+            // The id is stored already: only the recipient (or the relay) knows the session and
+            // could have sent us a message with it first. A random id then, as before; one
+            // taken too means a damaged database, not bad luck.
+            id = random_id(&mut self.rng);
+            if let Routed::Message(env) = &mut item {
+                env.id = id;
+                env.ciphertext = seal_envelope(&key, &Header::of(env), text.as_bytes());
+            }
+            bytes = to_payload(&item).map_err(too_long)?;
+            if !store.add_sent(&id, to, &session, counter, &bytes)? {
+                return Err(MemberError::Store(StoreError::Corrupt(
+                    "a random message id is stored already".into(),
+                )));
+            }
+        }
         store.outbox_push(item.key(), &bytes)?;
         let record = store.append(
             now.wall,

@@ -546,12 +546,24 @@ fn hand_sealed(
     to_key: &PublicKey,
     text: &str,
 ) -> Envelope {
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    hand_sealed_as(signer, from, to, to_key, id, text)
+}
+
+/// As [`hand_sealed`], with the message id `id`.
+fn hand_sealed_as(
+    signer: &Identity,
+    from: &str,
+    to: &str,
+    to_key: &PublicKey,
+    id: [u8; 16],
+    text: &str,
+) -> Envelope {
     let mut rng = rand::thread_rng();
     let key = SessionKey::random(&mut rng);
     let mut session = [0u8; 16];
     rng.fill_bytes(&mut session);
-    let mut id = [0u8; 16];
-    rng.fill_bytes(&mut id);
     let kp = make_key_packet(&mut rng, signer, from, to, to_key, &session, &key).unwrap();
     let mut e = Envelope {
         id,
@@ -1231,6 +1243,47 @@ fn tampered_sender_or_session_fails_the_key_packet_signature() {
         net.nodes[a].member.sending.clear();
     }
     assert_eq!(net.relay.queued_count(), 0);
+}
+
+/// A message's id is its session's prefix and its counter, so a session's ids are
+/// consecutive; the recipient knows them ahead and could send one to the sender first. The
+/// sender then takes a random id, and the message goes through as any other.
+#[test]
+fn ids_follow_the_session_and_a_taken_one_is_replaced() {
+    let (mut net, a, b) = pair();
+    net.send(a, "bob", "first");
+    net.send(a, "bob", "second");
+    net.transfer();
+    let sent = net.sent("alice");
+    let next = |e: &Envelope| {
+        let mut id = e.id;
+        id[12..].copy_from_slice(&((e.counter + 1) as u32).to_be_bytes());
+        id
+    };
+    assert_eq!(sent[0].id[..12], sent[0].session[..12]);
+    assert_eq!(sent[1].id, next(&sent[0]), "consecutive ids in one session");
+
+    // Bob sends alice a message under the id of her next one to him.
+    let taken = next(&sent[1]);
+    let squat = hand_sealed_as(
+        &identity(BOB),
+        "bob",
+        "alice",
+        &public(ALICE),
+        taken,
+        "squat",
+    );
+    net.inject(a, FromRelay::Deliver(Routed::Message(squat)));
+    net.transfer();
+    assert!(net.nodes[a].store.has_message(&taken).unwrap());
+    let id = net.send(a, "bob", "third");
+    assert_ne!(id, taken, "a taken id is not used again");
+    net.transfer();
+    assert_eq!(net.states(a, id), [MsgState::Relayed, MsgState::Delivered]);
+    assert_eq!(
+        net.inbox(b),
+        inbox_of(&[("alice", "first"), ("alice", "second"), ("alice", "third")])
+    );
 }
 
 #[test]
