@@ -9,7 +9,7 @@
 //! | point | tests |
 //! |---|---|
 //! | 1 relay with many members | `relay_serves_members_directory_and_presence` |
-//! | 2 host mode | `host_mode_chats_both_ways` |
+//! | 2 host mode | `host_mode_chats_both_ways`, `a_host_forwards_nothing_before_its_commit` |
 //! | 3 send | `send_text_reaches_both_histories`, `send_to_several_recipients_with_separator`, `send_all_reaches_every_online_peer`, `send_from_stdin_sends_one_message_per_line_in_order` |
 //! | 4 tail | `tail_last_n_since_with_and_json_fields`, `tail_follow_prints_new_records_until_killed`, `tail_follow_exits_3_when_daemon_goes_away` |
 //! | 5 who, status, fingerprint, trust, forget | `status_reports_every_role`, `who_fingerprint_and_trust_plain_and_json`, `global_flags_work_before_or_after_the_subcommand`, `forget_is_refused_on_a_member_and_for_unknown_names` (forget on a relay: point 11) |
@@ -340,6 +340,27 @@ fn host_mode_chats_both_ways() {
     assert_eq!(got["dir"], "in");
     assert_eq!(alice.texts("out"), vec!["hi from host"]);
     assert_eq!(bob.texts("out"), vec!["hello host"]);
+}
+
+/// A host's relay and member share one transaction per turn, so the host forwards nothing
+/// before that commits: an `Accepted` or a receipt sent earlier would promise what a failed
+/// commit takes back (bob would see `delivered` for a message alice does not have). Armed, the
+/// host aborts if it ever writes to a peer while its turn's writes are not committed.
+#[test]
+fn a_host_forwards_nothing_before_its_commit() {
+    let mut alice = Daemon::host("alice");
+    alice.set_env("CHATD_TEST_ABORT_BEFORE_COMMIT", Some("1"));
+    alice.restart();
+    let bob = Daemon::member("bob", &alice.addr());
+    alice.wait_peer_online("bob", true);
+    let r = send_json(&bob, &["--wait", "delivered", "alice", "kept", "whole"]);
+    check_sent(&r[0], "alice", &["delivered"]);
+    let r = send_json(&alice, &["--wait", "delivered", "bob", "and", "back"]);
+    check_sent(&r[0], "bob", &["delivered"]);
+    assert!(alice.is_running(), "the host never forwarded early");
+    assert_eq!(alice.texts("in"), ["kept whole"]);
+    assert_eq!(bob.texts("in"), ["and back"]);
+    assert!(!alice.log().contains("aborting between forward and commit"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -306,11 +306,22 @@ impl Daemon {
             }
             // Forward first: what the relay sends its peers promises nothing about the store,
             // so it leaves now; an `Accepted` for what this turn wrote waits for the commit.
-            let (dead, forwarded) = self.table.flush_peers_early(self.poll.registry());
+            // Not on a host: its relay and its member share the turn's transaction, so what the
+            // relay sends (an `Accepted` for what the member acknowledged, the member's receipt)
+            // may promise the member's writes, which a failed commit takes back.
+            let host = matches!(self.roles, Roles::Host { .. });
+            let (dead, forwarded) = if host {
+                (Vec::new(), false)
+            } else {
+                self.table.flush_peers_early(self.poll.registry())
+            };
             for t in dead {
                 self.drop_conn(t);
             }
-            let in_memory = self.roles.relay().is_some_and(|r| r.unsynced_count() > 0);
+            // The window a test aims at: forwarded, with an item only in the relay's memory, or
+            // (were a host to forward early) with its member's writes not committed.
+            let in_memory = self.roles.relay().is_some_and(|r| r.unsynced_count() > 0)
+                || (host && self.store.wrote());
             if forwarded && in_memory {
                 if let Some(n) = self.abort_before_commit.as_mut() {
                     *n = n.saturating_sub(1);
@@ -899,7 +910,12 @@ impl Daemon {
                 self.pump(now);
                 match self.store.commit() {
                     Ok(()) => self.table.committed(),
-                    Err(e) => warn!("cannot write what the relay held in memory: {e}"),
+                    Err(e) => {
+                        warn!("cannot write what the relay held in memory: {e}");
+                        // Nothing of this last turn may go out below as if it were stored.
+                        self.waiters.fail_turn();
+                        self.table.fail_turn(&control::not_stored(&e));
+                    }
                 }
             }
         }

@@ -848,6 +848,57 @@ fn a_send_failing_part_way_in_a_turn_keeps_nothing() {
     );
 }
 
+/// And for a verified receipt: its state written and its outbox row failing leaves the message
+/// `relayed`, and the receipt, not acknowledged, comes again and makes it `delivered` once.
+#[test]
+fn a_receipt_failing_part_way_in_a_turn_is_taken_again_whole() {
+    let (mut net, a, _b) = pair();
+    let held = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let keep = held.clone();
+    let mut once = true;
+    net.filter = Some(Box::new(move |name, m| {
+        if name == "alice" && deliver_receipt(m) && std::mem::take(&mut once) {
+            *keep.borrow_mut() = Some(m.clone());
+            return Verdict::Drop;
+        }
+        Verdict::Pass
+    }));
+    let id = net.send(a, "bob", "x");
+    net.transfer();
+    let Some(Msg::Down(receipt)) = held.borrow_mut().take() else {
+        panic!("the receipt was held back");
+    };
+    net.nodes[a].store.begin().unwrap();
+    // The receipt's writes: the state (let through), the outbox row (fails), the record.
+    net.nodes[a].store.fail_write_after(1);
+    net.inject(a, receipt);
+    net.transfer();
+    let commit = net.nodes[a].store.commit();
+    assert!(
+        matches!(commit, Err(StoreError::Abandoned(_))),
+        "the turn must not commit: {commit:?}"
+    );
+    let node = &mut net.nodes[a];
+    node.member.reload(&node.store).unwrap();
+    assert_eq!(
+        net.nodes[a].store.outgoing(&id).unwrap().map(|o| o.3),
+        Some(MsgState::Relayed),
+        "not delivered without its record"
+    );
+    net.reconnect(a);
+    let delivered = |net: &Net| {
+        net.receipts(a)
+            .iter()
+            .filter(|r| r.0 == id && r.1 == MsgState::Delivered)
+            .count()
+    };
+    assert_eq!(delivered(&net), 1);
+    assert_eq!(
+        net.nodes[a].store.outgoing(&id).unwrap().map(|o| o.3),
+        Some(MsgState::Delivered)
+    );
+}
+
 #[test]
 fn send_errors_store_nothing() {
     let (mut net, a, b) = pair();

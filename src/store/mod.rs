@@ -499,6 +499,11 @@ impl Store {
             .execute_batch("ROLLBACK TO request; RELEASE request");
     }
 
+    /// Whether the open turn has written anything (its transaction has begun).
+    pub fn wrote(&self) -> bool {
+        self.in_tx
+    }
+
     /// Whether a turn is open: [`Store::begin`] and not yet committed or rolled back.
     pub fn in_turn(&self) -> bool {
         self.turn
@@ -511,7 +516,8 @@ impl Store {
     /// an I/O error, which fails the turn's commit anyway. Outside a turn it does nothing (the
     /// writes were committed one by one); callers take a savepoint there instead.
     pub fn abandon_turn(&mut self, why: &StoreError) {
-        if self.turn && self.abandoned.is_none() {
+        // Nothing written yet (the failure was the turn's first write): nothing to take back.
+        if self.turn && self.in_tx && self.abandoned.is_none() {
             self.abandoned = Some(why.to_string());
         }
     }
