@@ -904,6 +904,9 @@ impl Daemon {
         if self.roles.relay().is_some() {
             let now = self.clock.now();
             if self.store.begin().is_ok() {
+                // A turn of its own: a failed commit takes back only what this one gave.
+                self.table.begin_turn();
+                self.waiters.begin_turn();
                 if let Some(r) = self.roles.relay_mut() {
                     r.sync(now.mono, &mut self.store, true);
                 }

@@ -604,8 +604,15 @@ impl Sending {
         let counter = s.next;
         s.next += 1;
         let (session, key, key_packet) = (s.id, s.key.clone(), s.key_packet.clone());
+        let mut id = message_id(&session, counter).unwrap_or_else(|| random_id(&mut self.rng));
+        // Looked up before sealing, so no (key, counter) ever seals twice. The id is taken only
+        // if the recipient (or the relay), who knows the session, sent us a message with it
+        // first: a random one then, as before.
+        if store.has_message(&id)? {
+            id = random_id(&mut self.rng);
+        }
         let mut env = Envelope {
-            id: message_id(&session, counter).unwrap_or_else(|| random_id(&mut self.rng)),
+            id,
             from: from.clone(),
             to: to.to_string(),
             time_ms: now.wall,
@@ -615,25 +622,13 @@ impl Sending {
             ciphertext: Vec::new(),
         };
         env.ciphertext = seal_envelope(&key, &Header::of(&env), text.as_bytes());
-        let too_long = |_| MemberError::TextTooLong(text.len());
-        let mut item = Routed::Message(env);
-        let mut bytes = to_payload(&item).map_err(too_long)?;
-        let mut id = item.key().id;
+        let item = Routed::Message(env);
+        let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
         if !store.add_sent(&id, to, &session, counter, &bytes)? {
-            // The id is stored already: only the recipient (or the relay) knows the session and
-            // could have sent us a message with it first. A random id then, as before; one
-            // taken too means a damaged database, not bad luck.
-            id = random_id(&mut self.rng);
-            if let Routed::Message(env) = &mut item {
-                env.id = id;
-                env.ciphertext = seal_envelope(&key, &Header::of(env), text.as_bytes());
-            }
-            bytes = to_payload(&item).map_err(too_long)?;
-            if !store.add_sent(&id, to, &session, counter, &bytes)? {
-                return Err(MemberError::Store(StoreError::Corrupt(
-                    "a random message id is stored already".into(),
-                )));
-            }
+            // Not free after all: two random ids alike means a damaged database, not bad luck.
+            return Err(MemberError::Store(StoreError::Corrupt(
+                "a random message id is stored already".into(),
+            )));
         }
         store.outbox_push(item.key(), &bytes)?;
         let record = store.append(
