@@ -6,6 +6,22 @@ use rusqlite::{params, OptionalExtension};
 
 use super::*;
 
+// The history reads, one statement per filter shape (parameters: ?1 after, ?2 peer, ?3 limit or
+// offset, ?4 kinds). `(?2 IS NULL OR peer = ?2)` would keep SQLite from using the `(peer, seq)`
+// index, and one peer's records would be found by reading all of them.
+pub(super) const PAGE_OF_PEER: &str = "SELECT seq, time_ms, body FROM history
+     WHERE peer = ?2 AND seq > ?1 AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
+     ORDER BY seq ASC LIMIT ?3";
+pub(super) const PAGE_OF_ALL: &str = "SELECT seq, time_ms, body FROM history
+     WHERE seq > ?1 AND ?2 IS NULL AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
+     ORDER BY seq ASC LIMIT ?3";
+pub(super) const LAST_OF_PEER: &str = "SELECT seq FROM history
+     WHERE peer = ?2 AND seq > ?1 AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
+     ORDER BY seq DESC LIMIT 1 OFFSET ?3";
+pub(super) const LAST_OF_ALL: &str = "SELECT seq FROM history
+     WHERE seq > ?1 AND ?2 IS NULL AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
+     ORDER BY seq DESC LIMIT 1 OFFSET ?3";
+
 impl Store {
     // ---- member: history ----
 
@@ -44,13 +60,14 @@ impl Store {
         if n == 0 {
             return Ok(self.last_seq()?.max(since));
         }
+        let sql = if filter.peer.is_some() {
+            LAST_OF_PEER
+        } else {
+            LAST_OF_ALL
+        };
         let seq: Option<i64> = self
             .conn
-            .prepare_cached(
-                "SELECT seq FROM history WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
-                 AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
-                 ORDER BY seq DESC LIMIT 1 OFFSET ?3",
-            )?
+            .prepare_cached(sql)?
             .query_row(
                 params![
                     since as i64,
@@ -69,12 +86,12 @@ impl Store {
 
     /// Up to `limit` records with seq > `after` that pass `filter`, oldest first.
     pub fn page(&self, after: u64, filter: &Filter, limit: u64) -> Result<Vec<Record>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, time_ms, body FROM history
-             WHERE seq > ?1 AND (?2 IS NULL OR peer = ?2)
-             AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
-             ORDER BY seq ASC LIMIT ?3",
-        )?;
+        let sql = if filter.peer.is_some() {
+            PAGE_OF_PEER
+        } else {
+            PAGE_OF_ALL
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let out = history_rows(stmt.query(params![
             after as i64,
             filter.peer.as_deref(),

@@ -257,7 +257,12 @@ fn state_parse(s: &str) -> Result<MsgState> {
 }
 
 /// A database from before `tail --kind` has no `kind` column in its history: add it and fill it
-/// in from each record's body, once, so filtering by kind is one indexed SQL condition.
+/// in from each record's body, once, so filtering by kind is one SQL condition.
+///
+/// The rows left to fill are found through a partial index of the rows without a kind (empty
+/// once this has run; new rows always have one), so a start does not read the whole history.
+/// The `(kind, seq)` index an earlier version made is dropped: no query could use it (`tail`
+/// walks seq order and tests the kind on the way), and every append paid for it.
 fn add_history_kind(conn: &Connection) -> Result<()> {
     let has: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('history') WHERE name = 'kind'")?
@@ -265,6 +270,10 @@ fn add_history_kind(conn: &Connection) -> Result<()> {
     if !has {
         conn.execute_batch("ALTER TABLE history ADD COLUMN kind TEXT")?;
     }
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS history_kind;
+         CREATE INDEX IF NOT EXISTS history_unkinded ON history(seq) WHERE kind IS NULL;",
+    )?;
     let mut todo = Vec::new();
     {
         let mut stmt = conn.prepare("SELECT seq, body FROM history WHERE kind IS NULL")?;
@@ -286,7 +295,6 @@ fn add_history_kind(conn: &Connection) -> Result<()> {
         }
         conn.execute_batch("COMMIT")?;
     }
-    conn.execute_batch("CREATE INDEX IF NOT EXISTS history_kind ON history(kind, seq)")?;
     Ok(())
 }
 
@@ -753,16 +761,89 @@ mod tests {
                 "CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT,
                      time_ms INTEGER NOT NULL, peer TEXT NOT NULL, body BLOB NOT NULL, kind TEXT);
                  CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
-                     id BLOB NOT NULL, item BLOB NOT NULL, UNIQUE(kind, id));",
+                     id BLOB NOT NULL, item BLOB NOT NULL, UNIQUE(kind, id));
+                 CREATE INDEX history_kind ON history(kind, seq);",
             )
             .unwrap();
         }
         let mut s = Store::open(&path).unwrap();
+        let kind_index: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'history_kind'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kind_index, 0, "the unused (kind, seq) index is dropped");
         assert_eq!(s.append(1, "bob", presence("bob")).unwrap().seq, 1);
         assert_eq!(s.append(2, "carol", presence("carol")).unwrap().seq, 2);
         s.outbox_push(key, b"x").unwrap();
         assert_eq!(s.outbox().unwrap(), [(key, b"x".to_vec())]);
         assert_eq!(s.records(1, None, None).unwrap()[0].body.peer(), "carol");
+    }
+
+    /// One peer's records are read through the `(peer, seq)` index, not by reading the whole
+    /// history; the rows a start still has to give a kind are found through their own (empty)
+    /// index; and no `(kind, seq)` index costs the appends anything.
+    #[test]
+    fn history_reads_use_their_indexes_and_appends_pay_for_no_other() {
+        let s = Store::open_in_memory().unwrap();
+        let plan = |sql: &str, peer: Option<&str>| -> String {
+            let mut stmt = s
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let rows = stmt
+                .query_map(params![0i64, peer, 10i64, None::<String>], |r| {
+                    r.get::<_, String>(3)
+                })
+                .unwrap();
+            rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
+        };
+        for sql in [member_tables::PAGE_OF_PEER, member_tables::LAST_OF_PEER] {
+            let p = plan(sql, Some("bob"));
+            assert!(p.contains("INDEX history_peer"), "{p}");
+        }
+        let unkinded = "SELECT seq, body FROM history WHERE kind IS NULL";
+        let detail: String = s
+            .conn
+            .query_row(&format!("EXPLAIN QUERY PLAN {unkinded}"), [], |r| r.get(3))
+            .unwrap();
+        assert!(detail.contains("history_unkinded"), "{detail}");
+        let indexes: Vec<String> = s
+            .conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'history'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(indexes.len(), 2, "{indexes:?}");
+        assert!(!indexes.iter().any(|i| i == "history_kind"), "{indexes:?}");
+
+        // The code's own statements give the same answers with and without a peer.
+        let mut s = s;
+        for (i, peer) in ["bob", "carol", "bob"].iter().enumerate() {
+            s.append(
+                i as u64,
+                peer,
+                RecordBody::Presence {
+                    user: peer.to_string(),
+                    online: true,
+                },
+            )
+            .unwrap();
+        }
+        let seqs =
+            |f: &Filter| -> Vec<u64> { s.page(0, f, 10).unwrap().iter().map(|r| r.seq).collect() };
+        assert_eq!(seqs(&Filter::peer(Some("bob"))), [1, 3]);
+        assert_eq!(seqs(&Filter::peer(None)), [1, 2, 3]);
+        assert_eq!(
+            s.start_of_last(0, &Filter::peer(Some("bob")), 1).unwrap(),
+            2
+        );
+        assert_eq!(s.start_of_last(0, &Filter::peer(None), 2).unwrap(), 1);
     }
 
     #[test]
