@@ -182,6 +182,19 @@ impl Net {
         node.member = Member::load(node.name.clone(), identity(node.key), &node.store).unwrap();
     }
 
+    /// End node `n`'s turn, which a failed write must have abandoned: its commit fails, and the
+    /// core is rebuilt from disk as the daemon does after a failed commit (the tests then drop
+    /// the link, as the daemon does too).
+    fn abandoned_commit(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let commit = node.store.commit();
+        assert!(
+            matches!(commit, Err(StoreError::Abandoned(_))),
+            "the turn must not commit: {commit:?}"
+        );
+        node.member.reload(&node.store).unwrap();
+    }
+
     /// Move every core's output onto the wire (or into the node's logs).
     fn pump(&mut self) {
         while let Some(o) = self.relay.poll() {
@@ -792,14 +805,7 @@ fn a_delivered_message_failing_part_way_in_a_turn_is_kept_whole_on_redelivery() 
     net.nodes[b].store.fail_write_after(1);
     let id = net.send(a, "bob", "second");
     net.transfer();
-    let commit = net.nodes[b].store.commit();
-    assert!(
-        matches!(commit, Err(StoreError::Abandoned(_))),
-        "the turn must not commit: {commit:?}"
-    );
-    // What the daemon does after a failed commit: rebuild the core, drop the link.
-    let node = &mut net.nodes[b];
-    node.member.reload(&node.store).unwrap();
+    net.abandoned_commit(b);
     assert!(!net.nodes[b].store.has_message(&id).unwrap(), "no id kept");
     assert_eq!(net.inbox(b), inbox_of(&[("alice", "first")]));
     net.reconnect(b);
@@ -823,13 +829,7 @@ fn a_send_failing_part_way_in_a_turn_keeps_nothing() {
     net.nodes[a].store.fail_write_after(1);
     let e = net.try_send(a, &["bob"], "lost").unwrap_err();
     assert!(matches!(e, MemberError::Store(_)), "{e:?}");
-    let commit = net.nodes[a].store.commit();
-    assert!(
-        matches!(commit, Err(StoreError::Abandoned(_))),
-        "the turn must not commit: {commit:?}"
-    );
-    let node = &mut net.nodes[a];
-    node.member.reload(&node.store).unwrap();
+    net.abandoned_commit(a);
     assert!(
         net.nodes[a]
             .store
@@ -873,13 +873,7 @@ fn a_receipt_failing_part_way_in_a_turn_is_taken_again_whole() {
     net.nodes[a].store.fail_write_after(1);
     net.inject(a, receipt);
     net.transfer();
-    let commit = net.nodes[a].store.commit();
-    assert!(
-        matches!(commit, Err(StoreError::Abandoned(_))),
-        "the turn must not commit: {commit:?}"
-    );
-    let node = &mut net.nodes[a];
-    node.member.reload(&node.store).unwrap();
+    net.abandoned_commit(a);
     assert_eq!(
         net.nodes[a].store.outgoing(&id).unwrap().map(|o| o.3),
         Some(MsgState::Relayed),

@@ -743,15 +743,16 @@ mod tests {
         assert_eq!(s.append(1, "bob", presence("bob")).unwrap().seq, 1);
         assert_eq!(s.append(2, "bob", presence("bob")).unwrap().seq, 2);
         s.outbox_push(key, b"x").unwrap();
-        let sequenced: i64 = s
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_sequence WHERE name IN ('history', 'outbox')",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(sequenced, 0, "no sqlite_sequence row for history or outbox");
+        let count =
+            |s: &Store, sql: &str| -> i64 { s.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            count(
+                &s,
+                "SELECT COUNT(*) FROM sqlite_sequence WHERE name IN ('history', 'outbox')"
+            ),
+            0,
+            "no sqlite_sequence row for history or outbox"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
@@ -767,15 +768,14 @@ mod tests {
             .unwrap();
         }
         let mut s = Store::open(&path).unwrap();
-        let kind_index: i64 = s
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'history_kind'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(kind_index, 0, "the unused (kind, seq) index is dropped");
+        assert_eq!(
+            count(
+                &s,
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'history_kind'"
+            ),
+            0,
+            "the unused (kind, seq) index is dropped"
+        );
         assert_eq!(s.append(1, "bob", presence("bob")).unwrap().seq, 1);
         assert_eq!(s.append(2, "carol", presence("carol")).unwrap().seq, 2);
         s.outbox_push(key, b"x").unwrap();
