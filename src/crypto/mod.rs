@@ -1,7 +1,7 @@
 //! Cryptography, with no I/O: identity keys, fingerprints, envelope sealing and opening, the
 //! login and key-packet transcripts, and receipt tags.
 //!
-//! Owns every use of `rsa` and `chacha20poly1305` in the crate. Must never: log or format a
+//! Owns every use of `rsa` and of ring's AEAD in the crate. Must never: log or format a
 //! private key or session key (the secret types have no `Debug`), perform a private-key operation
 //! on data from a peer before that peer's signature has been checked (RUSTSEC-2023-0071, see
 //! SECURITY.md), or touch a file or socket. Fixed by DESIGN "Cryptography"; changes need an issue.
