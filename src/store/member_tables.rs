@@ -1,5 +1,6 @@
 //! The member role's tables: history, message states, outbox, held envelopes, session keys and
-//! pins. Every SQL statement of the member lives here. Must never: decide a protocol question
+//! pins. Every SQL statement of the member lives here but those of the message path, held
+//! prepared in `prepared.rs`. Must never: decide a protocol question
 //! (the member core does), or log a message text or key.
 
 use rusqlite::{params, OptionalExtension};
@@ -29,12 +30,10 @@ impl Store {
     pub fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record> {
         self.check_write()?;
         let blob = to_payload(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO history (time_ms, peer, body, kind) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![time_ms as i64, peer, blob, body.kind().as_str()])?;
-        let seq = self.conn.last_insert_rowid() as u64;
+        self.db.with(Sql::HistoryAppend, |st| {
+            st.execute(params![time_ms as i64, peer, blob, body.kind().as_str()])
+        })?;
+        let seq = self.db.conn().last_insert_rowid() as u64;
         Ok(Record { seq, time_ms, body })
     }
 
@@ -66,7 +65,8 @@ impl Store {
             LAST_OF_ALL
         };
         let seq: Option<i64> = self
-            .conn
+            .db
+            .conn()
             .prepare_cached(sql)?
             .query_row(
                 params![
@@ -91,7 +91,7 @@ impl Store {
         } else {
             PAGE_OF_ALL
         };
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.db.conn().prepare_cached(sql)?;
         let out = history_rows(stmt.query(params![
             after as i64,
             filter.peer.as_deref(),
@@ -104,7 +104,8 @@ impl Store {
     /// Highest seq in the history (0 when empty).
     pub fn last_seq(&self) -> Result<u64> {
         Ok(self
-            .conn
+            .db
+            .conn()
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| {
                 r.get::<_, i64>(0)
             })? as u64)
@@ -123,20 +124,16 @@ impl Store {
         counter: u64,
     ) -> Result<bool> {
         self.check_write()?;
-        let n = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
+        let n = self.db.with(Sql::MessageAdd, |st| {
+            st.execute(params![
                 &id[..],
                 peer,
                 if dir == Dir::In { "in" } else { "out" },
                 state_str(state),
                 &session[..],
                 counter as i64
-            ])?;
+            ])
+        })?;
         Ok(n == 1)
     }
 
@@ -152,13 +149,9 @@ impl Store {
         item: &[u8],
     ) -> Result<bool> {
         self.check_write()?;
-        let n = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item)
-                 VALUES (?1, ?2, 'out', 'queued', ?3, ?4, ?5)",
-            )?
-            .execute(params![&id[..], peer, &session[..], counter as i64, item])?;
+        let n = self.db.with(Sql::MessageAddSent, |st| {
+            st.execute(params![&id[..], peer, &session[..], counter as i64, item])
+        })?;
         Ok(n == 1)
     }
 
@@ -170,17 +163,13 @@ impl Store {
     /// second lookup of a page the first one just read (the core bench, paired runs).
     pub fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
         self.check_write()?;
-        let peer = self
-            .conn
-            .prepare_cached(
-                "SELECT peer FROM messages WHERE id = ?1 AND dir = 'out' AND state = 'queued'",
-            )?
-            .query_row(params![&id[..]], |r| r.get::<_, String>(0))
-            .optional()?;
+        let peer = self.db.with(Sql::MessageQueuedPeer, |st| {
+            st.query_row(params![&id[..]], |r| r.get::<_, String>(0))
+                .optional()
+        })?;
         if peer.is_some() {
-            self.conn
-                .prepare_cached("UPDATE messages SET state = 'relayed' WHERE id = ?1")?
-                .execute(params![&id[..]])?;
+            self.db
+                .with(Sql::MessageSetRelayed, |st| st.execute(params![&id[..]]))?;
         }
         Ok(peer)
     }
@@ -188,33 +177,28 @@ impl Store {
     /// Whether a message id is stored.
     pub fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
         Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
-            .query_row(params![&id[..]], |_| Ok(()))
-            .optional()?
+            .db
+            .with(Sql::MessageHas, |st| {
+                st.query_row(params![&id[..]], |_| Ok(())).optional()
+            })?
             .is_some())
     }
 
     /// Whether an incoming (peer, session, counter) was already accepted.
     pub fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool> {
         Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM messages WHERE dir = 'in' AND peer = ?1 AND session = ?2 AND counter = ?3",
-            )?
-            .query_row(params![peer, &session[..], counter as i64], |_| Ok(()))
-            .optional()?
+            .db
+            .with(Sql::MessageSeenCounter, |st| {
+                st.query_row(params![peer, &session[..], counter as i64], |_| Ok(()))
+                    .optional()
+            })?
             .is_some())
     }
 
     /// A sent message's recipient, session, counter and state.
     pub fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>> {
-        let row = self
-            .conn
-            .prepare_cached(
-                "SELECT peer, session, counter, state FROM messages WHERE id = ?1 AND dir = 'out'",
-            )?
-            .query_row(params![&id[..]], |r| {
+        let row = self.db.with(Sql::MessageOutgoing, |st| {
+            st.query_row(params![&id[..]], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, Vec<u8>>(1)?,
@@ -222,7 +206,8 @@ impl Store {
                     r.get::<_, String>(3)?,
                 ))
             })
-            .optional()?;
+            .optional()
+        })?;
         match row {
             None => Ok(None),
             Some((peer, session, counter, state)) => Ok(Some((
@@ -237,14 +222,9 @@ impl Store {
     /// Set a sent message's state.
     pub fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
         self.check_write()?;
-        // A settled message is never sent again: its kept envelope goes.
-        self.conn
-            .prepare_cached(
-                "UPDATE messages SET state = ?2,
-                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END
-                 WHERE id = ?1",
-            )?
-            .execute(params![&id[..], state_str(state)])?;
+        self.db.with(Sql::MessageSetState, |st| {
+            st.execute(params![&id[..], state_str(state)])
+        })?;
         Ok(())
     }
 
@@ -252,7 +232,8 @@ impl Store {
     /// its session's key packet if the recipient lost the key.
     pub fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("UPDATE messages SET item = ?2 WHERE id = ?1 AND dir = 'out'")?
             .execute(params![&id[..], item])?;
         Ok(())
@@ -261,7 +242,7 @@ impl Store {
     /// The kept envelopes of messages to `peer` in `session` that are not settled yet, in
     /// counter order.
     pub fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.db.conn().prepare_cached(
             "SELECT id, item FROM messages
              WHERE dir = 'out' AND peer = ?1 AND session = ?2 AND item IS NOT NULL
              AND state IN ('queued', 'relayed')
@@ -283,26 +264,26 @@ impl Store {
     /// Add an encoded item to the outbox (idempotent).
     pub fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
         self.check_write()?;
-        self.conn
-            .prepare_cached("INSERT OR IGNORE INTO outbox (kind, id, item) VALUES (?1, ?2, ?3)")?
-            .execute(params![kind_str(key.kind), &key.id[..], item])?;
+        self.db.with(Sql::OutboxPush, |st| {
+            st.execute(params![kind_str(key.kind), &key.id[..], item])
+        })?;
         Ok(())
     }
 
     /// Remove an item from the outbox; true if it was there.
     pub fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
         self.check_write()?;
-        let n = self
-            .conn
-            .prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND id = ?2")?
-            .execute(params![kind_str(key.kind), &key.id[..]])?;
+        let n = self.db.with(Sql::OutboxRemove, |st| {
+            st.execute(params![kind_str(key.kind), &key.id[..]])
+        })?;
         Ok(n > 0)
     }
 
     /// Every outbox item, oldest first.
     pub fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>> {
         let mut stmt = self
-            .conn
+            .db
+            .conn()
             .prepare_cached("SELECT kind, id, item FROM outbox ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -327,7 +308,7 @@ impl Store {
 
     /// Number of messages (not receipts) waiting in the outbox.
     pub fn outbox_messages(&self) -> Result<u64> {
-        Ok(self.conn.query_row(
+        Ok(self.db.conn().query_row(
             "SELECT COUNT(*) FROM outbox WHERE kind = 'message'",
             [],
             |r| r.get::<_, i64>(0),
@@ -339,7 +320,8 @@ impl Store {
     /// Keep an envelope from `peer` for later (idempotent).
     pub fn hold(&mut self, id: &[u8; 16], peer: &str, item: &[u8]) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached(
                 "INSERT OR IGNORE INTO held (id, peer, item, seq)
                  VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM held))",
@@ -351,7 +333,7 @@ impl Store {
     /// Up to `limit` envelopes held from `peer` with `after` < seq <= `upto`, oldest first, each
     /// with its seq: a release reads them in bounded batches, never all at once.
     pub fn held_batch(&self, peer: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<Held>> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.db.conn().prepare_cached(
             "SELECT seq, id, item FROM held WHERE peer = ?1 AND seq > ?2 AND seq <= ?3
              ORDER BY seq LIMIT ?4",
         )?;
@@ -376,7 +358,8 @@ impl Store {
     /// How many envelopes are held, and their bytes: from `peer`, or from everyone.
     pub fn held_size(&self, peer: Option<&str>) -> Result<(u64, u64)> {
         let (n, bytes): (i64, i64) = self
-            .conn
+            .db
+            .conn()
             .prepare_cached(
                 "SELECT COUNT(*), COALESCE(SUM(length(item)), 0) FROM held
                  WHERE ?1 IS NULL OR peer = ?1",
@@ -388,7 +371,8 @@ impl Store {
     /// The highest seq of the held table (0 when empty).
     pub fn held_last_seq(&self) -> Result<u64> {
         Ok(self
-            .conn
+            .db
+            .conn()
             .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM held")?
             .query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
@@ -397,7 +381,8 @@ impl Store {
     pub fn drop_held(&mut self, peer: &str) -> Result<(u64, u64)> {
         self.check_write()?;
         let size = self.held_size(Some(peer))?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("DELETE FROM held WHERE peer = ?1")?
             .execute(params![peer])?;
         Ok(size)
@@ -406,7 +391,8 @@ impl Store {
     /// Drop a held envelope.
     pub fn unhold(&mut self, id: &[u8; 16]) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("DELETE FROM held WHERE id = ?1")?
             .execute(params![&id[..]])?;
         Ok(())
@@ -428,7 +414,8 @@ impl Store {
         } else {
             "INSERT OR REPLACE INTO recv_sessions (peer, session, key) VALUES (?1, ?2, ?3)"
         };
-        self.conn
+        self.db
+            .conn()
             .prepare_cached(sql)?
             .execute(params![peer, &session[..], &key[..]])?;
         Ok(())
@@ -441,16 +428,15 @@ impl Store {
         peer: &str,
         session: &[u8; 16],
     ) -> Result<Option<Vec<u8>>> {
-        let sql = if sending {
-            "SELECT key FROM send_sessions WHERE peer = ?1 AND session = ?2"
+        let q = if sending {
+            Sql::SendSession
         } else {
-            "SELECT key FROM recv_sessions WHERE peer = ?1 AND session = ?2"
+            Sql::RecvSession
         };
-        Ok(self
-            .conn
-            .prepare_cached(sql)?
-            .query_row(params![peer, &session[..]], |r| r.get::<_, Vec<u8>>(0))
-            .optional()?)
+        self.db.with(q, |st| {
+            st.query_row(params![peer, &session[..]], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
+        })
     }
 
     // ---- member: pins ----
@@ -458,7 +444,8 @@ impl Store {
     /// Every pin.
     pub fn pins(&self) -> Result<Vec<Pin>> {
         let mut stmt = self
-            .conn
+            .db
+            .conn()
             .prepare_cached("SELECT user, key, trust, presented FROM pins ORDER BY user")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -485,7 +472,8 @@ impl Store {
     pub fn delete_pin(&mut self, user: &str) -> Result<bool> {
         self.check_write()?;
         let n = self
-            .conn
+            .db
+            .conn()
             .prepare_cached("DELETE FROM pins WHERE user = ?1")?
             .execute(params![user])?;
         Ok(n == 1)
@@ -494,7 +482,8 @@ impl Store {
     /// Insert or replace a pin.
     pub fn put_pin(&mut self, pin: &Pin) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached(
                 "INSERT OR REPLACE INTO pins (user, key, trust, presented) VALUES (?1, ?2, ?3, ?4)",
             )?

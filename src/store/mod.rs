@@ -12,11 +12,14 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
+use prepared::Sql;
+
 use crate::proto::control::{Dir, MsgState, Record, RecordBody, RecordKind};
 use crate::proto::relay::{ItemKey, Kind};
 use crate::proto::{from_payload, to_payload};
 
 mod member_tables;
+mod prepared;
 mod relay_tables;
 mod traits;
 pub use traits::{MemberStore, RelayStore};
@@ -205,7 +208,7 @@ pub struct Queued {
 
 /// The database of one daemon.
 pub struct Store {
-    conn: Connection,
+    db: prepared::Db,
     in_tx: bool,
     /// A turn is open: its first write begins the transaction.
     turn: bool,
@@ -392,14 +395,14 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // Room for every statement of both roles (a host uses both sets in one turn); the
-        // default of 16 would evict and parse again on the message path.
+        // Room for the statements of both roles not held in `prepared` (a host uses both sets
+        // in one turn); the default of 16 would evict and parse again.
         conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(SCHEMA)?;
         add_history_kind(&conn)?;
         add_sent_item(&conn)?;
         Ok(Store {
-            conn,
+            db: prepared::Db::from_connection(conn),
             in_tx: false,
             turn: false,
             changes_at_turn: 0,
@@ -417,7 +420,7 @@ impl Store {
     /// goes through `check_write`, which begins the transaction.
     pub fn begin(&mut self) -> Result<()> {
         if !self.turn {
-            self.changes_at_turn = self.conn.total_changes();
+            self.changes_at_turn = self.db.conn().total_changes();
         }
         self.turn = true;
         Ok(())
@@ -426,11 +429,11 @@ impl Store {
     fn start_tx(&mut self) -> Result<()> {
         // After SQLITE_FULL or an I/O error SQLite may roll the whole transaction back on its
         // own; a write now would run outside any transaction and be kept for good.
-        if self.in_tx && self.conn.is_autocommit() {
+        if self.in_tx && self.db.conn().is_autocommit() {
             return Err(StoreError::RolledBack);
         }
         if self.turn && !self.in_tx {
-            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            self.db.with(Sql::Begin, |st| st.execute([]))?;
             self.in_tx = true;
         }
         Ok(())
@@ -442,7 +445,7 @@ impl Store {
         let turn = std::mem::take(&mut self.turn);
         if let Some(why) = self.abandoned.take() {
             if std::mem::take(&mut self.in_tx) {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                let _ = self.db.conn().execute_batch("ROLLBACK");
             }
             return Err(StoreError::Abandoned(why));
         }
@@ -450,7 +453,7 @@ impl Store {
             // As when every turn began its transaction: with writes failing, a turn's commit
             // fails whether or not it wrote.
             if std::mem::take(&mut self.in_tx) {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                let _ = self.db.conn().execute_batch("ROLLBACK");
             }
             return Err(StoreError::Injected);
         }
@@ -458,19 +461,15 @@ impl Store {
             // A write that did not go through `check_write` would have been committed on its
             // own, outside the turn: the tests' debug builds stop there.
             debug_assert!(
-                !turn || self.conn.total_changes() == self.changes_at_turn,
+                !turn || self.db.conn().total_changes() == self.changes_at_turn,
                 "a store write outside the turn's transaction"
             );
             return Ok(());
         }
         self.in_tx = false;
-        let done = self
-            .conn
-            .prepare_cached("COMMIT")
-            .and_then(|mut st| st.execute([]));
-        if let Err(e) = done {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(e.into());
+        if let Err(e) = self.db.with(Sql::Commit, |st| st.execute([])) {
+            let _ = self.db.conn().execute_batch("ROLLBACK");
+            return Err(e);
         }
         Ok(())
     }
@@ -481,7 +480,7 @@ impl Store {
         self.abandoned = None;
         if self.in_tx {
             self.in_tx = false;
-            let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = self.db.conn().execute_batch("ROLLBACK");
         }
     }
 
@@ -490,20 +489,27 @@ impl Store {
     pub fn savepoint(&mut self) -> Result<()> {
         self.check_write()?;
         // Cached, as every statement of a message's path: a send opens one per request.
-        self.conn.prepare_cached("SAVEPOINT request")?.execute([])?;
+        self.db
+            .conn()
+            .prepare_cached("SAVEPOINT request")?
+            .execute([])?;
         Ok(())
     }
 
     /// Keep the request's writes (they commit with the turn).
     pub fn release_savepoint(&mut self) -> Result<()> {
-        self.conn.prepare_cached("RELEASE request")?.execute([])?;
+        self.db
+            .conn()
+            .prepare_cached("RELEASE request")?
+            .execute([])?;
         Ok(())
     }
 
     /// Undo the request's writes.
     pub fn rollback_savepoint(&mut self) {
         let _ = self
-            .conn
+            .db
+            .conn()
             .execute_batch("ROLLBACK TO request; RELEASE request");
     }
 
@@ -596,7 +602,7 @@ mod tests {
         s.add_message(&id, "bob", Dir::Out, MsgState::Relayed, &[2; 16], 1)
             .unwrap();
         assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Relayed);
-        s.conn
+        s.db.conn()
             .execute(
                 "UPDATE messages SET state = 'lost' WHERE id = ?1",
                 params![&id[..]],
@@ -612,7 +618,7 @@ mod tests {
         };
         s.put_pin(&pin).unwrap();
         assert_eq!(s.pins().unwrap(), [pin]);
-        s.conn
+        s.db.conn()
             .execute("UPDATE pins SET trust = 'maybe'", [])
             .unwrap();
         assert!(matches!(s.pins(), Err(StoreError::Corrupt(m)) if m.contains("maybe")));
@@ -623,7 +629,7 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         s.begin().unwrap();
         assert!(
-            s.conn.is_autocommit(),
+            s.db.conn().is_autocommit(),
             "no transaction for a turn that only reads"
         );
         s.commit().unwrap();
@@ -632,7 +638,7 @@ mod tests {
         s.begin().unwrap();
         s.add_message(&[1; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 1)
             .unwrap();
-        assert!(!s.conn.is_autocommit(), "the first write began it");
+        assert!(!s.db.conn().is_autocommit(), "the first write began it");
         s.add_message(&[3; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 2)
             .unwrap();
         s.rollback();
@@ -643,7 +649,7 @@ mod tests {
         s.add_message(&[1; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 1)
             .unwrap();
         s.commit().unwrap();
-        assert!(s.conn.is_autocommit());
+        assert!(s.db.conn().is_autocommit());
         assert!(s.outgoing(&[1; 16]).unwrap().is_some());
 
         // SQLite rolled the transaction back by itself (as after SQLITE_FULL): no write of the
@@ -651,7 +657,7 @@ mod tests {
         s.begin().unwrap();
         s.add_message(&[5; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 3)
             .unwrap();
-        s.conn.execute_batch("ROLLBACK").unwrap();
+        s.db.conn().execute_batch("ROLLBACK").unwrap();
         assert!(matches!(
             s.add_message(&[6; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 4),
             Err(StoreError::RolledBack)
@@ -682,7 +688,7 @@ mod tests {
             Err(StoreError::Abandoned(why)) => assert!(why.contains("injected"), "{why}"),
             other => panic!("an abandoned turn must not commit: {other:?}"),
         }
-        assert!(s.conn.is_autocommit(), "the transaction is over");
+        assert!(s.db.conn().is_autocommit(), "the transaction is over");
         assert!(s.outgoing(&[1; 16]).unwrap().is_none());
         assert!(s.outgoing(&[3; 16]).unwrap().is_none());
 
@@ -744,7 +750,7 @@ mod tests {
         assert_eq!(s.append(2, "bob", presence("bob")).unwrap().seq, 2);
         s.outbox_push(key, b"x").unwrap();
         let count =
-            |s: &Store, sql: &str| -> i64 { s.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            |s: &Store, sql: &str| -> i64 { s.db.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
         assert_eq!(
             count(
                 &s,
@@ -790,10 +796,10 @@ mod tests {
     fn history_reads_use_their_indexes_and_appends_pay_for_no_other() {
         let s = Store::open_in_memory().unwrap();
         let plan = |sql: &str, peer: Option<&str>| -> String {
-            let mut stmt = s
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
+            let mut stmt =
+                s.db.conn()
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .unwrap();
             let rows = stmt
                 .query_map(params![0i64, peer, 10i64, None::<String>], |r| {
                     r.get::<_, String>(3)
@@ -806,13 +812,14 @@ mod tests {
             assert!(p.contains("INDEX history_peer"), "{p}");
         }
         let unkinded = "SELECT seq, body FROM history WHERE kind IS NULL";
-        let detail: String = s
-            .conn
-            .query_row(&format!("EXPLAIN QUERY PLAN {unkinded}"), [], |r| r.get(3))
-            .unwrap();
+        let detail: String =
+            s.db.conn()
+                .query_row(&format!("EXPLAIN QUERY PLAN {unkinded}"), [], |r| r.get(3))
+                .unwrap();
         assert!(detail.contains("history_unkinded"), "{detail}");
         let indexes: Vec<String> = s
-            .conn
+            .db
+            .conn()
             .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'history'")
             .unwrap()
             .query_map([], |r| r.get(0))

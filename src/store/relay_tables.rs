@@ -1,6 +1,7 @@
 //! The relay role's tables: name bindings and queued items. Every SQL statement of the relay
-//! lives here. Must never: decide a protocol question (the relay core does), or read an item's
-//! contents (they are sealed envelopes and receipts, stored as bytes).
+//! lives here but those of the message path, held prepared in `prepared.rs`. Must never: decide
+//! a protocol question (the relay core does), or read an item's contents (they are sealed
+//! envelopes and receipts, stored as bytes).
 
 use rusqlite::{params, OptionalExtension};
 
@@ -12,7 +13,8 @@ impl Store {
     /// Every name binding.
     pub fn bindings(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let mut stmt = self
-            .conn
+            .db
+            .conn()
             .prepare_cached("SELECT user, key FROM bindings ORDER BY user")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
@@ -21,7 +23,8 @@ impl Store {
     /// Bind a name to a key.
     pub fn bind(&mut self, user: &str, key: &[u8]) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("INSERT OR REPLACE INTO bindings (user, key) VALUES (?1, ?2)")?
             .execute(params![user, key])?;
         Ok(())
@@ -30,10 +33,12 @@ impl Store {
     /// Drop a name's binding and queue.
     pub fn unbind(&mut self, user: &str) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("DELETE FROM bindings WHERE user = ?1")?
             .execute(params![user])?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("DELETE FROM queue WHERE user = ?1")?
             .execute(params![user])?;
         Ok(())
@@ -44,7 +49,8 @@ impl Store {
     /// Remember to tell `user` that their item `key` was dropped, and why (idempotent).
     pub fn add_notice(&mut self, user: &str, key: ItemKey, reason: &str) -> Result<()> {
         self.check_write()?;
-        self.conn
+        self.db
+            .conn()
             .prepare_cached(
                 "INSERT OR IGNORE INTO notices (user, kind, id, reason) VALUES (?1, ?2, ?3, ?4)",
             )?
@@ -58,7 +64,8 @@ impl Store {
         let mut out = Vec::new();
         {
             let mut stmt = self
-                .conn
+                .db
+                .conn()
                 .prepare_cached("SELECT kind, id, reason FROM notices WHERE user = ?1")?;
             let mut rows = stmt.query(params![user])?;
             while let Some(r) = rows.next()? {
@@ -73,7 +80,8 @@ impl Store {
                 ));
             }
         }
-        self.conn
+        self.db
+            .conn()
             .prepare_cached("DELETE FROM notices WHERE user = ?1")?
             .execute(params![user])?;
         Ok(out)
@@ -84,27 +92,26 @@ impl Store {
     /// Queue an item for `user` (idempotent).
     pub fn enqueue(&mut self, user: &str, key: ItemKey, item: &[u8]) -> Result<()> {
         self.check_write()?;
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO queue (user, kind, id, item) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![user, kind_str(key.kind), &key.id[..], item])?;
+        self.db.with(Sql::QueuePush, |st| {
+            st.execute(params![user, kind_str(key.kind), &key.id[..], item])
+        })?;
         Ok(())
     }
 
     /// Drop an acknowledged item.
     pub fn dequeue(&mut self, user: &str, key: ItemKey) -> Result<()> {
         self.check_write()?;
-        self.conn
-            .prepare_cached("DELETE FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3")?
-            .execute(params![user, kind_str(key.kind), &key.id[..]])?;
+        self.db.with(Sql::QueueRemove, |st| {
+            st.execute(params![user, kind_str(key.kind), &key.id[..]])
+        })?;
         Ok(())
     }
 
     /// Every queued item's recipient, key and encoded size, in arrival order.
     pub fn queued_sizes(&self) -> Result<Vec<(String, ItemKey, usize)>> {
         let mut stmt = self
-            .conn
+            .db
+            .conn()
             .prepare_cached("SELECT user, kind, id, length(item) FROM queue ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -131,19 +138,19 @@ impl Store {
 
     /// One queued item's encoded bytes.
     pub fn queued_item(&self, user: &str, key: ItemKey) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT item FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3")?
-            .query_row(params![user, kind_str(key.kind), &key.id[..]], |r| {
+        self.db.with(Sql::QueueItem, |st| {
+            st.query_row(params![user, kind_str(key.kind), &key.id[..]], |r| {
                 r.get::<_, Vec<u8>>(0)
             })
-            .optional()?)
+            .optional()
+        })
     }
 
     /// Every queued item, in arrival order.
     pub fn queued(&self) -> Result<Vec<Queued>> {
         let mut stmt = self
-            .conn
+            .db
+            .conn()
             .prepare_cached("SELECT user, kind, id, item FROM queue ORDER BY seq")?;
         let rows = stmt.query_map([], |r| {
             Ok((

@@ -1,0 +1,194 @@
+//! The connection and the statements of the message path, each prepared once and held for the
+//! life of the store.
+//!
+//! rusqlite's `prepare_cached` finds a statement by hashing its SQL text twice (SipHash, on the
+//! way out and on the way back) and allocates a key for it each time: about 1,100 instructions
+//! of some 18 statements per message in the core bench, 8% of the member's path. A statement of
+//! [`Sql`] is found by its index instead. Everything else still goes through `prepare_cached`.
+//!
+//! Owns the SQLite connection (the statements borrow it, and `self_cell` keeps the pair
+//! together without `unsafe`). Must never: hand a statement out beyond one call (a statement
+//! left borrowed would make the next use of it fail), or hold one mid-step between calls.
+
+use std::cell::{OnceCell, RefCell};
+
+use rusqlite::{Connection, Statement};
+
+use super::{Result, StoreError};
+
+/// A statement of the message path. The text is here, next to its siblings, so the schema's
+/// hot path can be read in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sql {
+    Begin,
+    Commit,
+    HistoryAppend,
+    MessageAdd,
+    MessageAddSent,
+    MessageQueuedPeer,
+    MessageSetRelayed,
+    MessageHas,
+    MessageSeenCounter,
+    MessageOutgoing,
+    MessageSetState,
+    OutboxPush,
+    OutboxRemove,
+    RecvSession,
+    SendSession,
+    QueuePush,
+    QueueRemove,
+    QueueItem,
+}
+
+impl Sql {
+    /// Every statement, in index order.
+    pub(super) const ALL: [Sql; 18] = [
+        Sql::Begin,
+        Sql::Commit,
+        Sql::HistoryAppend,
+        Sql::MessageAdd,
+        Sql::MessageAddSent,
+        Sql::MessageQueuedPeer,
+        Sql::MessageSetRelayed,
+        Sql::MessageHas,
+        Sql::MessageSeenCounter,
+        Sql::MessageOutgoing,
+        Sql::MessageSetState,
+        Sql::OutboxPush,
+        Sql::OutboxRemove,
+        Sql::RecvSession,
+        Sql::SendSession,
+        Sql::QueuePush,
+        Sql::QueueRemove,
+        Sql::QueueItem,
+    ];
+
+    pub(super) fn text(self) -> &'static str {
+        match self {
+            Sql::Begin => "BEGIN IMMEDIATE",
+            Sql::Commit => "COMMIT",
+            Sql::HistoryAppend => {
+                "INSERT INTO history (time_ms, peer, body, kind) VALUES (?1, ?2, ?3, ?4)"
+            }
+            Sql::MessageAdd => {
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            }
+            Sql::MessageAddSent => {
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item)
+                 VALUES (?1, ?2, 'out', 'queued', ?3, ?4, ?5)"
+            }
+            Sql::MessageQueuedPeer => {
+                "SELECT peer FROM messages WHERE id = ?1 AND dir = 'out' AND state = 'queued'"
+            }
+            Sql::MessageSetRelayed => "UPDATE messages SET state = 'relayed' WHERE id = ?1",
+            Sql::MessageHas => "SELECT 1 FROM messages WHERE id = ?1",
+            Sql::MessageSeenCounter => {
+                "SELECT 1 FROM messages
+                 WHERE dir = 'in' AND peer = ?1 AND session = ?2 AND counter = ?3"
+            }
+            Sql::MessageOutgoing => {
+                "SELECT peer, session, counter, state FROM messages WHERE id = ?1 AND dir = 'out'"
+            }
+            // A settled message is never sent again: its kept envelope goes.
+            Sql::MessageSetState => {
+                "UPDATE messages SET state = ?2,
+                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END
+                 WHERE id = ?1"
+            }
+            Sql::OutboxPush => "INSERT OR IGNORE INTO outbox (kind, id, item) VALUES (?1, ?2, ?3)",
+            Sql::OutboxRemove => "DELETE FROM outbox WHERE kind = ?1 AND id = ?2",
+            Sql::RecvSession => "SELECT key FROM recv_sessions WHERE peer = ?1 AND session = ?2",
+            Sql::SendSession => "SELECT key FROM send_sessions WHERE peer = ?1 AND session = ?2",
+            Sql::QueuePush => {
+                "INSERT OR IGNORE INTO queue (user, kind, id, item) VALUES (?1, ?2, ?3, ?4)"
+            }
+            Sql::QueueRemove => "DELETE FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3",
+            Sql::QueueItem => "SELECT item FROM queue WHERE user = ?1 AND kind = ?2 AND id = ?3",
+        }
+    }
+}
+
+/// One slot per [`Sql`], filled on first use.
+pub(super) struct Prepared<'c> {
+    slots: [OnceCell<RefCell<Statement<'c>>>; Sql::ALL.len()],
+}
+
+self_cell::self_cell!(
+    /// The connection and its held statements.
+    pub(super) struct Db {
+        owner: Connection,
+        #[not_covariant]
+        dependent: Prepared,
+    }
+);
+
+impl Db {
+    /// Take over `conn`; no statement is prepared until it is first used.
+    pub(super) fn from_connection(conn: Connection) -> Db {
+        Db::new(conn, |_| Prepared {
+            slots: std::array::from_fn(|_| OnceCell::new()),
+        })
+    }
+
+    /// The connection, for every statement not in [`Sql`].
+    pub(super) fn conn(&self) -> &Connection {
+        self.borrow_owner()
+    }
+
+    /// Run `f` on the held statement `q`, preparing it the first time.
+    pub(super) fn with<R>(
+        &self,
+        q: Sql,
+        f: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<R>,
+    ) -> Result<R> {
+        self.with_dependent(|conn, prepared| {
+            let slot = &prepared.slots[q as usize];
+            let cell = match slot.get() {
+                Some(cell) => cell,
+                None => {
+                    let st = conn.prepare(q.text())?;
+                    slot.get_or_init(|| RefCell::new(st))
+                }
+            };
+            // Only a statement used from inside its own `f` is borrowed here: a bug, reported
+            // rather than a panic.
+            let mut st = cell
+                .try_borrow_mut()
+                .map_err(|_| StoreError::Corrupt(format!("statement {q:?} used re-entrantly")))?;
+            Ok(f(&mut st)?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_statement_has_its_own_slot_and_prepares_against_the_schema() {
+        for (i, q) in Sql::ALL.iter().enumerate() {
+            assert_eq!(*q as usize, i, "Sql::ALL is out of index order at {q:?}");
+        }
+        let store = super::super::Store::open_in_memory().expect("store");
+        for q in Sql::ALL {
+            store
+                .db
+                .conn()
+                .prepare(q.text())
+                .unwrap_or_else(|e| panic!("{q:?} does not prepare: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_statement_used_from_inside_itself_is_an_error_not_a_panic() {
+        let store = super::super::Store::open_in_memory().expect("store");
+        let inner = store.db.with(Sql::MessageHas, |_| {
+            Ok(store.db.with(Sql::MessageHas, |_| Ok(())))
+        });
+        assert!(
+            matches!(inner, Ok(Err(StoreError::Corrupt(_)))),
+            "{inner:?}"
+        );
+    }
+}
