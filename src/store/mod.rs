@@ -789,6 +789,26 @@ mod tests {
         assert_eq!(s.records(1, None, None).unwrap()[0].body.peer(), "carol");
     }
 
+    /// The bundled SQLite is built with `.cargo/config.toml`'s flags: no process-wide mutex per
+    /// page-cache fetch or allocation on the message path.
+    #[test]
+    fn sqlite_is_built_without_memory_management_or_memory_statistics() {
+        let s = Store::open_in_memory().unwrap();
+        let opts: Vec<String> =
+            s.db.conn()
+                .prepare("PRAGMA compile_options")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+        assert!(opts.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "{opts:?}");
+        assert!(
+            !opts.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{opts:?}"
+        );
+    }
+
     /// One peer's records are read through the `(peer, seq)` index, not by reading the whole
     /// history; the rows a start still has to give a kind are found through their own (empty)
     /// index; and no `(kind, seq)` index costs the appends anything.
