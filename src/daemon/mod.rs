@@ -218,9 +218,11 @@ pub fn run(cfg: Config, flags: Flags) -> Result<(), DaemonError> {
     // The sockets are bound and registered: connections made from now on are served.
     let status = d.status_line();
     d.sd.ready(status);
-    d.main_loop()?;
+    // A failing poll ends the loop too: the relay's in-memory items are still written and the
+    // control socket removed before the error is reported.
+    let ended = d.main_loop();
     d.shutdown();
-    Ok(())
+    ended
 }
 
 impl Daemon {

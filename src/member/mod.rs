@@ -9,12 +9,13 @@
 //! the pinned sender's signature on it has verified.
 //!
 //! As quinn-proto splits its connection, each concern is a sub-state in its own file that owns
-//! its data and answers through narrow methods: [`peers`] (pins, trust, presence), [`presence`]
-//! (which presence changes become history records), [`link`] (the login states and their
-//! timers), [`send`] (sessions, sealing, the outbox, sends sealed over several turns, rekey
-//! answers), [`receive`] (judge, then settle, what the relay delivers; the bounds on holding). This file holds them together: loading, dispatching
-//! what the relay sends, and queueing what the sub-states return, so that every frame that
-//! leaves passes [`Member::emit`] and the link's send timer sees it.
+//! its data and answers through narrow methods: `peers.rs` (pins, trust, presence),
+//! `presence.rs` (which presence changes become history records), `link.rs` (the login states
+//! and their timers), `send.rs` (sessions, sealing, the outbox, sends sealed over several turns,
+//! rekey answers), `receive.rs` (judge, then settle, what the relay delivers; the bounds on
+//! holding). This file holds them together: loading, dispatching what the relay sends, and
+//! queueing what the sub-states return, so that every frame that leaves passes `Member::emit`
+//! and the link's send timer sees it.
 
 mod error;
 mod link;

@@ -266,6 +266,10 @@ fn state_parse(s: &str) -> Result<MsgState> {
 /// once this has run; new rows always have one), so a start does not read the whole history.
 /// The `(kind, seq)` index an earlier version made is dropped: no query could use it (`tail`
 /// walks seq order and tests the kind on the way), and every append paid for it.
+/// The rows from before `tail --kind`, given their kind at start-up (through the partial index
+/// `history_unkinded`, empty once they have one).
+const UNKINDED: &str = "SELECT seq, body FROM history WHERE kind IS NULL";
+
 fn add_history_kind(conn: &Connection) -> Result<()> {
     let has: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('history') WHERE name = 'kind'")?
@@ -279,7 +283,7 @@ fn add_history_kind(conn: &Connection) -> Result<()> {
     )?;
     let mut todo = Vec::new();
     {
-        let mut stmt = conn.prepare("SELECT seq, body FROM history WHERE kind IS NULL")?;
+        let mut stmt = conn.prepare(UNKINDED)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             let (seq, body): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
@@ -831,7 +835,7 @@ mod tests {
             let p = plan(sql, Some("bob"));
             assert!(p.contains("INDEX history_peer"), "{p}");
         }
-        let unkinded = "SELECT seq, body FROM history WHERE kind IS NULL";
+        let unkinded = UNKINDED;
         let detail: String =
             s.db.conn()
                 .query_row(&format!("EXPLAIN QUERY PLAN {unkinded}"), [], |r| r.get(3))
