@@ -794,9 +794,9 @@ mod tests {
     }
 
     /// The bundled SQLite is built with `.cargo/config.toml`'s flags: no process-wide mutex per
-    /// page-cache fetch or allocation on the message path.
+    /// page-cache fetch or allocation on the message path, and room in the lookaside.
     #[test]
-    fn sqlite_is_built_without_memory_management_or_memory_statistics() {
+    fn sqlite_is_built_with_the_flags_of_cargo_config() {
         let s = Store::open_in_memory().unwrap();
         let opts: Vec<String> =
             s.db.conn()
@@ -809,6 +809,10 @@ mod tests {
         assert!(opts.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "{opts:?}");
         assert!(
             !opts.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{opts:?}"
+        );
+        assert!(
+            opts.iter().any(|o| o == "DEFAULT_LOOKASIDE=1200,200"),
             "{opts:?}"
         );
     }
