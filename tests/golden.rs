@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 
 use chatd::cli::format;
 use chatd::crypto::{
-    login_transcript, make_key_packet, message_ad, receipt_tag, rekey_transcript, seal_envelope,
-    verify_receipt, Fingerprint, Header, Identity, SessionKey,
+    login_transcript, make_key_packet, message_ad, open_envelope, receipt_tag, rekey_transcript,
+    seal_envelope, verify_receipt, Fingerprint, Header, Identity, SessionKey,
 };
 use chatd::proto::control::*;
 use chatd::proto::frame::{self, Decoded, FrameError, MAX_FRAME};
@@ -712,6 +712,55 @@ fn aead_vectors() {
         tag,
     };
     verify_receipt(&k, &r).unwrap();
+}
+
+/// The vectors open again, and nothing else does: a changed byte anywhere in the ciphertext or
+/// its tag, a cut ciphertext (down to nothing), another counter, a changed receipt tag.
+#[test]
+fn aead_vectors_open_and_nothing_else_does() {
+    let k = SessionKey::from_bytes(&KEY).unwrap();
+    let h = header();
+    let env = |ciphertext: Vec<u8>, counter: u64| chatd::proto::relay::Envelope {
+        id: *h.id,
+        from: h.from.into(),
+        to: h.to.into(),
+        time_ms: h.time_ms,
+        session: *h.session,
+        counter,
+        key_packet: None,
+        ciphertext,
+    };
+    let ct = unhex(MESSAGE_CIPHERTEXT);
+    assert_eq!(open_envelope(&k, &env(ct.clone(), 4)).unwrap(), b"hi");
+    for i in 0..ct.len() {
+        let mut bad = ct.clone();
+        bad[i] ^= 0x01;
+        assert!(open_envelope(&k, &env(bad, 4)).is_err(), "byte {i} changed");
+    }
+    for n in 0..ct.len() {
+        assert!(
+            open_envelope(&k, &env(ct[..n].to_vec(), 4)).is_err(),
+            "cut to {n}"
+        );
+    }
+    assert!(open_envelope(&k, &env(ct, 5)).is_err(), "another counter");
+    let good = Receipt {
+        id: [1; 16],
+        from: "b".into(),
+        to: "a".into(),
+        session: [3; 16],
+        counter: 4,
+        tag: TAG,
+    };
+    for i in 0..16 {
+        let mut r = good.clone();
+        r.tag[i] ^= 0x80;
+        assert!(verify_receipt(&k, &r).is_err(), "tag byte {i} changed");
+    }
+    let mut r = good.clone();
+    r.counter = 5;
+    assert!(verify_receipt(&k, &r).is_err(), "another counter");
+    verify_receipt(&k, &good).unwrap();
 }
 
 /// The transcript layout and the RSA parameters of PROTOCOL.md, checked with the `rsa` crate

@@ -113,7 +113,8 @@ impl Store {
 
     // ---- member: messages ----
 
-    /// Remember a message id (both directions). Returns false if the id was already stored.
+    /// Remember a message id (both directions). False if the id was already stored, or if an
+    /// incoming one's (peer, session, counter) was (the replay index, `messages_replay`).
     pub fn add_message(
         &mut self,
         id: &[u8; 16],
@@ -180,17 +181,6 @@ impl Store {
             .db
             .with(Sql::MessageHas, |st| {
                 st.query_row(params![&id[..]], |_| Ok(())).optional()
-            })?
-            .is_some())
-    }
-
-    /// Whether an incoming (peer, session, counter) was already accepted.
-    pub fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool> {
-        Ok(self
-            .db
-            .with(Sql::MessageSeenCounter, |st| {
-                st.query_row(params![peer, &session[..], counter as i64], |_| Ok(()))
-                    .optional()
             })?
             .is_some())
     }

@@ -38,6 +38,8 @@ pub enum StoreError {
     /// SQLite rolled the turn's transaction back by itself after an earlier error (a full
     /// disk, say): nothing more is written in this turn, whose commit then fails.
     RolledBack,
+    /// A bug in chatd's use of its own store (the text says which); please report it.
+    Internal(String),
     /// A write failed part-way through a unit of work, so the turn was rolled back whole
     /// ([`Store::abandon_turn`]); the text is the first failure.
     Abandoned(String),
@@ -50,6 +52,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Io(e) => write!(f, "cannot create database file: {e}"),
             StoreError::Corrupt(e) => write!(f, "database holds an unreadable row: {e}"),
             StoreError::Injected => write!(f, "database error: injected write failure"),
+            StoreError::Internal(e) => write!(f, "internal error in chatd (please report it): {e}"),
             StoreError::RolledBack => write!(
                 f,
                 "database error: the turn's transaction was rolled back after an earlier error"
@@ -492,7 +495,7 @@ impl Store {
     /// undoes only that request.
     pub fn savepoint(&mut self) -> Result<()> {
         self.check_write()?;
-        // Cached, as every statement of a message's path: a send opens one per request.
+        // Cached: a send outside a turn, or to several recipients, opens one per request.
         self.db
             .conn()
             .prepare_cached("SAVEPOINT request")?
@@ -794,7 +797,9 @@ mod tests {
     }
 
     /// The bundled SQLite is built with `.cargo/config.toml`'s flags: no process-wide mutex per
-    /// page-cache fetch or allocation on the message path, and room in the lookaside.
+    /// page-cache fetch or allocation on the message path, and room in the lookaside. Fails if
+    /// the build ran outside this tree or with `LIBSQLITE3_FLAGS` set in the environment, which
+    /// cargo lets win over the file.
     #[test]
     fn sqlite_is_built_with_the_flags_of_cargo_config() {
         let s = Store::open_in_memory().unwrap();
@@ -891,8 +896,17 @@ mod tests {
         assert!(!s
             .add_message(&id, "bob", Dir::In, MsgState::Delivered, &[2; 16], 5)
             .unwrap());
-        assert!(s.seen_counter("bob", &[2; 16], 5).unwrap());
-        assert!(!s.seen_counter("bob", &[2; 16], 6).unwrap());
+        // A replay: a new id, but the (peer, session, counter) of a message already in.
+        assert!(!s
+            .add_message(&[3; 16], "bob", Dir::In, MsgState::Delivered, &[2; 16], 5)
+            .unwrap());
+        assert!(s
+            .add_message(&[4; 16], "bob", Dir::In, MsgState::Delivered, &[2; 16], 6)
+            .unwrap());
+        // Sent messages are not in the replay index: their counters are our own.
+        assert!(s
+            .add_message(&[5; 16], "bob", Dir::Out, MsgState::Queued, &[2; 16], 5)
+            .unwrap());
     }
 
     #[test]

@@ -68,8 +68,6 @@ pub trait MemberStore {
     fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>>;
     /// Whether a message id is known.
     fn has_message(&self, id: &[u8; 16]) -> Result<bool>;
-    /// Whether a (peer, session, counter) was seen already (replay check).
-    fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool>;
     /// A sent message's recipient, session, counter and state.
     fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>>;
     /// Set a sent message's state.
@@ -174,9 +172,6 @@ impl MemberStore for Store {
     }
     fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
         Store::has_message(self, id)
-    }
-    fn seen_counter(&self, peer: &str, session: &[u8; 16], counter: u64) -> Result<bool> {
-        Store::seen_counter(self, peer, session, counter)
     }
     fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>> {
         Store::outgoing(self, id)
