@@ -133,7 +133,7 @@ impl HoldWhy {
 /// Which store operation failed.
 #[derive(Debug)]
 pub(super) enum Retry {
-    /// Whether we have the message, or its counter.
+    /// Whether we have the message.
     Check(StoreError),
     /// Reading or storing the session key.
     Session(StoreError),
@@ -553,6 +553,8 @@ fn store_message(
         &env.session,
         env.counter,
     )? {
+        // The id was checked as new when the message was judged, in this same call, and
+        // nothing wrote a message since: so the replay index refused it.
         return Ok(None);
     }
     let bytes = to_payload(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -1337,14 +1337,37 @@ fn replayed_session_counter_with_a_new_id_is_rejected() {
     net.send(a, "bob", "original");
     net.transfer();
     let orig = net.sent("alice")[0].clone();
-    // A valid seal under the real session key, with a fresh id but a used counter.
+    // A valid seal under the real session key, with a fresh id but a used counter, arriving
+    // in one turn with a genuine message: the replay is refused by the insert, and the turn,
+    // which wrote the genuine one, commits.
     let replay = reseal(&net, a, &orig, orig.counter, "replayed");
+    let genuine = reseal(&net, a, &orig, 500, "genuine");
+    net.nodes[b].store.begin().unwrap();
     net.inject(b, FromRelay::Deliver(Routed::Message(replay.clone())));
+    net.inject(b, FromRelay::Deliver(Routed::Message(genuine)));
     net.transfer();
-    assert_eq!(net.inbox(b), inbox_of(&[("alice", "original")]));
+    net.nodes[b].store.commit().unwrap();
+    assert_eq!(
+        net.inbox(b),
+        inbox_of(&[("alice", "original"), ("alice", "genuine")])
+    );
     assert!(
         net.acks("bob").contains(&msg_key(replay.id)),
         "a replay is acked"
+    );
+    let receipt_for_replay = net.trace.iter().any(|(name, m)| {
+        name == "bob"
+            && matches!(m, Msg::Up(ToRelay::Send(Routed::Receipt(r))) if r.id == replay.id)
+    });
+    assert!(!receipt_for_replay, "no receipt is sent for a replay");
+    assert!(
+        net.nodes[b]
+            .store
+            .outbox()
+            .unwrap()
+            .iter()
+            .all(|(k, _)| k.id != replay.id),
+        "nor kept to send"
     );
     // Control: the same forgery with an unused counter is accepted, so it was the counter.
     let fresh = reseal(&net, a, &orig, 1_000, "fresh counter");
@@ -1352,7 +1375,11 @@ fn replayed_session_counter_with_a_new_id_is_rejected() {
     net.transfer();
     assert_eq!(
         net.inbox(b),
-        inbox_of(&[("alice", "original"), ("alice", "fresh counter")])
+        inbox_of(&[
+            ("alice", "original"),
+            ("alice", "genuine"),
+            ("alice", "fresh counter")
+        ])
     );
 }
 
