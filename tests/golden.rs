@@ -210,6 +210,18 @@ fn header() -> Header<'static> {
     }
 }
 
+/// The receipt of the message vector, with its tag.
+fn vector_receipt() -> Receipt {
+    Receipt {
+        id: [1; 16],
+        from: "b".into(),
+        to: "a".into(),
+        session: [3; 16],
+        counter: 4,
+        tag: TAG,
+    }
+}
+
 fn sent() -> Sent {
     Sent {
         id: [0x11; 16],
@@ -503,14 +515,7 @@ fn relay_acknowledgements() {
 
 #[test]
 fn relay_deliver_receipt() {
-    let d = FromRelay::Deliver(Routed::Receipt(Receipt {
-        id: [1; 16],
-        from: "b".into(),
-        to: "a".into(),
-        session: [3; 16],
-        counter: 4,
-        tag: TAG,
-    }));
+    let d = FromRelay::Deliver(Routed::Receipt(vector_receipt()));
     check(&d, FROM_DELIVER_RECEIPT);
 }
 
@@ -704,12 +709,8 @@ fn aead_vectors() {
     assert_eq!(hex(&tag), RECEIPT_TAG);
     assert_eq!(tag, TAG);
     let r = Receipt {
-        id: [1; 16],
-        from: "b".into(),
-        to: "a".into(),
-        session: [3; 16],
-        counter: 4,
         tag,
+        ..vector_receipt()
     };
     verify_receipt(&k, &r).unwrap();
 }
@@ -744,14 +745,7 @@ fn aead_vectors_open_and_nothing_else_does() {
         );
     }
     assert!(open_envelope(&k, &env(ct, 5)).is_err(), "another counter");
-    let good = Receipt {
-        id: [1; 16],
-        from: "b".into(),
-        to: "a".into(),
-        session: [3; 16],
-        counter: 4,
-        tag: TAG,
-    };
+    let good = vector_receipt();
     for i in 0..16 {
         let mut r = good.clone();
         r.tag[i] ^= 0x80;

@@ -578,6 +578,17 @@ mod tests {
     use super::*;
     use rusqlite::params;
 
+    /// The first column of every row `sql` returns, as text.
+    fn strings(s: &Store, sql: &str) -> Vec<String> {
+        s.db.conn()
+            .prepare(sql)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
     #[test]
     fn history_filters_and_order() {
         let mut s = Store::open_in_memory().unwrap();
@@ -803,14 +814,7 @@ mod tests {
     #[test]
     fn sqlite_is_built_with_the_flags_of_cargo_config() {
         let s = Store::open_in_memory().unwrap();
-        let opts: Vec<String> =
-            s.db.conn()
-                .prepare("PRAGMA compile_options")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .map(|r| r.unwrap())
-                .collect();
+        let opts = strings(&s, "PRAGMA compile_options");
         assert!(opts.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "{opts:?}");
         assert!(
             !opts.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
@@ -850,15 +854,10 @@ mod tests {
                 .query_row(&format!("EXPLAIN QUERY PLAN {unkinded}"), [], |r| r.get(3))
                 .unwrap();
         assert!(detail.contains("history_unkinded"), "{detail}");
-        let indexes: Vec<String> = s
-            .db
-            .conn()
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'history'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
+        let indexes = strings(
+            &s,
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'history'",
+        );
         assert_eq!(indexes.len(), 2, "{indexes:?}");
         assert!(!indexes.iter().any(|i| i == "history_kind"), "{indexes:?}");
 
