@@ -21,6 +21,14 @@
 //!   as a member does once it stored the message. Messages per second from the first send to the
 //!   last delivery, over all pairs; and the server's CPU time over the run per message (from
 //!   /proc, in 10 ms clock ticks), which the clients on the same machine do not skew.
+//!
+//!   How a client writes decides much of a server's cost, so every client, chatd's and the
+//!   peers', writes the same way: by default what one read pass made it send goes out in one
+//!   write (a receiver's `Ack`s or PUBACKs for every delivery that read brought, a sender's
+//!   refill of its window), as a member's daemon writes what one turn produced. With
+//!   `--per-frame` each envelope, `Ack` and PUBACK is a write of its own (one TLS record, one
+//!   segment, one wakeup of the server each), as the bench's clients wrote before session 6;
+//!   that is the worst case for any server, and the mode issue 9's first figures were taken in.
 //! - **ping-pong**: one message at a time from a to b, b answers with one back to a; the round
 //!   trip (a's send to a's receipt of b's answer, both through the server, each acknowledged
 //!   where the protocol acknowledges) at the 50th and 99th percentile over `--pings` round trips.
@@ -113,6 +121,9 @@ cargo bench --bench relay -- [OPTIONS]
   --size B           ciphertext (payload) bytes per envelope [256; issue 9 compares at 100]
   --pings K          round trips per ping-pong run [1000]
   --only WHAT        one of: 1to1, 50to50, pingpong
+  --per-frame        every client writes each envelope, Ack and PUBACK on its own (one write,
+                     one TLS record, one segment each); by default a client writes at once what
+                     one read pass made it send, as a member's daemon writes what a turn produced
 
 The peers keep nothing on disk; chatd fsyncs every envelope before Accepted. They speak
 plain TCP, but for --mosquitto-tls; chatd speaks TLS 1.3.";
@@ -163,6 +174,8 @@ struct Opts {
     size: usize,
     pings: usize,
     only: Option<String>,
+    /// Every frame its own write, as the bench's clients wrote before (see the module docs).
+    per_frame: bool,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -175,6 +188,7 @@ fn parse_opts() -> Result<Opts, String> {
         size: 256,
         pings: 1000,
         only: None,
+        per_frame: false,
     };
     let mut peers = Vec::new();
     let mut args = std::env::args().skip(1).peekable();
@@ -233,6 +247,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--size" => o.size = num(value("--size")?, "--size")?,
             "--pings" => o.pings = num(value("--pings")?, "--pings")?,
             "--only" => o.only = Some(value("--only")?),
+            "--per-frame" => o.per_frame = true,
             "--help" | "-h" => return Err(USAGE.into()),
             // cargo bench passes --bench to every harness = false target.
             "--bench" => {}
@@ -471,6 +486,59 @@ impl Member {
         }))
     }
 
+    /// Every frame the bytes read so far hold, reading once when they hold none: one read
+    /// pass, as a member's daemon takes in what a turn finds.
+    fn recv_ready(&mut self) -> io::Result<Vec<FromRelay>> {
+        let mut out = Vec::new();
+        loop {
+            let mut at = 0;
+            while let Decoded::Frame { payload, consumed } =
+                frame::decode(&self.buf[at..], MAX_FRAME)
+                    .map_err(|e| io::Error::other(e.to_string()))?
+            {
+                out.push(
+                    from_payload::<FromRelay>(payload)
+                        .map_err(|e| io::Error::other(e.to_string()))?,
+                );
+                at += consumed;
+            }
+            self.buf.drain(..at);
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            self.read_more()?;
+        }
+    }
+
+    /// One frame (`--per-frame`), or every frame of one read pass.
+    fn recv_some(&mut self, per_frame: bool) -> io::Result<Vec<FromRelay>> {
+        if per_frame {
+            Ok(vec![self.recv()?])
+        } else {
+            self.recv_ready()
+        }
+    }
+
+    /// `msgs` in one write, or each in its own (`--per-frame`).
+    fn send_some(&mut self, msgs: &[ToRelay], per_frame: bool) -> io::Result<()> {
+        if per_frame {
+            msgs.iter().try_for_each(|m| self.send(m))
+        } else if msgs.is_empty() {
+            Ok(())
+        } else {
+            self.send_all(msgs)
+        }
+    }
+
+    fn read_more(&mut self) -> io::Result<()> {
+        let n = self.wire.read(&mut self.chunk)?;
+        if n == 0 {
+            return Err(io::Error::other("the relay closed the connection"));
+        }
+        self.buf.extend_from_slice(&self.chunk[..n]);
+        Ok(())
+    }
+
     fn recv(&mut self) -> io::Result<FromRelay> {
         loop {
             match frame::decode(&self.buf, MAX_FRAME)
@@ -484,11 +552,7 @@ impl Member {
                 }
                 Decoded::NeedMore => {}
             }
-            let n = self.wire.read(&mut self.chunk)?;
-            if n == 0 {
-                return Err(io::Error::other("the relay closed the connection"));
-            }
-            self.buf.extend_from_slice(&self.chunk[..n]);
+            self.read_more()?;
         }
     }
 }
@@ -549,26 +613,29 @@ fn chatd_throughput(
     let rx = login_all(relay.addr, mode, &receivers, keys)?;
     let tx = login_all(relay.addr, mode, &senders, keys)?;
     let start = Arc::new(Barrier::new(2 * pairs + 1));
-    let (window, size) = (o.window, o.size);
+    let (window, size, per_frame) = (o.window, o.size, o.per_frame);
     let took = thread::scope(|s| -> Result<(Duration, Option<Duration>), String> {
         let mut hs = Vec::new();
         for mut m in rx {
             let start = Arc::clone(&start);
             hs.push(s.spawn(move || -> Result<Instant, String> {
                 start.wait();
-                let mut got = 0;
+                let (mut got, mut acks) = (0, Vec::new());
                 while got < messages {
-                    match m.recv().map_err(|e| e.to_string())? {
-                        FromRelay::Deliver(item) => {
-                            m.send(&ToRelay::Ack(item.key()))
-                                .map_err(|e| e.to_string())?;
-                            got += 1;
+                    for f in m.recv_some(per_frame).map_err(|e| e.to_string())? {
+                        match f {
+                            FromRelay::Deliver(item) => {
+                                acks.push(ToRelay::Ack(item.key()));
+                                got += 1;
+                            }
+                            FromRelay::Error { code, reason } => {
+                                return Err(format!("{code}: {reason}"))
+                            }
+                            _ => {}
                         }
-                        FromRelay::Error { code, reason } => {
-                            return Err(format!("{code}: {reason}"))
-                        }
-                        _ => {}
                     }
+                    m.send_some(&acks, per_frame).map_err(|e| e.to_string())?;
+                    acks.clear();
                 }
                 Ok(Instant::now())
             }));
@@ -578,22 +645,25 @@ fn chatd_throughput(
             let to = format!("r{i:03}");
             hs.push(s.spawn(move || -> Result<Instant, String> {
                 start.wait();
-                let (mut sent, mut accepted) = (0, 0);
+                let (mut sent, mut accepted, mut out) = (0, 0, Vec::new());
                 while accepted < messages {
                     while sent < messages && sent - accepted < window {
-                        let e = m.envelope(&to, size);
-                        m.send(&e).map_err(|e| e.to_string())?;
+                        out.push(m.envelope(&to, size));
                         sent += 1;
                     }
-                    match m.recv().map_err(|e| e.to_string())? {
-                        FromRelay::Accepted(_) => accepted += 1,
-                        FromRelay::Refused { code, reason, .. } => {
-                            return Err(format!("refused: {code}: {reason}"))
+                    m.send_some(&out, per_frame).map_err(|e| e.to_string())?;
+                    out.clear();
+                    for f in m.recv_some(per_frame).map_err(|e| e.to_string())? {
+                        match f {
+                            FromRelay::Accepted(_) => accepted += 1,
+                            FromRelay::Refused { code, reason, .. } => {
+                                return Err(format!("refused: {code}: {reason}"))
+                            }
+                            FromRelay::Error { code, reason } => {
+                                return Err(format!("{code}: {reason}"))
+                            }
+                            _ => {}
                         }
-                        FromRelay::Error { code, reason } => {
-                            return Err(format!("{code}: {reason}"))
-                        }
-                        _ => {}
                     }
                 }
                 Ok(Instant::now())
@@ -868,8 +938,10 @@ struct Got {
 
 /// A peer's client, on one thread.
 trait PeerClient: Send {
-    /// Send one payload to `to` (a topic or a nick).
+    /// Queue one payload to `to` (a topic or a nick); `flush` writes what is queued.
     fn publish(&mut self, to: &str) -> Result<(), String>;
+    /// Write what `publish` queued, in one write.
+    fn flush(&mut self) -> Result<(), String>;
     /// Read at least once and until something counted arrived, answering what must be answered
     /// (PUBACK for a QoS 1 PUBLISH, PONG for PING).
     fn pump(&mut self) -> Result<Got, String>;
@@ -976,7 +1048,11 @@ struct Mqtt {
     chunk: Vec<u8>,
     qos: u8,
     payload: Vec<u8>,
+    /// PUBLISHes queued by `publish`, written by `flush`.
     out: Vec<u8>,
+    /// PUBACKs of what a read pass brought, written at its end (or each at once, `--per-frame`).
+    acks: Vec<u8>,
+    per_frame: bool,
     next_id: u16,
 }
 
@@ -1029,6 +1105,7 @@ impl Mqtt {
         qos: u8,
         size: usize,
         tls: Option<&Arc<rustls::ClientConfig>>,
+        per_frame: bool,
     ) -> Result<Mqtt, String> {
         let (mode, cfg) = match tls {
             Some(cfg) => (Mode::Tls, cfg.clone()),
@@ -1042,6 +1119,8 @@ impl Mqtt {
             qos,
             payload: vec![0xab; size],
             out: Vec::new(),
+            acks: Vec::new(),
+            per_frame,
             next_id: 0,
         };
         let mut body = Vec::new();
@@ -1072,6 +1151,18 @@ impl Mqtt {
         }
     }
 
+    /// The PUBACKs of the PUBLISHes read so far, in one write.
+    fn write_acks(&mut self) -> Result<(), String> {
+        if self.acks.is_empty() {
+            return Ok(());
+        }
+        self.sock
+            .write_all(&self.acks)
+            .map_err(|e| io_err(&format!("{}: PUBACK", self.name), e))?;
+        self.acks.clear();
+        Ok(())
+    }
+
     fn send_packet(&mut self, first: u8, body: &[u8]) -> Result<(), String> {
         let mut p = vec![first];
         mqtt_len(&mut p, body.len());
@@ -1097,7 +1188,6 @@ impl Mqtt {
 
 impl PeerClient for Mqtt {
     fn publish(&mut self, topic: &str) -> Result<(), String> {
-        self.out.clear();
         let id_len = if self.qos > 0 { 2 } else { 0 };
         self.out.push(0x30 | (self.qos << 1));
         mqtt_len(&mut self.out, 2 + topic.len() + id_len + self.payload.len());
@@ -1108,9 +1198,18 @@ impl PeerClient for Mqtt {
             self.out.extend_from_slice(&self.next_id.to_be_bytes());
         }
         self.out.extend_from_slice(&self.payload);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         self.sock
             .write_all(&self.out)
-            .map_err(|e| io_err(&format!("{}: publish", self.name), e))
+            .map_err(|e| io_err(&format!("{}: publish", self.name), e))?;
+        self.out.clear();
+        Ok(())
     }
 
     fn pump(&mut self) -> Result<Got, String> {
@@ -1139,10 +1238,11 @@ impl PeerClient for Mqtt {
                             ));
                         }
                         if qos == 1 {
-                            let ack = [0x40, 2, p[id_at], p[id_at + 1]];
-                            self.sock
-                                .write_all(&ack)
-                                .map_err(|e| io_err(&format!("{}: PUBACK", self.name), e))?;
+                            self.acks
+                                .extend_from_slice(&[0x40, 2, p[id_at], p[id_at + 1]]);
+                            if self.per_frame {
+                                self.write_acks()?;
+                            }
                         }
                         got.delivered += 1;
                     }
@@ -1152,6 +1252,7 @@ impl PeerClient for Mqtt {
                 }
             }
             self.buf.drain(..at);
+            self.write_acks()?;
             if got.delivered + got.accepted > 0 {
                 return Ok(got);
             }
@@ -1259,15 +1360,23 @@ impl Irc {
 
 impl PeerClient for Irc {
     fn publish(&mut self, to: &str) -> Result<(), String> {
-        self.out.clear();
         self.out.extend_from_slice(b"PRIVMSG ");
         self.out.extend_from_slice(to.as_bytes());
         self.out.extend_from_slice(b" :");
         self.out.extend_from_slice(&self.payload);
         self.out.extend_from_slice(b"\r\n");
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         self.sock
             .write_all(&self.out)
-            .map_err(|e| io_err(&format!("{}: PRIVMSG", self.name), e))
+            .map_err(|e| io_err(&format!("{}: PRIVMSG", self.name), e))?;
+        self.out.clear();
+        Ok(())
     }
 
     fn pump(&mut self) -> Result<Got, String> {
@@ -1403,7 +1512,7 @@ fn peer_throughput<C: PeerClient>(
     let tx = connect_all(&senders, &connect)?;
     let credits: Vec<Arc<Credit>> = (0..pairs).map(|_| Arc::default()).collect();
     let start = Arc::new(Barrier::new(2 * pairs + 1));
-    let window = o.window;
+    let (window, per_frame) = (o.window, o.per_frame);
     let (took, cpu0) = thread::scope(|s| -> Result<(Duration, Option<Duration>), String> {
         let mut hs = Vec::new();
         for (mut m, credit) in rx.into_iter().zip(credits.iter().cloned()) {
@@ -1428,8 +1537,12 @@ fn peer_throughput<C: PeerClient>(
                 while credited < messages {
                     while sent < messages && sent - credited < window {
                         m.publish(to)?;
+                        if per_frame {
+                            m.flush()?;
+                        }
                         sent += 1;
                     }
+                    m.flush()?;
                     credited = if acked {
                         credited + m.pump()?.accepted
                     } else {
@@ -1481,6 +1594,7 @@ fn peer_ping_pong<C: PeerClient>(
             while answered < pings {
                 for _ in 0..b.pump()?.delivered {
                     b.publish("ping")?;
+                    b.flush()?;
                     answered += 1;
                 }
             }
@@ -1490,6 +1604,7 @@ fn peer_ping_pong<C: PeerClient>(
         for _ in 0..pings {
             let t = Instant::now();
             a.publish("pong")?;
+            a.flush()?;
             while a.pump()?.delivered == 0 {}
             rtts.push(t.elapsed());
         }
@@ -1513,7 +1628,7 @@ fn throughput(
     pairs: usize,
     messages: usize,
 ) -> Result<(f64, Option<f64>, String), String> {
-    let size = o.size;
+    let (size, per_frame) = (o.size, o.per_frame);
     match server {
         Server::Chatd(chatd) => chatd_throughput(o, chatd, keys, pairs, messages)
             .map(|(rate, cpu, mode)| (rate, cpu, format!("{mode:?}"))),
@@ -1522,7 +1637,7 @@ fn throughput(
             let (qos, addr) = (*qos, peer.addr);
             let cfg = tls.then(common::client_config);
             peer_throughput(o, &peer, pairs, messages, qos == 1, |n| {
-                Mqtt::connect(addr, n, qos, size, cfg.as_ref())
+                Mqtt::connect(addr, n, qos, size, cfg.as_ref(), per_frame)
             })
             .map(|(rate, cpu)| (rate, cpu, transport(*tls)))
             .map_err(|e| peer.explain(e))
@@ -1545,7 +1660,7 @@ fn ping_pong(
     server: &Server,
     keys: &[Identity],
 ) -> Result<(Vec<Duration>, String), String> {
-    let size = o.size;
+    let (size, per_frame) = (o.size, o.per_frame);
     match server {
         Server::Chatd(chatd) => {
             chatd_ping_pong(o, chatd, keys).map(|(rtts, mode)| (rtts, format!("{mode:?}")))
@@ -1554,9 +1669,11 @@ fn ping_pong(
             let peer = PeerProc::start(server, o)?;
             let (qos, addr) = (*qos, peer.addr);
             let cfg = tls.then(common::client_config);
-            peer_ping_pong(o, |n| Mqtt::connect(addr, n, qos, size, cfg.as_ref()))
-                .map(|rtts| (rtts, transport(*tls)))
-                .map_err(|e| peer.explain(e))
+            peer_ping_pong(o, |n| {
+                Mqtt::connect(addr, n, qos, size, cfg.as_ref(), per_frame)
+            })
+            .map(|rtts| (rtts, transport(*tls)))
+            .map_err(|e| peer.explain(e))
         }
         Server::Ngircd(_) => {
             let peer = PeerProc::start(server, o)?;
