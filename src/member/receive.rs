@@ -545,20 +545,12 @@ fn store_message(
     text: String,
     now: Now,
 ) -> Result<Option<Record>, StoreError> {
-    if !store.add_message(
-        &env.id,
-        &env.from,
-        Dir::In,
-        MsgState::Delivered,
-        &env.session,
-        env.counter,
-    )? {
+    let bytes = to_payload(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if !store.add_received(&env.id, &env.from, &env.session, env.counter, &bytes)? {
         // The id was checked as new when the message was judged, in this same call, and
         // nothing wrote a message since: so the replay index refused it.
         return Ok(None);
     }
-    let bytes = to_payload(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.outbox_push(receipt.key(), &bytes)?;
     store
         .append(
             now.wall,
@@ -719,11 +711,8 @@ fn store_receipt(
     peer: &str,
     now: Now,
 ) -> Result<Record, StoreError> {
+    // Delivered, it leaves the outbox too (a message waiting to be sent again with its key).
     store.set_state(&id, MsgState::Delivered)?;
-    store.outbox_remove(ItemKey {
-        kind: Kind::Message,
-        id,
-    })?;
     store.append(
         now.wall,
         peer,

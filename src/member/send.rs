@@ -418,7 +418,7 @@ impl Sending {
             .map_err(RekeyRefused::Store)?;
         let mut items = Vec::new();
         store.savepoint().map_err(RekeyRefused::Store)?;
-        for (id, bytes) in kept {
+        for (_, bytes) in kept {
             let Ok(Routed::Message(mut env)) = from_payload::<Routed>(&bytes) else {
                 continue;
             };
@@ -427,11 +427,8 @@ impl Sending {
             let Ok(again) = to_payload(&item) else {
                 continue;
             };
-            let done = store
-                .outbox_remove(item.key())
-                .and_then(|_| store.outbox_push(item.key(), &again))
-                .and_then(|()| store.keep_sent(&id, &again));
-            if let Err(e) = done {
+            // Into the outbox again (a relayed message too), and kept as the envelope.
+            if let Err(e) = store.outbox_push(item.key(), &again) {
                 store.rollback_savepoint();
                 return Err(RekeyRefused::Store(e));
             }
@@ -630,7 +627,6 @@ impl Sending {
                 "a random message id is stored already".into(),
             )));
         }
-        store.outbox_push(item.key(), &bytes)?;
         let record = store.append(
             now.wall,
             to,
@@ -661,17 +657,13 @@ impl Sending {
         store: &mut dyn MemberStore,
     ) -> Vec<Out> {
         let mut out = Vec::new();
-        let removed = match store.outbox_remove(key) {
-            Ok(r) => r,
-            Err(e) => {
+        if key.kind != Kind::Message {
+            if let Err(e) = store.outbox_remove(key) {
                 warn!("cannot update outbox: {e}");
-                return out;
             }
-        };
-        if key.kind != Kind::Message || !removed {
             return out;
         }
-        match store.queued_to_relayed(&key.id) {
+        match store.relayed(&key.id) {
             Ok(Some(peer)) => {
                 let body = RecordBody::Receipt {
                     id: key.id,

@@ -23,6 +23,11 @@ pub(super) const LAST_OF_ALL: &str = "SELECT seq FROM history
      WHERE seq > ?1 AND ?2 IS NULL AND (?4 IS NULL OR instr(?4, ',' || kind || ',') > 0)
      ORDER BY seq DESC LIMIT 1 OFFSET ?3";
 
+/// The messages and receipts waiting in the outbox, through the partial index `messages_unsent`
+/// (a test reads the plan: without it every message ever stored would be read at each login).
+pub(super) const UNSENT_ROWS: &str = "SELECT dir, id, item FROM messages
+     WHERE unsent = 1 AND item IS NOT NULL ORDER BY rowid";
+
 impl Store {
     // ---- member: history ----
 
@@ -138,9 +143,9 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Remember a message we send: queued, with its encoded envelope kept until it is settled
-    /// (what `add_message` and `keep_sent` do in two statements, in one). False if the id was
-    /// already stored.
+    /// Remember a message we send: queued, with its encoded envelope kept until it is settled,
+    /// and in the outbox until the relay takes it (the row is its place in the outbox: the
+    /// envelope is written once). False if the id was already stored.
     pub fn add_sent(
         &mut self,
         id: &[u8; 16],
@@ -156,23 +161,57 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// A sent message that was `queued` becomes `relayed`; its recipient if it was queued (a
-    /// message in any other state is left as it is: `None`).
-    ///
-    /// Two statements, not one `UPDATE … RETURNING`: SQLite runs a `RETURNING` statement to its
-    /// end into a temporary table before the first row comes back, which cost more than the
-    /// second lookup of a page the first one just read (the core bench, paired runs).
-    pub fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
+    /// Remember a message we received, delivered, with its encoded `receipt` in the outbox
+    /// until the relay takes it (one row for both). False if the id was already stored, or if
+    /// its (peer, session, counter) was (the replay index, `messages_replay`).
+    pub fn add_received(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        session: &[u8; 16],
+        counter: u64,
+        receipt: &[u8],
+    ) -> Result<bool> {
         self.check_write()?;
-        let peer = self.db.with(Sql::MessageQueuedPeer, |st| {
-            st.query_row(params![&id[..]], |r| r.get::<_, String>(0))
-                .optional()
+        let n = self.db.with(Sql::MessageAddReceived, |st| {
+            st.execute(params![
+                &id[..],
+                peer,
+                &session[..],
+                counter as i64,
+                receipt
+            ])
         })?;
-        if peer.is_some() {
-            self.db
-                .with(Sql::MessageSetRelayed, |st| st.execute(params![&id[..]]))?;
-        }
-        Ok(peer)
+        Ok(n == 1)
+    }
+
+    /// The relay took sent message `id`: it leaves the outbox, and if it was `queued` it
+    /// becomes `relayed`. Its recipient if it was queued; `None` if it was in another state, not
+    /// in the outbox, or unknown (and then it leaves the `outbox` table if it was there).
+    ///
+    /// The row is found once and updated by its rowid: finding it by id again, as the
+    /// statements apart did, cost a second search of the id index.
+    pub fn relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
+        self.check_write()?;
+        let row = self.db.with(Sql::MessageUnsent, |st| {
+            st.query_row(params![&id[..]], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, bool>(2)?,
+                ))
+            })
+            .optional()
+        })?;
+        let Some((rowid, peer, queued)) = row else {
+            self.db.with(Sql::OutboxRemove, |st| {
+                st.execute(params![kind_str(Kind::Message), &id[..]])
+            })?;
+            return Ok(None);
+        };
+        self.db
+            .with(Sql::MessageTaken, |st| st.execute(params![rowid]))?;
+        Ok(queued.then_some(peer))
     }
 
     /// Whether a message id is stored.
@@ -218,17 +257,6 @@ impl Store {
         Ok(())
     }
 
-    /// Keep a sent message's encoded envelope until it is settled, so it can be sent again with
-    /// its session's key packet if the recipient lost the key.
-    pub fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
-        self.check_write()?;
-        self.db
-            .conn()
-            .prepare_cached("UPDATE messages SET item = ?2 WHERE id = ?1 AND dir = 'out'")?
-            .execute(params![&id[..], item])?;
-        Ok(())
-    }
-
     /// The kept envelopes of messages to `peer` in `session` that are not settled yet, in
     /// counter order.
     pub fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
@@ -250,10 +278,32 @@ impl Store {
     }
 
     // ---- member: outbox ----
+    //
+    // A message and a receipt wait in their message's row (`unsent` = 1, the bytes in `item`);
+    // `outbox` holds the rest (rekey requests, and any message or receipt whose message row is
+    // not stored).
 
-    /// Add an encoded item to the outbox (idempotent).
+    /// Add an encoded item to the outbox (idempotent). A message's item also becomes the
+    /// envelope it keeps until it is settled (a message sent again with its key packet).
     pub fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
         self.check_write()?;
+        let dir = match key.kind {
+            Kind::Message => Some("out"),
+            Kind::Receipt => Some("in"),
+            Kind::Rekey => None,
+        };
+        if let Some(dir) = dir {
+            let n = self
+                .db
+                .conn()
+                .prepare_cached(
+                    "UPDATE messages SET item = ?2, unsent = 1 WHERE id = ?1 AND dir = ?3",
+                )?
+                .execute(params![&key.id[..], item, dir])?;
+            if n > 0 {
+                return Ok(());
+            }
+        }
         self.db.with(Sql::OutboxPush, |st| {
             st.execute(params![kind_str(key.kind), &key.id[..], item])
         })?;
@@ -263,34 +313,55 @@ impl Store {
     /// Remove an item from the outbox; true if it was there.
     pub fn outbox_remove(&mut self, key: ItemKey) -> Result<bool> {
         self.check_write()?;
+        let in_row = match key.kind {
+            Kind::Message => Some(Sql::MessageSent),
+            Kind::Receipt => Some(Sql::ReceiptSent),
+            Kind::Rekey => None,
+        };
+        if let Some(sql) = in_row {
+            if self.db.with(sql, |st| st.execute(params![&key.id[..]]))? > 0 {
+                return Ok(true);
+            }
+        }
         let n = self.db.with(Sql::OutboxRemove, |st| {
             st.execute(params![kind_str(key.kind), &key.id[..]])
         })?;
         Ok(n > 0)
     }
 
-    /// Every outbox item, oldest first.
+    /// Every outbox item: the messages and receipts in the order they were stored, then the
+    /// rest, oldest first.
     pub fn outbox(&self) -> Result<Vec<(ItemKey, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut stmt = self.db.conn().prepare_cached(UNSENT_ROWS)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let kind = match r.get_ref(0)?.as_str().unwrap_or("") {
+                "out" => Kind::Message,
+                "in" => Kind::Receipt,
+                other => return Err(StoreError::Corrupt(format!("unknown direction {other:?}"))),
+            };
+            out.push((
+                ItemKey {
+                    kind,
+                    id: id16(r.get(1)?)?,
+                },
+                r.get(2)?,
+            ));
+        }
         let mut stmt = self
             .db
             .conn()
             .prepare_cached("SELECT kind, id, item FROM outbox ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (kind, id, item) = row?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let kind: String = r.get(0)?;
             out.push((
                 ItemKey {
                     kind: kind_parse(&kind)?,
-                    id: id16(id)?,
+                    id: id16(r.get(1)?)?,
                 },
-                item,
+                r.get(2)?,
             ));
         }
         Ok(out)
@@ -299,7 +370,8 @@ impl Store {
     /// Number of messages (not receipts) waiting in the outbox.
     pub fn outbox_messages(&self) -> Result<u64> {
         Ok(self.db.conn().query_row(
-            "SELECT COUNT(*) FROM outbox WHERE kind = 'message'",
+            "SELECT (SELECT COUNT(*) FROM messages WHERE unsent = 1 AND dir = 'out')
+                  + (SELECT COUNT(*) FROM outbox WHERE kind = 'message')",
             [],
             |r| r.get::<_, i64>(0),
         )? as u64)

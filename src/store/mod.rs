@@ -104,7 +104,8 @@ CREATE TABLE IF NOT EXISTS messages (
     state TEXT NOT NULL,
     session BLOB NOT NULL,
     counter INTEGER NOT NULL,
-    item BLOB
+    item BLOB,
+    unsent INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_replay ON messages(peer, session, counter) WHERE dir = 'in';
 CREATE TABLE IF NOT EXISTS outbox (
@@ -320,6 +321,46 @@ fn add_sent_item(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The outbox keeps a message and its receipt in the message's own row (`unsent` = 1, the
+/// envelope or receipt in `item`) rather than in a second copy in `outbox`: a sent message's
+/// envelope was written twice, and each message and receipt paid an insert and a delete in
+/// `outbox` and its index. A database from before has no `unsent` column: add it, with the
+/// partial index that finds the unsent rows, and move the outbox's messages and receipts into
+/// their rows, once, in one transaction. A row of `outbox` whose message is not stored (which
+/// no version wrote) stays where it is and is still sent and removed from there.
+fn outbox_in_messages(conn: &Connection) -> Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'unsent'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN unsent INTEGER")?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS messages_unsent ON messages(unsent) WHERE unsent IS NOT NULL",
+    )?;
+    let legacy: bool = conn
+        .prepare(
+            "SELECT 1 FROM outbox o JOIN messages m ON m.id = o.id
+             AND m.dir = CASE o.kind WHEN 'message' THEN 'out' WHEN 'receipt' THEN 'in' END",
+        )?
+        .exists([])?;
+    if legacy {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             UPDATE messages SET unsent = 1, item = (
+                 SELECT o.item FROM outbox o WHERE o.id = messages.id
+                 AND o.kind = CASE messages.dir WHEN 'out' THEN 'message' ELSE 'receipt' END)
+             WHERE EXISTS (SELECT 1 FROM outbox o WHERE o.id = messages.id
+                 AND o.kind = CASE messages.dir WHEN 'out' THEN 'message' ELSE 'receipt' END);
+             DELETE FROM outbox WHERE kind IN ('message', 'receipt') AND EXISTS (
+                 SELECT 1 FROM messages m WHERE m.id = outbox.id
+                 AND m.dir = CASE outbox.kind WHEN 'message' THEN 'out' ELSE 'in' END);
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 /// Which history records a `tail` reads: only one peer's, only some kinds (empty: every kind).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -408,6 +449,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         add_history_kind(&conn)?;
         add_sent_item(&conn)?;
+        outbox_in_messages(&conn)?;
         Ok(Store {
             db: prepared::Db::from_connection(conn),
             in_tx: false,
@@ -721,12 +763,16 @@ mod tests {
         s.commit().unwrap();
     }
 
-    /// The one-statement forms do what the two-statement ones did: a sent message is queued
-    /// with its envelope kept, and only a queued one becomes relayed (once).
+    /// A sent message is queued with its envelope kept and waits in the outbox; the relay's
+    /// taking it makes it relayed (once), out of the outbox, its envelope still kept.
     #[test]
     fn a_sent_message_is_stored_with_its_envelope_and_relayed_once() {
         let mut s = Store::open_in_memory().unwrap();
         let (id, session) = ([7; 16], [2; 16]);
+        let key = ItemKey {
+            kind: Kind::Message,
+            id,
+        };
         assert!(s.add_sent(&id, "bob", &session, 4, b"envelope").unwrap());
         assert!(!s.add_sent(&id, "bob", &session, 4, b"other").unwrap());
         assert_eq!(
@@ -737,18 +783,183 @@ mod tests {
             s.unsettled("bob", &session).unwrap(),
             [(id, b"envelope".to_vec())]
         );
-        assert_eq!(s.queued_to_relayed(&id).unwrap().as_deref(), Some("bob"));
-        assert_eq!(s.queued_to_relayed(&id).unwrap(), None, "relayed already");
+        assert_eq!(s.outbox().unwrap(), [(key, b"envelope".to_vec())]);
+        assert_eq!(s.outbox_messages().unwrap(), 1);
+        assert_eq!(s.relayed(&id).unwrap().as_deref(), Some("bob"));
+        assert_eq!(s.relayed(&id).unwrap(), None, "relayed already");
         assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Relayed);
+        assert!(s.outbox().unwrap().is_empty(), "the relay has it");
+        assert_eq!(s.outbox_messages().unwrap(), 0);
+        assert_eq!(
+            s.unsettled("bob", &session).unwrap(),
+            [(id, b"envelope".to_vec())],
+            "kept until settled"
+        );
+        // Sent again with its key packet: in the outbox again, as the kept envelope, and the
+        // relay's taking it leaves it relayed.
+        s.outbox_push(key, b"with key").unwrap();
+        assert_eq!(s.outbox().unwrap(), [(key, b"with key".to_vec())]);
+        assert_eq!(
+            s.unsettled("bob", &session).unwrap(),
+            [(id, b"with key".to_vec())]
+        );
+        assert_eq!(s.relayed(&id).unwrap(), None, "it was relayed before");
+        assert!(s.outbox().unwrap().is_empty());
+        assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Relayed);
+        s.outbox_push(key, b"with key").unwrap();
         s.set_state(&id, MsgState::Delivered).unwrap();
-        assert_eq!(s.queued_to_relayed(&id).unwrap(), None, "delivered stays");
+        assert!(
+            s.outbox().unwrap().is_empty(),
+            "a settled message is not sent"
+        );
+        assert_eq!(s.relayed(&id).unwrap(), None, "delivered stays");
         assert_eq!(s.outgoing(&id).unwrap().unwrap().3, MsgState::Delivered);
         assert!(s.unsettled("bob", &session).unwrap().is_empty());
         // An incoming message of the same id space is never made relayed.
         s.add_message(&[8; 16], "bob", Dir::In, MsgState::Queued, &session, 1)
             .unwrap();
-        assert_eq!(s.queued_to_relayed(&[8; 16]).unwrap(), None);
-        assert_eq!(s.queued_to_relayed(&[9; 16]).unwrap(), None, "unknown id");
+        assert_eq!(s.relayed(&[8; 16]).unwrap(), None);
+        assert_eq!(s.relayed(&[9; 16]).unwrap(), None, "unknown id");
+    }
+
+    /// A received message's receipt waits in the message's row until the relay takes it; an
+    /// item whose message is not stored waits in `outbox`, and both are listed and removed
+    /// alike.
+    #[test]
+    fn receipts_wait_in_their_message_and_strays_in_the_outbox_table() {
+        let mut s = Store::open_in_memory().unwrap();
+        let (id, session) = ([3; 16], [2; 16]);
+        let receipt = ItemKey {
+            kind: Kind::Receipt,
+            id,
+        };
+        assert!(s.add_received(&id, "bob", &session, 1, b"receipt").unwrap());
+        assert!(
+            !s.add_received(&[4; 16], "bob", &session, 1, b"replay")
+                .unwrap(),
+            "the replay index refuses a second (peer, session, counter)"
+        );
+        let stray = ItemKey {
+            kind: Kind::Message,
+            id: [5; 16],
+        };
+        s.outbox_push(stray, b"stray").unwrap();
+        let rekey = ItemKey {
+            kind: Kind::Rekey,
+            id: [6; 16],
+        };
+        s.outbox_push(rekey, b"rekey").unwrap();
+        assert_eq!(
+            s.outbox().unwrap(),
+            [
+                (receipt, b"receipt".to_vec()),
+                (stray, b"stray".to_vec()),
+                (rekey, b"rekey".to_vec())
+            ]
+        );
+        assert_eq!(s.outbox_messages().unwrap(), 1, "the stray message");
+        assert!(s.outbox_remove(receipt).unwrap());
+        assert!(!s.outbox_remove(receipt).unwrap(), "once");
+        assert_eq!(s.relayed(&stray.id).unwrap(), None, "no message row");
+        assert!(s.outbox_remove(rekey).unwrap());
+        assert!(s.outbox().unwrap().is_empty());
+        assert_eq!(s.outbox_messages().unwrap(), 0);
+        let item: Option<Vec<u8>> =
+            s.db.conn()
+                .query_row(
+                    "SELECT item FROM messages WHERE id = ?1",
+                    params![&id[..]],
+                    |r| r.get(0),
+                )
+                .unwrap();
+        assert_eq!(item, None, "a sent receipt is not kept");
+    }
+
+    /// A database from before keeps its outbox: the messages and receipts in `outbox` move into
+    /// their rows at open, once, and are sent and removed as new ones; the outbox is read
+    /// through its index, not by reading every message ever stored.
+    #[test]
+    fn an_old_outbox_moves_into_the_messages_rows_and_is_read_by_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE messages (id BLOB PRIMARY KEY, peer TEXT NOT NULL,
+                     dir TEXT NOT NULL, state TEXT NOT NULL, session BLOB NOT NULL,
+                     counter INTEGER NOT NULL, item BLOB);
+                 CREATE TABLE outbox (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+                     id BLOB NOT NULL, item BLOB NOT NULL, UNIQUE(kind, id));",
+            )
+            .unwrap();
+            for (id, dir, state, item) in [
+                ([1u8; 16], "out", "queued", Some(&b"env1"[..])),
+                ([2; 16], "in", "delivered", None),
+                ([3; 16], "out", "relayed", Some(&b"env3"[..])),
+            ] {
+                c.execute(
+                    "INSERT INTO messages VALUES (?1, 'bob', ?2, ?3, ?4, ?5, ?6)",
+                    params![&id[..], dir, state, &[9u8; 16][..], id[0] as i64, item],
+                )
+                .unwrap();
+            }
+            for (kind, id, item) in [
+                ("message", [1u8; 16], &b"env1"[..]),
+                ("receipt", [2; 16], b"rc2"),
+                ("rekey", [7; 16], b"rk7"),
+                ("message", [8; 16], b"stray"),
+            ] {
+                c.execute(
+                    "INSERT INTO outbox (kind, id, item) VALUES (?1, ?2, ?3)",
+                    params![kind, &id[..], item],
+                )
+                .unwrap();
+            }
+        }
+        let key = |kind, b: u8| ItemKey { kind, id: [b; 16] };
+        let mut s = Store::open(&path).unwrap();
+        let moved: i64 =
+            s.db.conn()
+                .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+                .unwrap();
+        assert_eq!(moved, 2, "the rekey and the stray stay in the table");
+        assert_eq!(
+            s.outbox().unwrap(),
+            [
+                (key(Kind::Message, 1), b"env1".to_vec()),
+                (key(Kind::Receipt, 2), b"rc2".to_vec()),
+                (key(Kind::Rekey, 7), b"rk7".to_vec()),
+                (key(Kind::Message, 8), b"stray".to_vec()),
+            ]
+        );
+        assert_eq!(s.outbox_messages().unwrap(), 2);
+        assert_eq!(s.relayed(&[1; 16]).unwrap().as_deref(), Some("bob"));
+        assert!(s.outbox_remove(key(Kind::Receipt, 2)).unwrap());
+        assert!(s.outbox_remove(key(Kind::Message, 8)).unwrap());
+        assert_eq!(
+            s.outbox().unwrap(),
+            [(key(Kind::Rekey, 7), b"rk7".to_vec())]
+        );
+        drop(s);
+        Store::open(&path).unwrap();
+
+        let s = Store::open_in_memory().unwrap();
+        let plan: Vec<String> =
+            s.db.conn()
+                .prepare(&format!(
+                    "EXPLAIN QUERY PLAN {}",
+                    member_tables::UNSENT_ROWS
+                ))
+                .unwrap()
+                .query_map([], |r| r.get(3))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+        assert!(
+            plan.iter().any(|p| p.contains("messages_unsent"))
+                && !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
     }
 
     /// History and outbox rows are numbered without `sqlite_sequence` (one write less per

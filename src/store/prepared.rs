@@ -2,7 +2,7 @@
 //! life of the store.
 //!
 //! rusqlite's `prepare_cached` finds a statement by hashing its SQL text twice (SipHash, on the
-//! way out and on the way back) and allocates a key for it each time, for each of the some 17
+//! way out and on the way back) and allocates a key for it each time, for each of the dozen
 //! statements a message costs: 5% of the instructions of the core bench. A statement of [`Sql`]
 //! is found by its index instead. The rest (savepoints, session keys, held envelopes, everything
 //! off the message path) still goes through `prepare_cached`.
@@ -28,11 +28,14 @@ pub(super) enum Sql {
     HistoryAppend,
     MessageAdd,
     MessageAddSent,
-    MessageQueuedPeer,
-    MessageSetRelayed,
+    MessageAddReceived,
+    MessageUnsent,
+    MessageTaken,
     MessageHas,
     MessageOutgoing,
     MessageSetState,
+    MessageSent,
+    ReceiptSent,
     OutboxPush,
     OutboxRemove,
     RecvSession,
@@ -44,17 +47,20 @@ pub(super) enum Sql {
 
 impl Sql {
     /// Every statement, in index order (one left out fails to compile: `COMPLETE`).
-    pub(super) const ALL: [Sql; 17] = [
+    pub(super) const ALL: [Sql; 20] = [
         Sql::Begin,
         Sql::Commit,
         Sql::HistoryAppend,
         Sql::MessageAdd,
         Sql::MessageAddSent,
-        Sql::MessageQueuedPeer,
-        Sql::MessageSetRelayed,
+        Sql::MessageAddReceived,
+        Sql::MessageUnsent,
+        Sql::MessageTaken,
         Sql::MessageHas,
         Sql::MessageOutgoing,
         Sql::MessageSetState,
+        Sql::MessageSent,
+        Sql::ReceiptSent,
         Sql::OutboxPush,
         Sql::OutboxRemove,
         Sql::RecvSession,
@@ -80,22 +86,45 @@ impl Sql {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             }
             Sql::MessageAddSent => {
-                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item)
-                 VALUES (?1, ?2, 'out', 'queued', ?3, ?4, ?5)"
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item, unsent)
+                 VALUES (?1, ?2, 'out', 'queued', ?3, ?4, ?5, 1)"
             }
-            Sql::MessageQueuedPeer => {
-                "SELECT peer FROM messages WHERE id = ?1 AND dir = 'out' AND state = 'queued'"
+            // A received message with its receipt, in the outbox until the relay takes it.
+            Sql::MessageAddReceived => {
+                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item, unsent)
+                 VALUES (?1, ?2, 'in', 'delivered', ?3, ?4, ?5, 1)"
             }
-            Sql::MessageSetRelayed => "UPDATE messages SET state = 'relayed' WHERE id = ?1",
+            // A sent message waiting in the outbox: its row (for the update that follows),
+            // recipient, and whether it is still queued.
+            Sql::MessageUnsent => {
+                "SELECT rowid, peer, state = 'queued' FROM messages
+                 WHERE id = ?1 AND dir = 'out' AND unsent = 1"
+            }
+            Sql::MessageTaken => {
+                "UPDATE messages SET unsent = NULL,
+                 state = CASE state WHEN 'queued' THEN 'relayed' ELSE state END
+                 WHERE rowid = ?1"
+            }
             Sql::MessageHas => "SELECT 1 FROM messages WHERE id = ?1",
             Sql::MessageOutgoing => {
                 "SELECT peer, session, counter, state FROM messages WHERE id = ?1 AND dir = 'out'"
             }
-            // A settled message is never sent again: its kept envelope goes.
+            // A settled message is never sent again: its kept envelope goes, and it leaves the
+            // outbox.
             Sql::MessageSetState => {
                 "UPDATE messages SET state = ?2,
-                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END
+                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END,
+                 unsent = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE unsent END
                  WHERE id = ?1"
+            }
+            // The relay took a sent message: out of the outbox, its envelope kept until settled.
+            Sql::MessageSent => {
+                "UPDATE messages SET unsent = NULL WHERE id = ?1 AND dir = 'out' AND unsent = 1"
+            }
+            // The relay took a receipt: nothing of it is needed again.
+            Sql::ReceiptSent => {
+                "UPDATE messages SET unsent = NULL, item = NULL
+                 WHERE id = ?1 AND dir = 'in' AND unsent = 1"
             }
             Sql::OutboxPush => "INSERT OR IGNORE INTO outbox (kind, id, item) VALUES (?1, ?2, ?3)",
             Sql::OutboxRemove => "DELETE FROM outbox WHERE kind = ?1 AND id = ?2",

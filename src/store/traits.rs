@@ -53,8 +53,9 @@ pub trait MemberStore {
         session: &[u8; 16],
         counter: u64,
     ) -> Result<bool>;
-    /// Remember a message we send, queued, with its encoded envelope kept (one statement);
-    /// false if the id is known already.
+    /// Remember a message we send, queued, with its encoded envelope kept until it is settled
+    /// and in the outbox until the relay takes it (one row, one statement); false if the id is
+    /// known already.
     fn add_sent(
         &mut self,
         id: &[u8; 16],
@@ -63,20 +64,29 @@ pub trait MemberStore {
         counter: u64,
         item: &[u8],
     ) -> Result<bool>;
-    /// A sent message that was queued becomes relayed: its recipient, or `None` if it was in
-    /// another state (or unknown).
-    fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>>;
+    /// Remember a message we received, delivered, with its encoded receipt in the outbox (one
+    /// row, one statement); false if the id, or its (peer, session, counter), is known already.
+    fn add_received(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        session: &[u8; 16],
+        counter: u64,
+        receipt: &[u8],
+    ) -> Result<bool>;
+    /// The relay took sent message `id`: it leaves the outbox, and a queued one becomes
+    /// relayed. Its recipient if it was queued; `None` if it was in another state, not in the
+    /// outbox, or unknown.
+    fn relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>>;
     /// Whether a message id is known.
     fn has_message(&self, id: &[u8; 16]) -> Result<bool>;
     /// A sent message's recipient, session, counter and state.
     fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>>;
-    /// Set a sent message's state.
+    /// Set a sent message's state; a settled one (delivered, failed) leaves the outbox.
     fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()>;
-    /// Keep a sent message's encoded envelope until it is settled.
-    fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()>;
     /// Kept envelopes of unsettled messages to `peer` in `session`, in counter order.
     fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>>;
-    /// Add an item to the outbox.
+    /// Add an item to the outbox; a message's item also becomes its kept envelope.
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()>;
     /// Remove an item from the outbox; true if it was there.
     fn outbox_remove(&mut self, key: ItemKey) -> Result<bool>;
@@ -189,14 +199,21 @@ impl MemberStore for Store {
     ) -> Result<bool> {
         Store::add_sent(self, id, peer, session, counter, item)
     }
-    fn queued_to_relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
-        Store::queued_to_relayed(self, id)
+    fn add_received(
+        &mut self,
+        id: &[u8; 16],
+        peer: &str,
+        session: &[u8; 16],
+        counter: u64,
+        receipt: &[u8],
+    ) -> Result<bool> {
+        Store::add_received(self, id, peer, session, counter, receipt)
+    }
+    fn relayed(&mut self, id: &[u8; 16]) -> Result<Option<String>> {
+        Store::relayed(self, id)
     }
     fn outbox_push(&mut self, key: ItemKey, item: &[u8]) -> Result<()> {
         Store::outbox_push(self, key, item)
-    }
-    fn keep_sent(&mut self, id: &[u8; 16], item: &[u8]) -> Result<()> {
-        Store::keep_sent(self, id, item)
     }
     fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>> {
         Store::unsettled(self, peer, session)
