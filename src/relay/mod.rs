@@ -28,7 +28,7 @@ use crate::store::{RelayStore, StoreError};
 mod error;
 mod queue;
 pub use error::RelayError;
-use queue::UserQueue;
+use queue::{Unsynced, UserQueue};
 
 /// Deliveries a member may have unacknowledged at once. Bounds the relay's write buffer per
 /// member (a long queue is drained in windows, not dumped at login) and so keeps a member with a
@@ -154,18 +154,6 @@ enum State {
     Closing,
 }
 
-/// A routed item held in memory only: not in the store yet, not acknowledged yet.
-struct Unsynced {
-    /// Its encoding, as it came in the `Send` frame.
-    bytes: Arc<[u8]>,
-    /// Connections that sent it and wait for `Accepted` (a retransmission adds one).
-    senders: Vec<ConnId>,
-    /// Arrival order: items of one turn share `at`, and the store must get them in the order
-    /// they came (it is the queue's order after a restart).
-    seq: u64,
-    size: usize,
-}
-
 /// One entry of [`Relay`]'s arrival order.
 struct Arrival {
     seq: u64,
@@ -210,8 +198,9 @@ pub struct Relay {
     recent_binds: VecDeque<u64>,
     /// Who follows each name (connections that looked it up), for presence on a large relay.
     watchers: HashMap<String, HashSet<ConnId>>,
-    /// Routed items in memory only, by recipient and key (see [`SYNC_DELAY_MS`]).
-    unsynced: HashMap<(String, ItemKey), Unsynced>,
+    /// How many routed items are in memory only (each in its queue's `unsynced`; see
+    /// [`SYNC_DELAY_MS`]).
+    unsynced: usize,
     /// Their encoded sizes, summed.
     unsynced_bytes: usize,
     /// The next [`Unsynced::seq`].
@@ -268,7 +257,7 @@ impl Relay {
             watchers: HashMap::new(),
             presence: BTreeMap::new(),
             earliest: None,
-            unsynced: HashMap::new(),
+            unsynced: 0,
             unsynced_bytes: 0,
             next_seq: 0,
             arrivals: VecDeque::new(),
@@ -307,11 +296,7 @@ impl Relay {
     /// in order, the front stays a live item, and `next_deadline` a real one.
     fn drop_stale_arrivals(&mut self) {
         while let Some(a) = self.arrivals.front() {
-            let live = self
-                .unsynced
-                .get(&(a.to.clone(), a.key))
-                .is_some_and(|u| u.seq == a.seq);
-            if live {
+            if self.unsynced_seq(&a.to, a.key) == Some(a.seq) {
                 break;
             }
             self.arrivals.pop_front();
@@ -323,7 +308,7 @@ impl Relay {
     /// harness that commits in batches); their senders get `Accepted` after the commit
     /// ([`Out::AfterCommit`]).
     pub fn sync(&mut self, now: u64, store: &mut dyn RelayStore, all: bool) {
-        if self.unsynced.is_empty() {
+        if self.unsynced == 0 {
             self.arrivals.clear();
             return;
         }
@@ -336,16 +321,13 @@ impl Relay {
             let Some(Arrival { seq, to, key, .. }) = self.arrivals.pop_front() else {
                 break;
             };
-            let k = (to, key);
             // Acknowledged or forgotten since (or sent again later, as a new arrival).
-            if !self.unsynced.get(&k).is_some_and(|u| u.seq == seq) {
+            if self.unsynced_seq(&to, key) != Some(seq) {
                 continue;
             }
-            let Some(u) = self.unsynced.remove(&k) else {
+            let Some(u) = self.take_unsynced(&to, key) else {
                 continue;
             };
-            self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
-            let (to, key) = k;
             let stored = store.enqueue(&to, key, &u.bytes).map_err(|e| e.to_string());
             match stored {
                 Ok(()) => {
@@ -374,6 +356,19 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// The arrival seq of `to`'s item `key` if it is held in memory only.
+    fn unsynced_seq(&self, to: &str, key: ItemKey) -> Option<u64> {
+        self.queues.get(to)?.unsynced.get(&key).map(|u| u.seq)
+    }
+
+    /// Take `to`'s item `key` out of memory (it is written, acknowledged or dropped now).
+    fn take_unsynced(&mut self, to: &str, key: ItemKey) -> Option<Unsynced> {
+        let u = self.queues.get_mut(to)?.unsynced.remove(&key)?;
+        self.unsynced -= 1;
+        self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
+        Some(u)
     }
 
     /// Lower the earliest deadline to `at` if it is earlier.
@@ -709,17 +704,10 @@ impl Relay {
         if let Some(key) = self.bindings.remove(user) {
             self.unbound(&key);
         }
-        self.queues.remove(user);
-        let gone: Vec<(String, ItemKey)> = self
-            .unsynced
-            .keys()
-            .filter(|(to, _)| to == user)
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some(u) = self.unsynced.remove(&k) {
-                self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
-            }
+        if let Some(q) = self.queues.remove(user) {
+            self.unsynced -= q.unsynced.len();
+            let bytes: usize = q.unsynced.values().map(|u| u.size).sum();
+            self.unsynced_bytes = self.unsynced_bytes.saturating_sub(bytes);
         }
         self.drop_stale_arrivals();
         info!("forgot {user}: binding and queue dropped");
@@ -739,7 +727,7 @@ impl Relay {
         let mut out = Vec::new();
         for (key, _) in q.items.iter().filter(|(k, _)| k.kind == Kind::Message) {
             // Held in memory only (not written yet), or read from the store.
-            let bytes: Arc<[u8]> = match self.unsynced.get(&(user.to_string(), *key)) {
+            let bytes: Arc<[u8]> = match q.unsynced.get(key) {
                 Some(u) => Arc::clone(&u.bytes),
                 None => match store.queued_item(user, *key)? {
                     Some(b) => b.into(),
@@ -856,7 +844,7 @@ impl Relay {
 
     /// Routed items held in memory only (not written, not acknowledged).
     pub fn unsynced_count(&self) -> usize {
-        self.unsynced.len()
+        self.unsynced
     }
 
     /// Total items queued, across users.
@@ -877,7 +865,7 @@ impl Relay {
             if q.sent > 0 && q.sent_bytes + size > self.limits.window_bytes {
                 break;
             }
-            if let Some(u) = self.unsynced.get(&(user.to_string(), key)) {
+            if let Some(u) = q.unsynced.get(&key) {
                 // Still in memory: forwarded as it came, without a read of the store.
                 q.sent += 1;
                 q.sent_bytes += size;
@@ -1117,7 +1105,7 @@ impl Relay {
         if queue.keys.contains(&key) {
             // A retransmission of something we already hold: store nothing; acknowledge again
             // now if it is in the store, when it is durable if it is still in memory only.
-            match self.unsynced.get_mut(&(to, key)) {
+            match queue.unsynced.get_mut(&key) {
                 Some(u) => {
                     if !u.senders.contains(&id) {
                         u.senders.push(id);
@@ -1198,8 +1186,8 @@ impl Relay {
         // Forward first, write later: held in memory, delivered now if the recipient is online,
         // written to the store only if not acknowledged within SYNC_DELAY_MS.
         queue.push(key, size);
-        self.unsynced.insert(
-            (to.clone(), key),
+        queue.unsynced.insert(
+            key,
             Unsynced {
                 bytes,
                 senders: vec![id],
@@ -1207,6 +1195,7 @@ impl Relay {
                 size,
             },
         );
+        self.unsynced += 1;
         self.arrivals.push_back(Arrival {
             seq: self.next_seq,
             at: now,
@@ -1225,9 +1214,10 @@ impl Relay {
         if !q.keys.contains(&key) {
             return;
         }
-        if let Some(u) = self.unsynced.remove(&(user.to_string(), key)) {
+        if let Some(u) = q.unsynced.remove(&key) {
             // Acknowledged before it was written: durable at the recipient, so its senders hear
             // `Accepted` now, and the store never sees it.
+            self.unsynced -= 1;
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
             q.remove(key);
             if self.arrivals.front().is_some_and(|a| a.seq == u.seq) {

@@ -1,10 +1,26 @@
-//! One user's queue on the relay, as the relay core sees it: keys and sizes in arrival order, and
-//! how much of it is delivered and not yet acknowledged. Must never: hold an item's bytes (they
-//! stay in the store until delivered) or talk to the store itself (the core does).
+//! One user's queue on the relay, as the relay core sees it: keys and sizes in arrival order, how
+//! much of it is delivered and not yet acknowledged, and the items held in memory only (not
+//! written yet). Must never: hold the bytes of an item that is in the store (they stay there
+//! until delivered) or talk to the store itself (the core does).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use crate::proto::relay::ItemKey;
+
+use super::ConnId;
+
+/// A routed item held in memory only: not in the store yet, not acknowledged yet.
+pub(super) struct Unsynced {
+    /// Its encoding, as it came in the `Send` frame.
+    pub(super) bytes: Arc<[u8]>,
+    /// Connections that sent it and wait for `Accepted` (a retransmission adds one).
+    pub(super) senders: Vec<ConnId>,
+    /// Arrival order: items of one turn share a time, and the store must get them in the order
+    /// they came (it is the queue's order after a restart).
+    pub(super) seq: u64,
+    pub(super) size: usize,
+}
 
 /// One user's queued items, oldest first. Items are delivered strictly in order, so the
 /// delivered-but-unacknowledged ones are always a prefix of `items` of length `sent`.
@@ -18,6 +34,10 @@ pub(super) struct UserQueue {
     pub(super) sent_bytes: usize,
     /// Encoded bytes of every item queued (what `max_queue_bytes` bounds).
     pub(super) bytes: usize,
+    /// The items of `items` held in memory only. Kept per queue, not in one map keyed by
+    /// recipient and key, so the message path finds them without building and hashing the
+    /// recipient's name again (the relay core keeps the totals).
+    pub(super) unsynced: HashMap<ItemKey, Unsynced>,
 }
 
 impl UserQueue {
