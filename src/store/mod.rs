@@ -14,7 +14,7 @@ use rusqlite::Connection;
 
 use prepared::Sql;
 
-use crate::proto::control::{Dir, MsgState, Record, RecordBody, RecordKind};
+use crate::proto::control::{MsgState, Record, RecordBody, RecordKind};
 use crate::proto::relay::{ItemKey, Kind};
 use crate::proto::{from_payload, to_payload};
 
@@ -618,6 +618,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::control::Dir;
     use rusqlite::params;
 
     /// The first column of every row `sql` returns, as text.

@@ -26,7 +26,6 @@ pub(super) enum Sql {
     Begin,
     Commit,
     HistoryAppend,
-    MessageAdd,
     MessageAddSent,
     MessageAddReceived,
     MessageUnsent,
@@ -47,11 +46,10 @@ pub(super) enum Sql {
 
 impl Sql {
     /// Every statement, in index order (one left out fails to compile: `COMPLETE`).
-    pub(super) const ALL: [Sql; 20] = [
+    pub(super) const ALL: [Sql; 19] = [
         Sql::Begin,
         Sql::Commit,
         Sql::HistoryAppend,
-        Sql::MessageAdd,
         Sql::MessageAddSent,
         Sql::MessageAddReceived,
         Sql::MessageUnsent,
@@ -80,10 +78,6 @@ impl Sql {
             Sql::Commit => "COMMIT",
             Sql::HistoryAppend => {
                 "INSERT INTO history (time_ms, peer, body, kind) VALUES (?1, ?2, ?3, ?4)"
-            }
-            Sql::MessageAdd => {
-                "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             }
             Sql::MessageAddSent => {
                 "INSERT OR IGNORE INTO messages (id, peer, dir, state, session, counter, item, unsent)

@@ -11,7 +11,7 @@
 //! Must never: grow a method a core does not call, or decide anything (the implementations only
 //! read and write what they are told).
 
-use crate::proto::control::{Dir, MsgState, Record, RecordBody};
+use crate::proto::control::{MsgState, Record, RecordBody};
 use crate::proto::relay::ItemKey;
 
 use super::{Held, Outgoing, Pin, Result, Store};
@@ -43,16 +43,6 @@ pub trait RelayStore {
 pub trait MemberStore {
     /// Append a history record stamped `time_ms` (wall clock).
     fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record>;
-    /// Remember a message id with its session and counter; false if the id is known already.
-    fn add_message(
-        &mut self,
-        id: &[u8; 16],
-        peer: &str,
-        dir: Dir,
-        state: MsgState,
-        session: &[u8; 16],
-        counter: u64,
-    ) -> Result<bool>;
     /// Remember a message we send, queued, with its encoded envelope kept until it is settled
     /// and in the outbox until the relay takes it (one row, one statement); false if the id is
     /// known already.
@@ -168,17 +158,6 @@ impl RelayStore for Store {
 impl MemberStore for Store {
     fn append(&mut self, time_ms: u64, peer: &str, body: RecordBody) -> Result<Record> {
         Store::append(self, time_ms, peer, body)
-    }
-    fn add_message(
-        &mut self,
-        id: &[u8; 16],
-        peer: &str,
-        dir: Dir,
-        state: MsgState,
-        session: &[u8; 16],
-        counter: u64,
-    ) -> Result<bool> {
-        Store::add_message(self, id, peer, dir, state, session, counter)
     }
     fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
         Store::has_message(self, id)
