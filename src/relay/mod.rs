@@ -120,8 +120,16 @@ pub const LIST_PAGE: usize = 256;
 /// How long the relay keeps a routed item in memory only, waiting for its recipient's `Ack`,
 /// before it writes it to the store. An item acknowledged within it never touches the disk (the
 /// insert and the delete cancel); one that is not is written, and its sender hears `Accepted`
-/// once that write commits.
+/// once that write commits, unless its recipient is online then ([`HOLD_ONLINE_MS`]).
 pub const SYNC_DELAY_MS: u64 = 10;
+
+/// How long, from its arrival, an item whose recipient is online at [`SYNC_DELAY_MS`] stays in
+/// memory only, waiting for the `Ack`, before it is written. Under a burst, items queue behind
+/// the recipient's delivery window and an online recipient that stores and acknowledges as fast
+/// as it can acks them later than `SYNC_DELAY_MS` after they came: writing each of them then
+/// would cost an insert, a delete and their commits for items acknowledged moments later (most
+/// of the relay's CPU end to end). [`MAX_UNSYNCED_BYTES`] still bounds what waits in memory.
+pub const HOLD_ONLINE_MS: u64 = 1_000;
 
 /// Bytes of routed items the relay keeps in memory only, at most: past it, everything pending
 /// is written at the end of the turn, whatever its age.
@@ -211,6 +219,9 @@ pub struct Relay {
     /// front and is dropped there (its `seq` no longer matches), at most one `SYNC_DELAY_MS`
     /// after it came.
     arrivals: VecDeque<Arrival>,
+    /// The arrivals whose recipient was online at their `SYNC_DELAY_MS`: held until
+    /// [`HOLD_ONLINE_MS`] after they came, in the same order (so their deadlines ascend too).
+    held: VecDeque<Arrival>,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
     /// moves deadlines later), so the loop need not walk every connection each turn.
@@ -261,6 +272,7 @@ impl Relay {
             unsynced_bytes: 0,
             next_seq: 0,
             arrivals: VecDeque::new(),
+            held: VecDeque::new(),
         })
     }
 
@@ -282,7 +294,11 @@ impl Relay {
             .arrivals
             .front()
             .map(|a| a.at.saturating_add(SYNC_DELAY_MS));
-        [self.earliest, sync].into_iter().flatten().min()
+        let held = self
+            .held
+            .front()
+            .map(|a| a.at.saturating_add(HOLD_ONLINE_MS));
+        [self.earliest, sync, held].into_iter().flatten().min()
     }
 
     /// When [`Relay::tick`] has something to do (its connection timers): not the writes of
@@ -301,58 +317,89 @@ impl Relay {
             }
             self.arrivals.pop_front();
         }
+        while let Some(a) = self.held.front() {
+            if self.unsynced_seq(&a.to, a.key) == Some(a.seq) {
+                break;
+            }
+            self.held.pop_front();
+        }
     }
 
     /// Before the turn commits: write to the store the items that waited [`SYNC_DELAY_MS`] in
-    /// memory without an `Ack` (all of them past [`MAX_UNSYNCED_BYTES`], or with `all`: a
-    /// harness that commits in batches); their senders get `Accepted` after the commit
+    /// memory without an `Ack` and whose recipient is not online, and those that waited
+    /// [`HOLD_ONLINE_MS`] (all of them past [`MAX_UNSYNCED_BYTES`], or with `all`: a harness
+    /// that commits in batches, or a shutdown); their senders get `Accepted` after the commit
     /// ([`Out::AfterCommit`]).
     pub fn sync(&mut self, now: u64, store: &mut dyn RelayStore, all: bool) {
         if self.unsynced == 0 {
             self.arrivals.clear();
+            self.held.clear();
             return;
         }
         let all = all || self.unsynced_bytes > MAX_UNSYNCED_BYTES;
-        // In arrival order, so a seeded run repeats and the store's order is the queue's.
+        // Held items are older than any arrival still waiting: they go first, so the store's
+        // order (the queue's after a restart) stays the order items came in.
+        while let Some(front) = self.held.front() {
+            if !all && now.saturating_sub(front.at) < HOLD_ONLINE_MS {
+                break;
+            }
+            let Some(Arrival { seq, to, key, .. }) = self.held.pop_front() else {
+                break;
+            };
+            self.write_unsynced(seq, &to, key, store);
+        }
         while let Some(front) = self.arrivals.front() {
             if !all && now.saturating_sub(front.at) < SYNC_DELAY_MS {
                 break;
             }
-            let Some(Arrival { seq, to, key, .. }) = self.arrivals.pop_front() else {
+            let Some(a) = self.arrivals.pop_front() else {
                 break;
             };
             // Acknowledged or forgotten since (or sent again later, as a new arrival).
-            if self.unsynced_seq(&to, key) != Some(seq) {
+            if self.unsynced_seq(&a.to, a.key) != Some(a.seq) {
                 continue;
             }
-            let Some(u) = self.take_unsynced(&to, key) else {
+            if !all && self.online.contains_key(&a.to) {
+                self.held.push_back(a);
                 continue;
-            };
-            let stored = store.enqueue(&to, key, &u.bytes).map_err(|e| e.to_string());
-            match stored {
-                Ok(()) => {
-                    for s in u.senders {
-                        self.out
-                            .push_back(Out::AfterCommit(s, FromRelay::Accepted(key)));
-                    }
+            }
+            self.write_unsynced(a.seq, &a.to, a.key, store);
+        }
+    }
+
+    /// Write `to`'s item `key` of arrival `seq` to the store, if it is still that arrival's
+    /// and in memory only: `Accepted` for its senders after the commit, or, if it cannot be
+    /// written, out of the queue and `Refused` (it may have been delivered; the recipient drops
+    /// the copy the sender sends again).
+    fn write_unsynced(&mut self, seq: u64, to: &str, key: ItemKey, store: &mut dyn RelayStore) {
+        // Acknowledged or forgotten since (or sent again later, as a new arrival).
+        if self.unsynced_seq(to, key) != Some(seq) {
+            return;
+        }
+        let Some(u) = self.take_unsynced(to, key) else {
+            return;
+        };
+        match store.enqueue(to, key, &u.bytes).map_err(|e| e.to_string()) {
+            Ok(()) => {
+                for s in u.senders {
+                    self.out
+                        .push_back(Out::AfterCommit(s, FromRelay::Accepted(key)));
                 }
-                Err(e) => {
-                    // Not durable: take it out of the queue (it may have been delivered; the
-                    // recipient drops the copy the sender sends again).
-                    warn!("cannot queue item for {to}: {e}");
-                    if let Some(q) = self.queues.get_mut(&to) {
-                        q.remove(key);
-                    }
-                    for s in u.senders {
-                        self.out.push_back(Out::Send(
-                            s,
-                            FromRelay::Refused {
-                                key,
-                                code: RefuseCode::Storage,
-                                reason: format!("relay storage failed: {e}"),
-                            },
-                        ));
-                    }
+            }
+            Err(e) => {
+                warn!("cannot queue item for {to}: {e}");
+                if let Some(q) = self.queues.get_mut(to) {
+                    q.remove(key);
+                }
+                for s in u.senders {
+                    self.out.push_back(Out::Send(
+                        s,
+                        FromRelay::Refused {
+                            key,
+                            code: RefuseCode::Storage,
+                            reason: format!("relay storage failed: {e}"),
+                        },
+                    ));
                 }
             }
         }
@@ -1220,7 +1267,8 @@ impl Relay {
             self.unsynced -= 1;
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
             q.remove(key);
-            if self.arrivals.front().is_some_and(|a| a.seq == u.seq) {
+            let front = |d: &VecDeque<Arrival>| d.front().is_some_and(|a| a.seq == u.seq);
+            if front(&self.arrivals) || front(&self.held) {
                 self.drop_stale_arrivals();
             }
             for s in u.senders {

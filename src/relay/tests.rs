@@ -1459,6 +1459,9 @@ fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
     send(&mut t, 2, t0 + 5);
     send(&mut t, 3, t0 + 6);
     ack(&mut t, 2, t0 + 7);
+    // Bob leaves: what he did not acknowledge is written at its own SYNC_DELAY_MS (an online
+    // recipient's items are held longer: the next test).
+    t.relay.disconnect(ConnId(2));
     t.drain();
     assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
     t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
@@ -1544,5 +1547,70 @@ fn a_routed_item_is_forwarded_as_it_came_and_nothing_may_trail_it() {
             Out::Send(ConnId(2), FromRelay::Deliver(_)) | Out::Deliver(..)
         )),
         "{out:?}"
+    );
+}
+
+/// Issue 9, under a burst: an item whose recipient is online at its SYNC_DELAY_MS is held in
+/// memory until HOLD_ONLINE_MS after it came, so an ack that comes late (the item queued behind
+/// the delivery window) still keeps it off the disk, and the sender's `Accepted` comes from the
+/// ack. One never acknowledged is written at HOLD_ONLINE_MS, in arrival order, and `Accepted`
+/// waits for that commit; a shutdown (`all`) writes what is held at once.
+#[test]
+fn an_online_recipients_items_are_held_until_acknowledged_or_hold_online_ms() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    for n in [1, 2, 3] {
+        t.relay.handle(
+            ConnId(1),
+            ToRelay::Send(message("alice", "bob", n)),
+            t0 + u64::from(n),
+            &mut t.store,
+        );
+    }
+    t.drain();
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 1 + SYNC_DELAY_MS));
+    t.relay.sync(t0 + 3 + SYNC_DELAY_MS, &mut t.store, false);
+    assert!(
+        t.drain().is_empty(),
+        "bob is online: nothing written, nothing accepted"
+    );
+    assert!(t.store.queued().unwrap().is_empty());
+    assert_eq!(t.relay.unsynced_count(), 3);
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 1 + HOLD_ONLINE_MS));
+    // Bob acknowledges 2 late: durable at bob, Accepted now, never written.
+    t.relay
+        .handle(ConnId(2), ToRelay::Ack(msg_key(2)), t0 + 500, &mut t.store);
+    assert_eq!(
+        t.drain(),
+        [Out::Send(ConnId(1), FromRelay::Accepted(msg_key(2)))]
+    );
+    t.relay
+        .sync(t0 + 1 + HOLD_ONLINE_MS - 1, &mut t.store, false);
+    assert!(t.store.queued().unwrap().is_empty(), "not due yet");
+    t.relay.sync(t0 + 1 + HOLD_ONLINE_MS, &mut t.store, false);
+    let ids = |t: &T| -> Vec<u8> {
+        let q = t.store.queued().unwrap();
+        q.iter().map(|q| q.key.id[0]).collect()
+    };
+    assert_eq!(ids(&t), [1], "1 waited its HOLD_ONLINE_MS");
+    assert_eq!(
+        t.drain(),
+        [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(1)))],
+        "after the commit only"
+    );
+    // 2 was acknowledged out of order: its held arrival wakes the loop once, and is dropped.
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 2 + HOLD_ONLINE_MS));
+    t.relay.sync(t0 + 2 + HOLD_ONLINE_MS, &mut t.store, false);
+    assert_eq!(ids(&t), [1]);
+    assert_eq!(t.relay.next_deadline(), Some(t0 + 3 + HOLD_ONLINE_MS));
+    // A shutdown writes what is still held, whatever its age.
+    t.relay.sync(t0 + 2 + HOLD_ONLINE_MS, &mut t.store, true);
+    assert_eq!(ids(&t), [1, 3]);
+    assert_eq!(t.relay.unsynced_count(), 0);
+    assert_eq!(
+        t.drain(),
+        [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(3)))]
     );
 }
