@@ -131,6 +131,12 @@ pub const SYNC_DELAY_MS: u64 = 10;
 /// of the relay's CPU end to end). [`MAX_UNSYNCED_BYTES`] still bounds what waits in memory.
 pub const HOLD_ONLINE_MS: u64 = 1_000;
 
+/// Bytes of one recipient's items held in memory past [`SYNC_DELAY_MS`], at most: a recipient
+/// that stays online and never acknowledges (stuck, or hostile) has what goes beyond it written
+/// at `SYNC_DELAY_MS` as if it were offline, and cannot fill [`MAX_UNSYNCED_BYTES`] alone, which
+/// would make every turn write everyone's items.
+pub const HOLD_QUEUE_BYTES: usize = 1 << 20;
+
 /// Bytes of routed items the relay keeps in memory only, at most: past it, everything pending
 /// is written at the end of the turn, whatever its age.
 pub const MAX_UNSYNCED_BYTES: usize = 8 << 20;
@@ -166,6 +172,8 @@ enum State {
 struct Arrival {
     seq: u64,
     at: u64,
+    /// When a held arrival is due to be written (unused before it is held).
+    due: u64,
     to: String,
     key: ItemKey,
 }
@@ -216,11 +224,13 @@ pub struct Relay {
     /// Every item put in `unsynced`, in arrival order, with its `seq` and `at`: `sync` and
     /// `next_deadline` look at the front only, not at every item held (thousands under load,
     /// every turn). An item acknowledged or forgotten since stays here until it reaches the
-    /// front and is dropped there (its `seq` no longer matches), at most one `SYNC_DELAY_MS`
-    /// after it came.
+    /// front and is dropped there (its `seq` no longer matches), at the next `sync` once it is at
+    /// the front.
     arrivals: VecDeque<Arrival>,
-    /// The arrivals whose recipient was online at their `SYNC_DELAY_MS`: held until
-    /// [`HOLD_ONLINE_MS`] after they came, in the same order (so their deadlines ascend too).
+    /// The arrivals held past their `SYNC_DELAY_MS` (their recipient was online then, or an
+    /// earlier item of theirs was held), in arrival order, each with the time it is `due`:
+    /// [`HOLD_ONLINE_MS`] after it came, or its queue's `hold_until`. Both are at most
+    /// `HOLD_ONLINE_MS` after it came; one due before the front waits for the front.
     held: VecDeque<Arrival>,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
@@ -294,10 +304,7 @@ impl Relay {
             .arrivals
             .front()
             .map(|a| a.at.saturating_add(SYNC_DELAY_MS));
-        let held = self
-            .held
-            .front()
-            .map(|a| a.at.saturating_add(HOLD_ONLINE_MS));
+        let held = self.held.front().map(|a| a.due);
         [self.earliest, sync, held].into_iter().flatten().min()
     }
 
@@ -337,31 +344,51 @@ impl Relay {
             return;
         }
         let all = all || self.unsynced_bytes > MAX_UNSYNCED_BYTES;
-        // Held items are older than any arrival still waiting: they go first, so the store's
-        // order (the queue's after a restart) stays the order items came in.
+        // Stale entries (acknowledged, forgotten) go first whatever their time, so a live front
+        // is what `next_deadline` wakes for. Held items are older than any arrival still
+        // waiting and go first, in arrival order, so the store's order (the queue's after a
+        // restart) stays the order items came in.
+        self.drop_stale_arrivals();
         while let Some(front) = self.held.front() {
-            if !all && now.saturating_sub(front.at) < HOLD_ONLINE_MS {
+            if !all && now < front.due {
                 break;
             }
             let Some(Arrival { seq, to, key, .. }) = self.held.pop_front() else {
                 break;
             };
             self.write_unsynced(seq, &to, key, store);
+            self.drop_stale_arrivals();
         }
         while let Some(front) = self.arrivals.front() {
             if !all && now.saturating_sub(front.at) < SYNC_DELAY_MS {
                 break;
             }
-            let Some(a) = self.arrivals.pop_front() else {
+            let Some(mut a) = self.arrivals.pop_front() else {
                 break;
             };
             // Acknowledged or forgotten since (or sent again later, as a new arrival).
             if self.unsynced_seq(&a.to, a.key) != Some(a.seq) {
                 continue;
             }
-            if !all && self.online.contains_key(&a.to) {
-                self.held.push_back(a);
-                continue;
+            if !all {
+                if let Some(q) = self.queues.get_mut(&a.to) {
+                    // Held for an online recipient that keeps up, or behind an earlier item of
+                    // the same queue that is held (written after it, never before).
+                    let online =
+                        self.online.contains_key(&a.to) && q.unsynced_bytes <= HOLD_QUEUE_BYTES;
+                    if online {
+                        q.hold_until = q.hold_until.max(a.at.saturating_add(HOLD_ONLINE_MS));
+                    }
+                    if online || now < q.hold_until {
+                        a.due = if online {
+                            a.at.saturating_add(HOLD_ONLINE_MS)
+                        } else {
+                            q.hold_until
+                        };
+                        self.held.push_back(a);
+                        continue;
+                    }
+                }
             }
             self.write_unsynced(a.seq, &a.to, a.key, store);
         }
@@ -412,7 +439,9 @@ impl Relay {
 
     /// Take `to`'s item `key` out of memory (it is written, acknowledged or dropped now).
     fn take_unsynced(&mut self, to: &str, key: ItemKey) -> Option<Unsynced> {
-        let u = self.queues.get_mut(to)?.unsynced.remove(&key)?;
+        let q = self.queues.get_mut(to)?;
+        let u = q.unsynced.remove(&key)?;
+        q.unsynced_bytes = q.unsynced_bytes.saturating_sub(u.size);
         self.unsynced -= 1;
         self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
         Some(u)
@@ -1231,7 +1260,8 @@ impl Relay {
         }
         let size = bytes.len();
         // Forward first, write later: held in memory, delivered now if the recipient is online,
-        // written to the store only if not acknowledged within SYNC_DELAY_MS.
+        // written to the store only if not acknowledged within SYNC_DELAY_MS (HOLD_ONLINE_MS for
+        // an online recipient).
         queue.push(key, size);
         queue.unsynced.insert(
             key,
@@ -1243,9 +1273,11 @@ impl Relay {
             },
         );
         self.unsynced += 1;
+        queue.unsynced_bytes += size;
         self.arrivals.push_back(Arrival {
             seq: self.next_seq,
             at: now,
+            due: now,
             to: to.clone(),
             key,
         });
@@ -1264,6 +1296,7 @@ impl Relay {
         if let Some(u) = q.unsynced.remove(&key) {
             // Acknowledged before it was written: durable at the recipient, so its senders hear
             // `Accepted` now, and the store never sees it.
+            q.unsynced_bytes = q.unsynced_bytes.saturating_sub(u.size);
             self.unsynced -= 1;
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
             q.remove(key);

@@ -38,6 +38,12 @@ pub(super) struct UserQueue {
     /// recipient and key, so the message path finds them without building and hashing the
     /// recipient's name again (the relay core keeps the totals).
     pub(super) unsynced: HashMap<ItemKey, Unsynced>,
+    /// Their encoded sizes, summed (what [`super::HOLD_QUEUE_BYTES`] bounds).
+    pub(super) unsynced_bytes: usize,
+    /// Until when (monotonic ms) an item of this queue is held for its online recipient: a
+    /// later item is not written before it, whether or not the recipient is still online, so
+    /// the store keeps the order items came in.
+    pub(super) hold_until: u64,
 }
 
 impl UserQueue {

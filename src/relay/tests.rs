@@ -1600,10 +1600,8 @@ fn an_online_recipients_items_are_held_until_acknowledged_or_hold_online_ms() {
         [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(1)))],
         "after the commit only"
     );
-    // 2 was acknowledged out of order: its held arrival wakes the loop once, and is dropped.
-    assert_eq!(t.relay.next_deadline(), Some(t0 + 2 + HOLD_ONLINE_MS));
-    t.relay.sync(t0 + 2 + HOLD_ONLINE_MS, &mut t.store, false);
-    assert_eq!(ids(&t), [1]);
+    // 2 was acknowledged out of order: its held arrival is dropped once it is at the front,
+    // so the loop wakes for 3, not for it.
     assert_eq!(t.relay.next_deadline(), Some(t0 + 3 + HOLD_ONLINE_MS));
     // A shutdown writes what is still held, whatever its age.
     t.relay.sync(t0 + 2 + HOLD_ONLINE_MS, &mut t.store, true);
@@ -1612,5 +1610,62 @@ fn an_online_recipients_items_are_held_until_acknowledged_or_hold_online_ms() {
     assert_eq!(
         t.drain(),
         [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(3)))]
+    );
+}
+
+/// A recipient who leaves while an item of theirs is held: the item is still written at its
+/// HOLD_ONLINE_MS, and a later item is not written before it (the store's order is the queue's
+/// after a restart, and a recipient's history follows it). Once nothing of theirs is held, an
+/// offline recipient's item is written at SYNC_DELAY_MS again.
+#[test]
+fn a_held_item_is_written_before_any_later_item_of_its_recipient() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    let send = |t: &mut T, n: u8, at: u64| {
+        t.relay.handle(
+            ConnId(1),
+            ToRelay::Send(message("alice", "bob", n)),
+            at,
+            &mut t.store,
+        )
+    };
+    let ids = |t: &T| -> Vec<u8> {
+        let q = t.store.queued().unwrap();
+        q.iter().map(|q| q.key.id[0]).collect()
+    };
+    send(&mut t, 1, t0);
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    assert!(ids(&t).is_empty(), "held: bob is online");
+    t.relay.disconnect(ConnId(2));
+    send(&mut t, 2, t0 + 20);
+    t.drain();
+    t.relay.sync(t0 + 20 + SYNC_DELAY_MS, &mut t.store, false);
+    assert!(
+        ids(&t).is_empty(),
+        "2 is not written before 1, though bob is offline"
+    );
+    assert!(
+        t.drain().is_empty(),
+        "nothing is Accepted before it is durable"
+    );
+    assert_eq!(t.relay.next_deadline(), Some(t0 + HOLD_ONLINE_MS));
+    t.relay.sync(t0 + HOLD_ONLINE_MS, &mut t.store, false);
+    assert_eq!(ids(&t), [1, 2], "in the order they came");
+    assert_eq!(
+        t.drain(),
+        [
+            Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(1))),
+            Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(2)))
+        ]
+    );
+    let t1 = t0 + HOLD_ONLINE_MS + 1;
+    send(&mut t, 3, t1);
+    t.relay.sync(t1 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(
+        ids(&t),
+        [1, 2, 3],
+        "offline, nothing held: at SYNC_DELAY_MS"
     );
 }
