@@ -459,6 +459,22 @@ fn send_before_login_is_a_protocol_error_and_others_are_unaffected() {
 }
 
 impl T {
+    /// Alice (connection 1) sends bob message `n` at `at` (monotonic ms).
+    fn send_to_bob_at(&mut self, n: u8, at: u64) {
+        self.relay.handle(
+            ConnId(1),
+            ToRelay::Send(message("alice", "bob", n)),
+            at,
+            &mut self.store,
+        )
+    }
+
+    /// The first id byte of each item written to the relay's store, in the store's order.
+    fn stored_ids(&self) -> Vec<u8> {
+        let q = self.store.queued().unwrap();
+        q.iter().map(|q| q.key.id[0]).collect()
+    }
+
     fn login_on_closing(&mut self, id: impl Into<ConnId>) -> Vec<Out> {
         let id: ConnId = id.into();
         let me = identity(ALICE);
@@ -1419,24 +1435,12 @@ fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
     t.logged_in(1, "alice", ALICE);
     t.logged_in(2, "bob", BOB);
     let t0 = t.now;
-    let send = |t: &mut T, n: u8, at: u64| {
-        t.relay.handle(
-            ConnId(1),
-            ToRelay::Send(message("alice", "bob", n)),
-            at,
-            &mut t.store,
-        )
-    };
     let ack = |t: &mut T, n: u8, at: u64| {
         t.relay
             .handle(ConnId(2), ToRelay::Ack(msg_key(n)), at, &mut t.store)
     };
-    let stored = |t: &T| -> Vec<u8> {
-        let q = t.store.queued().unwrap();
-        q.iter().map(|q| q.key.id[0]).collect()
-    };
     let timers = t.relay.tick_deadline();
-    send(&mut t, 8, t0);
+    t.send_to_bob_at(8, t0);
     assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
     assert_eq!(
         t.relay.tick_deadline(),
@@ -1452,12 +1456,12 @@ fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
     // 9 waits unacknowledged; 1 is acknowledged out of order (its arrival stays behind 9's)
     // and sent again (a retransmission after the ack: a new arrival of the same key); then 2
     // and 3, and bob acks 2 only.
-    send(&mut t, 9, t0);
-    send(&mut t, 1, t0);
+    t.send_to_bob_at(9, t0);
+    t.send_to_bob_at(1, t0);
     ack(&mut t, 1, t0 + 1);
-    send(&mut t, 1, t0 + 2);
-    send(&mut t, 2, t0 + 5);
-    send(&mut t, 3, t0 + 6);
+    t.send_to_bob_at(1, t0 + 2);
+    t.send_to_bob_at(2, t0 + 5);
+    t.send_to_bob_at(3, t0 + 6);
     ack(&mut t, 2, t0 + 7);
     // Bob leaves: what he did not acknowledge is written at its own SYNC_DELAY_MS (an online
     // recipient's items are held longer: the next test).
@@ -1466,23 +1470,23 @@ fn each_unacknowledged_item_is_written_when_its_own_delay_is_up() {
     assert_eq!(t.relay.next_deadline(), Some(t0 + SYNC_DELAY_MS));
     t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
     assert_eq!(
-        stored(&t),
+        t.stored_ids(),
         [9],
         "1's first arrival does not write the second 1"
     );
     assert_eq!(t.relay.next_deadline(), Some(t0 + 2 + SYNC_DELAY_MS));
     t.relay
         .sync(t0 + 2 + SYNC_DELAY_MS - 1, &mut t.store, false);
-    assert_eq!(stored(&t), [9], "not due yet");
+    assert_eq!(t.stored_ids(), [9], "not due yet");
     t.relay.sync(t0 + 2 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [9, 1], "the second 1, at its own time");
+    assert_eq!(t.stored_ids(), [9, 1], "the second 1, at its own time");
     // 2 was acknowledged out of order: its arrival wakes the loop once, and is dropped.
     assert_eq!(t.relay.next_deadline(), Some(t0 + 5 + SYNC_DELAY_MS));
     t.relay.sync(t0 + 5 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [9, 1]);
+    assert_eq!(t.stored_ids(), [9, 1]);
     assert_eq!(t.relay.next_deadline(), Some(t0 + 6 + SYNC_DELAY_MS));
     t.relay.sync(t0 + 6 + SYNC_DELAY_MS, &mut t.store, false);
-    assert_eq!(stored(&t), [9, 1, 3]);
+    assert_eq!(t.stored_ids(), [9, 1, 3]);
     assert_eq!(t.relay.unsynced_count(), 0);
     assert_eq!(
         t.relay.next_deadline(),
@@ -1562,12 +1566,7 @@ fn an_online_recipients_items_are_held_until_acknowledged_or_hold_online_ms() {
     t.logged_in(2, "bob", BOB);
     let t0 = t.now;
     for n in [1, 2, 3] {
-        t.relay.handle(
-            ConnId(1),
-            ToRelay::Send(message("alice", "bob", n)),
-            t0 + u64::from(n),
-            &mut t.store,
-        );
+        t.send_to_bob_at(n, t0 + u64::from(n));
     }
     t.drain();
     assert_eq!(t.relay.next_deadline(), Some(t0 + 1 + SYNC_DELAY_MS));
@@ -1590,11 +1589,7 @@ fn an_online_recipients_items_are_held_until_acknowledged_or_hold_online_ms() {
         .sync(t0 + 1 + HOLD_ONLINE_MS - 1, &mut t.store, false);
     assert!(t.store.queued().unwrap().is_empty(), "not due yet");
     t.relay.sync(t0 + 1 + HOLD_ONLINE_MS, &mut t.store, false);
-    let ids = |t: &T| -> Vec<u8> {
-        let q = t.store.queued().unwrap();
-        q.iter().map(|q| q.key.id[0]).collect()
-    };
-    assert_eq!(ids(&t), [1], "1 waited its HOLD_ONLINE_MS");
+    assert_eq!(t.stored_ids(), [1], "1 waited its HOLD_ONLINE_MS");
     assert_eq!(
         t.drain(),
         [Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(1)))],
@@ -1605,7 +1600,7 @@ fn an_online_recipients_items_are_held_until_acknowledged_or_hold_online_ms() {
     assert_eq!(t.relay.next_deadline(), Some(t0 + 3 + HOLD_ONLINE_MS));
     // A shutdown writes what is still held, whatever its age.
     t.relay.sync(t0 + 2 + HOLD_ONLINE_MS, &mut t.store, true);
-    assert_eq!(ids(&t), [1, 3]);
+    assert_eq!(t.stored_ids(), [1, 3]);
     assert_eq!(t.relay.unsynced_count(), 0);
     assert_eq!(
         t.drain(),
@@ -1623,27 +1618,15 @@ fn a_held_item_is_written_before_any_later_item_of_its_recipient() {
     t.logged_in(1, "alice", ALICE);
     t.logged_in(2, "bob", BOB);
     let t0 = t.now;
-    let send = |t: &mut T, n: u8, at: u64| {
-        t.relay.handle(
-            ConnId(1),
-            ToRelay::Send(message("alice", "bob", n)),
-            at,
-            &mut t.store,
-        )
-    };
-    let ids = |t: &T| -> Vec<u8> {
-        let q = t.store.queued().unwrap();
-        q.iter().map(|q| q.key.id[0]).collect()
-    };
-    send(&mut t, 1, t0);
+    t.send_to_bob_at(1, t0);
     t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
-    assert!(ids(&t).is_empty(), "held: bob is online");
+    assert!(t.stored_ids().is_empty(), "held: bob is online");
     t.relay.disconnect(ConnId(2));
-    send(&mut t, 2, t0 + 20);
+    t.send_to_bob_at(2, t0 + 20);
     t.drain();
     t.relay.sync(t0 + 20 + SYNC_DELAY_MS, &mut t.store, false);
     assert!(
-        ids(&t).is_empty(),
+        t.stored_ids().is_empty(),
         "2 is not written before 1, though bob is offline"
     );
     assert!(
@@ -1652,7 +1635,7 @@ fn a_held_item_is_written_before_any_later_item_of_its_recipient() {
     );
     assert_eq!(t.relay.next_deadline(), Some(t0 + HOLD_ONLINE_MS));
     t.relay.sync(t0 + HOLD_ONLINE_MS, &mut t.store, false);
-    assert_eq!(ids(&t), [1, 2], "in the order they came");
+    assert_eq!(t.stored_ids(), [1, 2], "in the order they came");
     assert_eq!(
         t.drain(),
         [
@@ -1661,10 +1644,10 @@ fn a_held_item_is_written_before_any_later_item_of_its_recipient() {
         ]
     );
     let t1 = t0 + HOLD_ONLINE_MS + 1;
-    send(&mut t, 3, t1);
+    t.send_to_bob_at(3, t1);
     t.relay.sync(t1 + SYNC_DELAY_MS, &mut t.store, false);
     assert_eq!(
-        ids(&t),
+        t.stored_ids(),
         [1, 2, 3],
         "offline, nothing held: at SYNC_DELAY_MS"
     );
