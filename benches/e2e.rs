@@ -25,7 +25,7 @@
 //! 3. Notes when `chatctl send` exits (its standard output closes), requires exit status 0 and
 //!    counts its output lines (one `queued bob ID` per line sent).
 //! 4. Waits for bob's `delivered` receipt of the last message at alice, then reads each daemon's
-//!    CPU time (user plus system, from /proc, in 10 ms ticks) over the run, per message.
+//!    CPU time (user plus system, from its CPU-time clock) over the run, per message.
 //!
 //! Every run has a 120 s deadline; a daemon that exits, a `chatctl` that fails or a deadline that
 //! passes ends the bench with a message (and the daemons' logs) and a non-zero exit status.

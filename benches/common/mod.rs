@@ -234,9 +234,40 @@ impl<S: Read + Write> Write for Wire<S> {
     }
 }
 
-/// User plus system CPU time of process `pid` (fields 14 and 15 of /proc/PID/stat, in clock
-/// ticks): what a phase cost the relay, whatever else ran on the machine.
+/// User plus system CPU time of process `pid`, all its threads, to the nanosecond: what a
+/// phase cost the relay, whatever else ran on the machine.
+///
+/// Read from the process's CPU-time clock (`clock_getcpuclockid`), not from /proc/PID/stat:
+/// that counts in 10 ms clock ticks, so a 1->1 run of a few tens of milliseconds was measured
+/// to within a few µs per message, coarser than the 3 µs target it is checked against. The
+/// ticks remain the fallback where the clock cannot be read.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
+    process_clock(pid).or_else(|| cpu_ticks(pid))
+}
+
+fn process_clock(pid: u32) -> Option<Duration> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for the clock id; the call has no other preconditions.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; an unknown clock is reported as -1.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
+}
+
+/// Fields 14 and 15 of /proc/PID/stat, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; the fields after it do not.
     let rest = &stat[stat.rfind(')')? + 2..];
