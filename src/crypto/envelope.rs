@@ -80,7 +80,11 @@ impl<'a> Header<'a> {
 /// Associated data: `"chatd-msg-v1\0" || field(id) || field(from) || field(to) || time_ms (u64 BE)
 /// || field(session) || counter (u64 BE)`.
 pub fn message_ad(h: &Header<'_>) -> Vec<u8> {
-    let mut ad = b"chatd-msg-v1\0".to_vec();
+    const TAG: &[u8] = b"chatd-msg-v1\0";
+    // Sized once: grown field by field, it was reallocated three times a call.
+    let mut ad =
+        Vec::with_capacity(TAG.len() + 4 * 4 + 16 + h.from.len() + h.to.len() + 8 + 16 + 8);
+    ad.extend_from_slice(TAG);
     put_field(&mut ad, h.id);
     put_field(&mut ad, h.from.as_bytes());
     put_field(&mut ad, h.to.as_bytes());
@@ -186,7 +190,9 @@ pub fn unwrap_key_packet(
 }
 
 fn receipt_ad(id: &[u8; 16], from: &str, to: &str, session: &[u8; 16], counter: u64) -> Vec<u8> {
-    let mut ad = b"chatd-receipt-v1\0".to_vec();
+    const TAG: &[u8] = b"chatd-receipt-v1\0";
+    let mut ad = Vec::with_capacity(TAG.len() + 4 * 4 + 16 + from.len() + to.len() + 16 + 8);
+    ad.extend_from_slice(TAG);
     put_field(&mut ad, id);
     put_field(&mut ad, from.as_bytes());
     put_field(&mut ad, to.as_bytes());

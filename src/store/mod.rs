@@ -436,6 +436,15 @@ impl Store {
         Store::init(Connection::open_in_memory()?)
     }
 
+    /// Have `f` see the text of every statement this store runs, as SQLite starts it (tests
+    /// that check what a path reads and writes; parameters are not shown).
+    #[cfg(test)]
+    pub(crate) fn trace_statements(&self, f: fn(rusqlite::trace::TraceEvent<'_>)) {
+        self.db
+            .conn()
+            .trace_v2(rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT, Some(f));
+    }
+
     fn init(conn: Connection) -> Result<Store> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL: readers never block the writer; FULL: a commit survives power loss, and group
