@@ -767,7 +767,8 @@ struct Phase {
     relay_died: bool,
     /// Share of the phase the signing threads spent signing.
     sign_busy: f64,
-    /// CPU time the relay process used during the phase (user + system), if /proc told.
+    /// CPU time the relay process used during the phase (user + system), from its CPU-time
+    /// clock (or /proc's ticks), if either could be read.
     relay_cpu: Option<Duration>,
 }
 
