@@ -31,6 +31,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod host;
+pub mod idhash;
 pub mod member;
 pub mod progress;
 pub mod proto;

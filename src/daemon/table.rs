@@ -5,7 +5,7 @@
 //! Must never: decide what a reply says (that is `control`), or write a reply before the turn
 //! commits (replies are queued here and flushed by the loop after the commit).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use mio::{Registry, Token};
 use super::conn::{Conn, Stream};
 use super::control::{Ctl, Paged, Sink};
 use super::setup;
+use crate::idhash::{IdMap, IdSet};
 use crate::proto::control::{CtlResponse, ErrorKind, Record};
 use crate::proto::encode_frame;
 use crate::relay::{self, ConnId};
@@ -65,7 +66,7 @@ pub struct Entry {
 /// given output this turn (`touched`, marked for a rewind at their first output) and those whose
 /// output did not all leave before (`backlog`).
 pub struct Table {
-    entries: HashMap<Token, Entry>,
+    entries: IdMap<Token, Entry>,
     next_token: usize,
     peers: usize,
     controls: usize,
@@ -73,22 +74,22 @@ pub struct Table {
     /// Connections with frames waiting for the commit.
     late: Vec<Token>,
     touched: Vec<Token>,
-    is_touched: HashSet<Token>,
-    backlog: HashSet<Token>,
+    is_touched: IdSet<Token>,
+    backlog: IdSet<Token>,
 }
 
 impl Default for Table {
     fn default() -> Self {
         Table {
-            entries: HashMap::new(),
+            entries: IdMap::default(),
             next_token: FIRST_CONN,
             peers: 0,
             controls: 0,
             control_tokens: BTreeSet::new(),
             late: Vec::new(),
             touched: Vec::new(),
-            is_touched: HashSet::new(),
-            backlog: HashSet::new(),
+            is_touched: IdSet::default(),
+            backlog: IdSet::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::crypto::{login_transcript, PublicKey};
+use crate::idhash::{IdMap, IdSet};
 use crate::proto::control::{PeerView, TrustState};
 use crate::proto::frame::MAX_FRAME;
 use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Kind, Peer, RefuseCode, Routed, ToRelay};
@@ -199,7 +200,7 @@ fn name_of(msg: &ToRelay) -> &'static str {
 
 /// The relay's state.
 pub struct Relay {
-    conns: HashMap<ConnId, Conn>,
+    conns: IdMap<ConnId, Conn>,
     bindings: BTreeMap<String, PublicKey>,
     online: HashMap<String, ConnId>,
     queues: HashMap<String, UserQueue>,
@@ -213,7 +214,7 @@ pub struct Relay {
     /// When each new name of the last [`REGISTRATION_WINDOW_MS`] was bound (monotonic ms).
     recent_binds: VecDeque<u64>,
     /// Who follows each name (connections that looked it up), for presence on a large relay.
-    watchers: HashMap<String, HashSet<ConnId>>,
+    watchers: HashMap<String, IdSet<ConnId>>,
     /// How many routed items are in memory only (each in its queue's `unsynced`; see
     /// [`SYNC_DELAY_MS`]).
     unsynced: usize,
@@ -266,7 +267,7 @@ impl Relay {
             queues.entry(q.0).or_default().push(q.1, q.2);
         }
         Ok(Relay {
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             bindings,
             online: HashMap::new(),
             queues,
