@@ -12,7 +12,7 @@
 //! to benches as `CARGO_BIN_EXE_*`); `--chatd PATH` and `--chatctl PATH` run other builds.
 //!
 //! A relay (`--listen 127.0.0.1:0`) and two members, alice and bob, each in its own temporary
-//! directory with its own control socket, killed in `Drop` and by `PR_SET_PDEATHSIG`. Once both
+//! directory with its own control socket, stopped in `Drop` (SIGTERM, SIGKILL after 3 s) and killed by `PR_SET_PDEATHSIG`. Once both
 //! members are connected and see each other online, one `chatctl send --wait delivered` sets up
 //! the session and pins the keys, so the runs measure the per-message path only. Each run:
 //!
@@ -195,12 +195,12 @@ fn json_lines(stdout: &[u8]) -> Res<Vec<Value>> {
 // ---------------------------------------------------------------------------------------------
 // The daemons.
 
-/// A running `chatd` in its own temporary directory, killed and reaped on drop.
+/// A running `chatd` in its own temporary directory, stopped (SIGTERM, then SIGKILL after 3 s) and reaped on drop.
 struct Daemon {
     label: String,
     chatctl: PathBuf,
     child: Child,
-    // Dropped after `Drop::drop` killed the child, so the daemon never sees its directory go.
+    // Dropped after `Drop::drop` stopped the child, so the daemon never sees its directory go.
     dir: tempfile::TempDir,
 }
 
@@ -327,8 +327,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop(&mut self.child, Duration::from_secs(3));
     }
 }
 

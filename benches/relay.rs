@@ -47,7 +47,8 @@
 //! (the chatd builds first, then the peers in the order given; `--mosquitto` adds QoS 0, then
 //! QoS 1), and the summary gives its medians with the ratio to the first chatd build's. Each run
 //! starts the peer fresh, in the foreground, from a config written to a temporary directory, on a
-//! loopback port picked free (bound to port 0, read, released), and kills it when the run ends.
+//! loopback port picked free (bound to port 0, read, released), and stops it when the run ends
+//! (SIGTERM, so a profiler around it writes its output; SIGKILL after 3 s).
 //! They speak plain TCP (but mosquitto over TLS, below).
 //!
 //! **What the comparison means**: the peers keep nothing on disk (mosquitto with `persistence
@@ -297,7 +298,7 @@ fn parse_opts() -> Result<Opts, String> {
 // ---------------------------------------------------------------------------------------------
 // The relay process.
 
-/// A relay on a free loopback port in a temporary directory, killed on drop.
+/// A relay on a free loopback port in a temporary directory, stopped on drop.
 struct RelayProc {
     child: Child,
     addr: SocketAddr,
@@ -386,8 +387,7 @@ impl RelayProc {
 
 impl Drop for RelayProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop(&mut self.child, Duration::from_secs(3));
     }
 }
 
@@ -763,7 +763,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("a free port: {e}"))
 }
 
-/// A peer server on a free loopback port, its config and log in a temporary directory, killed on
+/// A peer server on a free loopback port, its config and log in a temporary directory, stopped on
 /// drop.
 struct PeerProc {
     child: Child,
@@ -920,8 +920,7 @@ impl PeerProc {
 
 impl Drop for PeerProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop(&mut self.child, Duration::from_secs(3));
     }
 }
 

@@ -285,6 +285,26 @@ fn cpu_ticks(pid: u32) -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// Stop a server as a service manager would: SIGTERM, up to `grace` for it to exit, then
+/// SIGKILL; reaped either way. A profiler wrapped around the server (valgrind, perf record)
+/// writes its output on the way out, which SIGKILL alone would lose.
+pub fn stop(child: &mut std::process::Child, grace: Duration) {
+    if let (Ok(None), Ok(pid)) = (child.try_wait(), libc::pid_t::try_from(child.id())) {
+        // SAFETY: kill has no memory preconditions; the child is not reaped yet (try_wait
+        // said so), so the pid is still its own.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The child dies with the bench even when no `Drop` runs (a panic, a signal, `kill -9`).
 /// PR_SET_PDEATHSIG fires when the thread that forked exits: spawn from the main thread, which
 /// lives as long as the bench. A server that changes its user when started as root (mosquitto,
