@@ -10,6 +10,7 @@
 //! Everything else may leave before the turn commits: it promises nothing about the store.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use log::{info, warn};
@@ -164,7 +165,9 @@ enum State {
     /// of the connection the login must be signed for (empty on a host's in-process link).
     ExpectLogin { nonce: [u8; 32], channel: Vec<u8> },
     /// Logged in as `user`.
-    Established { user: String },
+    /// (An `Rc`: every frame takes a copy of the name out of the connection's borrow, and a
+    /// count is cheaper than an allocation.)
+    Established { user: Rc<str> },
     /// An error was sent; everything else is ignored until the daemon closes it.
     Closing,
 }
@@ -222,6 +225,10 @@ pub struct Relay {
     unsynced_bytes: usize,
     /// The next [`Unsynced::seq`].
     next_seq: u64,
+    /// The `seq` of every item in memory only, whichever queue holds it: an arrival is live
+    /// while its `seq` is here. Seqs are the relay's own numbers, so this is an [`IdSet`]; the
+    /// checks of `arrivals` and `held` (several per message) no longer hash a name and a key.
+    live: IdSet<u64>,
     /// Every item put in `unsynced`, in arrival order, with its `seq` and `at`: `sync` and
     /// `next_deadline` look at the front only, not at every item held (thousands under load,
     /// every turn). An item acknowledged or forgotten since stays here until it reaches the
@@ -282,6 +289,7 @@ impl Relay {
             unsynced: 0,
             unsynced_bytes: 0,
             next_seq: 0,
+            live: IdSet::default(),
             arrivals: VecDeque::new(),
             held: VecDeque::new(),
         })
@@ -320,13 +328,13 @@ impl Relay {
     /// in order, the front stays a live item, and `next_deadline` a real one.
     fn drop_stale_arrivals(&mut self) {
         while let Some(a) = self.arrivals.front() {
-            if self.unsynced_seq(&a.to, a.key) == Some(a.seq) {
+            if self.arrival_is_live(a) {
                 break;
             }
             self.arrivals.pop_front();
         }
         while let Some(a) = self.held.front() {
-            if self.unsynced_seq(&a.to, a.key) == Some(a.seq) {
+            if self.arrival_is_live(a) {
                 break;
             }
             self.held.pop_front();
@@ -368,7 +376,7 @@ impl Relay {
                 break;
             };
             // Acknowledged or forgotten since (or sent again later, as a new arrival).
-            if self.unsynced_seq(&a.to, a.key) != Some(a.seq) {
+            if !self.arrival_is_live(&a) {
                 continue;
             }
             if !all {
@@ -401,7 +409,7 @@ impl Relay {
     /// the copy the sender sends again).
     fn write_unsynced(&mut self, seq: u64, to: &str, key: ItemKey, store: &mut dyn RelayStore) {
         // Acknowledged or forgotten since (or sent again later, as a new arrival).
-        if self.unsynced_seq(to, key) != Some(seq) {
+        if !self.is_live(seq) {
             return;
         }
         let Some(u) = self.take_unsynced(to, key) else {
@@ -433,9 +441,26 @@ impl Relay {
         }
     }
 
-    /// The arrival seq of `to`'s item `key` if it is held in memory only.
-    fn unsynced_seq(&self, to: &str, key: ItemKey) -> Option<u64> {
-        self.queues.get(to)?.unsynced.get(&key).map(|u| u.seq)
+    /// Whether the item of arrival `seq` is still in memory only: not acknowledged, written
+    /// or forgotten since. A seq is never given out twice, so this is exactly "its queue still
+    /// holds, under its key, the item that came with this seq".
+    fn is_live(&self, seq: u64) -> bool {
+        debug_assert_eq!(self.live.len(), self.unsynced);
+        self.live.contains(&seq)
+    }
+
+    /// [`Relay::is_live`] for an arrival; a debug build checks it against the definition, the
+    /// queue's own record of the item.
+    fn arrival_is_live(&self, a: &Arrival) -> bool {
+        let live = self.is_live(a.seq);
+        debug_assert_eq!(
+            live,
+            self.queues
+                .get(&a.to)
+                .and_then(|q| q.unsynced.get(&a.key))
+                .is_some_and(|u| u.seq == a.seq)
+        );
+        live
     }
 
     /// Take `to`'s item `key` out of memory (it is written, acknowledged or dropped now).
@@ -445,6 +470,7 @@ impl Relay {
         q.unsynced_bytes = q.unsynced_bytes.saturating_sub(u.size);
         self.unsynced -= 1;
         self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
+        self.live.remove(&u.seq);
         Some(u)
     }
 
@@ -785,6 +811,9 @@ impl Relay {
             self.unsynced -= q.unsynced.len();
             let bytes: usize = q.unsynced.values().map(|u| u.size).sum();
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(bytes);
+            for u in q.unsynced.values() {
+                self.live.remove(&u.seq);
+            }
         }
         self.drop_stale_arrivals();
         info!("forgot {user}: binding and queue dropped");
@@ -937,42 +966,7 @@ impl Relay {
         let Some(q) = self.queues.get_mut(user) else {
             return;
         };
-        while q.sent < q.items.len() && q.sent < DELIVERY_WINDOW {
-            let (key, size) = q.items[q.sent];
-            if q.sent > 0 && q.sent_bytes + size > self.limits.window_bytes {
-                break;
-            }
-            if let Some(u) = q.unsynced.get(&key) {
-                // Still in memory: forwarded as it came, without a read of the store.
-                q.sent += 1;
-                q.sent_bytes += size;
-                self.out.push_back(Out::Deliver(id, Arc::clone(&u.bytes)));
-                continue;
-            }
-            // Checked before it goes out (the database is outside the process), then sent as
-            // stored.
-            let item: Arc<[u8]> = match store.queued_item(user, key) {
-                Ok(Some(bytes)) => match from_payload_whole::<Routed>(&bytes) {
-                    Ok(_) => bytes.into(),
-                    Err(e) => {
-                        warn!("queued item for {user} is unreadable ({e}); delivery paused");
-                        break;
-                    }
-                },
-                Ok(None) => {
-                    warn!("queued item for {user} is missing from the store; delivery paused");
-                    break;
-                }
-                Err(e) => {
-                    // Tried again on the next acknowledgement, new item or login.
-                    warn!("cannot read queued item for {user}: {e}");
-                    break;
-                }
-            };
-            q.sent += 1;
-            q.sent_bytes += size;
-            self.out.push_back(Out::Deliver(id, item));
-        }
+        fill_queue(q, id, user, self.limits.window_bytes, &mut self.out, store);
     }
 
     #[allow(clippy::too_many_arguments)] // reason: the Login frame's three fields, its connection, challenge and channel, clock and store
@@ -1033,7 +1027,9 @@ impl Relay {
             }
         }
         if let Some(c) = self.conns.get_mut(&id) {
-            c.state = State::Established { user: user.clone() };
+            c.state = State::Established {
+                user: Rc::from(user.as_str()),
+            };
         }
         self.due_by(
             now.saturating_add(self.limits.idle_timeout_ms)
@@ -1274,17 +1270,28 @@ impl Relay {
             },
         );
         self.unsynced += 1;
+        self.live.insert(self.next_seq);
         queue.unsynced_bytes += size;
-        self.arrivals.push_back(Arrival {
-            seq: self.next_seq,
-            at: now,
-            due: now,
-            to: to.clone(),
-            key,
-        });
         self.next_seq += 1;
         self.unsynced_bytes += size;
-        self.fill(&to, store);
+        // The queue in hand is filled: looking it up again by name would hash the name again.
+        if let Some(&rid) = self.online.get(&to) {
+            fill_queue(
+                queue,
+                rid,
+                &to,
+                self.limits.window_bytes,
+                &mut self.out,
+                store,
+            );
+        }
+        self.arrivals.push_back(Arrival {
+            seq: self.next_seq - 1,
+            at: now,
+            due: now,
+            to,
+            key,
+        });
     }
 
     fn ack(&mut self, user: &str, key: ItemKey, store: &mut dyn RelayStore) {
@@ -1294,21 +1301,26 @@ impl Relay {
         if !q.keys.contains(&key) {
             return;
         }
+        let online = self.online.get(user).copied();
         if let Some(u) = q.unsynced.remove(&key) {
             // Acknowledged before it was written: durable at the recipient, so its senders hear
             // `Accepted` now, and the store never sees it.
             q.unsynced_bytes = q.unsynced_bytes.saturating_sub(u.size);
             self.unsynced -= 1;
             self.unsynced_bytes = self.unsynced_bytes.saturating_sub(u.size);
+            self.live.remove(&u.seq);
             q.remove(key);
+            for s in u.senders {
+                self.out.push_back(Out::Send(s, FromRelay::Accepted(key)));
+            }
+            // The queue in hand is filled, not looked up again by name.
+            if let Some(id) = online {
+                fill_queue(q, id, user, self.limits.window_bytes, &mut self.out, store);
+            }
             let front = |d: &VecDeque<Arrival>| d.front().is_some_and(|a| a.seq == u.seq);
             if front(&self.arrivals) || front(&self.held) {
                 self.drop_stale_arrivals();
             }
-            for s in u.senders {
-                self.out.push_back(Out::Send(s, FromRelay::Accepted(key)));
-            }
-            self.fill(user, store);
             return;
         }
         if let Err(e) = store.dequeue(user, key) {
@@ -1317,7 +1329,9 @@ impl Relay {
             return;
         }
         q.remove(key);
-        self.fill(user, store);
+        if let Some(id) = online {
+            fill_queue(q, id, user, self.limits.window_bytes, &mut self.out, store);
+        }
     }
 
     fn close_with(&mut self, id: ConnId, code: ErrorCode, reason: String) {
@@ -1342,6 +1356,55 @@ impl Relay {
         info!("connection {id}: {e}");
         let code = e.code();
         self.close_with(id, code, e.to_string());
+    }
+}
+
+/// Deliver the next items of `user`'s queue `q` on their connection `id`, up to the window
+/// ([`DELIVERY_WINDOW`] items, `window_bytes`). Apart from [`Relay`] so a caller that holds the
+/// queue already need not find it again by name.
+fn fill_queue(
+    q: &mut UserQueue,
+    id: ConnId,
+    user: &str,
+    window_bytes: usize,
+    out: &mut VecDeque<Out>,
+    store: &dyn RelayStore,
+) {
+    while q.sent < q.items.len() && q.sent < DELIVERY_WINDOW {
+        let (key, size) = q.items[q.sent];
+        if q.sent > 0 && q.sent_bytes + size > window_bytes {
+            break;
+        }
+        if let Some(u) = q.unsynced.get(&key) {
+            // Still in memory: forwarded as it came, without a read of the store.
+            q.sent += 1;
+            q.sent_bytes += size;
+            out.push_back(Out::Deliver(id, Arc::clone(&u.bytes)));
+            continue;
+        }
+        // Checked before it goes out (the database is outside the process), then sent as
+        // stored.
+        let item: Arc<[u8]> = match store.queued_item(user, key) {
+            Ok(Some(bytes)) => match from_payload_whole::<Routed>(&bytes) {
+                Ok(_) => bytes.into(),
+                Err(e) => {
+                    warn!("queued item for {user} is unreadable ({e}); delivery paused");
+                    break;
+                }
+            },
+            Ok(None) => {
+                warn!("queued item for {user} is missing from the store; delivery paused");
+                break;
+            }
+            Err(e) => {
+                // Tried again on the next acknowledgement, new item or login.
+                warn!("cannot read queued item for {user}: {e}");
+                break;
+            }
+        };
+        q.sent += 1;
+        q.sent_bytes += size;
+        out.push_back(Out::Deliver(id, item));
     }
 }
 

@@ -790,6 +790,46 @@ fn forget_drops_binding_and_queue_and_lets_a_new_key_claim_the_name() {
     );
 }
 
+/// Items held in memory only for a name that is forgotten leave with it: no wake-up is left
+/// for them, nothing of them is written later, and the relay's count of what it holds in memory
+/// (checked against its own bookkeeping in a debug build) starts again from the items after.
+#[test]
+fn forget_drops_the_items_held_in_memory_for_the_name() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    t.logged_in(3, "carol", MALLORY);
+    t.relay.disconnect(ConnId(3));
+    t.drain();
+    // bob is online and does not acknowledge: both items stay in memory, held for him.
+    let at = t.now + 1;
+    t.send_to_bob_at(1, at);
+    t.send_to_bob_at(2, at);
+    t.drain();
+    assert_eq!((t.relay.unsynced, t.relay.live.len()), (2, 2));
+    assert!(t.relay.forget("bob", &mut t.store).unwrap());
+    t.drain();
+    assert_eq!((t.relay.unsynced, t.relay.live.len()), (0, 0));
+    assert!(
+        t.relay.arrivals.is_empty() && t.relay.held.is_empty(),
+        "a wake-up was left for a forgotten item"
+    );
+    t.relay.sync(at + 60_000, &mut t.store, true);
+    assert!(t.store.queued().unwrap().is_empty());
+    // What comes after is held and written as before.
+    t.relay.handle(
+        ConnId(1),
+        ToRelay::Send(message("alice", "carol", 3)),
+        at + 1,
+        &mut t.store,
+    );
+    assert_eq!((t.relay.unsynced, t.relay.live.len()), (1, 1));
+    t.relay.sync(at + 60_000, &mut t.store, false);
+    assert_eq!(t.stored_ids(), [3]);
+    assert_eq!((t.relay.unsynced, t.relay.live.len()), (0, 0));
+    assert!(t.relay.arrivals.is_empty() && t.relay.held.is_empty());
+}
+
 #[test]
 fn forget_of_an_online_user_tells_the_others() {
     let mut t = T::new();
