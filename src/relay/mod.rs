@@ -130,7 +130,8 @@ pub const SYNC_DELAY_MS: u64 = 10;
 /// the recipient's delivery window and an online recipient that stores and acknowledges as fast
 /// as it can acks them later than `SYNC_DELAY_MS` after they came: writing each of them then
 /// would cost an insert, a delete and their commits for items acknowledged moments later (most
-/// of the relay's CPU end to end). [`MAX_UNSYNCED_BYTES`] still bounds what waits in memory.
+/// of the relay's CPU end to end). [`MAX_UNSYNCED_BYTES`] still bounds what waits in memory, and
+/// a recipient who goes offline has what is held for them written at the next sync.
 pub const HOLD_ONLINE_MS: u64 = 1_000;
 
 /// Bytes of one recipient's items held in memory past [`SYNC_DELAY_MS`], at most: a recipient
@@ -240,6 +241,11 @@ pub struct Relay {
     /// [`HOLD_ONLINE_MS`] after it came, or its queue's `hold_until`. Both are at most
     /// `HOLD_ONLINE_MS` after it came; one due before the front waits for the front.
     held: VecDeque<Arrival>,
+    /// Recipients who went offline with items of theirs in memory only: the next `sync`
+    /// writes those items (no `Ack` can come for them now; one the recipient wrote before its
+    /// connection reset is lost with it), so their senders hear `Accepted` after that turn's
+    /// commit, not after [`HOLD_ONLINE_MS`].
+    left: Vec<String>,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
     /// moves deadlines later), so the loop need not walk every connection each turn.
@@ -292,6 +298,7 @@ impl Relay {
             live: IdSet::default(),
             arrivals: VecDeque::new(),
             held: VecDeque::new(),
+            left: Vec::new(),
         })
     }
 
@@ -350,9 +357,15 @@ impl Relay {
         if self.unsynced == 0 {
             self.arrivals.clear();
             self.held.clear();
+            self.left.clear();
             return;
         }
         let all = all || self.unsynced_bytes > MAX_UNSYNCED_BYTES;
+        if all {
+            self.left.clear();
+        } else {
+            self.write_left(store);
+        }
         // Stale entries (acknowledged, forgotten) go first whatever their time, so a live front
         // is what `next_deadline` wakes for. Held items are older than any arrival still
         // waiting and go first, in arrival order, so the store's order (the queue's after a
@@ -401,6 +414,37 @@ impl Relay {
             }
             self.write_unsynced(a.seq, &a.to, a.key, store);
         }
+    }
+
+    /// Write what is held for recipients who went offline (and are still offline), in arrival
+    /// order, and hold nothing of theirs any more: their arrivals still within
+    /// [`SYNC_DELAY_MS`], and later ones, are written at it, as any offline recipient's are.
+    /// One pass over `held`, only in a turn after such a recipient left.
+    fn write_left(&mut self, store: &mut dyn RelayStore) {
+        if self.left.is_empty() {
+            return;
+        }
+        let mut gone = HashSet::new();
+        for user in std::mem::take(&mut self.left) {
+            // Back already (or a newer login replaced the connection): it can still Ack.
+            if self.online.contains_key(&user) {
+                continue;
+            }
+            if let Some(q) = self.queues.get_mut(&user) {
+                q.hold_until = 0;
+            }
+            gone.insert(user);
+        }
+        let due: Vec<(u64, String, ItemKey)> = self
+            .held
+            .iter()
+            .filter(|a| gone.contains(&a.to) && self.is_live(a.seq))
+            .map(|a| (a.seq, a.to.clone(), a.key))
+            .collect();
+        for (seq, to, key) in due {
+            self.write_unsynced(seq, &to, key, store);
+        }
+        self.drop_stale_arrivals();
     }
 
     /// Write `to`'s item `key` of arrival `seq` to the store, if it is still that arrival's
@@ -649,6 +693,13 @@ impl Relay {
             return;
         }
         self.online.remove(user);
+        if self
+            .queues
+            .get(user)
+            .is_some_and(|q| !q.unsynced.is_empty())
+        {
+            self.left.push(user.to_string());
+        }
         if !announce {
             return;
         }
