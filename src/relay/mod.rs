@@ -357,12 +357,14 @@ impl Relay {
         if self.unsynced == 0 {
             self.arrivals.clear();
             self.held.clear();
-            self.left.clear();
+            self.release_left();
             return;
         }
         let all = all || self.unsynced_bytes > MAX_UNSYNCED_BYTES;
         if all {
-            self.left.clear();
+            // Everything is written below: what matters of a leaver is only that their later
+            // items are not held behind a hold that has nothing left to order.
+            self.release_left();
         } else {
             self.write_left(store);
         }
@@ -424,9 +426,29 @@ impl Relay {
         if self.left.is_empty() {
             return;
         }
+        let gone = self.release_left();
+        if gone.is_empty() {
+            return;
+        }
+        // The live check first: it is a number, the name a SipHash.
+        let due: Vec<(u64, String, ItemKey)> = self
+            .held
+            .iter()
+            .filter(|a| self.is_live(a.seq) && gone.contains(&a.to))
+            .map(|a| (a.seq, a.to.clone(), a.key))
+            .collect();
+        for (seq, to, key) in due {
+            self.write_unsynced(seq, &to, key, store);
+        }
+        self.drop_stale_arrivals();
+    }
+
+    /// Empty `left`: each of them still offline holds nothing back any more (their queue's
+    /// hold, which only keeps a later item behind a held one, ends), and is returned. One back
+    /// already, or replaced by a newer login, keeps the hold: they can still `Ack`.
+    fn release_left(&mut self) -> HashSet<String> {
         let mut gone = HashSet::new();
         for user in std::mem::take(&mut self.left) {
-            // Back already (or a newer login replaced the connection): it can still Ack.
             if self.online.contains_key(&user) {
                 continue;
             }
@@ -435,16 +457,7 @@ impl Relay {
             }
             gone.insert(user);
         }
-        let due: Vec<(u64, String, ItemKey)> = self
-            .held
-            .iter()
-            .filter(|a| gone.contains(&a.to) && self.is_live(a.seq))
-            .map(|a| (a.seq, a.to.clone(), a.key))
-            .collect();
-        for (seq, to, key) in due {
-            self.write_unsynced(seq, &to, key, store);
-        }
-        self.drop_stale_arrivals();
+        gone
     }
 
     /// Write `to`'s item `key` of arrival `seq` to the store, if it is still that arrival's
@@ -693,12 +706,13 @@ impl Relay {
             return;
         }
         self.online.remove(user);
-        if self
-            .queues
-            .get(user)
-            .is_some_and(|q| !q.unsynced.is_empty())
-        {
-            self.left.push(user.to_string());
+        if let Some(q) = self.queues.get_mut(user) {
+            if q.unsynced.is_empty() {
+                // Nothing of theirs in memory for a later item to wait behind.
+                q.hold_until = 0;
+            } else {
+                self.left.push(user.to_string());
+            }
         }
         if !announce {
             return;

@@ -1703,6 +1703,98 @@ fn a_recipient_who_leaves_has_their_held_items_written_at_the_next_sync() {
     );
 }
 
+/// A recipient who acknowledged everything and then left holds nothing back: their queue's hold
+/// (which only orders a later item behind a held one) ends with the leave, and a new item for
+/// them is written at its `SYNC_DELAY_MS`, not at the old hold's end.
+#[test]
+fn a_recipient_who_acknowledged_everything_then_left_holds_no_later_item_back() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    t.send_to_bob_at(1, t0);
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    t.relay
+        .handle(ConnId(2), ToRelay::Ack(msg_key(1)), t0 + 11, &mut t.store);
+    t.relay.disconnect(ConnId(2));
+    t.relay.sync(t0 + 12, &mut t.store, false);
+    t.drain();
+    assert!(t.stored_ids().is_empty(), "acknowledged: never written");
+    let t1 = t0 + 30;
+    t.send_to_bob_at(2, t1);
+    t.relay.sync(t1 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(
+        t.stored_ids(),
+        [2],
+        "offline, nothing held: at SYNC_DELAY_MS"
+    );
+}
+
+/// A sync that writes everything (a batch commit, or memory past its bound) right after a
+/// recipient left ends their hold too: a later item is written at its `SYNC_DELAY_MS`.
+#[test]
+fn a_full_sync_after_a_leave_holds_no_later_item_back() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    t.send_to_bob_at(1, t0);
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    t.relay.disconnect(ConnId(2));
+    t.relay.sync(t0 + 12, &mut t.store, true);
+    t.drain();
+    assert_eq!(t.stored_ids(), [1], "written by the full sync");
+    let t1 = t0 + 30;
+    t.send_to_bob_at(2, t1);
+    t.relay.sync(t1 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(
+        t.stored_ids(),
+        [1, 2],
+        "offline, nothing held: at SYNC_DELAY_MS"
+    );
+}
+
+/// A connection replaced by a newer login of the same user does not count as a leave: what
+/// is held stays held for the new connection, which can still acknowledge it.
+#[test]
+fn a_connection_replaced_by_a_newer_login_keeps_the_hold() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    t.send_to_bob_at(1, t0);
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    t.drain();
+    // Logged in by hand: `T::handle` would write everything held, as a committing turn does.
+    let nonce = t.connect(3);
+    let me = identity(BOB);
+    let signature = me
+        .sign(
+            &mut rand::thread_rng(),
+            &login_transcript(&nonce, "bob", &[]),
+        )
+        .unwrap();
+    let login = ToRelay::Login {
+        user: "bob".into(),
+        key: me.public().der().to_vec(),
+        signature,
+    };
+    t.relay.handle(ConnId(3), login, t0 + 11, &mut t.store);
+    t.relay.disconnect(ConnId(2));
+    t.relay.sync(t0 + 12, &mut t.store, false);
+    t.drain();
+    assert!(t.stored_ids().is_empty(), "bob is still online: held");
+    t.relay
+        .handle(ConnId(3), ToRelay::Ack(msg_key(1)), t0 + 13, &mut t.store);
+    assert!(
+        t.drain()
+            .contains(&Out::Send(ConnId(1), FromRelay::Accepted(msg_key(1)))),
+        "the new connection's Ack is the sender's Accepted"
+    );
+    t.relay.sync(t0 + HOLD_ONLINE_MS, &mut t.store, false);
+    assert!(t.stored_ids().is_empty(), "acknowledged: never written");
+}
+
 /// A recipient who leaves and is back before the turn's sync can still acknowledge what is
 /// held for them: nothing is written, and their `Ack` gives the sender `Accepted`.
 #[test]
