@@ -366,7 +366,7 @@ impl Relay {
             // items are not held behind a hold that has nothing left to order.
             self.release_left();
         } else {
-            self.write_left(store);
+            self.write_left(now, store);
         }
         // Stale entries (acknowledged, forgotten) go first whatever their time, so a live front
         // is what `next_deadline` wakes for. Held items are older than any arrival still
@@ -418,45 +418,55 @@ impl Relay {
         }
     }
 
-    /// Write what is held for recipients who went offline (and are still offline), in arrival
-    /// order, and hold nothing of theirs any more: their arrivals still within
+    /// Write what is held for recipients who went offline (and are still offline), each one's
+    /// in arrival order, and hold nothing of theirs any more: their items still within
     /// [`SYNC_DELAY_MS`], and later ones, are written at it, as any offline recipient's are.
-    /// One pass over `held`, only in a turn after such a recipient left.
-    fn write_left(&mut self, store: &mut dyn RelayStore) {
+    /// Only in a turn after such a recipient left, and from their own queue (their k items
+    /// sorted, not a pass over everyone's held items), so a client that logs in and out every
+    /// turn cannot make each turn scan them all.
+    fn write_left(&mut self, now: u64, store: &mut dyn RelayStore) {
         if self.left.is_empty() {
             return;
         }
-        let gone = self.release_left();
-        if gone.is_empty() {
-            return;
+        for user in self.release_left() {
+            let Some(q) = self.queues.get(&user) else {
+                continue;
+            };
+            let mut due: Vec<(u64, ItemKey)> = q
+                .unsynced
+                .iter()
+                .filter(|(_, u)| now.saturating_sub(u.at) >= SYNC_DELAY_MS)
+                .map(|(key, u)| (u.seq, *key))
+                .collect();
+            // Everything of theirs already written came before all of these, and what is left
+            // after them came later (a later item is never written before a held one), so
+            // arrival order here is the queue's order.
+            due.sort_unstable_by_key(|&(seq, _)| seq);
+            for (seq, key) in due {
+                self.write_unsynced(seq, &user, key, store);
+            }
         }
-        // The live check first: it is a number, the name a SipHash.
-        let due: Vec<(u64, String, ItemKey)> = self
-            .held
-            .iter()
-            .filter(|a| self.is_live(a.seq) && gone.contains(&a.to))
-            .map(|a| (a.seq, a.to.clone(), a.key))
-            .collect();
-        for (seq, to, key) in due {
-            self.write_unsynced(seq, &to, key, store);
-        }
+        // Their entries in `held` and `arrivals` are stale now: the ones in front go.
         self.drop_stale_arrivals();
     }
 
     /// Empty `left`: each of them still offline holds nothing back any more (their queue's
-    /// hold, which only keeps a later item behind a held one, ends), and is returned. One back
-    /// already, or replaced by a newer login, keeps the hold: they can still `Ack`.
-    fn release_left(&mut self) -> HashSet<String> {
-        let mut gone = HashSet::new();
-        for user in std::mem::take(&mut self.left) {
-            if self.online.contains_key(&user) {
-                continue;
+    /// hold, which only keeps a later item behind a held one, ends), and is returned, once
+    /// each. One back already, or replaced by a newer login, keeps the hold: they can still
+    /// `Ack`.
+    fn release_left(&mut self) -> Vec<String> {
+        let mut gone = std::mem::take(&mut self.left);
+        gone.sort_unstable();
+        gone.dedup();
+        gone.retain(|user| {
+            if self.online.contains_key(user) {
+                return false;
             }
-            if let Some(q) = self.queues.get_mut(&user) {
+            if let Some(q) = self.queues.get_mut(user) {
                 q.hold_until = 0;
             }
-            gone.insert(user);
-        }
+            true
+        });
         gone
     }
 
@@ -1331,6 +1341,7 @@ impl Relay {
                 bytes,
                 senders: vec![id],
                 seq: self.next_seq,
+                at: now,
                 size,
             },
         );

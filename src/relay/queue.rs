@@ -19,6 +19,9 @@ pub(super) struct Unsynced {
     /// Arrival order: items of one turn share a time, and the store must get them in the order
     /// they came (it is the queue's order after a restart).
     pub(super) seq: u64,
+    /// When it came (monotonic ms): a leaver's items still within their `SYNC_DELAY_MS` are
+    /// written at it, as an offline recipient's are, not with the held ones.
+    pub(super) at: u64,
     pub(super) size: usize,
 }
 

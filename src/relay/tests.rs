@@ -1703,6 +1703,36 @@ fn a_recipient_who_leaves_has_their_held_items_written_at_the_next_sync() {
     );
 }
 
+/// At a leave, the held items are written at the next sync, and an item still within its first
+/// `SYNC_DELAY_MS` at its own, after them: the store keeps the order they came in.
+#[test]
+fn a_leavers_young_item_is_written_at_its_own_delay_after_the_held_ones() {
+    let mut t = T::new();
+    t.logged_in(1, "alice", ALICE);
+    t.logged_in(2, "bob", BOB);
+    let t0 = t.now;
+    t.send_to_bob_at(1, t0);
+    t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
+    t.send_to_bob_at(2, t0 + 15);
+    t.relay.disconnect(ConnId(2));
+    t.relay.sync(t0 + 16, &mut t.store, false);
+    assert_eq!(
+        t.stored_ids(),
+        [1],
+        "the held item at once, the young one not yet"
+    );
+    t.relay
+        .sync(t0 + 15 + SYNC_DELAY_MS - 1, &mut t.store, false);
+    assert_eq!(t.stored_ids(), [1]);
+    t.relay.sync(t0 + 15 + SYNC_DELAY_MS, &mut t.store, false);
+    assert_eq!(
+        t.stored_ids(),
+        [1, 2],
+        "then at its own SYNC_DELAY_MS, after it"
+    );
+    assert_eq!(t.relay.unsynced_count(), 0);
+}
+
 /// A recipient who acknowledged everything and then left holds nothing back: their queue's hold
 /// (which only orders a later item behind a held one) ends with the leave, and a new item for
 /// them is written at its `SYNC_DELAY_MS`, not at the old hold's end.
