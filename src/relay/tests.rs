@@ -1660,16 +1660,18 @@ fn a_recipient_who_leaves_has_their_held_items_written_at_the_next_sync() {
     t.logged_in(1, "alice", ALICE);
     t.logged_in(2, "bob", BOB);
     let t0 = t.now;
-    t.send_to_bob_at(1, t0);
-    t.send_to_bob_at(2, t0 + 1);
-    t.relay.sync(t0 + 1 + SYNC_DELAY_MS, &mut t.store, false);
+    // Eight, so that an order taken from the queue's hash map rather than the arrivals shows.
+    for n in 1..=8 {
+        t.send_to_bob_at(n, t0 + u64::from(n) - 1);
+    }
+    t.relay.sync(t0 + 7 + SYNC_DELAY_MS, &mut t.store, false);
     assert!(t.stored_ids().is_empty(), "held: bob is online");
     t.drain();
     t.relay.disconnect(ConnId(2));
     t.relay.sync(t0 + 20, &mut t.store, false);
     assert_eq!(
         t.stored_ids(),
-        [1, 2],
+        [1, 2, 3, 4, 5, 6, 7, 8],
         "written at once, in the order they came"
     );
     let accepted: Vec<Out> = t
@@ -1682,23 +1684,23 @@ fn a_recipient_who_leaves_has_their_held_items_written_at_the_next_sync() {
             )
         })
         .collect();
-    assert_eq!(
-        accepted,
-        [
-            Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(1))),
-            Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(2)))
-        ],
-        "Accepted after the commit only"
-    );
+    let want: Vec<Out> = (1..=8)
+        .map(|n| Out::AfterCommit(ConnId(1), FromRelay::Accepted(msg_key(n))))
+        .collect();
+    assert_eq!(accepted, want, "Accepted after the commit only");
     assert_eq!(t.relay.unsynced_count(), 0);
     let t1 = t0 + 30;
-    t.send_to_bob_at(3, t1);
+    t.send_to_bob_at(9, t1);
     t.relay.sync(t1 + SYNC_DELAY_MS - 1, &mut t.store, false);
-    assert_eq!(t.stored_ids(), [1, 2], "an arrival waits its SYNC_DELAY_MS");
+    assert_eq!(
+        t.stored_ids(),
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        "an arrival waits its SYNC_DELAY_MS"
+    );
     t.relay.sync(t1 + SYNC_DELAY_MS, &mut t.store, false);
     assert_eq!(
         t.stored_ids(),
-        [1, 2, 3],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9],
         "offline, nothing held: at SYNC_DELAY_MS"
     );
 }
