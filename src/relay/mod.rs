@@ -241,10 +241,10 @@ pub struct Relay {
     /// [`HOLD_ONLINE_MS`] after it came, or its queue's `hold_until`. Both are at most
     /// `HOLD_ONLINE_MS` after it came; one due before the front waits for the front.
     held: VecDeque<Arrival>,
-    /// Recipients who went offline with items of theirs in memory only: the next `sync`
-    /// writes those items (no `Ack` can come for them now; one the recipient wrote before its
-    /// connection reset is lost with it), so their senders hear `Accepted` after that turn's
-    /// commit, not after [`HOLD_ONLINE_MS`].
+    /// Recipients who went offline since the last `sync`: it writes what is in memory for them
+    /// (no `Ack` can come for it now; one the recipient wrote before its connection reset is
+    /// lost with it), so their senders hear `Accepted` after that turn's commit, not after
+    /// [`HOLD_ONLINE_MS`], and ends their queue's hold, which has nothing left to order.
     left: Vec<String>,
     /// No timer of any connection is due before this (monotonic ms): a lower bound, exact after
     /// each [`Relay::tick`], lowered by new connections and logins in between (activity only
@@ -716,13 +716,8 @@ impl Relay {
             return;
         }
         self.online.remove(user);
-        if let Some(q) = self.queues.get_mut(user) {
-            if q.unsynced.is_empty() {
-                // Nothing of theirs in memory for a later item to wait behind.
-                q.hold_until = 0;
-            } else {
-                self.left.push(user.to_string());
-            }
+        if self.queues.contains_key(user) {
+            self.left.push(user.to_string());
         }
         if !announce {
             return;
