@@ -55,6 +55,14 @@ impl Cores for Net {
     }
 }
 
+/// The count that follows `flag`: a whole number above 0.
+fn count(value: Option<String>, flag: &str) -> Result<usize, String> {
+    value
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{flag} needs a count above 0"))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut total = 5_000;
     let mut runs = 5;
@@ -62,20 +70,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--runs" => {
-                runs = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .filter(|&n| n > 0)
-                    .ok_or("--runs needs a count above 0")?;
-            }
-            "--batch" => {
-                batch = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .filter(|&n| n > 0)
-                    .ok_or("--batch needs a count above 0")?;
-            }
+            "--runs" => runs = count(args.next(), "--runs")?,
+            "--batch" => batch = count(args.next(), "--batch")?,
             // `cargo bench` passes `--bench` to every harness-less bench.
             "--bench" => {}
             n => total = n.parse().map_err(|_| format!("not a message count: {n}"))?,

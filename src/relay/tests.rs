@@ -73,21 +73,23 @@ impl T {
     fn login(&mut self, id: impl Into<ConnId>, user: &str, key: usize) -> Vec<Out> {
         let id: ConnId = id.into();
         let nonce = self.connect(id);
-        let me = identity(key);
-        let signature = me
-            .sign(
-                &mut rand::thread_rng(),
-                &login_transcript(&nonce, user, &[]),
-            )
-            .unwrap();
-        self.handle(
-            id,
-            ToRelay::Login {
-                user: user.into(),
-                key: me.public().der().to_vec(),
-                signature,
-            },
-        )
+        self.handle(id, signed_login(&nonce, user, key))
+    }
+
+    /// Connect and log in as `user` at `at` without the committing turn's sync that
+    /// [`T::handle`] runs, which would write everything held; returns what the relay answered.
+    fn login_holding(
+        &mut self,
+        id: impl Into<ConnId>,
+        user: &str,
+        key: usize,
+        at: u64,
+    ) -> Vec<Out> {
+        let id: ConnId = id.into();
+        let nonce = self.connect(id);
+        self.relay
+            .handle(id, signed_login(&nonce, user, key), at, &mut self.store);
+        self.drain()
     }
 
     /// Log in and check it worked; the answers are dropped.
@@ -103,6 +105,19 @@ impl T {
     fn send(&mut self, id: impl Into<ConnId>, item: Routed) -> Vec<Out> {
         let id: ConnId = id.into();
         self.handle(id, ToRelay::Send(item))
+    }
+}
+
+/// A `Login` as `user` with `key`, signed over the challenge `nonce`.
+fn signed_login(nonce: &[u8; 32], user: &str, key: usize) -> ToRelay {
+    let me = identity(key);
+    let signature = me
+        .sign(&mut rand::thread_rng(), &login_transcript(nonce, user, &[]))
+        .unwrap();
+    ToRelay::Login {
+        user: user.into(),
+        key: me.public().der().to_vec(),
+        signature,
     }
 }
 
@@ -1797,21 +1812,7 @@ fn a_connection_replaced_by_a_newer_login_keeps_the_hold() {
     t.send_to_bob_at(1, t0);
     t.relay.sync(t0 + SYNC_DELAY_MS, &mut t.store, false);
     t.drain();
-    // Logged in by hand: `T::handle` would write everything held, as a committing turn does.
-    let nonce = t.connect(3);
-    let me = identity(BOB);
-    let signature = me
-        .sign(
-            &mut rand::thread_rng(),
-            &login_transcript(&nonce, "bob", &[]),
-        )
-        .unwrap();
-    let login = ToRelay::Login {
-        user: "bob".into(),
-        key: me.public().der().to_vec(),
-        signature,
-    };
-    t.relay.handle(ConnId(3), login, t0 + 11, &mut t.store);
+    t.login_holding(3, "bob", BOB, t0 + 11);
     t.relay.disconnect(ConnId(2));
     t.relay.sync(t0 + 12, &mut t.store, false);
     t.drain();
@@ -1840,23 +1841,7 @@ fn a_recipient_back_before_the_sync_keeps_their_held_items_off_the_disk() {
     t.drain();
     t.relay.disconnect(ConnId(2));
     t.drain();
-    // Logged in by hand: `T::handle` would write everything held, as a committing turn does.
-    let nonce = t.connect(3);
-    let me = identity(BOB);
-    let signature = me
-        .sign(
-            &mut rand::thread_rng(),
-            &login_transcript(&nonce, "bob", &[]),
-        )
-        .unwrap();
-    let login = ToRelay::Login {
-        user: "bob".into(),
-        key: me.public().der().to_vec(),
-        signature,
-    };
-    t.relay
-        .handle(ConnId(3), login, t0 + SYNC_DELAY_MS, &mut t.store);
-    let out = t.drain();
+    let out = t.login_holding(3, "bob", BOB, t0 + SYNC_DELAY_MS);
     assert!(
         matches!(
             out.first(),
