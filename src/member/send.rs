@@ -598,35 +598,48 @@ impl Sending {
     ) -> Result<(Sent, Routed, Record), MemberError> {
         let from = own.to_string();
         let s = self.session_for(identity, own, peers, to, store)?;
-        let counter = s.next;
-        s.next += 1;
         let (session, key, key_packet) = (s.id, s.key.clone(), s.key_packet.clone());
-        let mut id = message_id(&session, counter).unwrap_or_else(|| random_id(&mut self.rng));
-        // Looked up before sealing, so no (key, counter) ever seals twice. The id is taken only
-        // if the recipient (or the relay), who knows the session, sent us a message with it
-        // first: a random one then, as before.
-        if store.has_message(&id)? {
-            id = random_id(&mut self.rng);
-        }
-        let mut env = Envelope {
-            id,
-            from: from.clone(),
-            to: to.to_string(),
-            time_ms: now.wall,
-            session,
-            counter,
-            key_packet,
-            ciphertext: Vec::new(),
+        // The id is the session's next one, taken only if the recipient (or the relay), who
+        // know the session, sent us a message under it first; the insert finds that out, with
+        // no lookup before it. Then what was sealed is dropped unsent, its counter is spent,
+        // and the message is sealed again under the next counter and a random id: no (key,
+        // counter) is ever sealed twice, even in memory.
+        let mut counter = s.next;
+        s.next += 1;
+        let mut derived = message_id(&session, counter);
+        let (id, item) = loop {
+            let random = derived.is_none();
+            let id = derived.unwrap_or_else(|| random_id(&mut self.rng));
+            let mut env = Envelope {
+                id,
+                from: from.clone(),
+                to: to.to_string(),
+                time_ms: now.wall,
+                session,
+                counter,
+                key_packet: key_packet.clone(),
+                ciphertext: Vec::new(),
+            };
+            env.ciphertext = seal_envelope(&key, &Header::of(&env), text.as_bytes());
+            let item = Routed::Message(env);
+            let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
+            if store.add_sent(&id, to, &session, counter, &bytes)? {
+                break (id, item);
+            }
+            if random {
+                // Two random ids alike means a damaged database, not bad luck.
+                return Err(MemberError::Store(StoreError::Corrupt(
+                    "a random message id is stored already".into(),
+                )));
+            }
+            let s = self
+                .sessions
+                .get_mut(to)
+                .ok_or_else(|| MemberError::UnknownUser(to.into()))?;
+            counter = s.next;
+            s.next += 1;
+            derived = None;
         };
-        env.ciphertext = seal_envelope(&key, &Header::of(&env), text.as_bytes());
-        let item = Routed::Message(env);
-        let bytes = to_payload(&item).map_err(|_| MemberError::TextTooLong(text.len()))?;
-        if !store.add_sent(&id, to, &session, counter, &bytes)? {
-            // Not free after all: two random ids alike means a damaged database, not bad luck.
-            return Err(MemberError::Store(StoreError::Corrupt(
-                "a random message id is stored already".into(),
-            )));
-        }
         let record = store.append(
             now.wall,
             to,

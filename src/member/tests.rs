@@ -1292,7 +1292,8 @@ fn tampered_sender_or_session_fails_the_key_packet_signature() {
 
 /// A message's id is its session's prefix and its counter, so a session's ids are
 /// consecutive; the recipient knows them ahead and could send one to the sender first. The
-/// sender then takes a random id, and the message goes through as any other.
+/// sender's insert then refuses the id: the message is sealed again under the next counter and
+/// a random id, and goes through as any other.
 #[test]
 fn ids_follow_the_session_and_a_taken_one_is_replaced() {
     let (mut net, a, b) = pair();
@@ -1324,6 +1325,16 @@ fn ids_follow_the_session_and_a_taken_one_is_replaced() {
     let id = net.send(a, "bob", "third");
     assert_ne!(id, taken, "a taken id is not used again");
     net.transfer();
+    // The insert found the id taken after the message was sealed under it: that seal was
+    // dropped, and its counter is never sealed again (the nonce under the session's key).
+    let third = net.sent("alice")[2].clone();
+    assert_eq!(third.id, id);
+    assert_eq!(third.session, sent[1].session);
+    assert_eq!(
+        third.counter,
+        sent[1].counter + 2,
+        "the counter sealed under the taken id is spent"
+    );
     assert_eq!(net.states(a, id), [MsgState::Relayed, MsgState::Delivered]);
     assert_eq!(
         net.inbox(b),
