@@ -452,9 +452,6 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        if let Ok(v) = std::env::var("XX_WAL_AC") {
-            conn.pragma_update(None, "wal_autocheckpoint", v.parse::<i64>().unwrap())?;
-        }
         // Room for the statements of both roles not held in `prepared` (a host uses both sets
         // in one turn); the default of 16 would evict and parse again.
         conn.set_prepared_statement_cache_capacity(64);
