@@ -598,7 +598,7 @@ impl Sending {
     ) -> Result<(Sent, Routed, Record), MemberError> {
         let from = own.to_string();
         let s = self.session_for(identity, own, peers, to, store)?;
-        let (session, key, key_packet) = (s.id, s.key.clone(), s.key_packet.clone());
+        let (session, key, mut key_packet) = (s.id, s.key.clone(), s.key_packet.clone());
         // The id is the session's next one, taken only if the recipient (or the relay), who
         // know the session, sent us a message under it first; the insert finds that out, with
         // no lookup before it. Then what was sealed is dropped unsent, its counter is spent,
@@ -617,7 +617,7 @@ impl Sending {
                 time_ms: now.wall,
                 session,
                 counter,
-                key_packet: key_packet.clone(),
+                key_packet: key_packet.take(),
                 ciphertext: Vec::new(),
             };
             env.ciphertext = seal_envelope(&key, &Header::of(&env), text.as_bytes());
@@ -631,6 +631,10 @@ impl Sending {
                 return Err(MemberError::Store(StoreError::Corrupt(
                     "a random message id is stored already".into(),
                 )));
+            }
+            // The dropped seal gives its key packet back for the next one.
+            if let Routed::Message(env) = item {
+                key_packet = env.key_packet;
             }
             let s = self
                 .sessions
