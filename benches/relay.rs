@@ -39,7 +39,15 @@
 //!
 //! The relay commits each event-loop turn with one fsync, so its figures include the disk's sync
 //! latency (the same for every build measured). The members run on threads of this process, on
-//! the same machine as the server: their own TLS and framing share the CPU with it.
+//! the same machine as the server.
+//!
+//! **Placement**: with two CPUs or more, each server runs on the first CPU this process may use
+//! and the bench's clients on the others (issue 9's set-up: the relay on one core, the load on
+//! the other), so the server's CPU is its own and every hop of a round trip wakes the other
+//! CPU. Left to the scheduler, a ping-pong's three busy threads land on the two vCPUs of this
+//! machine as it happens: all on one, a round trip took 20 µs; each hop across, 160 µs; one run
+//! and the next differed by that much for the same server, and a ratio of two servers measured
+//! which of them was lucky. `--no-pin` leaves the placement to the scheduler.
 //!
 //! # The peers
 //!
@@ -126,6 +134,9 @@ cargo bench --bench relay -- [OPTIONS]
   --per-frame        every client writes each envelope, Ack and PUBACK on its own (one write,
                      one TLS record, one segment each); by default a client writes at once what
                      one read pass made it send, as a member's daemon writes what a turn produced
+  --no-pin           leave the servers and the clients where the scheduler puts them; by
+                     default a server runs on the first CPU this process may use and the clients
+                     on the others (with fewer than two CPUs nothing is pinned)
 
 The peers keep nothing on disk; chatd fsyncs every envelope before Accepted. They speak
 plain TCP, but for --mosquitto-tls; chatd speaks TLS 1.3.";
@@ -178,6 +189,73 @@ struct Opts {
     only: Option<String>,
     /// Every frame its own write, as the bench's clients wrote before (see the module docs).
     per_frame: bool,
+    /// `--no-pin`: no [`Placement`].
+    no_pin: bool,
+    /// Where the servers run (their CPU), when [`Placement::apply`] pinned this process.
+    pin: Option<Placement>,
+}
+
+/// The servers on one CPU, this process's clients on the rest (the module docs say why).
+#[derive(Clone, Copy)]
+struct Placement {
+    server: libc::cpu_set_t,
+    server_cpu: usize,
+}
+
+impl Placement {
+    /// Pins this thread, and so every thread it starts from now on, to every CPU it may use but
+    /// the first, which the servers get. None with fewer than two CPUs.
+    fn apply() -> Result<Option<Placement>, String> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: a cpu_set_t is plain bits; all zero is the empty set.
+        let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `mine` is a cpu_set_t of `size` bytes, written by the call.
+        if unsafe { libc::sched_getaffinity(0, size, &mut mine) } != 0 {
+            return Err(format!("sched_getaffinity: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: CPU_ISSET reads a bit of a valid set, for cpu < CPU_SETSIZE.
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &mine) })
+            .collect();
+        let [server_cpu, clients @ ..] = cpus.as_slice() else {
+            return Ok(None);
+        };
+        if clients.is_empty() {
+            return Ok(None);
+        }
+        // SAFETY: as above; CPU_SET writes a bit of a valid set, for cpu < CPU_SETSIZE.
+        let (mut server, mut rest): (libc::cpu_set_t, libc::cpu_set_t) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        unsafe { libc::CPU_SET(*server_cpu, &mut server) };
+        for &c in clients {
+            unsafe { libc::CPU_SET(c, &mut rest) };
+        }
+        // SAFETY: `rest` is a valid cpu_set_t of `size` bytes.
+        if unsafe { libc::sched_setaffinity(0, size, &rest) } != 0 {
+            return Err(format!("sched_setaffinity: {}", io::Error::last_os_error()));
+        }
+        Ok(Some(Placement {
+            server,
+            server_cpu: *server_cpu,
+        }))
+    }
+
+    /// `cmd` starts its process on the servers' CPU (with no placement, where it likes).
+    fn server(pin: Option<Placement>, cmd: &mut Command) -> &mut Command {
+        use std::os::unix::process::CommandExt;
+        let Some(p) = pin else { return cmd };
+        // SAFETY: the closure only makes one system call, which is async-signal-safe, on a set
+        // copied in before the fork, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                if libc::sched_setaffinity(0, size, &p.server) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -191,6 +269,8 @@ fn parse_opts() -> Result<Opts, String> {
         pings: 1000,
         only: None,
         per_frame: false,
+        no_pin: false,
+        pin: None,
     };
     let mut peers = Vec::new();
     let mut args = std::env::args().skip(1).peekable();
@@ -250,6 +330,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--pings" => o.pings = num(value("--pings")?, "--pings")?,
             "--only" => o.only = Some(value("--only")?),
             "--per-frame" => o.per_frame = true,
+            "--no-pin" => o.no_pin = true,
             "--help" | "-h" => return Err(USAGE.into()),
             // cargo bench passes --bench to every harness = false target.
             "--bench" => {}
@@ -306,7 +387,7 @@ struct RelayProc {
 }
 
 impl RelayProc {
-    fn start(chatd: &Path) -> Result<RelayProc, String> {
+    fn start(chatd: &Path, pin: Option<Placement>) -> Result<RelayProc, String> {
         let chatctl = chatd.with_file_name("chatctl");
         let dir = tempfile::Builder::new()
             .prefix("chatd-relay-bench-")
@@ -322,7 +403,8 @@ impl RelayProc {
         std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
         let socket = dir.path().join("control.sock");
         let log = std::fs::File::create(dir.path().join("relay.log")).map_err(|e| e.to_string())?;
-        let child = common::die_with_parent(&mut Command::new(chatd))
+        let mut cmd = Command::new(chatd);
+        let child = common::die_with_parent(Placement::server(pin, &mut cmd))
             .args(["--listen", "127.0.0.1:0", "--key-bits", "2048"])
             .arg("--state-dir")
             .arg(dir.path().join("state"))
@@ -607,7 +689,7 @@ fn chatd_throughput(
     pairs: usize,
     messages: usize,
 ) -> Result<(f64, Option<f64>, Mode), String> {
-    let relay = RelayProc::start(chatd)?;
+    let relay = RelayProc::start(chatd, o.pin)?;
     let mode = common::probe(relay.addr).map_err(|e| format!("probe: {e}"))?;
     let senders: Vec<String> = (0..pairs).map(|i| format!("s{i:03}")).collect();
     let receivers: Vec<String> = (0..pairs).map(|i| format!("r{i:03}")).collect();
@@ -699,7 +781,7 @@ fn chatd_ping_pong(
     chatd: &Path,
     keys: &[Identity],
 ) -> Result<(Vec<Duration>, Mode), String> {
-    let relay = RelayProc::start(chatd)?;
+    let relay = RelayProc::start(chatd, o.pin)?;
     let mode = common::probe(relay.addr).map_err(|e| format!("probe: {e}"))?;
     let names = ["ping".to_string(), "pong".to_string()];
     let mut ms = login_all(relay.addr, mode, &names, keys)?;
@@ -853,7 +935,8 @@ impl PeerProc {
         let log =
             std::fs::File::create(dir.path().join("server.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = common::die_with_parent(&mut Command::new(bin))
+        let mut cmd = Command::new(bin);
+        let child = common::die_with_parent(Placement::server(o.pin, &mut cmd))
             .args(args)
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -1706,13 +1789,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let o = match parse_opts() {
+    let mut o = match parse_opts() {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(2);
         }
     };
+    if !o.no_pin {
+        // Before any thread starts: each inherits the clients' CPUs.
+        match Placement::apply() {
+            Ok(pin) => o.pin = pin,
+            Err(e) => {
+                eprintln!("relay bench: cannot pin the clients ({e}); give --no-pin");
+                std::process::exit(1);
+            }
+        }
+    }
     match run(&o) {
         Ok(0) => {}
         Ok(failed) => {
@@ -1765,6 +1858,13 @@ fn run(o: &Opts) -> Result<usize, String> {
         o.window,
         o.size
     );
+    match o.pin {
+        Some(p) => println!(
+            "relay bench: each server on CPU {}, the clients on the other CPUs (--no-pin: anywhere)",
+            p.server_cpu
+        ),
+        None => println!("relay bench: servers and clients where the scheduler puts them"),
+    }
     let mut failed = 0;
     let want = |what: &str| o.only.as_deref().map_or(true, |w| w == what);
     for (label, pairs, default_m) in [("1to1", 1, 20_000), ("50to50", 50, 1_000)] {
