@@ -308,6 +308,12 @@ impl Receiving {
     }
 
     /// Judge a delivered envelope; `own` is our name, `identity` our key.
+    ///
+    /// A redelivery of a message we stored is `Duplicate` whatever else could be said of it.
+    /// An envelope that opens is not looked up first: its insert ([`store_message`]) refuses a
+    /// stored id, and `settle` tells a redelivery from a replay then. Every other verdict is
+    /// checked against the store here. A message that opens is the common case, and the lookup
+    /// was one indexed read per message received, for what is rare.
     pub(super) fn judge(
         &self,
         own: &str,
@@ -319,11 +325,31 @@ impl Receiving {
         if env.to != own {
             return Verdict::Reject(Why::NotForUs).into();
         }
-        match store.has_message(&env.id) {
-            Ok(true) => return Verdict::Duplicate.into(),
-            Ok(false) => {}
-            Err(e) => return Verdict::Retry(Retry::Check(e)).into(),
+        let judged = self.judge_unseen(own, identity, peers, env, store);
+        if matches!(judged.verdict, Verdict::Open(_)) {
+            return judged;
         }
+        let verdict = match store.has_message(&env.id) {
+            Ok(true) => Verdict::Duplicate,
+            Ok(false) => return judged,
+            Err(e) => Verdict::Retry(Retry::Check(e)),
+        };
+        // A key found on the way is kept, as for any verdict.
+        Judged {
+            verdict,
+            learned: judged.learned,
+        }
+    }
+
+    /// [`Receiving::judge`] for an envelope addressed to us, as if its id were not stored.
+    fn judge_unseen(
+        &self,
+        own: &str,
+        identity: &Identity,
+        peers: &Peers,
+        env: &Envelope,
+        store: &dyn MemberStore,
+    ) -> Judged {
         // What can never be opened is refused at once, never held.
         if env.from == own {
             return Verdict::Reject(Why::FromSelf).into();
@@ -458,8 +484,18 @@ impl Receiving {
                         out.push(Out::Frame(ToRelay::Send(receipt)));
                         return true;
                     }
-                    // Nothing was written: acknowledged and dropped, as any rejected message.
-                    Ok(None) => Why::Replayed.log(&idh, &env),
+                    // Nothing was written: the id is stored (a redelivery, acknowledged
+                    // again) or the replay index refused its (session, counter); either way
+                    // acknowledged and dropped, as any rejected message.
+                    Ok(None) => match store.has_message(&env.id) {
+                        Ok(true) => {}
+                        Ok(false) => Why::Replayed.log(&idh, &env),
+                        Err(e) => {
+                            // Not acknowledged: the relay delivers it again later.
+                            Retry::Check(e).log(&idh);
+                            return false;
+                        }
+                    },
                     Err(e) => {
                         warn!("cannot store message {idh}: {e}; the relay keeps it for later");
                         return false;
@@ -547,8 +583,8 @@ fn store_message(
 ) -> Result<Option<Record>, StoreError> {
     let bytes = to_payload(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if !store.add_received(&env.id, &env.from, &env.session, env.counter, &bytes)? {
-        // The id was checked as new when the message was judged, in this same call, and
-        // nothing wrote a message since: so the replay index refused it.
+        // The id is stored, or the replay index refused the (session, counter): the caller
+        // tells which.
         return Ok(None);
     }
     store

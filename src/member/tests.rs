@@ -1530,6 +1530,58 @@ fn judging_writes_nothing_and_settling_writes_it_all() {
     ));
 }
 
+/// A redelivery of a stored message is not looked up before it is opened (the insert refuses
+/// its id): settled, it is acknowledged again and nothing else. Any other verdict on a stored id
+/// is `Duplicate`, looked up then.
+#[test]
+fn a_redelivery_is_found_by_its_insert_and_only_acknowledged() {
+    use super::receive::Verdict;
+    let (mut net, _a, b) = pair();
+    let env = hand_sealed(&identity(ALICE), "alice", "bob", &public(BOB), "once");
+    let node = &mut net.nodes[b];
+    let m = &mut node.member;
+    let now = Now::at(net.now);
+    let judged = m
+        .receiving
+        .judge(&m.user, &m.identity, &m.peers, &env, &node.store);
+    let mut out = Vec::new();
+    assert!(m
+        .receiving
+        .settle(env.clone(), judged, now, &mut node.store, &mut out));
+    let records = node.store.records(0, None, None).unwrap().len();
+
+    let again = m
+        .receiving
+        .judge(&m.user, &m.identity, &m.peers, &env, &node.store);
+    assert!(
+        matches!(again.verdict, Verdict::Open(_)),
+        "no lookup before opening: {:?}",
+        again.verdict
+    );
+    let mut out = Vec::new();
+    assert!(m
+        .receiving
+        .settle(env.clone(), again, now, &mut node.store, &mut out));
+    assert!(
+        matches!(out[..], [Out::Frame(ToRelay::Ack(k))] if k == msg_key(env.id)),
+        "only acknowledged: {out:?}"
+    );
+    assert_eq!(node.store.records(0, None, None).unwrap().len(), records);
+    assert_eq!(node.store.outbox().unwrap().len(), 1, "one receipt");
+
+    // The same id with a ciphertext that does not open: a redelivery all the same.
+    let mut bent = env.clone();
+    bent.ciphertext[0] ^= 1;
+    let judged = m
+        .receiving
+        .judge(&m.user, &m.identity, &m.peers, &bent, &node.store);
+    assert!(
+        matches!(judged.verdict, Verdict::Duplicate),
+        "{:?}",
+        judged.verdict
+    );
+}
+
 #[test]
 fn message_without_key_packet_for_an_unknown_session_is_rejected() {
     let (mut net, _a, b) = pair();
