@@ -26,7 +26,7 @@ use crate::crypto::{
 };
 use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::{Envelope, ItemKey, Kind, Receipt, Routed, ToRelay};
-use crate::proto::{hex, to_payload, valid_user, MAX_TEXT};
+use crate::proto::{hex, to_payload, valid_user, Hex, MAX_TEXT};
 use crate::store::{MemberStore, StoreError};
 
 /// What to do with a delivered envelope.
@@ -73,7 +73,7 @@ pub(super) enum Why {
 }
 
 impl Why {
-    fn log(&self, idh: &str, env: &Envelope) {
+    fn log(&self, idh: &Hex<'_>, env: &Envelope) {
         let from = &env.from;
         match self {
             Why::NotForUs => warn!("dropped message {idh}: addressed to {}, not to us", env.to),
@@ -116,7 +116,7 @@ pub(super) enum HoldWhy {
 }
 
 impl HoldWhy {
-    fn log(&self, idh: &str, env: &Envelope) {
+    fn log(&self, idh: &Hex<'_>, env: &Envelope) {
         let from = &env.from;
         match self {
             HoldWhy::Unknown => {
@@ -140,7 +140,7 @@ pub(super) enum Retry {
 }
 
 impl Retry {
-    fn log(&self, idh: &str) {
+    fn log(&self, idh: &Hex<'_>) {
         match self {
             Retry::Check(e) => warn!("cannot check message {idh}: {e}"),
             Retry::Session(e) => warn!("cannot look up the session of message {idh}: {e}"),
@@ -446,7 +446,7 @@ impl Receiving {
             kind: Kind::Message,
             id: env.id,
         };
-        let idh = hex(&env.id);
+        let idh = Hex(&env.id);
         if let Some(l) = judged.learned {
             if l.unwrapped {
                 if let Err(e) = store.put_session(false, &env.from, &env.session, l.key.expose()) {
@@ -701,7 +701,7 @@ pub(super) fn settle_receipt(
         kind: Kind::Receipt,
         id: r.id,
     };
-    let idh = hex(&r.id);
+    let idh = Hex(&r.id);
     match verdict {
         ReceiptVerdict::Retry(e) => {
             warn!("cannot look up message {idh}: {e}");

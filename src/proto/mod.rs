@@ -205,15 +205,26 @@ pub const DIRECTORY_CHUNK: usize = 512;
 /// Most names in one `Lookup`, and most entries in each list of its `Keys` answer.
 pub const LOOKUP_CHUNK: usize = 512;
 
+/// Bytes shown as lowercase hex when formatted, for a log line that may never be written: the
+/// message path names every id in its warnings, and formatting one up front cost a message
+/// about 460 instructions.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            use std::fmt::Write;
+            f.write_char(DIGITS[(b >> 4) as usize] as char)?;
+            f.write_char(DIGITS[(b & 15) as usize] as char)?;
+        }
+        Ok(())
+    }
+}
+
 /// Random 16-byte identifiers (message ids, session ids) are shown as 32 lowercase hex digits.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
+    Hex(bytes).to_string()
 }
 
 /// Parse 32 hex digits into a 16-byte id.
@@ -327,6 +338,8 @@ mod tests {
     fn hex_roundtrip() {
         let id = [0xab; 16];
         assert_eq!(parse_id(&hex(&id)), Some(id));
+        assert_eq!(hex(&[0x01, 0xfe, 0x00]), "01fe00");
+        assert_eq!(format!("[{}]", Hex(&[0x0a, 0xb0])), "[0ab0]");
         assert_eq!(parse_id("zz"), None);
         assert_eq!(parse_id(&"g".repeat(32)), None);
     }
