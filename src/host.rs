@@ -513,7 +513,7 @@ mod tests {
         // Alice stores it (the row, whose insert is the check that its id is free, and its
         // history record; no lookup before sealing), marks it relayed
         // (the row's recipient read, then the row updated by rowid) and delivered (the receipt
-        // checked against its row, then the row updated), with a record each. Bob stores it
+        // checked against its row, then that row updated by rowid), with a record each. Bob stores it
         // with its receipt (the insert is the check that it is new; no lookup before it), adds
         // its record, and clears the receipt when the relay takes it. (An `UPDATE ... RETURNING` for the relayed step would be one
         // statement fewer, but SQLite buffers its rows in a temporary table: 80% more
@@ -523,9 +523,17 @@ mod tests {
             "INSERT INTO history",
             "SELECT rowid, peer, state = 'queued' FROM messages",
             "UPDATE messages SET unsent = NULL, state = CASE",
-            "SELECT peer, session, counter, state FROM messages",
+            "SELECT peer, session, counter, state, rowid FROM messages",
             "UPDATE messages SET state = ?2",
         ];
+        // The receipt's update goes to the row its check found, not through the id again.
+        assert!(
+            alice
+                .iter()
+                .filter(|s| s.starts_with("UPDATE messages SET state = ?2"))
+                .all(|s| s.ends_with("WHERE rowid = ?3 AND id = ?1")),
+            "alice's state updates: {alice:#?}"
+        );
         let want = |shapes: &[&str], times: &[usize]| {
             shapes
                 .iter()

@@ -27,7 +27,7 @@ use crate::crypto::{
 use crate::proto::control::{Dir, MsgState, Record, RecordBody};
 use crate::proto::relay::{Envelope, ItemKey, Kind, Receipt, Routed, ToRelay};
 use crate::proto::{hex, to_payload, valid_user, Hex, MAX_TEXT};
-use crate::store::{MemberStore, StoreError};
+use crate::store::{MemberStore, Row, StoreError};
 
 /// What to do with a delivered envelope.
 #[derive(Debug)]
@@ -641,6 +641,8 @@ pub(super) enum ReceiptVerdict {
         session: [u8; 16],
         /// The message was not `Delivered` yet: store and announce the new state.
         news: bool,
+        /// Where the message was found, to update it there.
+        row: Row,
     },
 }
 
@@ -664,11 +666,11 @@ pub(super) fn judge_receipt(
     r: &Receipt,
     store: &dyn MemberStore,
 ) -> ReceiptVerdict {
-    let found = match store.outgoing(&r.id) {
+    let found = match store.outgoing_at(&r.id) {
         Ok(f) => f,
         Err(e) => return ReceiptVerdict::Retry(e),
     };
-    let Some((peer, session, counter, state)) = found else {
+    let Some(((peer, session, counter, state), row)) = found else {
         return ReceiptVerdict::Drop(Bogus::UnknownMessage);
     };
     if r.to != own || r.from != peer || r.session != session || r.counter != counter {
@@ -684,6 +686,7 @@ pub(super) fn judge_receipt(
         peer,
         session,
         news: state != MsgState::Delivered,
+        row,
     }
 }
 
@@ -721,10 +724,11 @@ pub(super) fn settle_receipt(
             peer,
             session,
             news,
+            row,
         } => {
             sending.confirmed(&peer, &session);
             if news {
-                match all_or_none(store, |s| store_receipt(s, r.id, &peer, now)) {
+                match all_or_none(store, |s| store_receipt(s, row, r.id, &peer, now)) {
                     Ok(rec) => {
                         out.push(Out::Record(rec));
                         out.push(Out::State(r.id, MsgState::Delivered, None));
@@ -743,12 +747,13 @@ pub(super) fn settle_receipt(
 /// A verified receipt: the message is `Delivered`, leaves the outbox, and gets its record.
 fn store_receipt(
     store: &mut dyn MemberStore,
+    row: Row,
     id: [u8; 16],
     peer: &str,
     now: Now,
 ) -> Result<Record, StoreError> {
     // Delivered, it leaves the outbox too (a message waiting to be sent again with its key).
-    store.set_state(&id, MsgState::Delivered)?;
+    store.set_state_at(row, &id, MsgState::Delivered)?;
     store.append(
         now.wall,
         peer,

@@ -235,6 +235,11 @@ impl Store {
 
     /// A sent message's recipient, session, counter and state.
     pub fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>> {
+        Ok(self.outgoing_at(id)?.map(|(o, _)| o))
+    }
+
+    /// [`Store::outgoing`], and where the message is, for [`Store::set_state_at`].
+    pub fn outgoing_at(&self, id: &[u8; 16]) -> Result<Option<(Outgoing, Row)>> {
         let row = self.db.with(Sql::MessageOutgoing, |st| {
             st.query_row(params![&id[..]], |r| {
                 Ok((
@@ -242,17 +247,16 @@ impl Store {
                     r.get::<_, Vec<u8>>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
             .optional()
         })?;
         match row {
             None => Ok(None),
-            Some((peer, session, counter, state)) => Ok(Some((
-                peer,
-                id16(session)?,
-                counter as u64,
-                state_parse(&state)?,
+            Some((peer, session, counter, state, rowid)) => Ok(Some((
+                (peer, id16(session)?, counter as u64, state_parse(&state)?),
+                Row(rowid),
             ))),
         }
     }
@@ -263,6 +267,22 @@ impl Store {
         self.db.with(Sql::MessageSetState, |st| {
             st.execute(params![&id[..], state_str(state)])
         })?;
+        Ok(())
+    }
+
+    /// [`Store::set_state`] of message `id` at `row`, where [`Store::outgoing_at`] found it in
+    /// this turn. A row that is not message `id`'s changes nothing, and says so.
+    pub fn set_state_at(&mut self, row: Row, id: &[u8; 16], state: MsgState) -> Result<()> {
+        self.check_write()?;
+        let n = self.db.with(Sql::MessageSetStateAt, |st| {
+            st.execute(params![&id[..], state_str(state), row.0])
+        })?;
+        if n != 1 {
+            return Err(StoreError::Internal(format!(
+                "message {} is not where it was found",
+                crate::proto::hex(id)
+            )));
+        }
         Ok(())
     }
 

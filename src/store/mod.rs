@@ -199,6 +199,12 @@ pub type Held = (u64, [u8; 16], Vec<u8>);
 /// A sent message as stored: recipient, session, counter, state.
 pub type Outgoing = (String, [u8; 16], u64, MsgState);
 
+/// Where [`MemberStore::outgoing_at`] found a sent message: for
+/// [`MemberStore::set_state_at`] in the same turn, which then need not find it again. Opaque
+/// outside the store (SQLite's rowid here; another store's key of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row(i64);
+
 /// One queued item on a relay.
 #[derive(Debug, Clone)]
 pub struct Queued {
@@ -663,6 +669,31 @@ mod tests {
         assert_eq!(bob.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3]);
         let since = s.records(2, None, None).unwrap();
         assert_eq!(since.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    /// A state set where `outgoing_at` found the message changes that message; a row that is
+    /// not that message's changes nothing and is an error, not a silent no-op.
+    #[test]
+    fn a_state_set_at_a_row_changes_only_the_message_there() {
+        let mut s = Store::open_in_memory().unwrap();
+        let (one, two) = ([1; 16], [2; 16]);
+        assert!(s.add_sent(&one, "bob", &[9; 16], 1, b"sealed one").unwrap());
+        assert!(s.add_sent(&two, "bob", &[9; 16], 2, b"sealed two").unwrap());
+        let (_, at_one) = s.outgoing_at(&one).unwrap().unwrap();
+        let (_, at_two) = s.outgoing_at(&two).unwrap().unwrap();
+        assert_ne!(at_one, at_two);
+        assert!(matches!(
+            s.set_state_at(at_two, &one, MsgState::Delivered),
+            Err(StoreError::Internal(m)) if m.contains("not where it was found")
+        ));
+        assert_eq!(s.outgoing(&one).unwrap().unwrap().3, MsgState::Queued);
+        assert_eq!(s.outgoing(&two).unwrap().unwrap().3, MsgState::Queued);
+        s.set_state_at(at_one, &one, MsgState::Delivered).unwrap();
+        assert_eq!(s.outgoing(&one).unwrap().unwrap().3, MsgState::Delivered);
+        assert_eq!(s.outgoing(&two).unwrap().unwrap().3, MsgState::Queued);
+        // Delivered, its envelope and its place in the outbox go, as with `set_state`.
+        let left: Vec<_> = s.outbox().unwrap().into_iter().map(|(k, _)| k.id).collect();
+        assert_eq!(left, [two]);
     }
 
     #[test]

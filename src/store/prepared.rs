@@ -33,6 +33,7 @@ pub(super) enum Sql {
     MessageHas,
     MessageOutgoing,
     MessageSetState,
+    MessageSetStateAt,
     MessageSent,
     ReceiptSent,
     OutboxPush,
@@ -46,7 +47,7 @@ pub(super) enum Sql {
 
 impl Sql {
     /// Every statement, in index order (one left out fails to compile: `COMPLETE`).
-    pub(super) const ALL: [Sql; 19] = [
+    pub(super) const ALL: [Sql; 20] = [
         Sql::Begin,
         Sql::Commit,
         Sql::HistoryAppend,
@@ -57,6 +58,7 @@ impl Sql {
         Sql::MessageHas,
         Sql::MessageOutgoing,
         Sql::MessageSetState,
+        Sql::MessageSetStateAt,
         Sql::MessageSent,
         Sql::ReceiptSent,
         Sql::OutboxPush,
@@ -101,7 +103,8 @@ impl Sql {
             }
             Sql::MessageHas => "SELECT 1 FROM messages WHERE id = ?1",
             Sql::MessageOutgoing => {
-                "SELECT peer, session, counter, state FROM messages WHERE id = ?1 AND dir = 'out'"
+                "SELECT peer, session, counter, state, rowid FROM messages
+                 WHERE id = ?1 AND dir = 'out'"
             }
             // A settled message is never sent again: its kept envelope goes, and it leaves the
             // outbox.
@@ -110,6 +113,15 @@ impl Sql {
                  item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END,
                  unsent = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE unsent END
                  WHERE id = ?1"
+            }
+            // The same, for the row `outgoing` found in this turn: by its rowid, one search of
+            // the id index fewer, and still by its id too, so a rowid that no longer names
+            // this message (it cannot, within a turn) changes nothing.
+            Sql::MessageSetStateAt => {
+                "UPDATE messages SET state = ?2,
+                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END,
+                 unsent = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE unsent END
+                 WHERE rowid = ?3 AND id = ?1"
             }
             // The relay took a sent message: out of the outbox, its envelope kept until settled.
             Sql::MessageSent => {

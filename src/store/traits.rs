@@ -14,7 +14,7 @@
 use crate::proto::control::{MsgState, Record, RecordBody};
 use crate::proto::relay::ItemKey;
 
-use super::{Held, Outgoing, Pin, Result, Store};
+use super::{Held, Outgoing, Pin, Result, Row, Store};
 
 /// What the relay core reads and writes: name bindings and queued items.
 pub trait RelayStore {
@@ -74,6 +74,11 @@ pub trait MemberStore {
     fn outgoing(&self, id: &[u8; 16]) -> Result<Option<Outgoing>>;
     /// Set a sent message's state; a settled one (delivered, failed) leaves the outbox.
     fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()>;
+    /// [`MemberStore::outgoing`], and where the message is, for `set_state_at`.
+    fn outgoing_at(&self, id: &[u8; 16]) -> Result<Option<(Outgoing, Row)>>;
+    /// `set_state` of message `id` at `row`, as `outgoing_at` found it in this turn (an error
+    /// if it is not there).
+    fn set_state_at(&mut self, row: Row, id: &[u8; 16], state: MsgState) -> Result<()>;
     /// Kept envelopes of unsettled messages to `peer` in `session`, in counter order.
     fn unsettled(&self, peer: &str, session: &[u8; 16]) -> Result<Vec<([u8; 16], Vec<u8>)>>;
     /// Add an item to the outbox; a message's item also becomes its kept envelope.
@@ -167,6 +172,12 @@ impl MemberStore for Store {
     }
     fn set_state(&mut self, id: &[u8; 16], state: MsgState) -> Result<()> {
         Store::set_state(self, id, state)
+    }
+    fn outgoing_at(&self, id: &[u8; 16]) -> Result<Option<(Outgoing, Row)>> {
+        Store::outgoing_at(self, id)
+    }
+    fn set_state_at(&mut self, row: Row, id: &[u8; 16], state: MsgState) -> Result<()> {
+        Store::set_state_at(self, row, id, state)
     }
     fn add_sent(
         &mut self,
