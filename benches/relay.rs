@@ -244,8 +244,9 @@ impl Placement {
     fn server(pin: Option<Placement>, cmd: &mut Command) -> &mut Command {
         use std::os::unix::process::CommandExt;
         let Some(p) = pin else { return cmd };
-        // SAFETY: the closure only makes one system call, which is async-signal-safe, on a set
-        // copied in before the fork, and allocates nothing.
+        // SAFETY: between fork and exec the closure makes one system call (glibc's thin
+        // sched_setaffinity wrapper) on a set copied in before the fork, and allocates nothing;
+        // `last_os_error` only reads errno.
         unsafe {
             cmd.pre_exec(move || {
                 let size = std::mem::size_of::<libc::cpu_set_t>();
@@ -1800,10 +1801,8 @@ fn main() {
         // Before any thread starts: each inherits the clients' CPUs.
         match Placement::apply() {
             Ok(pin) => o.pin = pin,
-            Err(e) => {
-                eprintln!("relay bench: cannot pin the clients ({e}); give --no-pin");
-                std::process::exit(1);
-            }
+            // (With more CPUs than a cpu_set_t holds, sched_getaffinity refuses the set.)
+            Err(e) => eprintln!("relay bench: cannot pin ({e}); servers and clients run anywhere"),
         }
     }
     match run(&o) {

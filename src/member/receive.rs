@@ -572,8 +572,9 @@ pub(super) fn in_savepoint<T>(
 }
 
 /// An opened message: its id and counter (for duplicates and replays), its receipt in the
-/// outbox, and its history record. `None`, with nothing written, if its (session, counter) was
-/// taken by an earlier message (a replay under a new id: the id itself was checked as new).
+/// outbox, and its history record. `None`, with nothing written, if its id is stored (a
+/// redelivery) or its (session, counter) was taken by an earlier message (a replay under a new
+/// id); the caller tells which.
 fn store_message(
     store: &mut dyn MemberStore,
     env: &Envelope,

@@ -1775,6 +1775,53 @@ fn messages_from_a_changed_key_are_held_until_trusted() {
     assert!(net.nodes[a].store.held_size(Some("carol")).unwrap().0 == 0);
 }
 
+/// A redelivery of a stored message is acknowledged as one even when its sender's key has
+/// changed since (not held again), and is never acknowledged while the store cannot write: the
+/// insert that finds it out is a write (issue 9: no lookup before it).
+#[test]
+fn a_redelivery_is_acknowledged_after_a_key_change_and_retried_while_writes_fail() {
+    let mut net = Net::new();
+    let a = net.join("alice", ALICE);
+    let c = net.join("carol", CAROL);
+    let id = net.send(c, "alice", "before the change");
+    net.transfer();
+    assert_eq!(net.inbox(a), inbox_of(&[("carol", "before the change")]));
+    let env = net
+        .sent("carol")
+        .into_iter()
+        .find(|e| e.id == id)
+        .expect("carol's envelope");
+    let acked = |net: &Net| {
+        net.acks("alice")
+            .iter()
+            .filter(|k| **k == msg_key(id))
+            .count()
+    };
+    assert_eq!(acked(&net), 1);
+
+    // While alice's store fails every write, the redelivery is left unacknowledged.
+    net.nodes[a].store.fail_writes(true);
+    net.inject(a, FromRelay::Deliver(Routed::Message(env.clone())));
+    net.transfer();
+    assert_eq!(acked(&net), 1, "not acknowledged while writes fail");
+    net.nodes[a].store.fail_writes(false);
+    net.inject(a, FromRelay::Deliver(Routed::Message(env.clone())));
+    net.transfer();
+    assert_eq!(acked(&net), 2, "acknowledged once the store writes again");
+
+    // Carol's key changes: the same envelope again is a duplicate, not a message to hold.
+    net.forget("carol");
+    net.transfer();
+    net.join("carol", CAROL2);
+    net.transfer();
+    assert_eq!(net.who(a, "carol").trust, "changed");
+    net.inject(a, FromRelay::Deliver(Routed::Message(env)));
+    net.transfer();
+    assert_eq!(acked(&net), 3);
+    assert_eq!(net.nodes[a].store.held_size(Some("carol")).unwrap().0, 0);
+    assert_eq!(net.inbox(a).len(), 1);
+}
+
 #[test]
 fn refused_by_the_relay_becomes_a_failed_receipt() {
     let mut net = Net::new();
