@@ -19,6 +19,16 @@ use rusqlite::{Connection, PrepFlags, Statement};
 
 use super::{Result, StoreError};
 
+/// What setting a sent message's state changes, whichever way the row is found (by id, or at
+/// the row its check found): one text, so the two cannot come to differ.
+macro_rules! set_state {
+    () => {
+        "UPDATE messages SET state = ?2,
+         item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END,
+         unsent = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE unsent END"
+    };
+}
+
 /// A statement of the message path. The text is here, next to its siblings, so the schema's
 /// hot path can be read in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,21 +118,11 @@ impl Sql {
             }
             // A settled message is never sent again: its kept envelope goes, and it leaves the
             // outbox.
-            Sql::MessageSetState => {
-                "UPDATE messages SET state = ?2,
-                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END,
-                 unsent = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE unsent END
-                 WHERE id = ?1"
-            }
+            Sql::MessageSetState => concat!(set_state!(), " WHERE id = ?1"),
             // The same, for the row `outgoing` found in this turn: by its rowid, one search of
             // the id index fewer, and still by its id too, so a rowid that no longer names
             // this message (it cannot, within a turn) changes nothing.
-            Sql::MessageSetStateAt => {
-                "UPDATE messages SET state = ?2,
-                 item = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE item END,
-                 unsent = CASE WHEN ?2 IN ('delivered', 'failed') THEN NULL ELSE unsent END
-                 WHERE rowid = ?3 AND id = ?1"
-            }
+            Sql::MessageSetStateAt => concat!(set_state!(), " WHERE rowid = ?3 AND id = ?1"),
             // The relay took a sent message: out of the outbox, its envelope kept until settled.
             Sql::MessageSent => {
                 "UPDATE messages SET unsent = NULL WHERE id = ?1 AND dir = 'out' AND unsent = 1"
