@@ -723,11 +723,12 @@ impl Sending {
         if key.kind != Kind::Message {
             return out;
         }
-        if let Ok(Some((peer, _, _, state))) = store.outgoing(&key.id) {
+        // Set at the row the check found, as a receipt is: one lookup by id, not two.
+        if let Ok(Some(((peer, _, _, state), row))) = store.outgoing_at(&key.id) {
             if state == MsgState::Delivered || state == MsgState::Failed {
                 return out;
             }
-            if let Err(e) = store.set_state(&key.id, MsgState::Failed) {
+            if let Err(e) = store.set_state_at(row, &key.id, MsgState::Failed) {
                 warn!("cannot update message state: {e}");
             }
             let why = format!("{code}: {reason}");
