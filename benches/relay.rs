@@ -13,7 +13,10 @@
 //! ```
 //!
 //! Three measurements, each repeated `--runs` times on a fresh server (new state directory, so
-//! one run's queue does not weigh on the next), each run's figure printed and the median last:
+//! one run's queue does not weigh on the next), each run's figure printed and the median last,
+//! with each build's ratio to the first build's and that ratio's range run by run (the same
+//! chatd given twice shows how far it strays by chance: on this machine's round trips, 0.83 to
+//! 1.13 run by run, 0.98 in the medians of 9):
 //!
 //! - **throughput 1→1** and **50→50**: P senders each send `--messages` envelopes of `--size`
 //!   bytes of ciphertext to their own receiver, keeping at most `--window` sent and not yet
@@ -117,7 +120,9 @@ cargo bench --bench relay -- [OPTIONS]
 
   --chatd PATH       a chatd to run as the relay (its chatctl beside it asks the port); give it
                      twice or more to compare builds: their runs alternate, and each build's
-                     medians are printed with the ratio to the first [target/release/chatd]
+                     medians are printed with the ratio to the first and its range run by
+                     run (a copy of the same chatd as a second build shows the noise)
+                     [target/release/chatd]
   --mosquitto [PATH] also measure mosquitto, as two more builds: QoS 0 and QoS 1
                      [/usr/sbin/mosquitto; apt-get install -y mosquitto]
   --mosquitto-tls [PATH]
@@ -1818,22 +1823,43 @@ fn main() {
     }
 }
 
-/// Each build's median of one figure, and its ratio to the first build's (the first chatd
-/// build: parse_opts puts the chatd builds first). A build without a successful run says so.
-fn summary(o: &Opts, what: &str, unit: &str, decimals: usize, per_build: &[Vec<f64>]) {
+/// Each build's median of one figure, its ratio to the first build's (the first chatd build:
+/// parse_opts puts the chatd builds first), and the range of that ratio run by run (run k of
+/// the first build against run k of this one, where both succeeded). The range is the noise:
+/// the same chatd given twice shows what a ratio can do by chance on this machine. A build
+/// without a successful run says so. `per_build[b][k]` is build b's figure in run k.
+fn summary(o: &Opts, what: &str, unit: &str, decimals: usize, per_build: &[Vec<Option<f64>>]) {
+    let ok = |runs: &Vec<Option<f64>>| runs.iter().flatten().copied().collect::<Vec<f64>>();
     let medians: Vec<Option<f64>> = per_build
         .iter()
-        .map(|v| (!v.is_empty()).then(|| median(v.clone())))
+        .map(|runs| Some(ok(runs)).filter(|v| !v.is_empty()).map(median))
         .collect();
     let first = medians[0].filter(|m| *m > 0.0);
-    for ((b, m), runs) in o.builds.iter().zip(&medians).zip(per_build) {
+    for (i, ((b, m), runs)) in o.builds.iter().zip(&medians).zip(per_build).enumerate() {
         let Some(m) = m else {
             println!("{what}: no successful run  [{}]", b.label());
             continue;
         };
+        let paired: Vec<f64> = per_build[0]
+            .iter()
+            .zip(runs)
+            .filter_map(|(f, t)| match (f, t) {
+                (Some(f), Some(t)) if *t > 0.0 => Some(f / t),
+                _ => None,
+            })
+            .collect();
+        let range = match (
+            paired.iter().copied().reduce(f64::min),
+            paired.iter().copied().reduce(f64::max),
+        ) {
+            (Some(lo), Some(hi)) if i > 0 => {
+                format!(", run by run {lo:.2} to {hi:.2}")
+            }
+            _ => String::new(),
+        };
         let ratio = match first {
             Some(f) if o.builds.len() > 1 && *m > 0.0 => format!(
-                " ({:.0}% of the first chatd build's; first chatd / this = {:.2})",
+                " ({:.0}% of the first chatd build's; first chatd / this = {:.2}{range})",
                 100.0 * m / f,
                 f / m
             ),
@@ -1841,7 +1867,7 @@ fn summary(o: &Opts, what: &str, unit: &str, decimals: usize, per_build: &[Vec<f
         };
         println!(
             "{what}: median {m:.decimals$} {unit} over {} runs{ratio}  [{}]",
-            runs.len(),
+            ok(runs).len(),
             b.label()
         );
     }
@@ -1883,6 +1909,8 @@ fn run(o: &Opts) -> Result<usize, String> {
                             b.label()
                         );
                         failed += 1;
+                        rates[i].push(None);
+                        cpus[i].push(None);
                         continue;
                     }
                 };
@@ -1897,10 +1925,8 @@ fn run(o: &Opts) -> Result<usize, String> {
                     b.label(),
                     pairs * m
                 );
-                rates[i].push(rate);
-                if let Some(c) = cpu {
-                    cpus[i].push(c);
-                }
+                rates[i].push(Some(rate));
+                cpus[i].push(cpu);
             }
         }
         summary(
@@ -1928,6 +1954,8 @@ fn run(o: &Opts) -> Result<usize, String> {
                     Err(e) => {
                         println!("  ping-pong run {run} ({}): FAILED: {e}", b.label());
                         failed += 1;
+                        p50s[i].push(None);
+                        p99s[i].push(None);
                         continue;
                     }
                 };
@@ -1940,8 +1968,8 @@ fn run(o: &Opts) -> Result<usize, String> {
                     us(p99),
                     rtts.len()
                 );
-                p50s[i].push(us(p50));
-                p99s[i].push(us(p99));
+                p50s[i].push(Some(us(p50)));
+                p99s[i].push(Some(us(p99)));
             }
         }
         summary(o, "ping-pong round trip p50", "µs", 0, &p50s);
