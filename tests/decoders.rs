@@ -51,7 +51,7 @@ use chatd::proto::frame::{self, Decoded, FrameError, HEADER, MAX_FRAME};
 use chatd::proto::relay::{
     Envelope, FromRelay, ItemKey, KeyPacket, Kind, Peer, Receipt, Rekey, Routed, ToRelay,
 };
-use chatd::proto::{encode_frame, from_payload, to_payload};
+use chatd::proto::{encode_frame, fast, from_payload, to_payload};
 use chatd::relay::{self, Limits, Relay};
 use chatd::store::Store;
 
@@ -888,13 +888,25 @@ proptest! {
             panic!("a whole frame decodes");
         };
         prop_assert_eq!(consumed, framed.len());
-        prop_assert_eq!(from_payload::<ToRelay>(payload).unwrap(), msg);
+        prop_assert_eq!(&from_payload::<ToRelay>(payload).unwrap(), &msg);
+        // The relay's decoder, and its serde-free path for the message path's frames.
+        prop_assert_eq!(&ToRelay::decode(payload).unwrap(), &msg);
+        let message_path = matches!(
+            msg,
+            ToRelay::Send(Routed::Message(_) | Routed::Receipt(_)) | ToRelay::Ack(_)
+        );
+        prop_assert_eq!(fast::to_relay(payload), message_path.then(|| msg.clone()));
     }
 
-    /// Every `Routed` item survives encode then decode.
+    /// Every `Routed` item survives encode then decode, by serde and as the relay reads a queued
+    /// one.
     #[test]
     fn routed_round_trips(msg in routed()) {
-        prop_assert_eq!(from_payload::<Routed>(&encoded(&msg)).unwrap(), msg);
+        let bytes = encoded(&msg);
+        prop_assert_eq!(&from_payload::<Routed>(&bytes).unwrap(), &msg);
+        prop_assert_eq!(&Routed::decode(&bytes).unwrap(), &msg);
+        let fast_path = matches!(msg, Routed::Message(_) | Routed::Receipt(_));
+        prop_assert_eq!(fast::routed(&bytes), fast_path.then(|| msg.clone()));
     }
 
     /// Every `CtlRequest` survives encode then decode.

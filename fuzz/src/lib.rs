@@ -26,7 +26,7 @@ use chatd::member::{self, Member};
 use chatd::proto::control::{CtlRequest, CtlResponse};
 use chatd::proto::frame::{self, Decoded, FrameError, HEADER, MAX_FRAME};
 use chatd::proto::relay::{FromRelay, Routed, ToRelay};
-use chatd::proto::{from_payload, to_payload};
+use chatd::proto::{fast, from_payload, from_payload_whole, to_payload};
 use chatd::relay::{self, ConnId, Limits, Relay};
 use chatd::store::Store;
 
@@ -269,10 +269,25 @@ pub fn message<T: Serialize + DeserializeOwned + PartialEq + Debug>(data: &[u8])
 }
 
 /// The `to_relay` target: what a member (or anyone on the relay port) sends, and the routed
-/// items inside it.
+/// items inside it. The relay decodes the message path's frames without serde
+/// (`proto::fast`): wherever that decoder gives a value, serde must give the same one.
 pub fn to_relay(data: &[u8]) {
     message::<ToRelay>(data);
     message::<Routed>(data);
+    if let Some(fast) = fast::to_relay(data) {
+        let serde = from_payload_whole::<ToRelay>(data);
+        assert!(
+            matches!(&serde, Ok(m) if *m == fast),
+            "fast decoder gave {fast:?}, serde {serde:?}"
+        );
+    }
+    if let Some(fast) = fast::routed(data) {
+        let serde = from_payload_whole::<Routed>(data);
+        assert!(
+            matches!(&serde, Ok(r) if *r == fast),
+            "fast decoder gave {fast:?}, serde {serde:?}"
+        );
+    }
 }
 
 /// The `from_relay` target: what the relay sends a member.

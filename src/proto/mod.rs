@@ -9,6 +9,7 @@
 
 pub mod codes;
 pub mod control;
+pub mod fast;
 pub mod frame;
 pub mod relay;
 

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::ProtoError;
+
 pub use crate::proto::codes::{ErrorCode, RefuseCode};
 
 /// A sealed message as it travels: a header the relay routes on, and a body only the recipient
@@ -119,6 +121,15 @@ pub struct ItemKey {
 }
 
 impl Routed {
+    /// A routed item from a payload that holds it whole (a queued item as stored): a message or
+    /// receipt as `to_payload` writes it by [`fast`](super::fast), anything else by serde.
+    pub fn decode(payload: &[u8]) -> Result<Routed, ProtoError> {
+        match super::fast::routed(payload) {
+            Some(r) => Ok(r),
+            None => super::from_payload_whole(payload),
+        }
+    }
+
     /// The key acknowledgements use for this item.
     pub fn key(&self) -> ItemKey {
         match self {
@@ -204,6 +215,18 @@ pub enum ToRelay {
         /// Only names that start with this (`""` for all).
         prefix: String,
     },
+}
+
+impl ToRelay {
+    /// A payload a relay received, which must hold one message and nothing after it (the relay
+    /// forwards what it routes as it came): the message path's frames by
+    /// [`fast`](super::fast), anything else by serde.
+    pub fn decode(payload: &[u8]) -> Result<ToRelay, ProtoError> {
+        match super::fast::to_relay(payload) {
+            Some(m) => Ok(m),
+            None => super::from_payload_whole(payload),
+        }
+    }
 }
 
 /// Relay to member.

@@ -22,9 +22,7 @@ use crate::idhash::{IdMap, IdSet};
 use crate::proto::control::{PeerView, TrustState};
 use crate::proto::frame::MAX_FRAME;
 use crate::proto::relay::{ErrorCode, FromRelay, ItemKey, Kind, Peer, RefuseCode, Routed, ToRelay};
-use crate::proto::{
-    from_payload, from_payload_whole, to_payload, valid_user, DELIVER_PREFIX, SEND_PREFIX,
-};
+use crate::proto::{from_payload, to_payload, valid_user, DELIVER_PREFIX, SEND_PREFIX};
 use crate::store::{RelayStore, StoreError};
 
 mod error;
@@ -736,7 +734,7 @@ impl Relay {
             Some(_) => {}
         }
         // Whole: the relay forwards what it routes as it came, so nothing may trail it.
-        match from_payload_whole::<ToRelay>(payload) {
+        match ToRelay::decode(payload) {
             Ok(msg) => self.handle_sized(id, msg, Some(payload), now, store),
             Err(e) => self.fail(id, RelayError::Malformed(e.to_string())),
         }
@@ -1456,7 +1454,7 @@ fn fill_queue(
         // Checked before it goes out (the database is outside the process), then sent as
         // stored.
         let item: Arc<[u8]> = match store.queued_item(user, key) {
-            Ok(Some(bytes)) => match from_payload_whole::<Routed>(&bytes) {
+            Ok(Some(bytes)) => match Routed::decode(&bytes) {
                 Ok(_) => bytes.into(),
                 Err(e) => {
                     warn!("queued item for {user} is unreadable ({e}); delivery paused");
