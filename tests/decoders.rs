@@ -1017,6 +1017,11 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         "to_relay-send-receipt",
         to(ToRelay::Send(Routed::Receipt(rcpt.clone()))),
     );
+    // A routed item alone, as the relay stores it (`to_relay` also decodes `Routed`).
+    add(
+        "to_relay-routed-message",
+        encoded(&Routed::Message(env.clone())),
+    );
     add("to_relay-ack", to(ToRelay::Ack(key)));
     add("to_relay-ping", to(ToRelay::Ping));
     let from = |m: FromRelay| encoded(&m);

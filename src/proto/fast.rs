@@ -1,6 +1,7 @@
 //! The frames of the message path, decoded without serde: a `Send` of a sealed message or of a
-//! receipt, and an `Ack`, each in exactly the encoding [`to_payload`](super::to_payload) writes
-//! (field order as declared, the shortest string, byte and integer forms a writer may pick).
+//! receipt, and an `Ack`, in the encoding [`to_payload`](super::to_payload) writes (its markers,
+//! field names and field order, with 16-byte ids as `bin8`), taking any width of a string's,
+//! a byte field's or an unsigned integer's length or value form.
 //! Generic serde decoding was a third of a relay's instructions per message (matching each
 //! field's name through visitors, twice per enum level); these frames are most of what a relay
 //! reads.
@@ -322,30 +323,62 @@ mod tests {
     /// shows here; `tests/decoders.rs` bends encodings further, and the fuzz target too).
     #[test]
     fn every_one_byte_change_decodes_as_serde_decodes_it_or_goes_to_serde() {
+        // Each length form once, small enough to sweep: str8 and str16 names, bin8 and bin16
+        // byte fields (the 32-bit forms are the next test's).
         let small = ToRelay::Send(Routed::Message(envelope(Some(KeyPacket {
             wrapped: vec![3; 3],
-            signature: vec![4; 2],
+            signature: vec![4; 300],
         }))));
+        let mut long_name = envelope(None);
+        long_name.from = "a".repeat(300);
         let mut all = messages();
         all.retain(|m| to_payload(m).unwrap().len() < 1000);
-        all.push(small);
-        let agree = |p: &[u8]| {
-            if let Some(m) = to_relay(p) {
-                assert_eq!(from_payload_whole::<ToRelay>(p).ok(), Some(m), "{p:02x?}");
-            }
-        };
+        all.extend([small, ToRelay::Send(Routed::Message(long_name))]);
         for m in all {
             let p = to_payload(&m).unwrap();
             for at in 0..p.len() {
-                let mut q = p.clone();
-                for b in 0..=255u8 {
-                    q[at] = b;
-                    agree(&q);
-                }
-                q.remove(at);
-                agree(&q);
+                sweep(&p, at);
             }
         }
+    }
+
+    /// The 32-bit length forms (a str32 name, a bin32 signature): decoded as serde decodes them,
+    /// and every byte of their headers swept as above.
+    #[test]
+    fn the_32_bit_length_forms_decode_as_serde_decodes_them() {
+        let mut long_name = envelope(None);
+        long_name.from = "a".repeat(70_000);
+        for (m, header) in [
+            (
+                ToRelay::Send(Routed::Message(long_name)),
+                &b"\xdb\x00\x01\x11\x70"[..],
+            ),
+            (messages().swap_remove(1), b"\xc6\x00\x01\x11\x70"),
+        ] {
+            let p = to_payload(&m).unwrap();
+            assert_eq!(to_relay(&p).as_ref(), Some(&m));
+            let at = p.windows(5).position(|w| w == header).unwrap();
+            for at in at..at + 5 {
+                sweep(&p, at);
+            }
+        }
+    }
+
+    /// `p` with the byte at `at` replaced by every value, and dropped: wherever this module
+    /// gives a value, serde gives the same.
+    fn sweep(p: &[u8], at: usize) {
+        let agree = |q: &[u8]| {
+            if let Some(m) = to_relay(q) {
+                assert_eq!(from_payload_whole::<ToRelay>(q).ok(), Some(m), "byte {at}");
+            }
+        };
+        let mut q = p.to_vec();
+        for b in 0..=255u8 {
+            q[at] = b;
+            agree(&q);
+        }
+        q.remove(at);
+        agree(&q);
     }
 
     /// A receipt's counter in every integer form MessagePack has, with its bytes all set and
